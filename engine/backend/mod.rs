@@ -1,0 +1,284 @@
+//! The kernel boundary. Every op the models need, forward and backward, is one method of `Backend`.
+//!
+//! Buffers are raw addresses (`Buf`): a host pointer on the CPU backend, a device pointer on CUDA.
+//! The tape and the memory planner own placement (one arena, planned offsets); a backend only
+//! computes. Ops never allocate from the arena and never copy data to the host, so a step runs
+//! without host round-trips on a device backend. Reductions are deterministic on every backend.
+//!
+//! Conventions (all row-major, contiguous):
+//! * activations `[rows, dim]` with rows = batch * seq;
+//! * linear weights `[out, in]` (Hugging Face layout), y = x · Wᵀ;
+//! * attention tensors `[batch, seq, heads, head_dim]`, log-sum-exp `[batch, heads, seq]` f32;
+//! * rotary tables `[seq, head_dim/2]` f32 (cos then sin as two buffers), half-split pairing
+//!   (i, i + head_dim/2) as in Hugging Face's `rotate_half`, so HF q/k weights need no permutation;
+//! * gradients of parameters are f32 and accumulate (`+=`) across micro-batches.
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod meta;
+
+use crate::error::Result;
+use crate::tensor::DType;
+
+/// A view of backend memory. `ptr` is an address in the backend's address space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Buf {
+    pub ptr: u64,
+    /// Number of elements.
+    pub len: usize,
+    pub dtype: DType,
+}
+
+impl Buf {
+    pub fn new(ptr: u64, len: usize, dtype: DType) -> Self {
+        Buf { ptr, len, dtype }
+    }
+    pub fn bytes(&self) -> usize {
+        self.len * self.dtype.size()
+    }
+    /// Sub-view of `len` elements starting at element `start`.
+    pub fn slice(&self, start: usize, len: usize) -> Buf {
+        debug_assert!(start + len <= self.len);
+        Buf { ptr: self.ptr + (start * self.dtype.size()) as u64, len, dtype: self.dtype }
+    }
+    /// The same bytes seen with another dtype (len recomputed).
+    pub fn reinterpret(&self, dtype: DType) -> Buf {
+        Buf { ptr: self.ptr, len: self.bytes() / dtype.size(), dtype }
+    }
+}
+
+/// One allocation owned by a backend; freed on drop.
+pub trait DeviceMem: Send + Sync {
+    fn ptr(&self) -> u64;
+    fn bytes(&self) -> usize;
+}
+
+/// Row-major GEMM: C[m,n] = alpha * op(A)[m,k] · op(B)[k,n] + beta * C, repeated `batch` times with
+/// element strides between matrices. op(A) = Aᵀ when `trans_a` (A is then stored [k,m]).
+/// A and B share a dtype (f32 or bf16); C may be f32 or bf16; accumulation is always f32.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub alpha: f32,
+    pub beta: f32,
+    pub batch: usize,
+    pub stride_a: usize,
+    pub stride_b: usize,
+    pub stride_c: usize,
+}
+
+impl Gemm {
+    /// A plain single GEMM with alpha = 1 and the given beta.
+    pub fn new(m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool, beta: f32) -> Self {
+        Gemm {
+            m,
+            n,
+            k,
+            trans_a,
+            trans_b,
+            alpha: 1.0,
+            beta,
+            batch: 1,
+            stride_a: m * k,
+            stride_b: k * n,
+            stride_c: m * n,
+        }
+    }
+    pub fn flops(&self) -> f64 {
+        2.0 * self.m as f64 * self.n as f64 * self.k as f64 * self.batch as f64
+    }
+}
+
+/// Shape of a causal grouped-query attention call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttnShape {
+    pub fn q_len(&self) -> usize {
+        self.batch * self.seq * self.n_heads * self.head_dim
+    }
+    pub fn kv_len(&self) -> usize {
+        self.batch * self.seq * self.n_kv_heads * self.head_dim
+    }
+    pub fn lse_len(&self) -> usize {
+        self.batch * self.n_heads * self.seq
+    }
+    /// Causal forward FLOPs (two GEMMs over the lower triangle).
+    pub fn fwd_flops(&self) -> f64 {
+        let (b, s, h, d) = (self.batch as f64, self.seq as f64, self.n_heads as f64, self.head_dim as f64);
+        4.0 * b * h * d * s * s / 2.0
+    }
+}
+
+/// Shape of a rotary-embedding call on `[batch, seq, heads, head_dim]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RopeShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+/// AdamW hyper-parameters for one update (decoupled weight decay, bias correction with `step` >= 1).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    pub step: u64,
+}
+
+/// The kernel boundary. All methods are asynchronous with respect to the host on device backends
+/// except `upload`, `download` and `synchronize`. Output buffers must not overlap inputs unless a
+/// method says so. Every CUDA kernel behind these methods has a CPU twin of the same name in `cpu`.
+pub trait Backend: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// True for the shape-only backend used to plan memory: it computes nothing.
+    fn is_meta(&self) -> bool {
+        false
+    }
+
+    // ---- memory -------------------------------------------------------------------------
+    /// One allocation (aligned to 256 bytes). Counted: see `alloc_count`.
+    fn alloc(&self, bytes: usize) -> Result<Box<dyn DeviceMem>>;
+    /// Number of `alloc` calls so far (the planner test asserts steps 2..N make none).
+    fn alloc_count(&self) -> u64;
+    fn upload(&self, dst: Buf, src: &[u8]) -> Result<()>;
+    fn download(&self, src: Buf, dst: &mut [u8]) -> Result<()>;
+    fn synchronize(&self) -> Result<()>;
+
+    // ---- elementwise ------------------------------------------------------------------
+    /// dst[i] = value (any dtype; I32 gets `value as i32`).
+    fn fill(&self, dst: Buf, value: f32) -> Result<()>;
+    /// dst = src, same dtype and length.
+    fn copy(&self, src: Buf, dst: Buf) -> Result<()>;
+    /// dst = src converted (f32 <-> bf16, or same dtype copy), round-to-nearest-even.
+    fn cast(&self, src: Buf, dst: Buf) -> Result<()>;
+    /// out = a + b elementwise; `out` may alias `a` or `b`. All three share a dtype.
+    fn add(&self, a: Buf, b: Buf, out: Buf) -> Result<()>;
+    /// x *= alpha in place.
+    fn scale(&self, x: Buf, alpha: f32) -> Result<()>;
+
+    // ---- matmul ------------------------------------------------------------------------
+    fn gemm(&self, g: &Gemm, a: Buf, b: Buf, c: Buf) -> Result<()>;
+
+    // ---- embedding ---------------------------------------------------------------------
+    /// out[n, :] = table[ids[n], :]; table [vocab, dim], ids I32 [rows], out [rows, dim].
+    fn embedding_fwd(&self, table: Buf, ids: Buf, out: Buf, dim: usize) -> Result<()>;
+    /// dtable[ids[n], :] += dout[n, :] (dtable f32), deterministic: no float atomics.
+    fn embedding_bwd(&self, dout: Buf, ids: Buf, dtable: Buf, dim: usize) -> Result<()>;
+
+    // ---- rmsnorm -----------------------------------------------------------------------
+    /// out = x / sqrt(mean(x²) + eps) * w per row; rstd [rows] f32 saved for backward.
+    fn rmsnorm_fwd(&self, x: Buf, w: Buf, out: Buf, rstd: Buf, rows: usize, dim: usize, eps: f32) -> Result<()>;
+    /// Fused residual add + rmsnorm: h = x + residual (written), out = rmsnorm(h).
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_residual_fwd(
+        &self,
+        x: Buf,
+        residual: Buf,
+        w: Buf,
+        h: Buf,
+        out: Buf,
+        rstd: Buf,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<()>;
+    /// dx = dL/dx (written), dw += dL/dw (f32, accumulated, deterministic).
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_bwd(
+        &self,
+        dout: Buf,
+        x: Buf,
+        w: Buf,
+        rstd: Buf,
+        dx: Buf,
+        dw: Buf,
+        rows: usize,
+        dim: usize,
+    ) -> Result<()>;
+
+    // ---- rotary ------------------------------------------------------------------------
+    /// Rotates pairs (i, i + d/2) of every head by the angle in (cos, sin) [seq, d/2] f32.
+    fn rope_fwd(&self, x: Buf, out: Buf, cos: Buf, sin: Buf, s: RopeShape) -> Result<()>;
+    /// The inverse rotation, applied to the incoming gradient.
+    fn rope_bwd(&self, dout: Buf, dx: Buf, cos: Buf, sin: Buf, s: RopeShape) -> Result<()>;
+
+    // ---- attention ---------------------------------------------------------------------
+    /// Causal GQA attention, softmax(q kᵀ · scale) v; query head h reads kv head h / (H / Hkv).
+    /// Never materialises the [seq, seq] score matrix for the whole batch.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_fwd(&self, q: Buf, k: Buf, v: Buf, out: Buf, lse: Buf, s: AttnShape, scale: f32) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd(
+        &self,
+        q: Buf,
+        k: Buf,
+        v: Buf,
+        out: Buf,
+        dout: Buf,
+        lse: Buf,
+        dq: Buf,
+        dk: Buf,
+        dv: Buf,
+        s: AttnShape,
+        scale: f32,
+    ) -> Result<()>;
+
+    // ---- mlp ---------------------------------------------------------------------------
+    /// out = silu(gate) * up.
+    fn swiglu_fwd(&self, gate: Buf, up: Buf, out: Buf) -> Result<()>;
+    fn swiglu_bwd(&self, dout: Buf, gate: Buf, up: Buf, dgate: Buf, dup: Buf) -> Result<()>;
+
+    // ---- loss --------------------------------------------------------------------------
+    /// Fused log-softmax + cross-entropy over `vocab` for each of `rows`: losses[r] (f32) is the
+    /// per-row loss (0 where targets[r] == ignore_index) and dlogits = (softmax - onehot) *
+    /// grad_scale (0 rows for ignored targets). `dlogits` may alias `logits`.
+    #[allow(clippy::too_many_arguments)]
+    fn cross_entropy(
+        &self,
+        logits: Buf,
+        targets: Buf,
+        losses: Buf,
+        dlogits: Buf,
+        rows: usize,
+        vocab: usize,
+        ignore_index: i32,
+        grad_scale: f32,
+    ) -> Result<()>;
+
+    // ---- reductions / optimizer ----------------------------------------------------------
+    /// out[0] (f32) = sum of x (f32), deterministic order.
+    fn sum(&self, x: Buf, out: Buf) -> Result<()>;
+    /// out[0] (f32) = Σ over all buffers of Σ x² (f32 buffers), deterministic order.
+    fn sum_squares(&self, xs: &[Buf], out: Buf) -> Result<()>;
+    /// coef[0] = min(1, max_norm / (sqrt(norm_sq[0]) + 1e-6)): the clip coefficient, on device.
+    fn clip_coef(&self, norm_sq: Buf, max_norm: f32, coef: Buf) -> Result<()>;
+    /// Fused AdamW on the f32 master `param` with f32 `grad` scaled by grad_scale[0] (device
+    /// scalar), moments `m`, `v`; when `compute` is given (bf16) it receives the updated weights.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw(
+        &self,
+        param: Buf,
+        grad: Buf,
+        m: Buf,
+        v: Buf,
+        compute: Option<Buf>,
+        grad_scale: Buf,
+        hp: &AdamW,
+    ) -> Result<()>;
+}
