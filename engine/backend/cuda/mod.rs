@@ -182,6 +182,7 @@ impl CudaBackend {
     }
 
     /// The stream every op of this backend runs on.
+    #[allow(dead_code)] // used by attention.rs (the attention helper's file)
     pub(crate) fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
