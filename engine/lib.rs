@@ -9,3 +9,9 @@ pub mod tensor;
 
 pub use error::{Error, Result};
 pub use tensor::{DType, Shape};
+#[path = "../models/mod.rs"]
+pub mod models;
+pub mod params;
+pub mod planner;
+pub mod rng;
+pub mod tape;
