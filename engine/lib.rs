@@ -4,6 +4,7 @@
 //! checkpoint, train) <- models/ <- the `titan` CLI. See docs/ARCHITECTURE.md.
 
 pub mod backend;
+pub mod data;
 pub mod error;
 pub mod tensor;
 
