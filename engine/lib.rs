@@ -4,8 +4,10 @@
 //! checkpoint, train) <- models/ <- the `titan` CLI. See docs/ARCHITECTURE.md.
 
 pub mod backend;
+pub mod checkpoint;
 pub mod error;
 pub mod tensor;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use tensor::{DType, Shape};
