@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 
 use super::source::TokenFiles;
 use super::synthetic::{unigram_entropy, SyntheticCorpus};
-use super::tokenizer::Tokenizer;
+use super::tokenizer::{fnv1a, Tokenizer, FNV_OFFSET};
 use crate::error::{Error, Result};
 
 /// One batch: `inputs[b * seq + t]`, `labels` the same tokens shifted one to the left.
@@ -66,6 +66,8 @@ pub(crate) enum Stream {
         len: u64,
         epoch: u64,
         offset: u64,
+        /// Identity of the whole stream, checked on restore.
+        fingerprint: String,
     },
     /// Rank-local document counter `doc` (global index rank + doc * world) and offset into it.
     Synthetic {
@@ -88,6 +90,7 @@ pub struct DataLoader {
     pub(crate) dp_rank: usize,
     pub(crate) dp_world: usize,
     pub(crate) buf: Vec<u32>,
+    pub(crate) summary: String,
 }
 
 fn synthetic_doc(corpus: &SyntheticCorpus, tok: &dyn Tokenizer, global: u64) -> Result<Vec<u32>> {
@@ -110,6 +113,29 @@ pub(crate) struct Common {
     pub dp_world: usize,
 }
 
+/// Identity of a whole token stream (all ranks), cheap even for a multi-GB file: its length and a
+/// hash of 64 evenly spaced windows of 1024 tokens (everything, when that is shorter).
+fn stream_fingerprint(tokens: &Tokens) -> String {
+    const WINDOWS: u64 = 64;
+    const WIDTH: u64 = 1024;
+    let total = tokens.len();
+    let mut h = fnv1a(&total.to_le_bytes(), FNV_OFFSET);
+    let mut buf = Vec::new();
+    let mut hash_range = |h: &mut u64, pos: u64, n: u64| {
+        buf.resize(n as usize, 0u32);
+        tokens.copy(pos, &mut buf);
+        *h = fnv1a(bytemuck::cast_slice(&buf), *h);
+    };
+    if total <= WINDOWS * WIDTH {
+        hash_range(&mut h, 0, total);
+    } else {
+        for w in 0..WINDOWS {
+            hash_range(&mut h, w * (total - WIDTH) / (WINDOWS - 1), WIDTH);
+        }
+    }
+    format!("{total}/{h:016x}")
+}
+
 impl DataLoader {
     fn with_stream(c: Common, stream: Stream) -> Self {
         Self {
@@ -122,6 +148,7 @@ impl DataLoader {
             dp_rank: c.dp_rank,
             dp_world: c.dp_world,
             buf: Vec::new(),
+            summary: String::new(),
         }
     }
 
@@ -139,12 +166,14 @@ impl DataLoader {
                  parallel ranks a slice"
             )));
         }
+        let fingerprint = stream_fingerprint(&tokens);
         let stream = Stream::Flat {
             tokens,
             start,
             len: end - start,
             epoch: 0,
             offset: 0,
+            fingerprint,
         };
         Ok(Self::with_stream(c, stream))
     }
@@ -164,6 +193,11 @@ impl DataLoader {
             cur,
         };
         Ok(Self::with_stream(c, stream))
+    }
+
+    /// One line for the training log: dataset, size, tokenizer, this rank's share.
+    pub fn summary(&self) -> &str {
+        &self.summary
     }
 
     /// Dataset name as configured ("synthetic", a path, ...).
@@ -265,6 +299,7 @@ impl DataLoader {
                 len,
                 epoch,
                 offset,
+                ..
             } => {
                 while done < out.len() {
                     let n = (out.len() - done).min((*len - *offset) as usize);
@@ -328,6 +363,7 @@ impl DataLoader {
                 len,
                 epoch,
                 offset,
+                fingerprint,
                 ..
             } => json!({
                 "version": 1,
@@ -337,6 +373,7 @@ impl DataLoader {
                 "dp_world": self.dp_world,
                 "slice_start": start,
                 "slice_len": len,
+                "fingerprint": fingerprint,
                 "epoch": epoch,
                 "offset": offset,
             }),
@@ -353,7 +390,7 @@ impl DataLoader {
                 "dp_rank": self.dp_rank,
                 "dp_world": self.dp_world,
                 "seed": corpus.seed(),
-                "tokenizer": tokenizer.name(),
+                "tokenizer": tokenizer.fingerprint(),
                 "doc": doc,
                 "offset": offset,
             }),
@@ -386,6 +423,7 @@ impl DataLoader {
                 len,
                 epoch,
                 offset,
+                fingerprint,
                 ..
             } => {
                 if kind != "tokens" {
@@ -396,6 +434,11 @@ impl DataLoader {
                 if get("slice_start")? != *start || get("slice_len")? != *len {
                     return Err(bad(&format!(
                         "saved for a different dataset (this loader's slice: start {start}, {len} tokens)"
+                    )));
+                }
+                if state.get("fingerprint").and_then(Value::as_str) != Some(fingerprint.as_str()) {
+                    return Err(bad(&format!(
+                        "saved for different data (this loader's tokens: {fingerprint})"
                     )));
                 }
                 let off = get("offset")?;
@@ -424,7 +467,7 @@ impl DataLoader {
                     )));
                 }
                 let saved_tok = state.get("tokenizer").and_then(Value::as_str);
-                if saved_tok != Some(tokenizer.name().as_str()) {
+                if saved_tok != Some(tokenizer.fingerprint().as_str()) {
                     return Err(bad(&format!(
                         "different tokenizer (this loader: {})",
                         tokenizer.name()

@@ -127,10 +127,21 @@ pub fn build_loader(cfg: &DataConfig) -> Result<DataLoader> {
         dp_world: cfg.dp_world,
     };
 
+    let rank = format!("dp rank {}/{}", cfg.dp_rank, cfg.dp_world);
+    let tok_desc = |t: &dyn Tokenizer| format!("tokenizer {} (vocab {})", t.name(), t.vocab_size());
+
     let Some(path) = path else {
         let tok: Arc<dyn Tokenizer> = Arc::from(load_tokenizer(cfg.tokenizer.as_deref())?);
         let vocab = Some(cfg.vocab_size.unwrap_or(tok.vocab_size()));
-        return DataLoader::new_synthetic(common(vocab, None), SyntheticCorpus::new(cfg.seed), tok);
+        let summary = format!(
+            "dataset {name}: titan's synthetic corpus (seed {}), {}, {rank}",
+            cfg.seed,
+            tok_desc(tok.as_ref())
+        );
+        let corpus = SyntheticCorpus::new(cfg.seed);
+        let mut l = DataLoader::new_synthetic(common(vocab, None), corpus, tok)?;
+        l.summary = summary;
+        return Ok(l);
     };
     match source::resolve(&path, cfg.token_dtype)? {
         Resolved::Text(files) => {
@@ -143,7 +154,19 @@ pub fn build_loader(cfg: &DataConfig) -> Result<DataLoader> {
                 )));
             }
             let vocab = Some(cfg.vocab_size.unwrap_or(tok.vocab_size()));
-            DataLoader::new_flat(common(vocab, Some(tok)), Tokens::Owned(stream))
+            let summary = format!(
+                "dataset {}: {} text file(s), {n_docs} documents, {} tokens, {}, {rank}",
+                path.display(),
+                files.len(),
+                stream.len(),
+                tok_desc(tok.as_ref())
+            );
+            let mut l = DataLoader::new_flat(common(vocab, Some(tok)), Tokens::Owned(stream))?;
+            l.summary = format!(
+                "{summary}, {} tokens in this slice",
+                l.slice_tokens().unwrap_or(0)
+            );
+            Ok(l)
         }
         Resolved::Tokens(files) => {
             let tok: Option<Arc<dyn Tokenizer>> = match &cfg.tokenizer {
@@ -152,7 +175,22 @@ pub fn build_loader(cfg: &DataConfig) -> Result<DataLoader> {
             };
             let vocab = cfg.vocab_size.or(tok.as_ref().map(|t| t.vocab_size()));
             let tf = TokenFiles::open(&files)?;
-            DataLoader::new_flat(common(vocab, tok), Tokens::Files(tf))
+            let summary = format!(
+                "dataset {}: {} token file(s), {} tokens, {}, {rank}",
+                path.display(),
+                files.len(),
+                tf.len(),
+                match &tok {
+                    Some(t) => tok_desc(t.as_ref()),
+                    None => format!("no tokenizer (vocab check: {vocab:?})"),
+                }
+            );
+            let mut l = DataLoader::new_flat(common(vocab, tok), Tokens::Files(tf))?;
+            l.summary = format!(
+                "{summary}, {} tokens in this slice",
+                l.slice_tokens().unwrap_or(0)
+            );
+            Ok(l)
         }
     }
 }

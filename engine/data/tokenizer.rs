@@ -25,7 +25,20 @@ pub trait Tokenizer: Send + Sync {
     }
     /// Short description for logs ("byte-level", "hf:/path/tokenizer.json").
     fn name(&self) -> String;
+    /// Identity of the token mapping (not of where the file lives), stored in loader states so a
+    /// resume with a different tokenizer is refused while a moved assets folder is fine.
+    fn fingerprint(&self) -> String;
 }
+
+/// FNV-1a, 64 bit: a stable, dependency-free content hash for fingerprints.
+pub(crate) fn fnv1a(bytes: &[u8], mut h: u64) -> u64 {
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01B3);
+    }
+    h
+}
+pub(crate) const FNV_OFFSET: u64 = 0xCBF2_9CE4_8422_2325;
 
 /// Bytes are their own ids (0..=255), then BOS = 256, EOS = 257, PAD = 258: vocab_size = 259.
 /// The model config may round its embedding up (e.g. to 320 or 512) for GEMM-friendly shapes;
@@ -78,6 +91,9 @@ impl Tokenizer for ByteTokenizer {
     fn name(&self) -> String {
         "byte-level".into()
     }
+    fn fingerprint(&self) -> String {
+        format!("byte-level/{}", Self::VOCAB_SIZE)
+    }
 }
 
 /// Token names tried (in order) when looking for BOS/EOS among a tokenizer's tokens.
@@ -100,6 +116,7 @@ pub struct HfTokenizer {
     eos: u32,
     pad: Option<u32>,
     vocab: usize,
+    file_hash: u64,
 }
 
 impl HfTokenizer {
@@ -163,6 +180,7 @@ impl HfTokenizer {
             .get_vocab_size(true)
             .max(max_added.map_or(0, |m| m as usize + 1))
             .max(bos.max(eos) as usize + 1);
+        let file_hash = fnv1a(&bytes, FNV_OFFSET);
         Ok(Self {
             inner,
             path: path.to_path_buf(),
@@ -170,6 +188,7 @@ impl HfTokenizer {
             eos,
             pad,
             vocab,
+            file_hash,
         })
     }
 }
@@ -279,6 +298,9 @@ impl Tokenizer for HfTokenizer {
     }
     fn name(&self) -> String {
         format!("hf:{}", self.path.display())
+    }
+    fn fingerprint(&self) -> String {
+        format!("hf/{}/{:016x}", self.vocab, self.file_hash)
     }
 }
 
