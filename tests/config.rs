@@ -121,7 +121,10 @@ fn torchtitan_v02_toml_loads_and_reports_unsupported_keys() {
     assert_eq!(cfg.optimizer.lr, 8e-4);
     assert_eq!(cfg.lr_scheduler.decay_ratio, Some(0.8));
     assert_eq!(cfg.metrics.log_freq, 1);
-    assert_eq!(cfg.parallelism.pipeline_parallel_schedule, "Interleaved1F1B");
+    assert_eq!(
+        cfg.parallelism.pipeline_parallel_schedule,
+        "Interleaved1F1B"
+    );
     assert_eq!(cfg.activation_checkpoint.selective_ac_option, "2");
     assert_eq!(cfg.checkpoint.interval, 10);
     // [debug] seed/deterministic are torchtitan v0.2's home for what titan keeps in [training].
@@ -131,7 +134,13 @@ fn torchtitan_v02_toml_loads_and_reports_unsupported_keys() {
     // "disabled", compile.enable = false, ...) and Python-only knobs (num_workers) are silent.
     let mut ignored = cfg.ignored.clone();
     ignored.sort();
-    assert_eq!(ignored, vec!["metrics.enable_tensorboard", "quantize.linear.float8.filter_fqns"]);
+    assert_eq!(
+        ignored,
+        vec![
+            "metrics.enable_tensorboard",
+            "quantize.linear.float8.filter_fqns"
+        ]
+    );
 }
 
 #[test]
@@ -150,26 +159,44 @@ fn torchtitan_v01_spellings_map_to_current_names() {
     assert!(!cfg.checkpoint.last_save_model_only);
     let mut ignored = cfg.ignored.clone();
     ignored.sort();
-    assert_eq!(ignored, vec!["compile.enable", "float8.enable_fsdp_float8_all_gather"]);
+    assert_eq!(
+        ignored,
+        vec!["compile.enable", "float8.enable_fsdp_float8_all_gather"]
+    );
 }
 
 #[test]
 fn old_and_new_spelling_together_is_an_error() {
-    let m = config_err("[checkpoint]\nenable = true\nenable_checkpoint = false\n", &[]);
-    assert!(m.contains("enable_checkpoint") && m.contains("test.toml"), "{m}");
+    let m = config_err(
+        "[checkpoint]\nenable = true\nenable_checkpoint = false\n",
+        &[],
+    );
+    assert!(
+        m.contains("enable_checkpoint") && m.contains("test.toml"),
+        "{m}"
+    );
     let m = config_err("[training]\nseed = 1\n[debug]\nseed = 2\n", &[]);
-    assert!(m.contains("[debug] seed") && m.contains("[training] seed"), "{m}");
+    assert!(
+        m.contains("[debug] seed") && m.contains("[training] seed"),
+        "{m}"
+    );
 }
 
 #[test]
 fn unknown_key_names_file_section_and_key() {
     let m = config_err("[training]\nsteps = 5\nstepz = 5\n", &[]);
-    assert!(m.contains("test.toml") && m.contains("'stepz'") && m.contains("[training]"), "{m}");
+    assert!(
+        m.contains("test.toml") && m.contains("'stepz'") && m.contains("[training]"),
+        "{m}"
+    );
     assert!(m.contains("did you mean 'steps'"), "{m}");
     let m = config_err("[trainnig]\nsteps = 5\n", &[]);
     assert!(m.contains("'trainnig'"), "{m}");
     let m = config_err("[quantize.linear.float8]\nbogus = 1\n", &[]);
-    assert!(m.contains("'bogus'") && m.contains("[quantize.linear.float8]"), "{m}");
+    assert!(
+        m.contains("'bogus'") && m.contains("[quantize.linear.float8]"),
+        "{m}"
+    );
     let m = config_err("steps = 5\n", &[]);
     assert!(m.contains("'steps'"), "{m}");
 }
@@ -181,8 +208,14 @@ fn wrong_types_name_the_key() {
         ("[optimizer]\nlr = \"fast\"\n", "[optimizer] lr"),
         ("[checkpoint]\nenable = 1\n", "[checkpoint] enable"),
         ("[model]\nflavor = 8\n", "[model] flavor"),
-        ("[checkpoint]\nexclude_from_loading = [1, 2]\n", "[checkpoint] exclude_from_loading"),
-        ("[profiling]\nprofile_freq = \"often\"\n", "[profiling] profile_freq"),
+        (
+            "[checkpoint]\nexclude_from_loading = [1, 2]\n",
+            "[checkpoint] exclude_from_loading",
+        ),
+        (
+            "[profiling]\nprofile_freq = \"often\"\n",
+            "[profiling] profile_freq",
+        ),
         ("training = 3\n", "[training]"),
     ] {
         let m = config_err(text, &[]);
@@ -201,7 +234,10 @@ fn lenient_numeric_and_string_forms() {
     .unwrap();
     assert_eq!(cfg.training.max_norm, 1.0);
     assert_eq!(cfg.activation_checkpoint.selective_ac_option, "3");
-    assert_eq!(cfg.checkpoint.exclude_from_loading, vec!["optimizer", "dataloader"]);
+    assert_eq!(
+        cfg.checkpoint.exclude_from_loading,
+        vec!["optimizer", "dataloader"]
+    );
     assert_eq!(cfg.parallelism.pipeline_parallel_schedule, "GPipe");
 }
 
@@ -210,20 +246,35 @@ fn defaults_are_torchtitans() {
     let cfg = JobConfig::load(None, &[]).unwrap();
     assert_eq!(cfg.job.dump_folder, "./outputs");
     assert_eq!(cfg.metrics.log_freq, 10);
-    assert_eq!((cfg.model.name.as_str(), cfg.model.flavor.as_str()), ("llama3", "debugmodel"));
+    assert_eq!(
+        (cfg.model.name.as_str(), cfg.model.flavor.as_str()),
+        ("llama3", "debugmodel")
+    );
     let o = &cfg.optimizer;
-    assert_eq!((o.lr, o.beta1, o.beta2, o.eps, o.weight_decay), (8e-4, 0.9, 0.95, 1e-8, 0.1));
+    assert_eq!(
+        (o.lr, o.beta1, o.beta2, o.eps, o.weight_decay),
+        (8e-4, 0.9, 0.95, 1e-8, 0.1)
+    );
     assert_eq!(cfg.lr_scheduler.warmup_steps, 200);
     assert_eq!(cfg.lr_scheduler.decay_ratio, None);
     assert_eq!(cfg.lr_scheduler.decay_type, "linear");
     let t = &cfg.training;
-    assert_eq!((t.local_batch_size, t.global_batch_size, t.seq_len, t.steps), (8, -1, 2048, 10000));
-    assert_eq!((t.dtype.as_str(), t.mixed_precision_param.as_str()), ("float32", "bfloat16"));
+    assert_eq!(
+        (t.local_batch_size, t.global_batch_size, t.seq_len, t.steps),
+        (8, -1, 2048, 10000)
+    );
+    assert_eq!(
+        (t.dtype.as_str(), t.mixed_precision_param.as_str()),
+        ("float32", "bfloat16")
+    );
     assert_eq!(t.device, "auto");
     assert_eq!(cfg.parallelism.data_parallel_shard_degree, -1);
     assert_eq!(cfg.parallelism.pipeline_parallel_schedule, "1F1B");
     let c = &cfg.checkpoint;
-    assert_eq!((c.enable, c.interval, c.keep_latest_k, c.load_step), (false, 500, 10, -1));
+    assert_eq!(
+        (c.enable, c.interval, c.keep_latest_k, c.load_step),
+        (false, 500, 10, -1)
+    );
     assert!(c.last_save_model_only && c.initial_load_model_only);
     assert_eq!(cfg.activation_checkpoint.mode, "selective");
     assert_eq!(cfg.activation_checkpoint.selective_ac_option, "2");
@@ -254,18 +305,27 @@ fn cli_overrides_in_torchtitan_style() {
     .unwrap();
     assert_eq!(cfg.training.steps, 20);
     assert_eq!(cfg.optimizer.lr, 3e-4);
-    assert!(cfg.checkpoint.enable, "override must win over the file's old spelling");
+    assert!(
+        cfg.checkpoint.enable,
+        "override must win over the file's old spelling"
+    );
     assert!(!cfg.checkpoint.initial_load_model_only);
     assert!(!cfg.metrics.disable_color_printing);
     assert_eq!(cfg.training.seed, Some(11));
     assert_eq!(cfg.lr_scheduler.decay_ratio, None);
-    assert_eq!(cfg.checkpoint.exclude_from_loading, vec!["optimizer", "lr_scheduler"]);
+    assert_eq!(
+        cfg.checkpoint.exclude_from_loading,
+        vec!["optimizer", "lr_scheduler"]
+    );
     assert!(cfg.training.deterministic);
     assert_eq!(cfg.ignored, vec!["profiling.enable_profiling"]);
     // A bare flag as the last argument.
     assert!(parse("", &["--job.print_config"]).unwrap().job.print_config);
     // Override clears an optional value the file set.
-    let cfg = parse("[lr_scheduler]\ndecay_ratio = 0.5\n", &["--lr_scheduler.decay_ratio", "None"]);
+    let cfg = parse(
+        "[lr_scheduler]\ndecay_ratio = 0.5\n",
+        &["--lr_scheduler.decay_ratio", "None"],
+    );
     assert_eq!(cfg.unwrap().lr_scheduler.decay_ratio, None);
 }
 
@@ -273,7 +333,10 @@ fn cli_overrides_in_torchtitan_style() {
 fn bad_cli_overrides_name_the_flag() {
     for (args, needle) in [
         (&["--training.steps", "abc"][..], "--training.steps"),
-        (&["--training.stepz", "3"][..], "did you mean --training.steps"),
+        (
+            &["--training.stepz", "3"][..],
+            "did you mean --training.steps",
+        ),
         (&["--training.steps"][..], "needs a value"),
         (&["training.steps", "3"][..], "unexpected argument"),
         (&["--steps", "3"][..], "--section.key"),
@@ -323,7 +386,11 @@ fn validation_rejects_bad_values() {
 #[test]
 fn merged_config_round_trips_through_toml() {
     let path = repo_file("configs/llama3_debugmodel.toml");
-    let ov = vec!["--training.steps".to_string(), "7".to_string(), "--lr_scheduler.total_steps=9".into()];
+    let ov = vec![
+        "--training.steps".to_string(),
+        "7".to_string(),
+        "--lr_scheduler.total_steps=9".into(),
+    ];
     let cfg = JobConfig::load(Some(&path), &ov).unwrap();
     let text = cfg.to_toml_string().unwrap();
     let back = JobConfig::from_toml_str(&text, "saved", &[]).unwrap();
@@ -353,9 +420,15 @@ fn shipped_configs_load_without_warnings() {
     }
     let dbg = JobConfig::load(Some(&repo_file("configs/llama3_debugmodel.toml")), &[]).unwrap();
     assert_eq!((dbg.optimizer.lr, dbg.lr_scheduler.warmup_steps), (8e-4, 2));
-    assert_eq!((dbg.training.dataset.as_str(), dbg.metrics.log_freq), ("synthetic", 10));
+    assert_eq!(
+        (dbg.training.dataset.as_str(), dbg.metrics.log_freq),
+        ("synthetic", 10)
+    );
     let big = JobConfig::load(Some(&repo_file("configs/llama3_405b.toml")), &[]).unwrap();
-    assert_eq!((big.optimizer.lr, big.lr_scheduler.warmup_steps), (8e-5, 600));
+    assert_eq!(
+        (big.optimizer.lr, big.lr_scheduler.warmup_steps),
+        (8e-5, 600)
+    );
     assert_eq!(big.parallelism.tensor_parallel_degree, 8);
     assert_eq!(big.activation_checkpoint.mode, "full");
 }
@@ -367,7 +440,10 @@ fn file_errors_name_the_file() {
     let bad = dir.join("broken.toml");
     std::fs::write(&bad, "[training\nsteps = 3\n").unwrap();
     match JobConfig::load(Some(&bad), &[]) {
-        Err(Error::Config(m)) => assert!(m.contains("broken.toml") && m.contains("invalid TOML"), "{m}"),
+        Err(Error::Config(m)) => assert!(
+            m.contains("broken.toml") && m.contains("invalid TOML"),
+            "{m}"
+        ),
         other => panic!("expected a config error, got {other:?}"),
     }
     let missing = dir.join("missing.toml");
@@ -380,22 +456,53 @@ fn file_errors_name_the_file() {
 
 #[test]
 fn degrees_and_gradient_accumulation() {
-    let cfg = parse("[parallelism]\ntensor_parallel_degree = 2\npipeline_parallel_degree = 2\n", &[]).unwrap();
+    let cfg = parse(
+        "[parallelism]\ntensor_parallel_degree = 2\npipeline_parallel_degree = 2\n",
+        &[],
+    )
+    .unwrap();
     let d = cfg.parallelism.resolve(16).unwrap();
-    assert_eq!(d, Degrees { dp_replicate: 1, dp_shard: 4, cp: 1, tp: 2, pp: 2, ep: 1, etp: 1 });
+    assert_eq!(
+        d,
+        Degrees {
+            dp_replicate: 1,
+            dp_shard: 4,
+            cp: 1,
+            tp: 2,
+            pp: 2,
+            ep: 1,
+            etp: 1
+        }
+    );
     assert_eq!(d.dp(), 4);
-    assert!(cfg.parallelism.resolve(6).is_err(), "6 ranks cannot hold tp 2 x pp 2");
+    assert!(
+        cfg.parallelism.resolve(6).is_err(),
+        "6 ranks cannot hold tp 2 x pp 2"
+    );
     let fixed = parse("[parallelism]\ndata_parallel_shard_degree = 2\n", &[]).unwrap();
     let m = fixed.parallelism.resolve(4).unwrap_err().to_string();
     assert!(m.contains("world size is 4"), "{m}");
     let ep = parse("[parallelism]\nexpert_parallel_degree = 3\n", &[]).unwrap();
-    assert!(ep.parallelism.resolve(4).is_err(), "ep 3 does not divide dp_shard 4");
+    assert!(
+        ep.parallelism.resolve(4).is_err(),
+        "ep 3 does not divide dp_shard 4"
+    );
 
-    let acc = parse("[training]\nlocal_batch_size = 2\nglobal_batch_size = 16\n", &[]).unwrap();
+    let acc = parse(
+        "[training]\nlocal_batch_size = 2\nglobal_batch_size = 16\n",
+        &[],
+    )
+    .unwrap();
     assert_eq!(acc.gradient_accumulation_steps(2).unwrap(), 4);
     assert_eq!(acc.gradient_accumulation_steps(8).unwrap(), 1);
     assert!(acc.gradient_accumulation_steps(3).is_err());
-    assert_eq!(parse("", &[]).unwrap().gradient_accumulation_steps(5).unwrap(), 1);
+    assert_eq!(
+        parse("", &[])
+            .unwrap()
+            .gradient_accumulation_steps(5)
+            .unwrap(),
+        1
+    );
 }
 
 /// Loads torchtitan's own llama3 train_configs unchanged (not vendored here): point
@@ -403,7 +510,8 @@ fn degrees_and_gradient_accumulation() {
 #[test]
 #[ignore = "needs TITAN_TORCHTITAN_CONFIGS=<torchtitan checkout>/torchtitan/models/llama3/train_configs"]
 fn torchtitan_llama3_configs_load_unchanged() {
-    let dir = std::env::var("TITAN_TORCHTITAN_CONFIGS").expect("TITAN_TORCHTITAN_CONFIGS is not set");
+    let dir =
+        std::env::var("TITAN_TORCHTITAN_CONFIGS").expect("TITAN_TORCHTITAN_CONFIGS is not set");
     let mut n = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
@@ -413,5 +521,8 @@ fn torchtitan_llama3_configs_load_unchanged() {
             n += 1;
         }
     }
-    assert!(n >= 4, "expected torchtitan's llama3 configs in {dir}, found {n}");
+    assert!(
+        n >= 4,
+        "expected torchtitan's llama3 configs in {dir}, found {n}"
+    );
 }

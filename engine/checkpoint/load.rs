@@ -22,7 +22,10 @@ impl ShardFile {
         let file = match File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::Checkpoint(format!("{}: shard file missing", path.display())))
+                return Err(Error::Checkpoint(format!(
+                    "{}: shard file missing",
+                    path.display()
+                )))
             }
             Err(e) => return Err(Error::io(path, e)),
         };
@@ -63,11 +66,22 @@ impl ShardFile {
 }
 
 pub(super) fn placements(header: &Metadata, path: &Path) -> Result<BTreeMap<String, Placement>> {
-    let json = header.metadata().as_ref().and_then(|m| m.get(SHARDS_KEY)).ok_or_else(|| {
-        Error::Checkpoint(format!("{}: not a titan shard file (no '{SHARDS_KEY}' metadata)", path.display()))
-    })?;
-    serde_json::from_str(json)
-        .map_err(|e| Error::Checkpoint(format!("{}: corrupt '{SHARDS_KEY}' metadata: {e}", path.display())))
+    let json = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(SHARDS_KEY))
+        .ok_or_else(|| {
+            Error::Checkpoint(format!(
+                "{}: not a titan shard file (no '{SHARDS_KEY}' metadata)",
+                path.display()
+            ))
+        })?;
+    serde_json::from_str(json).map_err(|e| {
+        Error::Checkpoint(format!(
+            "{}: corrupt '{SHARDS_KEY}' metadata: {e}",
+            path.display()
+        ))
+    })
 }
 
 pub(super) fn titan_dtype(d: safetensors::Dtype, path: &Path, name: &str) -> Result<DType> {
@@ -101,7 +115,10 @@ pub struct LoadedCheckpoint {
 /// Loads `<root>/step-N` (`None` = the newest).
 pub fn load(root: &Path, step: Option<u64>) -> Result<LoadedCheckpoint> {
     if !root.is_dir() {
-        return Err(Error::Checkpoint(format!("{}: checkpoint folder does not exist", root.display())));
+        return Err(Error::Checkpoint(format!(
+            "{}: checkpoint folder does not exist",
+            root.display()
+        )));
     }
     let steps = available_steps(root)?;
     let step = match step {
@@ -110,7 +127,11 @@ pub fn load(root: &Path, step: Option<u64>) -> Result<LoadedCheckpoint> {
             let list = if steps.is_empty() {
                 "none".to_string()
             } else {
-                steps.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+                steps
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             };
             return Err(Error::Checkpoint(format!(
                 "{}: step {s} not found (available steps: {list})",
@@ -118,7 +139,10 @@ pub fn load(root: &Path, step: Option<u64>) -> Result<LoadedCheckpoint> {
             )));
         }
         None => *steps.last().ok_or_else(|| {
-            Error::Checkpoint(format!("{}: no checkpoint found (no step-N folders)", root.display()))
+            Error::Checkpoint(format!(
+                "{}: no checkpoint found (no step-N folders)",
+                root.display()
+            ))
         })?,
     };
     load_dir(&step_dir(root, step))
@@ -127,7 +151,10 @@ pub fn load(root: &Path, step: Option<u64>) -> Result<LoadedCheckpoint> {
 /// Loads one checkpoint folder (e.g. checkpoint.initial_load_path pointing at `.../step-N`).
 pub fn load_dir(dir: &Path) -> Result<LoadedCheckpoint> {
     if !dir.is_dir() {
-        return Err(Error::Checkpoint(format!("{}: checkpoint folder does not exist", dir.display())));
+        return Err(Error::Checkpoint(format!(
+            "{}: checkpoint folder does not exist",
+            dir.display()
+        )));
     }
     let manifest = Manifest::read(&dir.join(MANIFEST_FILE))?;
     manifest.check_layout(&dir.join(MANIFEST_FILE).display().to_string())?;
@@ -137,7 +164,11 @@ pub fn load_dir(dir: &Path) -> Result<LoadedCheckpoint> {
         let file = ShardFile::open(&path)?;
         let header = file.header(&path)?;
         let header_len = header_len(&file);
-        shards.push(OpenShard { file, header_len, header });
+        shards.push(OpenShard {
+            file,
+            header_len,
+            header,
+        });
     }
     // Every manifest shard must be in its file with the same dtype and shape.
     for (name, t) in &manifest.tensors {
@@ -152,7 +183,10 @@ pub fn load_dir(dir: &Path) -> Result<LoadedCheckpoint> {
                 )));
             }
             let info = shards[s.rank].header.info(name).ok_or_else(|| {
-                Error::Checkpoint(format!("{}: tensor '{name}' listed in the manifest is missing", path.display()))
+                Error::Checkpoint(format!(
+                    "{}: tensor '{name}' listed in the manifest is missing",
+                    path.display()
+                ))
             })?;
             let dtype = titan_dtype(info.dtype, &path, name)?;
             if dtype != t.dtype || info.shape != s.shape {
@@ -166,7 +200,12 @@ pub fn load_dir(dir: &Path) -> Result<LoadedCheckpoint> {
             }
         }
     }
-    Ok(LoadedCheckpoint { dir: dir.to_path_buf(), manifest, shards, verified: Mutex::new(HashSet::new()) })
+    Ok(LoadedCheckpoint {
+        dir: dir.to_path_buf(),
+        manifest,
+        shards,
+        verified: Mutex::new(HashSet::new()),
+    })
 }
 
 fn header_len(file: &ShardFile) -> usize {
@@ -184,7 +223,10 @@ impl LoadedCheckpoint {
 
     pub fn entry(&self, name: &str) -> Result<&TensorEntry> {
         self.manifest.tensors.get(name).ok_or_else(|| {
-            Error::Checkpoint(format!("{}: no tensor '{name}' in this checkpoint", self.dir.display()))
+            Error::Checkpoint(format!(
+                "{}: no tensor '{name}' in this checkpoint",
+                self.dir.display()
+            ))
         })
     }
 
@@ -211,7 +253,10 @@ impl LoadedCheckpoint {
     pub fn read_slice(&self, name: &str, offset: &[usize], shape: &[usize]) -> Result<Vec<u8>> {
         let t = self.entry(name)?;
         let nd = t.shape.len();
-        if offset.len() != nd || shape.len() != nd || (0..nd).any(|d| offset[d] + shape[d] > t.shape[d]) {
+        if offset.len() != nd
+            || shape.len() != nd
+            || (0..nd).any(|d| offset[d] + shape[d] > t.shape[d])
+        {
             return Err(Error::Checkpoint(format!(
                 "{}: box at {offset:?} of shape {shape:?} is outside tensor '{name}' of shape {:?}",
                 self.dir.display(),
@@ -230,13 +275,16 @@ impl LoadedCheckpoint {
             }
             seen.push(b);
             let lo: Vec<usize> = (0..nd).map(|d| offset[d].max(s.offset[d])).collect();
-            let hi: Vec<usize> =
-                (0..nd).map(|d| (offset[d] + shape[d]).min(s.offset[d] + s.shape[d])).collect();
+            let hi: Vec<usize> = (0..nd)
+                .map(|d| (offset[d] + shape[d]).min(s.offset[d] + s.shape[d]))
+                .collect();
             if (0..nd).any(|d| lo[d] >= hi[d]) || numel(shape) == 0 {
                 continue;
             }
             let src = self.shard_bytes(name, i)?;
-            copy_box(src, &s.shape, &s.offset, &mut out, shape, offset, &lo, &hi, esize);
+            copy_box(
+                src, &s.shape, &s.offset, &mut out, shape, offset, &lo, &hi, esize,
+            );
         }
         Ok(out)
     }

@@ -62,9 +62,8 @@ impl Manifest {
             }
             Err(e) => return Err(Error::io(path, e)),
         };
-        let m: Manifest = serde_json::from_str(&text).map_err(|e| {
-            Error::Checkpoint(format!("{}: corrupt manifest: {e}", path.display()))
-        })?;
+        let m: Manifest = serde_json::from_str(&text)
+            .map_err(|e| Error::Checkpoint(format!("{}: corrupt manifest: {e}", path.display())))?;
         if m.format != FORMAT_NAME || m.version != FORMAT_VERSION {
             return Err(Error::Checkpoint(format!(
                 "{}: format '{}' version {} is not supported (expected '{FORMAT_NAME}' version {FORMAT_VERSION})",
@@ -79,7 +78,8 @@ impl Manifest {
     /// Checks that every tensor's shards lie inside it and tile it exactly (replicas allowed).
     pub fn check_layout(&self, origin: &str) -> Result<()> {
         for (name, t) in &self.tensors {
-            check_tiling(name, t).map_err(|m| Error::Checkpoint(format!("{origin}: tensor '{name}': {m}")))?;
+            check_tiling(name, t)
+                .map_err(|m| Error::Checkpoint(format!("{origin}: tensor '{name}': {m}")))?;
             for s in &t.shards {
                 if s.rank >= self.world_size {
                     return Err(Error::Checkpoint(format!(
@@ -122,7 +122,10 @@ fn check_tiling(_name: &str, t: &TensorEntry) -> std::result::Result<(), String>
         }
     }
     let total: usize = t.shape.iter().product();
-    let covered: usize = boxes.iter().map(|(_, sh)| sh.iter().product::<usize>()).sum();
+    let covered: usize = boxes
+        .iter()
+        .map(|(_, sh)| sh.iter().product::<usize>())
+        .sum();
     // Sweep on dim 0 so the usual dim-0 sharding costs O(n log n), not O(n^2).
     boxes.sort_by_key(|(o, _)| o.first().copied().unwrap_or(0));
     for i in 0..boxes.len() {

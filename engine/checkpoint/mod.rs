@@ -99,7 +99,9 @@ pub fn available_steps(root: &Path) -> Result<Vec<u64>> {
     for entry in rd {
         let entry = entry.map_err(|e| Error::io(root, e))?;
         let name = entry.file_name();
-        let Some(n) = name.to_str().and_then(parse_step_name) else { continue };
+        let Some(n) = name.to_str().and_then(parse_step_name) else {
+            continue;
+        };
         if entry.path().is_dir() {
             steps.push(n);
         }
@@ -136,7 +138,9 @@ pub fn checksum(bytes: &[u8]) -> u64 {
     }
     let mut tail = [0u8; 8];
     tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
-    h = (h ^ u64::from_le_bytes(tail)).wrapping_mul(K1).rotate_left(29);
+    h = (h ^ u64::from_le_bytes(tail))
+        .wrapping_mul(K1)
+        .rotate_left(29);
     h ^= h >> 33;
     h = h.wrapping_mul(K2);
     h ^ (h >> 29)

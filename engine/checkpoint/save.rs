@@ -45,10 +45,18 @@ pub struct CheckpointWriter {
 
 impl CheckpointWriter {
     pub fn new(root: impl Into<PathBuf>, keep_latest_k: usize) -> Self {
-        CheckpointWriter { root: root.into(), keep_latest_k }
+        CheckpointWriter {
+            root: root.into(),
+            keep_latest_k,
+        }
     }
 
-    pub fn save(&self, step: u64, ranks: &[Vec<NamedTensor>], meta: &CheckpointMeta) -> Result<PathBuf> {
+    pub fn save(
+        &self,
+        step: u64,
+        ranks: &[Vec<NamedTensor>],
+        meta: &CheckpointMeta,
+    ) -> Result<PathBuf> {
         save(&self.root, step, ranks, meta, self.keep_latest_k)
     }
 }
@@ -62,14 +70,22 @@ pub fn save(
     keep_latest_k: usize,
 ) -> Result<PathBuf> {
     if ranks.is_empty() {
-        return Err(Error::Checkpoint(format!("{}: save of step {step} with no ranks", root.display())));
+        return Err(Error::Checkpoint(format!(
+            "{}: save of step {step} with no ranks",
+            root.display()
+        )));
     }
     let tmp = tmp_dir(root, step, u64::from(std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp); // a leftover of an earlier crashed save by this pid
-    for (rank, tensors) in ranks.iter().enumerate() {
-        write_shard(&tmp, step, rank, ranks.len(), tensors)?;
+    let result = ranks
+        .iter()
+        .enumerate()
+        .try_for_each(|(rank, tensors)| write_shard(&tmp, step, rank, ranks.len(), tensors))
+        .and_then(|()| commit(root, step, &tmp, ranks.len(), meta, keep_latest_k));
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp); // nothing half-written stays behind
     }
-    commit(root, step, &tmp, ranks.len(), meta, keep_latest_k)
+    result
 }
 
 /// `<root>/step-N.tmp-<tag>`. All ranks of one save must use the same tag (e.g. rank 0's pid,
@@ -142,7 +158,10 @@ pub fn write_shard(
             )));
         }
         if t.name.starts_with("__") || placements.contains_key(&t.name) {
-            return Err(Error::Checkpoint(format!("{}: duplicate or reserved name", what())));
+            return Err(Error::Checkpoint(format!(
+                "{}: duplicate or reserved name",
+                what()
+            )));
         }
         let p = Placement {
             global_shape: t.global_shape.clone(),
@@ -150,7 +169,14 @@ pub fn write_shard(
             checksum: format!("{:016x}", checksum(t.bytes)),
         };
         placements.insert(t.name.clone(), p);
-        views.push((t.name.clone(), ShardView { dtype: t.dtype, shape: &t.shape, bytes: t.bytes }));
+        views.push((
+            t.name.clone(),
+            ShardView {
+                dtype: t.dtype,
+                shape: &t.shape,
+                bytes: t.bytes,
+            },
+        ));
     }
     let mut info = HashMap::new();
     info.insert("format".to_string(), FORMAT_NAME.to_string());
@@ -184,7 +210,10 @@ pub fn commit(
         let placements = super::load::placements(&header, &path)?;
         for (name, info) in header.tensors() {
             let p = placements.get(&name).ok_or_else(|| {
-                Error::Checkpoint(format!("{}: tensor '{name}' has no placement", path.display()))
+                Error::Checkpoint(format!(
+                    "{}: tensor '{name}' has no placement",
+                    path.display()
+                ))
             })?;
             let dtype = super::load::titan_dtype(info.dtype, &path, &name)?;
             let entry = tensors.entry(name.clone()).or_insert_with(|| TensorEntry {
@@ -225,7 +254,8 @@ pub fn commit(
     };
     manifest.check_layout(&tmp.display().to_string())?;
     let mpath = tmp.join(MANIFEST_FILE);
-    let text = serde_json::to_string_pretty(&manifest).map_err(|e| Error::Checkpoint(e.to_string()))?;
+    let text =
+        serde_json::to_string_pretty(&manifest).map_err(|e| Error::Checkpoint(e.to_string()))?;
     std::fs::write(&mpath, text).map_err(|e| Error::io(&mpath, e))?;
     sync_path(&mpath)?;
     sync_path(tmp)?;
@@ -269,5 +299,7 @@ fn cleanup(root: &Path, keep_dir: &Path, keep: usize) -> Result<()> {
 
 /// fsync a file or folder so a rename after it cannot expose unwritten data.
 fn sync_path(path: &Path) -> Result<()> {
-    File::open(path).and_then(|f| f.sync_all()).map_err(|e| Error::io(path, e))
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(path, e))
 }

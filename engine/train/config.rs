@@ -58,7 +58,11 @@ pub struct Job {
 }
 impl Default for Job {
     fn default() -> Self {
-        Job { dump_folder: "./outputs".into(), description: "default job".into(), print_config: false }
+        Job {
+            dump_folder: "./outputs".into(),
+            description: "default job".into(),
+            print_config: false,
+        }
     }
 }
 
@@ -71,7 +75,10 @@ pub struct Metrics {
 }
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics { log_freq: 10, disable_color_printing: false }
+        Metrics {
+            log_freq: 10,
+            disable_color_printing: false,
+        }
     }
 }
 
@@ -278,7 +285,10 @@ pub struct ActivationCheckpoint {
 }
 impl Default for ActivationCheckpoint {
     fn default() -> Self {
-        ActivationCheckpoint { mode: "selective".into(), selective_ac_option: "2".into() }
+        ActivationCheckpoint {
+            mode: "selective".into(),
+            selective_ac_option: "2".into(),
+        }
     }
 }
 
@@ -316,7 +326,10 @@ pub struct Comm {
 }
 impl Default for Comm {
     fn default() -> Self {
-        Comm { init_timeout_seconds: 300, train_timeout_seconds: 100 }
+        Comm {
+            init_timeout_seconds: 300,
+            train_timeout_seconds: 100,
+        }
     }
 }
 
@@ -394,14 +407,26 @@ impl JobConfig {
         positive("training.seq_len", t.seq_len)?;
         positive("training.local_batch_size", t.local_batch_size)?;
         if t.global_batch_size != -1 && t.global_batch_size <= 0 {
-            return bad("training.global_batch_size", t.global_batch_size, "a positive integer or -1");
+            return bad(
+                "training.global_batch_size",
+                t.global_batch_size,
+                "a positive integer or -1",
+            );
         }
         if !(t.max_norm.is_finite() && t.max_norm > 0.0) {
             return bad("training.max_norm", t.max_norm, "a positive number");
         }
         one_of("training.dtype", &t.dtype, &["float32", "bfloat16"])?;
-        one_of("training.mixed_precision_param", &t.mixed_precision_param, &["bfloat16", "float32"])?;
-        one_of("training.mixed_precision_reduce", &t.mixed_precision_reduce, &["float32"])?;
+        one_of(
+            "training.mixed_precision_param",
+            &t.mixed_precision_param,
+            &["bfloat16", "float32"],
+        )?;
+        one_of(
+            "training.mixed_precision_reduce",
+            &t.mixed_precision_reduce,
+            &["float32"],
+        )?;
         one_of("training.device", &t.device, &["auto", "cpu", "cuda"])?;
         if let Some(seed) = t.seed {
             if seed < 0 {
@@ -423,12 +448,20 @@ impl JobConfig {
             return bad("optimizer.eps", o.eps, "a positive number");
         }
         if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
-            return bad("optimizer.weight_decay", o.weight_decay, "a non-negative number");
+            return bad(
+                "optimizer.weight_decay",
+                o.weight_decay,
+                "a non-negative number",
+            );
         }
 
         let l = &self.lr_scheduler;
         if l.warmup_steps < 0 {
-            return bad("lr_scheduler.warmup_steps", l.warmup_steps, "a non-negative integer");
+            return bad(
+                "lr_scheduler.warmup_steps",
+                l.warmup_steps,
+                "a non-negative integer",
+            );
         }
         if let Some(n) = l.total_steps {
             positive("lr_scheduler.total_steps", n)?;
@@ -438,13 +471,21 @@ impl JobConfig {
                 return bad("lr_scheduler.decay_ratio", r, "in [0, 1]");
             }
         }
-        one_of("lr_scheduler.decay_type", &l.decay_type, &["linear", "sqrt", "cosine"])?;
+        one_of(
+            "lr_scheduler.decay_type",
+            &l.decay_type,
+            &["linear", "sqrt", "cosine"],
+        )?;
         if !(0.0..=1.0).contains(&l.min_lr_factor) {
             return bad("lr_scheduler.min_lr_factor", l.min_lr_factor, "in [0, 1]");
         }
 
         let ac = &self.activation_checkpoint;
-        one_of("activation_checkpoint.mode", &ac.mode, &["none", "selective", "full"])?;
+        one_of(
+            "activation_checkpoint.mode",
+            &ac.mode,
+            &["none", "selective", "full"],
+        )?;
         if ac.mode == "selective" && ac.selective_ac_option != "op" {
             match ac.selective_ac_option.parse::<i64>() {
                 Ok(n) if n > 0 => {}
@@ -460,13 +501,34 @@ impl JobConfig {
 
         let p = &self.parallelism;
         for (k, v) in [
-            ("parallelism.data_parallel_replicate_degree", p.data_parallel_replicate_degree),
-            ("parallelism.tensor_parallel_degree", p.tensor_parallel_degree),
-            ("parallelism.pipeline_parallel_degree", p.pipeline_parallel_degree),
-            ("parallelism.context_parallel_degree", p.context_parallel_degree),
-            ("parallelism.expert_parallel_degree", p.expert_parallel_degree),
-            ("parallelism.expert_tensor_parallel_degree", p.expert_tensor_parallel_degree),
-            ("parallelism.pipeline_parallel_microbatch_size", p.pipeline_parallel_microbatch_size),
+            (
+                "parallelism.data_parallel_replicate_degree",
+                p.data_parallel_replicate_degree,
+            ),
+            (
+                "parallelism.tensor_parallel_degree",
+                p.tensor_parallel_degree,
+            ),
+            (
+                "parallelism.pipeline_parallel_degree",
+                p.pipeline_parallel_degree,
+            ),
+            (
+                "parallelism.context_parallel_degree",
+                p.context_parallel_degree,
+            ),
+            (
+                "parallelism.expert_parallel_degree",
+                p.expert_parallel_degree,
+            ),
+            (
+                "parallelism.expert_tensor_parallel_degree",
+                p.expert_tensor_parallel_degree,
+            ),
+            (
+                "parallelism.pipeline_parallel_microbatch_size",
+                p.pipeline_parallel_microbatch_size,
+            ),
         ] {
             positive(k, v)?;
         }
@@ -484,7 +546,11 @@ impl JobConfig {
         )?;
         if canonical_schedule(&p.pipeline_parallel_schedule).is_none() {
             let s = &p.pipeline_parallel_schedule;
-            one_of("parallelism.pipeline_parallel_schedule", s, PIPELINE_SCHEDULES)?;
+            one_of(
+                "parallelism.pipeline_parallel_schedule",
+                s,
+                PIPELINE_SCHEDULES,
+            )?;
         }
         if let Some(n) = p.pipeline_parallel_layers_per_stage {
             positive("parallelism.pipeline_parallel_layers_per_stage", n)?;
@@ -507,17 +573,31 @@ impl JobConfig {
         let c = &self.checkpoint;
         positive("checkpoint.interval", c.interval)?;
         if c.keep_latest_k < 0 {
-            return bad("checkpoint.keep_latest_k", c.keep_latest_k, "0 (keep all) or more");
+            return bad(
+                "checkpoint.keep_latest_k",
+                c.keep_latest_k,
+                "0 (keep all) or more",
+            );
         }
         if c.load_step < -1 {
             return bad("checkpoint.load_step", c.load_step, "a step or -1 (latest)");
         }
-        one_of("checkpoint.export_dtype", &c.export_dtype, &["float16", "bfloat16", "float32"])?;
+        one_of(
+            "checkpoint.export_dtype",
+            &c.export_dtype,
+            &["float16", "bfloat16", "float32"],
+        )?;
         for e in &c.exclude_from_loading {
             one_of(
                 "checkpoint.exclude_from_loading",
                 e,
-                &["model", "optimizer", "lr_scheduler", "dataloader", "train_state"],
+                &[
+                    "model",
+                    "optimizer",
+                    "lr_scheduler",
+                    "dataloader",
+                    "train_state",
+                ],
             )?;
         }
 
@@ -530,7 +610,10 @@ impl JobConfig {
             return bad("validation.steps", v.steps, "a positive integer or -1");
         }
         positive("comm.init_timeout_seconds", self.comm.init_timeout_seconds)?;
-        positive("comm.train_timeout_seconds", self.comm.train_timeout_seconds)?;
+        positive(
+            "comm.train_timeout_seconds",
+            self.comm.train_timeout_seconds,
+        )?;
         Ok(())
     }
 
@@ -559,7 +642,10 @@ impl JobConfig {
 
     /// The LR schedule's length (lr_scheduler.total_steps, else training.steps).
     pub fn schedule_steps(&self) -> u64 {
-        self.lr_scheduler.total_steps.unwrap_or(self.training.steps).max(0) as u64
+        self.lr_scheduler
+            .total_steps
+            .unwrap_or(self.training.steps)
+            .max(0) as u64
     }
 }
 
@@ -577,7 +663,7 @@ impl Parallelism {
         );
         let others = rep * cp * tp * pp;
         let shard = if self.data_parallel_shard_degree == -1 {
-            if world_size % others != 0 {
+            if !world_size.is_multiple_of(others) {
                 return Err(Error::Config(format!(
                     "world size {world_size} is not divisible by data_parallel_replicate x context x tensor x pipeline degrees = {others}"
                 )));
@@ -592,7 +678,10 @@ impl Parallelism {
                 shard * others
             )));
         }
-        let (ep, etp) = (d(self.expert_parallel_degree), d(self.expert_tensor_parallel_degree));
+        let (ep, etp) = (
+            d(self.expert_parallel_degree),
+            d(self.expert_tensor_parallel_degree),
+        );
         if etp != 1 && etp != tp {
             return Err(Error::Config(format!(
                 "parallelism.expert_tensor_parallel_degree = {etp} must be 1 or equal tensor_parallel_degree ({tp})"
@@ -605,12 +694,23 @@ impl Parallelism {
                 if etp == 1 { " x tp" } else { "" }
             )));
         }
-        Ok(Degrees { dp_replicate: rep, dp_shard: shard, cp, tp, pp, ep, etp })
+        Ok(Degrees {
+            dp_replicate: rep,
+            dp_shard: shard,
+            cp,
+            tp,
+            pp,
+            ep,
+            etp,
+        })
     }
 }
 
 fn canonical_schedule(name: &str) -> Option<&'static str> {
-    PIPELINE_SCHEDULES.iter().copied().find(|s| s.eq_ignore_ascii_case(name))
+    PIPELINE_SCHEDULES
+        .iter()
+        .copied()
+        .find(|s| s.eq_ignore_ascii_case(name))
 }
 
 fn positive(key: &str, v: i64) -> Result<()> {
@@ -624,7 +724,10 @@ fn one_of(key: &str, v: &str, allowed: &[&str]) -> Result<()> {
     if allowed.contains(&v) {
         return Ok(());
     }
-    Err(Error::Config(format!("{key} = \"{v}\" is not supported (expected one of: {})", allowed.join(", "))))
+    Err(Error::Config(format!(
+        "{key} = \"{v}\" is not supported (expected one of: {})",
+        allowed.join(", ")
+    )))
 }
 
 fn bad(key: &str, v: impl std::fmt::Display, want: &str) -> Result<()> {
@@ -632,13 +735,19 @@ fn bad(key: &str, v: impl std::fmt::Display, want: &str) -> Result<()> {
 }
 
 fn one_line(e: &dyn std::fmt::Display) -> String {
-    e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+    e.to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Prints each ignored key once per process (ranks run as threads share the set).
 fn warn_ignored_once(keys: &[String], origin: &str) {
     static WARNED: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
-    let mut seen = WARNED.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    let mut seen = WARNED
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
     for k in keys {
         if seen.insert(k.clone()) {
             eprintln!(

@@ -128,3 +128,123 @@ impl LrSchedule {
         (self.base_lr * self.factor(step.saturating_sub(1))) as f32
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn factors(s: &LrSchedule, n: u64) -> Vec<f64> {
+        (0..n).map(|i| s.factor(i)).collect()
+    }
+
+    fn assert_close(got: &[f64], want: &[f64]) {
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() < 1e-12,
+                "step {i}: got {g}, want {w} (all: {got:?})"
+            );
+        }
+    }
+
+    #[test]
+    fn warmup_then_linear_decay_over_the_rest() {
+        // 10 steps, warmup 2: (0+1)/2, (1+1)/2; decay 8 steps after one virtual stable step.
+        let s = LrSchedule::new(0.1, 10, 2, None, DecayType::Linear, 0.0);
+        assert_eq!((s.warmup_steps, s.stable_steps, s.decay_steps), (2, 1, 8));
+        let want = [
+            0.5,
+            1.0,
+            1.0,
+            7.0 / 8.0,
+            6.0 / 8.0,
+            5.0 / 8.0,
+            0.5,
+            3.0 / 8.0,
+            0.25,
+            1.0 / 8.0,
+        ];
+        assert_close(&factors(&s, 10), &want);
+        // lr_at is 1-based: step 1 uses factor(0).
+        assert_eq!(s.lr_at(1), (0.1f64 * 0.5) as f32);
+        assert_eq!(s.lr_at(10), (0.1f64 / 8.0) as f32);
+        assert_eq!(s.lr_at(0), s.lr_at(1));
+        assert!(s.warnings.is_empty());
+    }
+
+    #[test]
+    fn warmup_stable_decay() {
+        // decay_ratio 0.5 of 10 steps = 5 decay steps; stable = 10 + 1 - 2 - 5 = 4.
+        let s = LrSchedule::new(1.0, 10, 2, Some(0.5), DecayType::Linear, 0.0);
+        assert_eq!((s.warmup_steps, s.stable_steps, s.decay_steps), (2, 4, 5));
+        let want = [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 0.8, 0.6, 0.4, 0.2];
+        assert_close(&factors(&s, 10), &want);
+    }
+
+    #[test]
+    fn cosine_to_a_floor() {
+        // No warmup, decay over all 10 steps, floor 0.1: 0.1 + 0.9 * (1 + cos(pi * p)) / 2.
+        let s = LrSchedule::new(1.0, 10, 0, None, DecayType::Cosine, 0.1);
+        let f = factors(&s, 10);
+        assert_eq!(f[0], 1.0);
+        // p = 0.1: cos(0.1 pi) = 0.9510565162951535
+        assert!((f[1] - (0.1 + 0.9 * 0.5 * (1.0 + 0.951_056_516_295_153_5))).abs() < 1e-12);
+        // p = 0.9: cos(0.9 pi) = -0.9510565162951535 -> 0.1 + 0.9 * 0.02447174185242324
+        assert!((f[9] - 0.122_024_567_667_180_9).abs() < 1e-12, "{}", f[9]);
+        assert!(f.windows(2).all(|w| w[1] < w[0] || w[1] == 1.0));
+    }
+
+    #[test]
+    fn sqrt_decay() {
+        // 5 steps, warmup 1, decay 4, stable 1: progress 1/4, 2/4, 3/4 -> 1 - sqrt(p).
+        let s = LrSchedule::new(1.0, 5, 1, None, DecayType::Sqrt, 0.0);
+        let want = [1.0, 1.0, 0.5, 1.0 - 0.5f64.sqrt(), 1.0 - 0.75f64.sqrt()];
+        assert_close(&factors(&s, 5), &want);
+    }
+
+    #[test]
+    fn decay_steps_round_half_to_even_like_python() {
+        // 10 * 0.25 = 2.5 -> Python round() gives 2 (away-from-zero would give 3).
+        let s = LrSchedule::new(1.0, 10, 0, Some(0.25), DecayType::Linear, 0.0);
+        assert_eq!((s.stable_steps, s.decay_steps), (9, 2));
+        assert_eq!(s.factor(8), 1.0);
+        assert_eq!(s.factor(9), 0.5);
+    }
+
+    #[test]
+    fn too_long_warmup_and_decay_are_clamped_with_a_warning() {
+        let s = LrSchedule::new(1.0, 10, 20, None, DecayType::Linear, 0.0);
+        assert_eq!((s.warmup_steps, s.stable_steps, s.decay_steps), (10, 1, 0));
+        assert_close(
+            &factors(&s, 10),
+            &(1..=10).map(|i| i as f64 / 10.0).collect::<Vec<_>>(),
+        );
+        assert_eq!(s.warnings.len(), 1);
+        let s = LrSchedule::new(1.0, 10, 6, Some(0.5), DecayType::Linear, 0.0);
+        assert_eq!((s.warmup_steps, s.stable_steps, s.decay_steps), (6, 1, 4));
+        assert_eq!(s.warnings.len(), 1);
+        assert!(s.warnings[0].contains("decay (5)"), "{}", s.warnings[0]);
+    }
+
+    #[test]
+    fn past_the_schedule_end_holds_the_floor() {
+        let s = LrSchedule::new(1.0, 4, 0, None, DecayType::Sqrt, 0.2);
+        assert_eq!(s.factor(50), 0.2);
+        let lin = LrSchedule::new(1.0, 4, 0, None, DecayType::Linear, 0.0);
+        assert_eq!(lin.factor(50), 0.0);
+    }
+
+    #[test]
+    fn from_config_uses_total_steps_override() {
+        let cfg = JobConfig::from_toml_str(
+            "[optimizer]\nlr = 0.5\n[lr_scheduler]\nwarmup_steps = 2\ntotal_steps = 10\n\
+             [training]\nsteps = 4\n",
+            "t",
+            &[],
+        )
+        .unwrap();
+        let s = LrSchedule::from_config(&cfg).unwrap();
+        assert_eq!((s.warmup_steps, s.stable_steps, s.decay_steps), (2, 1, 8));
+        assert_eq!(s.lr_at(4), (0.5 * 7.0 / 8.0) as f32);
+    }
+}

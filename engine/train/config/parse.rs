@@ -28,7 +28,9 @@ pub(crate) fn apply_overrides(root: &mut Table, args: &[String]) -> Result<()> {
             )));
         };
         if !schema::is_section(section) {
-            return Err(Error::Config(format!("command line: unknown section in '--{path}'")));
+            return Err(Error::Config(format!(
+                "command line: unknown section in '--{path}'"
+            )));
         }
         let (section, key, kind, negated) = resolve_override_key(section, key, path)?;
         let raw = match (inline, kind) {
@@ -83,23 +85,29 @@ fn resolve_override_key(
     let mut negated = false;
     let found = match schema::lookup(section, key) {
         Some(f) => Some((section.to_string(), key.to_string(), f)),
-        None => key.strip_prefix("no_").and_then(|k| match schema::lookup(section, k) {
-            Some(f @ (Kind::Bool, _)) => {
-                negated = true;
-                Some((section.to_string(), k.to_string(), f))
-            }
-            _ => None,
-        }),
+        None => key
+            .strip_prefix("no_")
+            .and_then(|k| match schema::lookup(section, k) {
+                Some(f @ (Kind::Bool, _)) => {
+                    negated = true;
+                    Some((section.to_string(), k.to_string(), f))
+                }
+                _ => None,
+            }),
     };
     let Some((mut s, mut k, (mut kind, u))) = found else {
         let hint = schema::suggest(section, key)
             .map(|h| format!(" (did you mean --{section}.{h}?)"))
             .unwrap_or_default();
-        return Err(Error::Config(format!("command line: unknown key '--{path}'{hint}")));
+        return Err(Error::Config(format!(
+            "command line: unknown key '--{path}'{hint}"
+        )));
     };
     if let Use::Alias(target) = u {
         let (ts, tk) = schema::split_path(target).expect("alias targets are section.key");
-        kind = schema::lookup(ts, tk).expect("alias targets are in the schema").0;
+        kind = schema::lookup(ts, tk)
+            .expect("alias targets are in the schema")
+            .0;
         s = ts.to_string();
         k = tk.to_string();
     }
@@ -172,7 +180,9 @@ fn table_at<'a>(root: &'a mut Table, path: &str, origin: &str) -> Result<&'a mut
             so_far.push('.');
         }
         so_far.push_str(part);
-        let entry = cur.entry(part.to_string()).or_insert_with(|| Value::Table(Table::new()));
+        let entry = cur
+            .entry(part.to_string())
+            .or_insert_with(|| Value::Table(Table::new()));
         cur = match entry {
             Value::Table(t) => t,
             other => {
@@ -191,7 +201,9 @@ pub(crate) fn move_aliases(root: &mut Table, origin: &str) -> Result<()> {
     for s in schema::SECTIONS {
         for &(old, _, u) in schema::section_keys(s) {
             let Use::Alias(target) = u else { continue };
-            let Some(Value::Table(tab)) = get_table_mut(root, s) else { continue };
+            let Some(Value::Table(tab)) = get_table_mut(root, s) else {
+                continue;
+            };
             let Some(v) = tab.remove(old) else { continue };
             let (ts, tk) = schema::split_path(target).expect("alias targets are section.key");
             let dest = table_at(root, ts, origin)?;
@@ -224,10 +236,19 @@ pub(crate) fn check(root: &mut Table, origin: &str) -> Result<Vec<String>> {
 }
 
 fn top_sections() -> Vec<&'static str> {
-    schema::SECTIONS.iter().copied().filter(|s| !s.contains('.')).collect()
+    schema::SECTIONS
+        .iter()
+        .copied()
+        .filter(|s| !s.contains('.'))
+        .collect()
 }
 
-fn check_section(root: &mut Table, path: &str, origin: &str, ignored: &mut Vec<String>) -> Result<()> {
+fn check_section(
+    root: &mut Table,
+    path: &str,
+    origin: &str,
+    ignored: &mut Vec<String>,
+) -> Result<()> {
     let table = match get_table_mut(root, path) {
         Some(Value::Table(t)) => t,
         Some(other) => {
@@ -250,7 +271,9 @@ fn check_section(root: &mut Table, path: &str, origin: &str, ignored: &mut Vec<S
             let hint = schema::suggest(path, &key)
                 .map(|h| format!(" (did you mean '{h}'?)"))
                 .unwrap_or_default();
-            return Err(Error::Config(format!("{origin}: unknown key '{key}' in [{path}]{hint}")));
+            return Err(Error::Config(format!(
+                "{origin}: unknown key '{key}' in [{path}]{hint}"
+            )));
         };
         let v = table.get_mut(&key).expect("key listed above");
         check_kind(v, kind).map_err(|got| {
@@ -318,7 +341,9 @@ fn equals_default(v: &Value, default: &str) -> bool {
     if default.is_empty() {
         return false; // the default is "absent"; any value given is a change
     }
-    let Some(d) = parse_literal(default) else { return false };
+    let Some(d) = parse_literal(default) else {
+        return false;
+    };
     match (v, &d) {
         (Value::Float(a), Value::Integer(b)) | (Value::Integer(b), Value::Float(a)) => {
             *a == *b as f64
@@ -330,7 +355,7 @@ fn equals_default(v: &Value, default: &str) -> bool {
 /// Removes tables left empty by the check (e.g. [quantize.linear.float8]) so that only titan's
 /// sections reach serde.
 pub(crate) fn prune_unused_sections(root: &mut Table) {
-    root.retain(|k, _| super::TITAN_SECTIONS.iter().any(|s| *s == k));
+    root.retain(|k, _| super::TITAN_SECTIONS.contains(&k));
     for (name, v) in root.iter_mut() {
         if let Value::Table(t) = v {
             t.retain(|k, _| !schema::is_section(&format!("{name}.{k}")));

@@ -88,7 +88,11 @@ pub(crate) const SECTIONS: &[&str] = &[
 
 const FLOAT8_LINEAR: &[(&str, Kind, Use)] = &[
     ("enable_fsdp_float8_all_gather", Bool, No("false")),
-    ("precompute_float8_dynamic_scale_for_fsdp", Bool, No("false")),
+    (
+        "precompute_float8_dynamic_scale_for_fsdp",
+        Bool,
+        No("false"),
+    ),
     ("recipe_name", OptStr, No("")),
     ("filter_fqns", StrList, No("[]")),
     ("emulate", Bool, No("false")),
@@ -101,8 +105,10 @@ const MX_LINEAR: &[(&str, Kind, Use)] = &[
     ("filter_fqns", StrList, No("[\"output\"]")),
 ];
 const GROUPED_FLOAT8: &[(&str, Kind, Use)] = &[("fqns", StrList, No("[]"))];
-const GROUPED_MX: &[(&str, Kind, Use)] =
-    &[("recipe_name", Str, No("\"mxfp8\"")), ("fqns", StrList, No("[]"))];
+const GROUPED_MX: &[(&str, Kind, Use)] = &[
+    ("recipe_name", Str, No("\"mxfp8\"")),
+    ("fqns", StrList, No("[]")),
+];
 const DATALOADER: &[(&str, Kind, Use)] = &[
     ("num_workers", Int, Moot),
     ("persistent_workers", Bool, Moot),
@@ -130,7 +136,11 @@ pub(crate) fn section_keys(section: &str) -> &'static [(&'static str, Kind, Use)
             ("profiler_active", Int, No("1")),
             ("profiler_warmup", Int, No("3")),
             ("enable_memory_snapshot", Bool, No("false")),
-            ("save_memory_snapshot_folder", Str, No("\"memory_snapshot\"")),
+            (
+                "save_memory_snapshot_folder",
+                Str,
+                No("\"memory_snapshot\""),
+            ),
         ],
         "metrics" => &[
             ("log_freq", Int, Yes),
@@ -206,7 +216,11 @@ pub(crate) fn section_keys(section: &str) -> &'static [(&'static str, Kind, Use)
             ("pipeline_parallel_split_points", StrList, No("[]")),
             ("module_fqns_per_model_part", Any, No("")),
             ("pipeline_parallel_schedule_csv", OptStr, No("\"\"")),
-            ("pipeline_parallel_expert_parallel_overlap", Bool, No("true")),
+            (
+                "pipeline_parallel_expert_parallel_overlap",
+                Bool,
+                No("true"),
+            ),
             ("context_parallel_load_balancer", OptStr, No("\"headtail\"")),
             ("context_parallel_rotate_method", Str, No("\"allgather\"")),
             ("expert_parallel_comm_backend", Str, No("\"standard\"")),
@@ -218,10 +232,18 @@ pub(crate) fn section_keys(section: &str) -> &'static [(&'static str, Kind, Use)
             ("interval", Int, Yes),
             ("initial_load_path", OptStr, Yes),
             ("initial_load_model_only", Bool, Yes),
-            ("initial_load_model_weights_only", Bool, Alias("checkpoint.initial_load_model_only")),
+            (
+                "initial_load_model_weights_only",
+                Bool,
+                Alias("checkpoint.initial_load_model_only"),
+            ),
             ("initial_load_in_hf", Bool, Yes),
             ("last_save_model_only", Bool, Yes),
-            ("last_save_model_weights_only", Bool, Alias("checkpoint.last_save_model_only")),
+            (
+                "last_save_model_weights_only",
+                Bool,
+                Alias("checkpoint.last_save_model_only"),
+            ),
             ("last_save_in_hf", Bool, Yes),
             ("export_dtype", Str, Yes),
             ("keep_latest_k", Int, Yes),
@@ -237,7 +259,11 @@ pub(crate) fn section_keys(section: &str) -> &'static [(&'static str, Kind, Use)
         "activation_checkpoint" => &[
             ("mode", Str, Yes),
             ("selective_ac_option", StrOrInt, Yes),
-            ("per_op_sac_force_recompute_mm_shapes_by_fqns", StrList, No("[\"moe.router.gate\"]")),
+            (
+                "per_op_sac_force_recompute_mm_shapes_by_fqns",
+                StrList,
+                No("[\"moe.router.gate\"]"),
+            ),
             ("early_stop", Bool, No("false")),
             ("memory_budget", Float, No("0.5")),
             ("visualize_memory_budget_pareto", Bool, No("false")),
@@ -308,7 +334,10 @@ pub(crate) fn is_section(path: &str) -> bool {
 }
 
 pub(crate) fn lookup(section: &str, key: &str) -> Option<(Kind, Use)> {
-    section_keys(section).iter().find(|(k, _, _)| *k == key).map(|&(_, kind, u)| (kind, u))
+    section_keys(section)
+        .iter()
+        .find(|(k, _, _)| *k == key)
+        .map(|&(_, kind, u)| (kind, u))
 }
 
 /// Splits "section.sub.key" at its last dot.
