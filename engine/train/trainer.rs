@@ -124,9 +124,11 @@ impl Trainer {
         let dp = 1;
         let accum = cfg.gradient_accumulation_steps(dp)?;
         let seed = cfg.training.seed.unwrap_or(0).max(0) as u64;
-        let tokenizer = non_empty(&cfg.model.hf_assets_path)
-            .or(cfg.model.tokenizer_path.as_deref().and_then(non_empty))
-            .map(PathBuf::from);
+        // torchtitan's default hf_assets_path points into its own repository; when that folder is
+        // absent the byte-level tokenizer is used. Any other path must exist.
+        let assets = non_empty(&cfg.model.hf_assets_path)
+            .filter(|p| *p != TORCHTITAN_DEFAULT_ASSETS || std::path::Path::new(p).exists());
+        let tokenizer = cfg.model.tokenizer_path.as_deref().and_then(non_empty).or(assets).map(PathBuf::from);
         let dcfg = DataConfig {
             dataset: cfg.training.dataset.clone(),
             dataset_path: cfg.training.dataset_path.as_deref().and_then(non_empty).map(PathBuf::from),
@@ -370,6 +372,8 @@ impl Trainer {
         }
     }
 }
+
+const TORCHTITAN_DEFAULT_ASSETS: &str = "./tests/assets/tokenizer";
 
 fn non_empty(s: &str) -> Option<&str> {
     (!s.trim().is_empty()).then_some(s)
