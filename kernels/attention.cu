@@ -172,20 +172,119 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const bf16* src, int64_t
 
 // ---- forward ---------------------------------------------------------------------------------
 
-template <int D, int NW, int BN>
+// MW m16 tiles per warp: every K/V fragment read from shared memory feeds MW mma instead of one,
+// which is what bounds this loop (shared-memory bandwidth), at the price of MW x the registers.
+template <int LDA, int LDT, int KS, int NT, int MW>
+__device__ __forceinline__ void mma_abt_mw(uint32_t a_base, int r0, uint32_t t_base, int lane,
+                                           float (&acc)[MW][NT][4]) {
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+        uint32_t a[MW][4];
+#pragma unroll
+        for (int mi = 0; mi < MW; ++mi) load_a<LDA>(a_base, r0 + mi * 16, kk * 16, lane, a[mi]);
+#pragma unroll
+        for (int nn = 0; nn < NT / 2; ++nn) {
+            uint32_t b[4];
+            load_b_nt<LDT>(t_base, nn * 16, kk * 16, lane, b);
+#pragma unroll
+            for (int mi = 0; mi < MW; ++mi) {
+                mma16816(acc[mi][2 * nn], a[mi], b[0], b[1]);
+                mma16816(acc[mi][2 * nn + 1], a[mi], b[2], b[3]);
+            }
+        }
+    }
+}
+
+template <int LDT, int KS, int NT, int MW>
+__device__ __forceinline__ void mma_pt_mw(const float (&p)[MW][2 * KS][4], uint32_t t_base, int lane,
+                                          float (&acc)[MW][NT][4]) {
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+        uint32_t a[MW][4];
+#pragma unroll
+        for (int mi = 0; mi < MW; ++mi) {
+            a[mi][0] = pack_bf16(p[mi][2 * kk][0], p[mi][2 * kk][1]);
+            a[mi][1] = pack_bf16(p[mi][2 * kk][2], p[mi][2 * kk][3]);
+            a[mi][2] = pack_bf16(p[mi][2 * kk + 1][0], p[mi][2 * kk + 1][1]);
+            a[mi][3] = pack_bf16(p[mi][2 * kk + 1][2], p[mi][2 * kk + 1][3]);
+        }
+#pragma unroll
+        for (int nn = 0; nn < NT / 2; ++nn) {
+            uint32_t b[4];
+            load_b_nn<LDT>(t_base, kk * 16, nn * 16, lane, b);
+#pragma unroll
+            for (int mi = 0; mi < MW; ++mi) {
+                mma16816(acc[mi][2 * nn], a[mi], b[0], b[1]);
+                mma16816(acc[mi][2 * nn + 1], a[mi], b[2], b[3]);
+            }
+        }
+    }
+}
+
+template <int D, int NW, int MW, int BN>
 struct Fwd {
-    static constexpr int BM = 16 * NW;  // query rows per CTA, 16 per warp
+    static constexpr int BM = 16 * MW * NW;  // query rows per CTA, 16 * MW per warp
     static constexpr int LD = D + 8;
     static constexpr int NTHREADS = 32 * NW;
     static constexpr int SMEM = (BM + 4 * BN) * LD * 2;  // Q + double-buffered K and V
 };
 
+// Online softmax of one m16 x BN score tile (in place: scores -> probabilities), rescaling the
+// running max m_r, partial sums l_r and the output accumulator of the tile's two rows per lane.
+template <int BN, int D>
+__device__ __forceinline__ void softmax_tile(float (&s)[BN / 8][4], float (&acc)[D / 8][4], float (&m_r)[2],
+                                             float (&l_r)[2], float sl2, bool diag, int kbase, int row_g,
+                                             int t) {
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            s[nt][e] *= sl2;  // log2 units; scaling before the max keeps any sign of scale right
+            if (diag) {
+                const int key = kbase + nt * 8 + 2 * t + (e & 1);
+                const int row = row_g + (e >> 1) * 8;
+                if (key > row) s[nt][e] = -INFINITY;
+            }
+            mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
+        }
+    }
+    float corr[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        // A row whose keys are all masked here keeps its max. No row is masked on tile 0 (key 0
+        // is visible to every row), so m_new is finite from the first tile on.
+        const float m_new = fmaxf(m_r[r], mx[r]);
+        corr[r] = exp2f(m_r[r] - m_new);  // exp2(-inf) = 0 on the first tile
+        m_r[r] = m_new;
+        l_r[r] *= corr[r];
+    }
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float p = exp2f(s[nt][e] - m_r[e >> 1]);
+            s[nt][e] = p;
+            l_r[e >> 1] += p;
+        }
+    }
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+        acc[dt][0] *= corr[0];
+        acc[dt][1] *= corr[0];
+        acc[dt][2] *= corr[1];
+        acc[dt][3] *= corr[1];
+    }
+}
+
 // Grid: (query tiles, n_heads, batch); query tiles run last-first so the long ones start early.
-template <int D, int NW, int BN>
+template <int D, int NW, int MW, int BN>
 __device__ __forceinline__ void fwd_body(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                          const bf16* __restrict__ v, bf16* __restrict__ out,
                                          float* __restrict__ lse, int seq, int nh, int nkv, float scale) {
-    using C = Fwd<D, NW, BN>;
+    using C = Fwd<D, NW, MW, BN>;
     constexpr int BM = C::BM, LD = C::LD;
     extern __shared__ __align__(16) unsigned char smem[];
     const uint32_t sQ = smem_addr(smem);
@@ -213,12 +312,16 @@ __device__ __forceinline__ void fwd_body(const bf16* __restrict__ q, const bf16*
     load_tile<BN, D, C::NTHREADS>(sV, vb, kv_rs, seq, tid);
     cp_async_commit();
 
-    float acc[D / 8][4];
-    zero(acc);
-    float m_r[2] = {-INFINITY, -INFINITY};  // running max of scaled scores (log2 units), rows g, g+8
-    float l_r[2] = {0.f, 0.f};              // this lane's partial row sums; quad-reduced at the end
-    const int row0 = warp * 16;             // warp's first row within the tile
-    const int w_first = q0 + row0, w_last = w_first + 15;
+    float acc[MW][D / 8][4];
+    float m_r[MW][2], l_r[MW][2];  // running max (log2 units) and this lane's partial row sums
+#pragma unroll
+    for (int mi = 0; mi < MW; ++mi) {
+        zero(acc[mi]);
+        m_r[mi][0] = m_r[mi][1] = -INFINITY;
+        l_r[mi][0] = l_r[mi][1] = 0.f;
+    }
+    const int row0 = warp * 16 * MW;  // warp's first row within the tile
+    const int w_first = q0 + row0, w_last = w_first + 16 * MW - 1;
 
     for (int j = 0; j < n_tiles; ++j) {
         if (j + 1 < n_tiles) {
@@ -238,73 +341,39 @@ __device__ __forceinline__ void fwd_body(const bf16* __restrict__ q, const bf16*
         // Warps whose rows all precede this tile's first key have nothing to add.
         if (kbase <= w_last) {
             const uint32_t st = (j & 1) * KV_STAGE;
-            float s[BN / 8][4];
-            zero(s);
-            mma_abt<LD, LD, D / 16, BN / 8>(sQ, row0, sK + st, lane, s);
-
-            const bool diag = kbase + BN - 1 > w_first;
-            float mx[2] = {-INFINITY, -INFINITY};
+            float s[MW][BN / 8][4];
 #pragma unroll
-            for (int nt = 0; nt < BN / 8; ++nt) {
+            for (int mi = 0; mi < MW; ++mi) zero(s[mi]);
+            mma_abt_mw<LD, LD, D / 16, BN / 8, MW>(sQ, row0, sK + st, lane, s);
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    if (diag) {
-                        int key = kbase + nt * 8 + 2 * t + (e & 1);
-                        int row = w_first + g + (e >> 1) * 8;
-                        if (key > row) s[nt][e] = -INFINITY;
-                    }
-                    mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
-                }
+            for (int mi = 0; mi < MW; ++mi) {
+                const int first = w_first + mi * 16;
+                softmax_tile<BN, D>(s[mi], acc[mi], m_r[mi], l_r[mi], sl2, kbase + BN - 1 > first, kbase,
+                                    first + g, t);
             }
-            float corr[2];
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-                // Key 0 is visible to every row and tile 0 always runs, so m_new is finite.
-                float m_new = fmaxf(m_r[r], mx[r] * sl2);
-                corr[r] = exp2f(m_r[r] - m_new);  // exp2(-inf) = 0 on the first tile
-                m_r[r] = m_new;
-                l_r[r] *= corr[r];
-            }
-#pragma unroll
-            for (int nt = 0; nt < BN / 8; ++nt) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    float p = exp2f(fmaf(s[nt][e], sl2, -m_r[e >> 1]));
-                    s[nt][e] = p;
-                    l_r[e >> 1] += p;
-                }
-            }
-#pragma unroll
-            for (int dt = 0; dt < D / 8; ++dt) {
-                acc[dt][0] *= corr[0];
-                acc[dt][1] *= corr[0];
-                acc[dt][2] *= corr[1];
-                acc[dt][3] *= corr[1];
-            }
-            mma_pt<LD, BN / 16, D / 8>(s, sV + st, lane, acc);
+            mma_pt_mw<LD, BN / 16, D / 8, MW>(s, sV + st, lane, acc);
         }
         __syncthreads();
     }
 
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        l_r[r] += __shfl_xor_sync(0xffffffffu, l_r[r], 1);
-        l_r[r] += __shfl_xor_sync(0xffffffffu, l_r[r], 2);
-    }
+    for (int mi = 0; mi < MW; ++mi) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int row = w_first + g + r * 8;
-        if (row < seq) {
-            const float inv = 1.f / l_r[r];
-            bf16* o = out + ((int64_t)b * seq + row) * q_rs + (int64_t)h * D;
+        for (int r = 0; r < 2; ++r) {
+            float l = l_r[mi][r];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            const int row = w_first + mi * 16 + g + r * 8;
+            if (row < seq) {
+                const float inv = 1.f / l;
+                bf16* o = out + ((int64_t)b * seq + row) * q_rs + (int64_t)h * D;
 #pragma unroll
-            for (int dt = 0; dt < D / 8; ++dt) {
-                *reinterpret_cast<uint32_t*>(o + dt * 8 + 2 * t) =
-                    pack_bf16(acc[dt][2 * r] * inv, acc[dt][2 * r + 1] * inv);
+                for (int dt = 0; dt < D / 8; ++dt) {
+                    *reinterpret_cast<uint32_t*>(o + dt * 8 + 2 * t) =
+                        pack_bf16(acc[mi][dt][2 * r] * inv, acc[mi][dt][2 * r + 1] * inv);
+                }
+                if (t == 0) lse[((int64_t)b * nh + h) * seq + row] = (m_r[mi][r] + log2f(l)) * kLn2;
             }
-            if (t == 0) lse[((int64_t)b * nh + h) * seq + row] = (m_r[r] + log2f(l_r[r])) * kLn2;
         }
     }
 }
@@ -613,17 +682,17 @@ __device__ __forceinline__ void dq_body(const bf16* __restrict__ q, const bf16* 
 
 // ---- entry points ------------------------------------------------------------------------------
 // Launch shapes (must match engine/backend/cuda/attention.rs):
-//   attn_fwd_d{D}_bf16:       block 32*FWD_NW, grid (ceil(seq/(16*FWD_NW)), n_heads, batch)
+//   attn_fwd_d{D}_bf16:       block 32*FWD_NW, grid (ceil(seq/(16*FWD_NW*FWD_MW)), n_heads, batch)
 //   attn_bwd_dkv_d{D}_bf16:   block 32*DKV_NW, grid (ceil(seq/(16*DKV_NW)), n_kv_heads, batch)
 //   attn_bwd_dq_d{D}_bf16:    block 32*DQ_NW,  grid (ceil(seq/(16*DQ_NW)), n_heads, batch)
 //   attn_bwd_delta_d{D}_bf16: block 256, grid ceil(rows * D/8 / 256), rows = batch*seq*n_heads
 // Dynamic shared memory sizes are the SMEM constants above; the host mirrors them.
 
-#define ATTN_ENTRY(D, FWD_NW, FWD_BN, DKV_NW, DKV_BMQ, DQ_NW, DQ_BN)                                   \
-    extern "C" __global__ void __launch_bounds__(32 * FWD_NW)                                           \
+#define ATTN_ENTRY(D, FWD_NW, FWD_MW, FWD_BN, DKV_NW, DKV_BMQ, DQ_NW, DQ_BN)                            \
+    extern "C" __global__ void __launch_bounds__(32 * FWD_NW, 1)                                        \
         attn_fwd_d##D##_bf16(const attn::bf16* q, const attn::bf16* k, const attn::bf16* v,             \
                              attn::bf16* out, float* lse, int seq, int nh, int nkv, float scale) {      \
-        attn::fwd_body<D, FWD_NW, FWD_BN>(q, k, v, out, lse, seq, nh, nkv, scale);                      \
+        attn::fwd_body<D, FWD_NW, FWD_MW, FWD_BN>(q, k, v, out, lse, seq, nh, nkv, scale);              \
     }                                                                                                   \
     extern "C" __global__ void __launch_bounds__(256)                                                   \
         attn_bwd_delta_d##D##_bf16(const attn::bf16* out, const attn::bf16* dout, float* delta,         \
@@ -634,16 +703,48 @@ __device__ __forceinline__ void dq_body(const bf16* __restrict__ q, const bf16* 
         const attn::bf16* q, const attn::bf16* k, const attn::bf16* v, const attn::bf16* dout,          \
         const float* lse, const float* delta, attn::bf16* dk, attn::bf16* dv, int seq, int nh, int nkv, \
         float scale) {                                                                                  \
-        attn::dkv_body<D, DKV_NW, DKV_BMQ>(q, k, v, dout, lse, delta, dk, dv, seq, nh, nkv, scale);    \
+        attn::dkv_body<D, DKV_NW, DKV_BMQ>(q, k, v, dout, lse, delta, dk, dv, seq, nh, nkv, scale);     \
     }                                                                                                   \
     extern "C" __global__ void __launch_bounds__(32 * DQ_NW) attn_bwd_dq_d##D##_bf16(                   \
         const attn::bf16* q, const attn::bf16* k, const attn::bf16* v, const attn::bf16* dout,          \
         const float* lse, const float* delta, attn::bf16* dq, int seq, int nh, int nkv, float scale) {  \
-        attn::dq_body<D, DQ_NW, DQ_BN>(q, k, v, dout, lse, delta, dq, seq, nh, nkv, scale);            \
+        attn::dq_body<D, DQ_NW, DQ_BN>(q, k, v, dout, lse, delta, dq, seq, nh, nkv, scale);             \
     }
 
-// D, fwd warps, fwd key tile, dkv warps, dkv query tile, dq warps, dq key tile
-ATTN_ENTRY(16, 4, 64, 4, 64, 4, 64)
-ATTN_ENTRY(32, 4, 64, 4, 64, 4, 32)
-ATTN_ENTRY(64, 8, 64, 4, 64, 4, 64)
-ATTN_ENTRY(128, 8, 64, 4, 32, 4, 32)
+// D, fwd warps, fwd m16 tiles per warp, fwd key tile, dkv warps, dkv query tile, dq warps, dq key tile
+ATTN_ENTRY(16, 4, 1, 64, 4, 64, 4, 64)
+ATTN_ENTRY(32, 4, 1, 64, 4, 64, 4, 32)
+// Measured on an H100 (b4 s4096 causal): d128 fwd 8x1x64 212 TFLOP/s vs 4x2x32 244; d64 fwd
+// 8x1x64 174 vs 4x2x64 224; 8-warp dkv and dq variants were slower (docs/attention-notes.md).
+ATTN_ENTRY(64, 4, 2, 64, 4, 64, 4, 64)
+ATTN_ENTRY(128, 4, 2, 32, 4, 32, 4, 32)
+
+#ifdef ATTN_TUNING
+// Alternative forward shapes, built only by scripts/attn_gpu_check.sh to time them side by side.
+#define ATTN_FWD_VARIANT(TAG, D, NW, MW, BN)                                                            \
+    extern "C" __global__ void __launch_bounds__(32 * NW)                                               \
+        attn_fwd_d##D##_##TAG(const attn::bf16* q, const attn::bf16* k, const attn::bf16* v,            \
+                              attn::bf16* out, float* lse, int seq, int nh, int nkv, float scale) {     \
+        attn::fwd_body<D, NW, MW, BN>(q, k, v, out, lse, seq, nh, nkv, scale);                          \
+    }
+#define ATTN_DKV_VARIANT(TAG, D, NW, BMQ)                                                               \
+    extern "C" __global__ void __launch_bounds__(32 * NW) attn_bwd_dkv_d##D##_##TAG(                    \
+        const attn::bf16* q, const attn::bf16* k, const attn::bf16* v, const attn::bf16* dout,          \
+        const float* lse, const float* delta, attn::bf16* dk, attn::bf16* dv, int seq, int nh, int nkv, \
+        float scale) {                                                                                  \
+        attn::dkv_body<D, NW, BMQ>(q, k, v, dout, lse, delta, dk, dv, seq, nh, nkv, scale);             \
+    }
+#define ATTN_DQ_VARIANT(TAG, D, NW, BN)                                                                 \
+    extern "C" __global__ void __launch_bounds__(32 * NW) attn_bwd_dq_d##D##_##TAG(                     \
+        const attn::bf16* q, const attn::bf16* k, const attn::bf16* v, const attn::bf16* dout,          \
+        const float* lse, const float* delta, attn::bf16* dq, int seq, int nh, int nkv, float scale) {  \
+        attn::dq_body<D, NW, BN>(q, k, v, dout, lse, delta, dq, seq, nh, nkv, scale);                   \
+    }
+ATTN_FWD_VARIANT(w8m1n64, 128, 8, 1, 64)
+ATTN_FWD_VARIANT(w8m1n64, 64, 8, 1, 64)
+ATTN_DKV_VARIANT(w8q32, 128, 8, 32)
+ATTN_DKV_VARIANT(w8q64, 64, 8, 64)
+ATTN_DQ_VARIANT(w4n64, 128, 4, 64)
+ATTN_DQ_VARIANT(w8n32, 128, 8, 32)
+ATTN_DQ_VARIANT(w8n64, 64, 8, 64)
+#endif
