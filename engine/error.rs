@@ -6,9 +6,15 @@ use std::fmt;
 #[derive(Debug)]
 pub enum Error {
     /// An op got tensors whose shapes do not fit together.
-    Shape { op: &'static str, msg: String },
+    Shape {
+        op: &'static str,
+        msg: String,
+    },
     /// An op got a dtype it does not support.
-    DType { op: &'static str, msg: String },
+    DType {
+        op: &'static str,
+        msg: String,
+    },
     /// A broken or unknown configuration value.
     Config(String),
     /// A checkpoint that is missing, truncated or inconsistent.
@@ -19,7 +25,10 @@ pub enum Error {
     Backend(String),
     /// Training diverged (NaN / Inf loss or gradient).
     NonFinite(String),
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     Other(String),
 }
 
@@ -45,7 +54,10 @@ impl std::error::Error for Error {}
 
 impl Error {
     pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
-        Error::Io { path: path.as_ref().display().to_string(), source }
+        Error::Io {
+            path: path.as_ref().display().to_string(),
+            source,
+        }
     }
 }
 

@@ -31,7 +31,9 @@ impl DType {
         match s {
             "float32" | "f32" | "fp32" => Ok(DType::F32),
             "bfloat16" | "bf16" => Ok(DType::BF16),
-            _ => Err(Error::Config(format!("unknown dtype '{s}' (expected float32 or bfloat16)"))),
+            _ => Err(Error::Config(format!(
+                "unknown dtype '{s}' (expected float32 or bfloat16)"
+            ))),
         }
     }
 }

@@ -28,7 +28,10 @@ impl DeviceMem for MetaMem {
 
 impl MetaBackend {
     pub fn new() -> Self {
-        MetaBackend { next: AtomicU64::new(1 << 20), allocs: AtomicU64::new(0) }
+        MetaBackend {
+            next: AtomicU64::new(1 << 20),
+            allocs: AtomicU64::new(0),
+        }
     }
 }
 
@@ -82,7 +85,16 @@ impl Backend for MetaBackend {
     fn embedding_bwd(&self, _: Buf, _: Buf, _: Buf, _: usize) -> Result<()> {
         Ok(())
     }
-    fn rmsnorm_fwd(&self, _: Buf, _: Buf, _: Buf, _: Buf, _: usize, _: usize, _: f32) -> Result<()> {
+    fn rmsnorm_fwd(
+        &self,
+        _: Buf,
+        _: Buf,
+        _: Buf,
+        _: Buf,
+        _: usize,
+        _: usize,
+        _: f32,
+    ) -> Result<()> {
         Ok(())
     }
     fn rmsnorm_residual_fwd(
@@ -99,7 +111,17 @@ impl Backend for MetaBackend {
     ) -> Result<()> {
         Ok(())
     }
-    fn rmsnorm_bwd(&self, _: Buf, _: Buf, _: Buf, _: Buf, _: Buf, _: Buf, _: usize, _: usize) -> Result<()> {
+    fn rmsnorm_bwd(
+        &self,
+        _: Buf,
+        _: Buf,
+        _: Buf,
+        _: Buf,
+        _: Buf,
+        _: Buf,
+        _: usize,
+        _: usize,
+    ) -> Result<()> {
         Ok(())
     }
     fn rope_fwd(&self, _: Buf, _: Buf, _: Buf, _: Buf, _: RopeShape) -> Result<()> {
@@ -108,7 +130,16 @@ impl Backend for MetaBackend {
     fn rope_bwd(&self, _: Buf, _: Buf, _: Buf, _: Buf, _: RopeShape) -> Result<()> {
         Ok(())
     }
-    fn attention_fwd(&self, _: Buf, _: Buf, _: Buf, _: Buf, _: Buf, _: AttnShape, _: f32) -> Result<()> {
+    fn attention_fwd(
+        &self,
+        _: Buf,
+        _: Buf,
+        _: Buf,
+        _: Buf,
+        _: Buf,
+        _: AttnShape,
+        _: f32,
+    ) -> Result<()> {
         Ok(())
     }
     fn attention_bwd(
@@ -133,7 +164,17 @@ impl Backend for MetaBackend {
     fn swiglu_bwd(&self, _: Buf, _: Buf, _: Buf, _: Buf, _: Buf) -> Result<()> {
         Ok(())
     }
-    fn cross_entropy(&self, _: Buf, _: Buf, _: Buf, _: Buf, _: usize, _: usize, _: i32, _: f32) -> Result<()> {
+    fn cross_entropy(
+        &self,
+        _: Buf,
+        _: Buf,
+        _: Buf,
+        _: Buf,
+        _: usize,
+        _: usize,
+        _: i32,
+        _: f32,
+    ) -> Result<()> {
         Ok(())
     }
     fn sum(&self, _: Buf, _: Buf) -> Result<()> {
@@ -145,7 +186,16 @@ impl Backend for MetaBackend {
     fn clip_coef(&self, _: Buf, _: f32, _: Buf) -> Result<()> {
         Ok(())
     }
-    fn adamw(&self, _: Buf, _: Buf, _: Buf, _: Buf, _: Option<Buf>, _: Buf, _: &AdamW) -> Result<()> {
+    fn adamw(
+        &self,
+        _: Buf,
+        _: Buf,
+        _: Buf,
+        _: Buf,
+        _: Option<Buf>,
+        _: Buf,
+        _: &AdamW,
+    ) -> Result<()> {
         Ok(())
     }
 }

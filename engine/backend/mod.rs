@@ -40,11 +40,19 @@ impl Buf {
     /// Sub-view of `len` elements starting at element `start`.
     pub fn slice(&self, start: usize, len: usize) -> Buf {
         debug_assert!(start + len <= self.len);
-        Buf { ptr: self.ptr + (start * self.dtype.size()) as u64, len, dtype: self.dtype }
+        Buf {
+            ptr: self.ptr + (start * self.dtype.size()) as u64,
+            len,
+            dtype: self.dtype,
+        }
     }
     /// The same bytes seen with another dtype (len recomputed).
     pub fn reinterpret(&self, dtype: DType) -> Buf {
-        Buf { ptr: self.ptr, len: self.bytes() / dtype.size(), dtype }
+        Buf {
+            ptr: self.ptr,
+            len: self.bytes() / dtype.size(),
+            dtype,
+        }
     }
 }
 
@@ -116,7 +124,12 @@ impl AttnShape {
     }
     /// Causal forward FLOPs (two GEMMs over the lower triangle).
     pub fn fwd_flops(&self) -> f64 {
-        let (b, s, h, d) = (self.batch as f64, self.seq as f64, self.n_heads as f64, self.head_dim as f64);
+        let (b, s, h, d) = (
+            self.batch as f64,
+            self.seq as f64,
+            self.n_heads as f64,
+            self.head_dim as f64,
+        );
         4.0 * b * h * d * s * s / 2.0
     }
 }
@@ -183,7 +196,16 @@ pub trait Backend: Send + Sync {
 
     // ---- rmsnorm -----------------------------------------------------------------------
     /// out = x / sqrt(mean(x²) + eps) * w per row; rstd [rows] f32 saved for backward.
-    fn rmsnorm_fwd(&self, x: Buf, w: Buf, out: Buf, rstd: Buf, rows: usize, dim: usize, eps: f32) -> Result<()>;
+    fn rmsnorm_fwd(
+        &self,
+        x: Buf,
+        w: Buf,
+        out: Buf,
+        rstd: Buf,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<()>;
     /// Fused residual add + rmsnorm: h = x + residual (written), out = rmsnorm(h).
     #[allow(clippy::too_many_arguments)]
     fn rmsnorm_residual_fwd(
@@ -222,7 +244,16 @@ pub trait Backend: Send + Sync {
     /// Causal GQA attention, softmax(q kᵀ · scale) v; query head h reads kv head h / (H / Hkv).
     /// Never materialises the [seq, seq] score matrix for the whole batch.
     #[allow(clippy::too_many_arguments)]
-    fn attention_fwd(&self, q: Buf, k: Buf, v: Buf, out: Buf, lse: Buf, s: AttnShape, scale: f32) -> Result<()>;
+    fn attention_fwd(
+        &self,
+        q: Buf,
+        k: Buf,
+        v: Buf,
+        out: Buf,
+        lse: Buf,
+        s: AttnShape,
+        scale: f32,
+    ) -> Result<()>;
     #[allow(clippy::too_many_arguments)]
     fn attention_bwd(
         &self,
