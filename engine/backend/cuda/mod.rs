@@ -46,7 +46,7 @@ pub struct CudaBackend {
     sm_count: u32,
 }
 
-/// One `cuMemAlloc` allocation, freed (after the stream drains) on drop.
+/// One `cuMemAlloc` allocation (zeroed on the stream), freed after the stream drains on drop.
 struct CudaMem {
     ptr: u64,
     bytes: usize,
@@ -182,6 +182,7 @@ impl CudaBackend {
     }
 
     /// The stream every op of this backend runs on.
+    #[allow(dead_code)] // used by attention.rs (the attention helper's file)
     pub(crate) fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
@@ -240,12 +241,11 @@ impl CudaBackend {
         let ptr = unsafe { dr::malloc_sync(bytes.max(256)) }
             .map_err(|e| backend_err(&format!("cuMemAlloc of {bytes} bytes"), e))?;
         self.allocs.fetch_add(1, Ordering::Relaxed);
-        Ok(CudaMem {
-            ptr,
-            bytes,
-            ctx: self.ctx.clone(),
-            stream: self.stream.clone(),
-        })
+        let mem = CudaMem { ptr, bytes, ctx: self.ctx.clone(), stream: self.stream.clone() };
+        // Zeroed like the CPU backend's memory, so no caller can depend on a difference.
+        unsafe { dr::memset_d8_async(ptr, 0, bytes.max(256), self.stream.cu_stream()) }
+            .map_err(|e| backend_err(&format!("zero {bytes} new bytes"), e))?;
+        Ok(mem)
     }
 
     /// Launches kernel `name` on the backend's stream with a 1-D block of `block` threads.

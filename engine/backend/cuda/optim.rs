@@ -8,7 +8,7 @@ use crate::tensor::DType;
 /// Partials per buffer for the first reduction pass: a function of the length only, so sums are
 /// bitwise reproducible on any device.
 fn partial_blocks(len: usize) -> usize {
-    len.div_ceil(16384).clamp(1, 256)
+    len.div_ceil(16384).clamp(1, 1024)
 }
 const REDUCE_THREADS: u32 = 256;
 
