@@ -1,1 +1,543 @@
 //! CPU reference backend (f32 compute; bf16 storage converted at the boundary).
+//!
+//! Every op family lives in its own file as a pair: a slice-level kernel generic over [`Float`]
+//! (so the gradient-check tests can run the very same code in f64) and a thin `Buf`-level wrapper
+//! that checks dtypes and lengths, converts bf16 storage to f32 temporaries and rounds results
+//! back (round-to-nearest-even).
+//!
+//! Memory model: a `Buf` on this backend is a raw host address. Turning it into a Rust slice is
+//! sound because the memory planner guarantees that live buffers handed to one op do not
+//! overlap, with two documented exceptions that the wrappers handle without ever holding a
+//! shared and a mutable slice over the same bytes: `add` may write into one of its inputs and
+//! `cross_entropy` may write dlogits over logits.
+
+pub mod adamw;
+pub mod attention;
+pub mod cross_entropy;
+pub mod elementwise;
+pub mod embedding;
+pub mod gemm;
+pub mod reduce;
+pub mod rmsnorm;
+pub mod rope;
+pub mod swiglu;
+
+use super::{AdamW, AttnShape, Backend, Buf, DeviceMem, Gemm, RopeShape};
+use crate::error::{Error, Result};
+use crate::tensor::DType;
+use half::bf16;
+use rayon::prelude::*;
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::borrow::Cow;
+use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub, SubAssign};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The scalar type of the math kernels: f32 in the backend, f64 in gradient checks.
+pub trait Float:
+    Copy
+    + Send
+    + Sync
+    + Default
+    + PartialOrd
+    + std::fmt::Debug
+    + 'static
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + AddAssign
+    + SubAssign
+{
+    const ZERO: Self;
+    const ONE: Self;
+    const NEG_INFINITY: Self;
+    fn from_f64(x: f64) -> Self;
+    fn to_f64(self) -> f64;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+    fn sqrt(self) -> Self;
+    fn max(self, o: Self) -> Self;
+    /// xs[i] = exp(xs[i]); f32 overrides this with a vectorised polynomial because softmax
+    /// exponentials dominate attention on the CPU.
+    fn exp_inplace(xs: &mut [Self]) {
+        for x in xs {
+            *x = x.exp();
+        }
+    }
+}
+
+impl Float for f64 {
+    const ZERO: f64 = 0.0;
+    const ONE: f64 = 1.0;
+    const NEG_INFINITY: f64 = f64::NEG_INFINITY;
+    fn from_f64(x: f64) -> f64 {
+        x
+    }
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn exp(self) -> f64 {
+        f64::exp(self)
+    }
+    fn ln(self) -> f64 {
+        f64::ln(self)
+    }
+    fn sqrt(self) -> f64 {
+        f64::sqrt(self)
+    }
+    fn max(self, o: f64) -> f64 {
+        f64::max(self, o)
+    }
+}
+
+impl Float for f32 {
+    const ZERO: f32 = 0.0;
+    const ONE: f32 = 1.0;
+    const NEG_INFINITY: f32 = f32::NEG_INFINITY;
+    fn from_f64(x: f64) -> f32 {
+        x as f32
+    }
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn exp(self) -> f32 {
+        f32::exp(self)
+    }
+    fn ln(self) -> f32 {
+        f32::ln(self)
+    }
+    fn sqrt(self) -> f32 {
+        f32::sqrt(self)
+    }
+    fn max(self, o: f32) -> f32 {
+        f32::max(self, o)
+    }
+    fn exp_inplace(xs: &mut [f32]) {
+        elementwise::exp_f32_slice(xs)
+    }
+}
+
+/// The CPU backend. Stateless apart from the allocation counter; uses rayon's global pool.
+#[derive(Default)]
+pub struct CpuBackend {
+    allocs: AtomicU64,
+}
+
+impl CpuBackend {
+    pub fn new() -> CpuBackend {
+        CpuBackend {
+            allocs: AtomicU64::new(0),
+        }
+    }
+}
+
+/// 256-byte aligned, zero-initialised host memory.
+struct HostMem {
+    ptr: *mut u8,
+    bytes: usize,
+    layout: Layout,
+}
+
+// The memory is plain bytes owned by this value; ops reach it through raw addresses.
+unsafe impl Send for HostMem {}
+unsafe impl Sync for HostMem {}
+
+impl DeviceMem for HostMem {
+    fn ptr(&self) -> u64 {
+        self.ptr as u64
+    }
+    fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for HostMem {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `CpuBackend::alloc` with exactly this layout.
+        unsafe { dealloc(self.ptr, self.layout) }
+    }
+}
+
+pub(crate) const ALIGN: usize = 256;
+
+// ---- views and checks shared by the op files ----------------------------------------------
+
+/// A shared slice over a buffer. SAFETY (caller): `b` is a live host buffer of this backend with
+/// `b.len` elements of `T`, and no mutable view of the same bytes is alive.
+pub(crate) unsafe fn view<'a, T>(b: Buf) -> &'a [T] {
+    if b.len == 0 {
+        return &[];
+    }
+    std::slice::from_raw_parts(b.ptr as *const T, b.len)
+}
+
+/// A mutable slice over a buffer. SAFETY (caller): as `view`, and no other view of the bytes.
+pub(crate) unsafe fn view_mut<'a, T>(b: Buf) -> &'a mut [T] {
+    if b.len == 0 {
+        return &mut [];
+    }
+    std::slice::from_raw_parts_mut(b.ptr as *mut T, b.len)
+}
+
+pub(crate) fn shape_err(op: &'static str, msg: String) -> Error {
+    Error::Shape { op, msg }
+}
+
+pub(crate) fn check_len(op: &'static str, what: &str, b: Buf, want: usize) -> Result<()> {
+    if b.len != want {
+        return Err(shape_err(
+            op,
+            format!("{what} has {} elements, expected {want}", b.len),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_dtype(op: &'static str, what: &str, b: Buf, allowed: &[DType]) -> Result<()> {
+    if !allowed.contains(&b.dtype) {
+        let names: Vec<&str> = allowed.iter().map(|d| d.name()).collect();
+        return Err(Error::DType {
+            op,
+            msg: format!("{what} is {}, expected {}", b.dtype, names.join(" or ")),
+        });
+    }
+    if b.len > 0 && b.ptr == 0 {
+        return Err(Error::Backend(format!("{op}: {what} is a null buffer")));
+    }
+    Ok(())
+}
+
+pub(crate) const FLOATS: &[DType] = &[DType::F32, DType::BF16];
+
+/// Rejects an output that shares bytes with an input (the planner must never produce that).
+pub(crate) fn check_disjoint(
+    op: &'static str,
+    out_name: &str,
+    out: Buf,
+    ins: &[(&str, Buf)],
+) -> Result<()> {
+    for (name, b) in ins {
+        if overlaps(out, *b) {
+            return Err(shape_err(
+                op,
+                format!("output {out_name} overlaps input {name}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn overlaps(a: Buf, b: Buf) -> bool {
+    let (a0, a1) = (a.ptr, a.ptr + a.bytes() as u64);
+    let (b0, b1) = (b.ptr, b.ptr + b.bytes() as u64);
+    a.bytes() > 0 && b.bytes() > 0 && a0 < b1 && b0 < a1
+}
+
+/// Work below this many elements stays on the calling thread (rayon overhead dominates).
+pub(crate) const PAR_MIN: usize = 1 << 15;
+/// Element chunk for parallel elementwise work; fixed so results never depend on thread count.
+pub(crate) const CHUNK: usize = 1 << 14;
+
+pub(crate) fn bf16_to_f32(src: &[bf16], dst: &mut [f32]) {
+    let go = |(s, d): (&[bf16], &mut [f32])| {
+        for (x, y) in s.iter().zip(d.iter_mut()) {
+            *y = f32::from_bits((x.to_bits() as u32) << 16);
+        }
+    };
+    if src.len() >= PAR_MIN {
+        src.par_chunks(CHUNK)
+            .zip(dst.par_chunks_mut(CHUNK))
+            .for_each(go);
+    } else {
+        go((src, dst));
+    }
+}
+
+/// Round-to-nearest-even f32 -> bf16 (NaN stays NaN).
+#[inline(always)]
+pub(crate) fn f32_to_bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) as u16) | 0x0040;
+    }
+    let round = 0x7fff + ((b >> 16) & 1);
+    (b.wrapping_add(round) >> 16) as u16
+}
+
+pub(crate) fn f32_to_bf16(src: &[f32], dst: &mut [bf16]) {
+    let go = |(s, d): (&[f32], &mut [bf16])| {
+        for (x, y) in s.iter().zip(d.iter_mut()) {
+            *y = bf16::from_bits(f32_to_bf16_bits(*x));
+        }
+    };
+    if src.len() >= PAR_MIN {
+        src.par_chunks(CHUNK)
+            .zip(dst.par_chunks_mut(CHUNK))
+            .for_each(go);
+    } else {
+        go((src, dst));
+    }
+}
+
+/// An f32 view of a float input: borrowed for f32, a converted copy for bf16.
+/// SAFETY (caller): as `view`.
+pub(crate) unsafe fn load<'a>(op: &'static str, what: &str, b: Buf) -> Result<Cow<'a, [f32]>> {
+    check_dtype(op, what, b, FLOATS)?;
+    Ok(match b.dtype {
+        DType::F32 => Cow::Borrowed(view::<f32>(b)),
+        _ => {
+            let mut v = vec![0f32; b.len];
+            bf16_to_f32(view::<bf16>(b), &mut v);
+            Cow::Owned(v)
+        }
+    })
+}
+
+/// Runs `f` on an f32 view of a float output: the buffer itself for f32, a temporary rounded
+/// into the buffer afterwards for bf16. `init` copies the current contents in first (for ops that
+/// read their output, like gemm with beta != 0). SAFETY (caller): as `view_mut`.
+pub(crate) unsafe fn store<R>(
+    op: &'static str,
+    what: &str,
+    b: Buf,
+    init: bool,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> Result<R> {
+    check_dtype(op, what, b, FLOATS)?;
+    Ok(match b.dtype {
+        DType::F32 => f(view_mut::<f32>(b)),
+        _ => {
+            let mut tmp = vec![0f32; b.len];
+            if init {
+                bf16_to_f32(view::<bf16>(b), &mut tmp);
+            }
+            let r = f(&mut tmp);
+            f32_to_bf16(&tmp, view_mut::<bf16>(b));
+            r
+        }
+    })
+}
+
+/// A raw pointer that may cross rayon tasks; each task writes a disjoint part (documented at use).
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr<T>(pub *mut T);
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    #[inline(always)]
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<Box<dyn DeviceMem>> {
+        self.allocs.fetch_add(1, Ordering::Relaxed);
+        let size = bytes.max(1).div_ceil(ALIGN) * ALIGN;
+        let layout = Layout::from_size_align(size, ALIGN)
+            .map_err(|e| Error::Backend(format!("cpu alloc of {bytes} bytes: {e}")))?;
+        // SAFETY: layout has non-zero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(Error::Backend(format!(
+                "cpu alloc of {bytes} bytes failed (out of memory)"
+            )));
+        }
+        Ok(Box::new(HostMem { ptr, bytes, layout }))
+    }
+    fn alloc_count(&self) -> u64 {
+        self.allocs.load(Ordering::Relaxed)
+    }
+    fn upload(&self, dst: Buf, src: &[u8]) -> Result<()> {
+        if src.len() != dst.bytes() {
+            return Err(shape_err(
+                "upload",
+                format!("{} bytes into a buffer of {}", src.len(), dst.bytes()),
+            ));
+        }
+        if src.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: dst is a live buffer of dst.bytes() bytes; src is ordinary host memory.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.ptr as *mut u8, src.len()) };
+        Ok(())
+    }
+    fn download(&self, src: Buf, dst: &mut [u8]) -> Result<()> {
+        if dst.len() != src.bytes() {
+            return Err(shape_err(
+                "download",
+                format!("{} bytes from a buffer of {}", dst.len(), src.bytes()),
+            ));
+        }
+        if dst.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: src is a live buffer of src.bytes() bytes; dst is ordinary host memory.
+        unsafe { std::ptr::copy_nonoverlapping(src.ptr as *const u8, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn fill(&self, dst: Buf, value: f32) -> Result<()> {
+        elementwise::fill(dst, value)
+    }
+    fn copy(&self, src: Buf, dst: Buf) -> Result<()> {
+        elementwise::copy(src, dst)
+    }
+    fn cast(&self, src: Buf, dst: Buf) -> Result<()> {
+        elementwise::cast(src, dst)
+    }
+    fn add(&self, a: Buf, b: Buf, out: Buf) -> Result<()> {
+        elementwise::add(a, b, out)
+    }
+    fn scale(&self, x: Buf, alpha: f32) -> Result<()> {
+        elementwise::scale(x, alpha)
+    }
+
+    fn gemm(&self, g: &Gemm, a: Buf, b: Buf, c: Buf) -> Result<()> {
+        gemm::gemm_op(g, a, b, c)
+    }
+
+    fn embedding_fwd(&self, table: Buf, ids: Buf, out: Buf, dim: usize) -> Result<()> {
+        embedding::embedding_fwd_op(table, ids, out, dim)
+    }
+    fn embedding_bwd(&self, dout: Buf, ids: Buf, dtable: Buf, dim: usize) -> Result<()> {
+        embedding::embedding_bwd_op(dout, ids, dtable, dim)
+    }
+
+    fn rmsnorm_fwd(
+        &self,
+        x: Buf,
+        w: Buf,
+        out: Buf,
+        rstd: Buf,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<()> {
+        rmsnorm::rmsnorm_fwd_op(x, None, w, out, rstd, rows, dim, eps)
+    }
+    fn rmsnorm_residual_fwd(
+        &self,
+        x: Buf,
+        residual: Buf,
+        w: Buf,
+        h: Buf,
+        out: Buf,
+        rstd: Buf,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<()> {
+        rmsnorm::rmsnorm_fwd_op(x, Some((residual, h)), w, out, rstd, rows, dim, eps)
+    }
+    fn rmsnorm_bwd(
+        &self,
+        dout: Buf,
+        x: Buf,
+        w: Buf,
+        rstd: Buf,
+        dx: Buf,
+        dw: Buf,
+        rows: usize,
+        dim: usize,
+    ) -> Result<()> {
+        rmsnorm::rmsnorm_bwd_op(dout, x, w, rstd, dx, dw, rows, dim)
+    }
+
+    fn rope_fwd(&self, x: Buf, out: Buf, cos: Buf, sin: Buf, s: RopeShape) -> Result<()> {
+        rope::rope_op("rope_fwd", x, out, cos, sin, s, false)
+    }
+    fn rope_bwd(&self, dout: Buf, dx: Buf, cos: Buf, sin: Buf, s: RopeShape) -> Result<()> {
+        rope::rope_op("rope_bwd", dout, dx, cos, sin, s, true)
+    }
+
+    fn attention_fwd(
+        &self,
+        q: Buf,
+        k: Buf,
+        v: Buf,
+        out: Buf,
+        lse: Buf,
+        s: AttnShape,
+        scale: f32,
+    ) -> Result<()> {
+        attention::attention_fwd_op(q, k, v, out, lse, s, scale)
+    }
+    fn attention_bwd(
+        &self,
+        q: Buf,
+        k: Buf,
+        v: Buf,
+        out: Buf,
+        dout: Buf,
+        lse: Buf,
+        dq: Buf,
+        dk: Buf,
+        dv: Buf,
+        s: AttnShape,
+        scale: f32,
+    ) -> Result<()> {
+        attention::attention_bwd_op(q, k, v, out, dout, lse, dq, dk, dv, s, scale)
+    }
+
+    fn swiglu_fwd(&self, gate: Buf, up: Buf, out: Buf) -> Result<()> {
+        swiglu::swiglu_fwd_op(gate, up, out)
+    }
+    fn swiglu_bwd(&self, dout: Buf, gate: Buf, up: Buf, dgate: Buf, dup: Buf) -> Result<()> {
+        swiglu::swiglu_bwd_op(dout, gate, up, dgate, dup)
+    }
+
+    fn cross_entropy(
+        &self,
+        logits: Buf,
+        targets: Buf,
+        losses: Buf,
+        dlogits: Buf,
+        rows: usize,
+        vocab: usize,
+        ignore_index: i32,
+        grad_scale: f32,
+    ) -> Result<()> {
+        cross_entropy::cross_entropy_op(
+            logits,
+            targets,
+            losses,
+            dlogits,
+            rows,
+            vocab,
+            ignore_index,
+            grad_scale,
+        )
+    }
+
+    fn sum(&self, x: Buf, out: Buf) -> Result<()> {
+        reduce::sum_op(x, out)
+    }
+    fn sum_squares(&self, xs: &[Buf], out: Buf) -> Result<()> {
+        reduce::sum_squares_op(xs, out)
+    }
+    fn clip_coef(&self, norm_sq: Buf, max_norm: f32, coef: Buf) -> Result<()> {
+        adamw::clip_coef_op(norm_sq, max_norm, coef)
+    }
+    fn adamw(
+        &self,
+        param: Buf,
+        grad: Buf,
+        m: Buf,
+        v: Buf,
+        compute: Option<Buf>,
+        grad_scale: Buf,
+        hp: &AdamW,
+    ) -> Result<()> {
+        adamw::adamw_op(param, grad, m, v, compute, grad_scale, hp)
+    }
+}

@@ -1,0 +1,503 @@
+//! Causal grouped-query attention on `[batch, seq, heads, head_dim]` tensors.
+//!
+//! Work is split into tiles of `QTILE` query rows of one (batch, head). A tile's scores against
+//! the keys it may see (0..=last row of the tile) are one strided GEMM into a `QTILE × seq`
+//! scratch row block, the softmax is done per row, and the output is a second GEMM: no
+//! `[seq, seq]` matrix per head and nothing of size B·H·S·S ever exists. The strides of the
+//! `[b, s, h, d]` layout are passed straight to the GEMM, so nothing is gathered or transposed.
+//!
+//! The backward recomputes probabilities from the saved log-sum-exp. One task owns one
+//! (batch, kv head): it walks that kv head's query heads and tiles in a fixed order, so the dK
+//! and dV sums are formed in the same order on every run and every thread count.
+
+use super::gemm::matmul;
+use super::{
+    check_dtype, load, overlaps, shape_err, store, view, view_mut, Float, SendPtr, FLOATS,
+};
+use crate::backend::{AttnShape, Buf};
+use crate::error::Result;
+use crate::tensor::DType;
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Query rows per task.
+pub const QTILE: usize = 64;
+
+fn check_shape(op: &'static str, s: AttnShape, lens: &[(&str, usize)]) -> Result<()> {
+    if s.n_kv_heads == 0 || !s.n_heads.is_multiple_of(s.n_kv_heads) {
+        return Err(shape_err(
+            op,
+            format!(
+                "n_heads {} is not a multiple of n_kv_heads {}",
+                s.n_heads, s.n_kv_heads
+            ),
+        ));
+    }
+    for (what, have) in lens {
+        let want = match *what {
+            "k" | "v" | "dk" | "dv" => s.kv_len(),
+            "lse" => s.lse_len(),
+            _ => s.q_len(),
+        };
+        if *have != want {
+            return Err(shape_err(
+                op,
+                format!("{what} has {have} elements, expected {want} for {s:?}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Element offsets of row `t` of head `h` in a q-like and of kv head `hk` in a kv-like tensor.
+#[derive(Clone, Copy)]
+struct Layout {
+    s: AttnShape,
+}
+
+impl Layout {
+    fn q_row_stride(&self) -> usize {
+        self.s.n_heads * self.s.head_dim
+    }
+    fn kv_row_stride(&self) -> usize {
+        self.s.n_kv_heads * self.s.head_dim
+    }
+    fn q_off(&self, b: usize, t: usize, h: usize) -> usize {
+        ((b * self.s.seq + t) * self.s.n_heads + h) * self.s.head_dim
+    }
+    fn kv_off(&self, b: usize, t: usize, hk: usize) -> usize {
+        ((b * self.s.seq + t) * self.s.n_kv_heads + hk) * self.s.head_dim
+    }
+    fn lse_off(&self, b: usize, h: usize, t: usize) -> usize {
+        (b * self.s.n_heads + h) * self.s.seq + t
+    }
+}
+
+/// out = softmax(scale · q kᵀ, causal) v; lse[b, h, t] = log Σ_j exp(scale · q_t · k_j).
+pub fn attention_fwd<T: Float>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    out: &mut [T],
+    lse: &mut [T],
+    s: AttnShape,
+    scale: T,
+) -> Result<()> {
+    let lens = [
+        ("q", q.len()),
+        ("k", k.len()),
+        ("v", v.len()),
+        ("out", out.len()),
+        ("lse", lse.len()),
+    ];
+    check_shape("attention_fwd", s, &lens)?;
+    let (seq, d) = (s.seq, s.head_dim);
+    if s.q_len() == 0 {
+        return Ok(());
+    }
+    let lay = Layout { s };
+    let group = s.n_heads / s.n_kv_heads;
+    let tiles = seq.div_ceil(QTILE);
+    let (pq, pk, pv) = (
+        SendPtr(q.as_ptr() as *mut T),
+        SendPtr(k.as_ptr() as *mut T),
+        SendPtr(v.as_ptr() as *mut T),
+    );
+    let (po, pl) = (SendPtr(out.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
+    (0..s.batch * s.n_heads * tiles)
+        .into_par_iter()
+        .for_each_init(
+            || vec![T::ZERO; QTILE * seq],
+            |sc, task| {
+                let (bh, t) = (task / tiles, task % tiles);
+                let (b, h) = (bh / s.n_heads, bh % s.n_heads);
+                let hk = h / group;
+                let (q0, q1) = (t * QTILE, ((t + 1) * QTILE).min(seq));
+                let (rows, keys) = (q1 - q0, q1);
+                // SAFETY: offsets come from the checked shape; this task alone writes the out rows
+                // q0..q1 of head h of batch b and the matching lse entries.
+                unsafe {
+                    let qt = pq.get().add(lay.q_off(b, q0, h));
+                    let kb = pk.get().add(lay.kv_off(b, 0, hk));
+                    let vb = pv.get().add(lay.kv_off(b, 0, hk));
+                    let sc = &mut sc[..rows * keys];
+                    let (qs, ks) = (lay.q_row_stride(), lay.kv_row_stride());
+                    matmul(
+                        rows,
+                        keys,
+                        d,
+                        sc.as_mut_ptr(),
+                        keys,
+                        qt,
+                        qs,
+                        1,
+                        kb,
+                        1,
+                        ks,
+                        scale,
+                        T::ZERO,
+                        Parallelism::None,
+                    );
+                    let lse_t = pl.get().add(lay.lse_off(b, h, q0));
+                    for (i, row) in sc.chunks_mut(keys).enumerate() {
+                        let valid = q0 + i + 1;
+                        let (live, masked) = row.split_at_mut(valid);
+                        let l = softmax_row(live);
+                        masked.fill(T::ZERO);
+                        *lse_t.add(i) = l;
+                    }
+                    let ot = po.get().add(lay.q_off(b, q0, h));
+                    matmul(
+                        rows,
+                        d,
+                        keys,
+                        ot,
+                        qs,
+                        sc.as_ptr(),
+                        keys,
+                        1,
+                        vb,
+                        ks,
+                        1,
+                        T::ONE,
+                        T::ZERO,
+                        Parallelism::None,
+                    );
+                }
+            },
+        );
+    Ok(())
+}
+
+/// Normalises scores into probabilities in place and returns their log-sum-exp.
+#[inline]
+fn softmax_row<T: Float>(row: &mut [T]) -> T {
+    let mut mx = T::NEG_INFINITY;
+    for &x in row.iter() {
+        mx = mx.max(x);
+    }
+    for x in row.iter_mut() {
+        *x -= mx;
+    }
+    T::exp_inplace(row);
+    let mut sum = T::ZERO;
+    for &x in row.iter() {
+        sum += x;
+    }
+    let inv = T::ONE / sum;
+    for x in row.iter_mut() {
+        *x = *x * inv;
+    }
+    mx + sum.ln()
+}
+
+/// Gradients of `attention_fwd`: dq, dk, dv are written (not accumulated).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd<T: Float>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    out: &[T],
+    dout: &[T],
+    lse: &[T],
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+    s: AttnShape,
+    scale: T,
+) -> Result<()> {
+    let lens = [
+        ("q", q.len()),
+        ("k", k.len()),
+        ("v", v.len()),
+        ("out", out.len()),
+        ("dout", dout.len()),
+        ("lse", lse.len()),
+        ("dq", dq.len()),
+        ("dk", dk.len()),
+        ("dv", dv.len()),
+    ];
+    check_shape("attention_bwd", s, &lens)?;
+    let (seq, d) = (s.seq, s.head_dim);
+    if s.q_len() == 0 {
+        return Ok(());
+    }
+    let lay = Layout { s };
+    let group = s.n_heads / s.n_kv_heads;
+    let tiles = seq.div_ceil(QTILE);
+    let (qs, ks) = (lay.q_row_stride(), lay.kv_row_stride());
+    let ptr = |x: &[T]| SendPtr(x.as_ptr() as *mut T);
+    let (pq, pk, pv, pdo) = (ptr(q), ptr(k), ptr(v), ptr(dout));
+    let (pdq, pdk, pdv) = (
+        SendPtr(dq.as_mut_ptr()),
+        SendPtr(dk.as_mut_ptr()),
+        SendPtr(dv.as_mut_ptr()),
+    );
+    (0..s.batch * s.n_kv_heads).into_par_iter().for_each_init(
+        || Scratch::new(seq, d),
+        |w, task| {
+            let (b, hk) = (task / s.n_kv_heads, task % s.n_kv_heads);
+            w.dk.fill(T::ZERO);
+            w.dv.fill(T::ZERO);
+            // SAFETY: offsets come from the checked shape. This task alone writes dq for the
+            // query heads of kv head hk in batch b, and dk/dv of (b, hk).
+            unsafe {
+                let kb = pk.get().add(lay.kv_off(b, 0, hk));
+                let vb = pv.get().add(lay.kv_off(b, 0, hk));
+                for h in hk * group..(hk + 1) * group {
+                    for t in 0..tiles {
+                        let (q0, q1) = (t * QTILE, ((t + 1) * QTILE).min(seq));
+                        let (rows, keys) = (q1 - q0, q1);
+                        let qt = pq.get().add(lay.q_off(b, q0, h));
+                        let dot = pdo.get().add(lay.q_off(b, q0, h));
+                        let (p, dp) = (&mut w.p[..rows * keys], &mut w.dp[..rows * keys]);
+                        // p = exp(scale · q kᵀ − lse): the forward's probabilities, recomputed.
+                        matmul(
+                            rows,
+                            keys,
+                            d,
+                            p.as_mut_ptr(),
+                            keys,
+                            qt,
+                            qs,
+                            1,
+                            kb,
+                            1,
+                            ks,
+                            scale,
+                            T::ZERO,
+                            Parallelism::None,
+                        );
+                        // dp = dout · vᵀ
+                        matmul(
+                            rows,
+                            keys,
+                            d,
+                            dp.as_mut_ptr(),
+                            keys,
+                            dot,
+                            qs,
+                            1,
+                            vb,
+                            1,
+                            ks,
+                            T::ONE,
+                            T::ZERO,
+                            Parallelism::None,
+                        );
+                        for i in 0..rows {
+                            let o = lay.q_off(b, q0 + i, h);
+                            let mut delta = T::ZERO;
+                            for e in 0..d {
+                                delta += dout[o + e] * out[o + e];
+                            }
+                            let l = lse[lay.lse_off(b, h, q0 + i)];
+                            let valid = q0 + i + 1;
+                            let (pr, dpr) = (
+                                &mut p[i * keys..(i + 1) * keys],
+                                &mut dp[i * keys..(i + 1) * keys],
+                            );
+                            for x in pr[..valid].iter_mut() {
+                                *x -= l;
+                            }
+                            T::exp_inplace(&mut pr[..valid]);
+                            pr[valid..].fill(T::ZERO);
+                            // ds = p ∘ (dp − delta) · scale, kept in dp.
+                            for (g, &pv) in dpr[..valid].iter_mut().zip(pr[..valid].iter()) {
+                                *g = pv * (*g - delta) * scale;
+                            }
+                            dpr[valid..].fill(T::ZERO);
+                        }
+                        // dq = ds · k
+                        let dqt = pdq.get().add(lay.q_off(b, q0, h));
+                        matmul(
+                            rows,
+                            d,
+                            keys,
+                            dqt,
+                            qs,
+                            dp.as_ptr(),
+                            keys,
+                            1,
+                            kb,
+                            ks,
+                            1,
+                            T::ONE,
+                            T::ZERO,
+                            Parallelism::None,
+                        );
+                        // dk += dsᵀ · q, dv += pᵀ · dout
+                        let (dka, dva) = (w.dk.as_mut_ptr(), w.dv.as_mut_ptr());
+                        matmul(
+                            keys,
+                            d,
+                            rows,
+                            dka,
+                            d,
+                            dp.as_ptr(),
+                            1,
+                            keys,
+                            qt,
+                            qs,
+                            1,
+                            T::ONE,
+                            T::ONE,
+                            Parallelism::None,
+                        );
+                        matmul(
+                            keys,
+                            d,
+                            rows,
+                            dva,
+                            d,
+                            p.as_ptr(),
+                            1,
+                            keys,
+                            dot,
+                            qs,
+                            1,
+                            T::ONE,
+                            T::ONE,
+                            Parallelism::None,
+                        );
+                    }
+                }
+                for j in 0..seq {
+                    let o = lay.kv_off(b, j, hk);
+                    std::ptr::copy_nonoverlapping(w.dk.as_ptr().add(j * d), pdk.get().add(o), d);
+                    std::ptr::copy_nonoverlapping(w.dv.as_ptr().add(j * d), pdv.get().add(o), d);
+                }
+            }
+        },
+    );
+    Ok(())
+}
+
+/// Per-thread buffers of the backward.
+struct Scratch<T> {
+    p: Vec<T>,
+    dp: Vec<T>,
+    dk: Vec<T>,
+    dv: Vec<T>,
+}
+
+impl<T: Float> Scratch<T> {
+    fn new(seq: usize, d: usize) -> Self {
+        let tile = QTILE.min(seq) * seq;
+        Scratch {
+            p: vec![T::ZERO; tile],
+            dp: vec![T::ZERO; tile],
+            dk: vec![T::ZERO; seq * d],
+            dv: vec![T::ZERO; seq * d],
+        }
+    }
+}
+
+fn check_bufs(op: &'static str, outs: &[(&str, Buf)], ins: &[(&str, Buf)]) -> Result<()> {
+    for (what, b) in outs.iter().chain(ins) {
+        let allowed: &[DType] = if *what == "lse" {
+            &[DType::F32]
+        } else {
+            FLOATS
+        };
+        check_dtype(op, what, *b, allowed)?;
+    }
+    for (i, (no, o)) in outs.iter().enumerate() {
+        for (ni, x) in ins.iter().chain(&outs[i + 1..]) {
+            if overlaps(*o, *x) {
+                return Err(shape_err(op, format!("output {no} overlaps {ni}")));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn attention_fwd_op(
+    q: Buf,
+    k: Buf,
+    v: Buf,
+    out: Buf,
+    lse: Buf,
+    s: AttnShape,
+    scale: f32,
+) -> Result<()> {
+    const OP: &str = "attention_fwd";
+    check_bufs(
+        OP,
+        &[("out", out), ("lse", lse)],
+        &[("q", q), ("k", k), ("v", v)],
+    )?;
+    check_shape(
+        OP,
+        s,
+        &[
+            ("q", q.len),
+            ("k", k.len),
+            ("v", v.len),
+            ("out", out.len),
+            ("lse", lse.len),
+        ],
+    )?;
+    // SAFETY: live buffers of checked dtypes and lengths; outputs overlap nothing.
+    unsafe {
+        let (qf, kf, vf) = (load(OP, "q", q)?, load(OP, "k", k)?, load(OP, "v", v)?);
+        let l = view_mut::<f32>(lse);
+        store(OP, "out", out, false, |o| {
+            attention_fwd(&qf, &kf, &vf, o, l, s, scale)
+        })?
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attention_bwd_op(
+    q: Buf,
+    k: Buf,
+    v: Buf,
+    out: Buf,
+    dout: Buf,
+    lse: Buf,
+    dq: Buf,
+    dk: Buf,
+    dv: Buf,
+    s: AttnShape,
+    scale: f32,
+) -> Result<()> {
+    const OP: &str = "attention_bwd";
+    let ins = [
+        ("q", q),
+        ("k", k),
+        ("v", v),
+        ("out", out),
+        ("dout", dout),
+        ("lse", lse),
+    ];
+    check_bufs(OP, &[("dq", dq), ("dk", dk), ("dv", dv)], &ins)?;
+    let lens = [
+        ("q", q.len),
+        ("k", k.len),
+        ("v", v.len),
+        ("out", out.len),
+        ("dout", dout.len),
+        ("lse", lse.len),
+        ("dq", dq.len),
+        ("dk", dk.len),
+        ("dv", dv.len),
+    ];
+    check_shape(OP, s, &lens)?;
+    // SAFETY: live buffers of checked dtypes and lengths; outputs overlap nothing.
+    unsafe {
+        let (qf, kf, vf) = (load(OP, "q", q)?, load(OP, "k", k)?, load(OP, "v", v)?);
+        let (of, gf, l) = (
+            load(OP, "out", out)?,
+            load(OP, "dout", dout)?,
+            view::<f32>(lse),
+        );
+        store(OP, "dq", dq, false, |dqf| {
+            store(OP, "dk", dk, false, |dkf| {
+                store(OP, "dv", dv, false, |dvf| {
+                    attention_bwd(&qf, &kf, &vf, &of, &gf, l, dqf, dkf, dvf, s, scale)
+                })
+            })
+        })???
+    }
+}

@@ -1,0 +1,181 @@
+//! Fused log-softmax + cross-entropy + its gradient, one pass over each row.
+
+use super::{
+    check_dtype, check_len, f32_to_bf16_bits, overlaps, shape_err, view, view_mut, Float, SendPtr,
+    FLOATS,
+};
+use crate::backend::Buf;
+use crate::error::Result;
+use crate::tensor::DType;
+use rayon::prelude::*;
+
+/// On entry `x` holds one row of logits; on exit it holds (softmax − onehot(target)) ·
+/// grad_scale. Returns the loss logsumexp(x) − x[target].
+pub fn cross_entropy_row<T: Float>(x: &mut [T], target: usize, grad_scale: T) -> T {
+    let mut mx = T::NEG_INFINITY;
+    for &v in x.iter() {
+        mx = mx.max(v);
+    }
+    for v in x.iter_mut() {
+        *v -= mx;
+    }
+    let xt = x[target];
+    T::exp_inplace(x);
+    let mut sum = T::ZERO;
+    for &v in x.iter() {
+        sum += v;
+    }
+    let k = grad_scale / sum;
+    for v in x.iter_mut() {
+        *v = *v * k;
+    }
+    x[target] -= grad_scale;
+    sum.ln() - xt
+}
+
+fn check_targets(targets: &[i32], vocab: usize, ignore_index: i32) -> Result<()> {
+    let bad = targets
+        .iter()
+        .enumerate()
+        .find(|(_, &t)| t != ignore_index && (t < 0 || t as usize >= vocab));
+    if let Some((r, t)) = bad {
+        return Err(shape_err(
+            "cross_entropy",
+            format!(
+                "targets[{r}] = {t} is outside [0, {vocab}) and is not ignore_index {ignore_index}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Slice form of the op (the gradient checks use it in f64).
+pub fn cross_entropy<T: Float>(
+    logits: &[T],
+    targets: &[i32],
+    losses: &mut [T],
+    dlogits: &mut [T],
+    vocab: usize,
+    ignore_index: i32,
+    grad_scale: T,
+) -> Result<()> {
+    let rows = targets.len();
+    if logits.len() != rows * vocab || dlogits.len() != rows * vocab || losses.len() != rows {
+        return Err(shape_err(
+            "cross_entropy",
+            format!(
+                "logits {} dlogits {} losses {} for rows {rows} × vocab {vocab}",
+                logits.len(),
+                dlogits.len(),
+                losses.len()
+            ),
+        ));
+    }
+    check_targets(targets, vocab, ignore_index)?;
+    for (r, &t) in targets.iter().enumerate() {
+        let d = &mut dlogits[r * vocab..(r + 1) * vocab];
+        if t == ignore_index {
+            d.fill(T::ZERO);
+            losses[r] = T::ZERO;
+        } else {
+            d.copy_from_slice(&logits[r * vocab..(r + 1) * vocab]);
+            losses[r] = cross_entropy_row(d, t as usize, grad_scale);
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn cross_entropy_op(
+    logits: Buf,
+    targets: Buf,
+    losses: Buf,
+    dlogits: Buf,
+    rows: usize,
+    vocab: usize,
+    ignore_index: i32,
+    grad_scale: f32,
+) -> Result<()> {
+    const OP: &str = "cross_entropy";
+    check_dtype(OP, "logits", logits, FLOATS)?;
+    check_dtype(OP, "targets", targets, &[DType::I32])?;
+    check_dtype(OP, "losses", losses, &[DType::F32])?;
+    check_dtype(OP, "dlogits", dlogits, FLOATS)?;
+    check_len(OP, "logits", logits, rows * vocab)?;
+    check_len(OP, "dlogits", dlogits, rows * vocab)?;
+    check_len(OP, "targets", targets, rows)?;
+    check_len(OP, "losses", losses, rows)?;
+    if overlaps(logits, dlogits) && (logits.ptr != dlogits.ptr || logits.dtype != dlogits.dtype) {
+        return Err(shape_err(
+            OP,
+            "dlogits overlaps logits without being the same buffer".into(),
+        ));
+    }
+    for (what, b) in [
+        ("logits", logits),
+        ("targets", targets),
+        ("dlogits", dlogits),
+    ] {
+        if overlaps(losses, b) {
+            return Err(shape_err(OP, format!("losses overlaps {what}")));
+        }
+    }
+    if overlaps(targets, dlogits) {
+        return Err(shape_err(OP, "dlogits overlaps targets".into()));
+    }
+    // SAFETY: targets and losses are disjoint from everything else (checked).
+    let (tg, ls) = unsafe { (view::<i32>(targets), view_mut::<f32>(losses)) };
+    check_targets(tg, vocab, ignore_index)?;
+    let (src, dst) = (
+        SendPtr(logits.ptr as *mut u8),
+        SendPtr(dlogits.ptr as *mut u8),
+    );
+    let (src_bf16, dst_bf16) = (logits.dtype == DType::BF16, dlogits.dtype == DType::BF16);
+    ls.par_iter_mut().enumerate().for_each_init(
+        || vec![0f32; vocab],
+        |row, (r, loss)| {
+            let t = tg[r];
+            // SAFETY: row r of logits is read completely into `row` before row r of dlogits is
+            // written, and no other task touches row r, so aliasing logits == dlogits is fine.
+            unsafe {
+                if t == ignore_index {
+                    row.fill(0.0);
+                    *loss = 0.0;
+                } else {
+                    if src_bf16 {
+                        let s = std::slice::from_raw_parts(
+                            src.get().cast::<u16>().add(r * vocab),
+                            vocab,
+                        );
+                        row.iter_mut()
+                            .zip(s)
+                            .for_each(|(d, &b)| *d = f32::from_bits((b as u32) << 16));
+                    } else {
+                        let s = std::slice::from_raw_parts(
+                            src.get().cast::<f32>().add(r * vocab),
+                            vocab,
+                        );
+                        row.copy_from_slice(s);
+                    }
+                    *loss = cross_entropy_row(row, t as usize, grad_scale);
+                }
+                if dst_bf16 {
+                    let d = std::slice::from_raw_parts_mut(
+                        dst.get().cast::<u16>().add(r * vocab),
+                        vocab,
+                    );
+                    d.iter_mut()
+                        .zip(row.iter())
+                        .for_each(|(d, &x)| *d = f32_to_bf16_bits(x));
+                } else {
+                    let d = std::slice::from_raw_parts_mut(
+                        dst.get().cast::<f32>().add(r * vocab),
+                        vocab,
+                    );
+                    d.copy_from_slice(row);
+                }
+            }
+        },
+    );
+    Ok(())
+}

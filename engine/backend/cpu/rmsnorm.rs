@@ -1,0 +1,259 @@
+//! RMSNorm forward (optionally fused with the residual add) and backward.
+
+use super::{check_disjoint, check_dtype, check_len, load, store, view, view_mut, Float, FLOATS};
+use crate::backend::Buf;
+use crate::error::Result;
+use crate::tensor::DType;
+use rayon::prelude::*;
+
+/// Rows per backward task. Fixed (not derived from the thread count) so that the partial dw
+/// sums, and therefore dw itself, are bitwise identical on any machine.
+const ROWS: usize = 32;
+
+fn check(op: &'static str, lens: &[(&str, usize)], rows: usize, dim: usize) -> Result<()> {
+    for (what, have) in lens {
+        let want = match *what {
+            "w" | "dw" => dim,
+            "rstd" => rows,
+            _ => rows * dim,
+        };
+        if *have != want {
+            return Err(super::shape_err(
+                op,
+                format!("{what} has {have} elements, expected {want} (rows {rows}, dim {dim})"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// out = x · rstd · w per row with rstd = 1/sqrt(mean(x²) + eps), rstd saved.
+pub fn rmsnorm_fwd<T: Float>(
+    x: &[T],
+    w: &[T],
+    out: &mut [T],
+    rstd: &mut [T],
+    dim: usize,
+    eps: T,
+) -> Result<()> {
+    let rows = rstd.len();
+    check(
+        "rmsnorm_fwd",
+        &[("x", x.len()), ("w", w.len()), ("out", out.len())],
+        rows,
+        dim,
+    )?;
+    if dim == 0 {
+        return Ok(());
+    }
+    let n = T::from_f64(dim as f64);
+    out.par_chunks_mut(dim)
+        .zip(x.par_chunks(dim))
+        .zip(rstd.par_iter_mut())
+        .with_min_len(8)
+        .for_each(|((o, x), r)| {
+            let mut ss = T::ZERO;
+            for &v in x {
+                ss += v * v;
+            }
+            let rs = T::ONE / (ss / n + eps).sqrt();
+            *r = rs;
+            for ((o, &v), &w) in o.iter_mut().zip(x).zip(w) {
+                *o = v * rs * w;
+            }
+        });
+    Ok(())
+}
+
+/// dx = rstd · (g·w − x̂ · mean(g·w·x̂)) with x̂ = x · rstd; dw += Σ_rows g · x̂ (deterministic).
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_bwd<T: Float>(
+    dout: &[T],
+    x: &[T],
+    w: &[T],
+    rstd: &[T],
+    dx: &mut [T],
+    dw: &mut [T],
+    dim: usize,
+) -> Result<()> {
+    let rows = rstd.len();
+    let lens = [
+        ("dout", dout.len()),
+        ("x", x.len()),
+        ("w", w.len()),
+        ("dx", dx.len()),
+        ("dw", dw.len()),
+    ];
+    check("rmsnorm_bwd", &lens, rows, dim)?;
+    if dim == 0 || rows == 0 {
+        return Ok(());
+    }
+    let n = T::from_f64(dim as f64);
+    let partials: Vec<Vec<T>> = dx
+        .par_chunks_mut(ROWS * dim)
+        .enumerate()
+        .map(|(c, dxc)| {
+            let mut pw = vec![T::ZERO; dim];
+            for (i, dxr) in dxc.chunks_mut(dim).enumerate() {
+                let r = c * ROWS + i;
+                let (g, xr, rs) = (
+                    &dout[r * dim..(r + 1) * dim],
+                    &x[r * dim..(r + 1) * dim],
+                    rstd[r],
+                );
+                let mut dot = T::ZERO;
+                for ((&g, &xv), &wv) in g.iter().zip(xr).zip(w) {
+                    dot += g * wv * xv;
+                }
+                let c = dot * rs * rs / n;
+                for (((d, &g), &xv), (&wv, p)) in dxr
+                    .iter_mut()
+                    .zip(g)
+                    .zip(xr)
+                    .zip(w.iter().zip(pw.iter_mut()))
+                {
+                    *d = rs * (g * wv - xv * c);
+                    *p += g * xv * rs;
+                }
+            }
+            pw
+        })
+        .collect();
+    dw.par_iter_mut()
+        .enumerate()
+        .with_min_len(64)
+        .for_each(|(j, d)| {
+            let mut s = T::ZERO;
+            for p in &partials {
+                s += p[j];
+            }
+            *d += s;
+        });
+    Ok(())
+}
+
+/// The `Backend` entry for both rmsnorm_fwd and (with `res = Some((residual, h))`)
+/// rmsnorm_residual_fwd: h = x + residual is rounded to h's dtype first and the norm reads the
+/// rounded h, so forward and backward (which only sees h) agree exactly.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn rmsnorm_fwd_op(
+    x: Buf,
+    res: Option<(Buf, Buf)>,
+    w: Buf,
+    out: Buf,
+    rstd: Buf,
+    rows: usize,
+    dim: usize,
+    eps: f32,
+) -> Result<()> {
+    let op = if res.is_some() {
+        "rmsnorm_residual_fwd"
+    } else {
+        "rmsnorm_fwd"
+    };
+    check_dtype(op, "x", x, FLOATS)?;
+    check_dtype(op, "w", w, FLOATS)?;
+    check_dtype(op, "out", out, FLOATS)?;
+    check_dtype(op, "rstd", rstd, &[DType::F32])?;
+    check(
+        op,
+        &[
+            ("x", x.len),
+            ("w", w.len),
+            ("out", out.len),
+            ("rstd", rstd.len),
+        ],
+        rows,
+        dim,
+    )?;
+    let mut ins = vec![("x", x), ("w", w)];
+    let src = match res {
+        Some((residual, h)) => {
+            check_dtype(op, "residual", residual, FLOATS)?;
+            check_dtype(op, "h", h, FLOATS)?;
+            check(op, &[("residual", residual.len), ("h", h.len)], rows, dim)?;
+            check_disjoint(
+                op,
+                "h",
+                h,
+                &[
+                    ("x", x),
+                    ("residual", residual),
+                    ("w", w),
+                    ("out", out),
+                    ("rstd", rstd),
+                ],
+            )?;
+            ins.push(("residual", residual));
+            // SAFETY: live buffers of checked dtypes; h overlaps nothing else.
+            unsafe {
+                let (xs, rs) = (load(op, "x", x)?, load(op, "residual", residual)?);
+                store(op, "h", h, false, |hf| {
+                    hf.par_iter_mut()
+                        .zip(xs.par_iter())
+                        .zip(rs.par_iter())
+                        .with_min_len(4096)
+                        .for_each(|((h, a), b)| *h = a + b)
+                })?;
+            }
+            ins.push(("h", h));
+            h
+        }
+        None => x,
+    };
+    check_disjoint(op, "out", out, &ins)?;
+    check_disjoint(op, "rstd", rstd, &ins)?;
+    check_disjoint(op, "rstd", rstd, &[("out", out)])?;
+    // SAFETY: live buffers of checked dtypes and lengths; outputs overlap no input.
+    unsafe {
+        let (xs, ws) = (load(op, "x", src)?, load(op, "w", w)?);
+        store(op, "out", out, false, |o| {
+            rmsnorm_fwd(&xs, &ws, o, view_mut::<f32>(rstd), dim, eps)
+        })?
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn rmsnorm_bwd_op(
+    dout: Buf,
+    x: Buf,
+    w: Buf,
+    rstd: Buf,
+    dx: Buf,
+    dw: Buf,
+    rows: usize,
+    dim: usize,
+) -> Result<()> {
+    const OP: &str = "rmsnorm_bwd";
+    for (what, b) in [("dout", dout), ("x", x), ("w", w), ("dx", dx)] {
+        check_dtype(OP, what, b, FLOATS)?;
+    }
+    check_dtype(OP, "rstd", rstd, &[DType::F32])?;
+    check_dtype(OP, "dw", dw, &[DType::F32])?;
+    let lens = [
+        ("dout", dout.len),
+        ("x", x.len),
+        ("w", w.len),
+        ("dx", dx.len),
+        ("dw", dw.len),
+        ("rstd", rstd.len),
+    ];
+    check(OP, &lens, rows, dim)?;
+    let ins = [("dout", dout), ("x", x), ("w", w), ("rstd", rstd)];
+    check_disjoint(OP, "dx", dx, &ins)?;
+    check_disjoint(OP, "dw", dw, &ins)?;
+    check_disjoint(OP, "dw", dw, &[("dx", dx)])?;
+    check_len(OP, "rstd", rstd, rows)?;
+    // SAFETY: live buffers of checked dtypes and lengths; outputs overlap no input or each other.
+    unsafe {
+        let (g, xs, ws) = (
+            load(OP, "dout", dout)?,
+            load(OP, "x", x)?,
+            load(OP, "w", w)?,
+        );
+        let rs = view::<f32>(rstd);
+        store(OP, "dx", dx, false, |d| {
+            rmsnorm_bwd(&g, &xs, &ws, rs, d, view_mut::<f32>(dw), dim)
+        })?
+    }
+}

@@ -1,0 +1,266 @@
+//! Parameters, gradients and optimizer state live outside the step arena, in flat persistent
+//! regions: one f32 master copy, one f32 gradient, AdamW's m and v, and (for bf16 training) one
+//! bf16 compute copy. Each parameter is a slice of the same offsets in every region, so the whole
+//! optimizer is one fused AdamW launch, the grad norm one reduction, and a future FSDP shard is a
+//! contiguous range of the same flat layout.
+
+use crate::backend::{Backend, Buf, DeviceMem};
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Shape};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ParamId(pub usize);
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConstId(pub usize);
+
+#[derive(Clone, Debug)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Shape,
+}
+
+/// Collects parameter and constant declarations while a model is built (no memory yet).
+#[derive(Default)]
+pub struct ParamStoreBuilder {
+    pub params: Vec<ParamSpec>,
+    pub consts: Vec<(String, Shape, Vec<f32>)>,
+}
+
+impl ParamStoreBuilder {
+    pub fn param(&mut self, name: impl Into<String>, shape: impl Into<Shape>) -> ParamId {
+        self.params.push(ParamSpec {
+            name: name.into(),
+            shape: shape.into(),
+        });
+        ParamId(self.params.len() - 1)
+    }
+    /// A non-trainable f32 buffer computed on the host (e.g. rotary tables).
+    pub fn constant(
+        &mut self,
+        name: impl Into<String>,
+        shape: impl Into<Shape>,
+        data: Vec<f32>,
+    ) -> ConstId {
+        self.consts.push((name.into(), shape.into(), data));
+        ConstId(self.consts.len() - 1)
+    }
+}
+
+/// Elements per parameter slot are rounded up to this, so every slice starts 512-byte aligned.
+const SLOT: usize = 128;
+
+pub struct ParamStore {
+    pub specs: Vec<ParamSpec>,
+    pub compute_dtype: DType,
+    offsets: Vec<usize>,
+    total: usize,
+    master: Buf,
+    grad: Buf,
+    m: Buf,
+    v: Buf,
+    compute: Option<Buf>,
+    consts: Vec<(String, Buf)>,
+    _mem: Vec<Box<dyn DeviceMem>>,
+}
+
+/// Byte totals of the persistent state, for the memory report.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct StateBytes {
+    pub params: usize,
+    pub compute_copy: usize,
+    pub grads: usize,
+    pub optimizer: usize,
+    pub constants: usize,
+}
+
+impl StateBytes {
+    pub fn total(&self) -> usize {
+        self.params + self.compute_copy + self.grads + self.optimizer + self.constants
+    }
+}
+
+impl ParamStore {
+    /// Lays out and allocates every region (one allocation for the flat state, one for constants),
+    /// zeroes gradients and moments and uploads constants. Weights are set by the model's
+    /// `init_weights` or a checkpoint load.
+    pub fn materialize(
+        b: ParamStoreBuilder,
+        be: &dyn Backend,
+        compute_dtype: DType,
+    ) -> Result<ParamStore> {
+        if compute_dtype == DType::I32 {
+            return Err(Error::Config(
+                "compute dtype must be float32 or bfloat16".into(),
+            ));
+        }
+        let mut offsets = Vec::with_capacity(b.params.len());
+        let mut total = 0usize;
+        for p in &b.params {
+            offsets.push(total);
+            total += p.shape.numel().div_ceil(SLOT) * SLOT;
+        }
+        let total = total.max(SLOT);
+        let f32b = total * 4;
+        let cbytes = if compute_dtype == DType::BF16 {
+            total * 2
+        } else {
+            0
+        };
+        let mem = be.alloc(4 * f32b + cbytes)?;
+        let base = mem.ptr();
+        let region = |i: u64| Buf::new(base + i * f32b as u64, total, DType::F32);
+        let (master, grad, m, v) = (region(0), region(1), region(2), region(3));
+        let compute = (cbytes > 0).then(|| Buf::new(base + 4 * f32b as u64, total, DType::BF16));
+        be.fill(Buf::new(base, (4 * f32b + cbytes) / 4, DType::F32), 0.0)?;
+
+        let cnum: usize = b
+            .consts
+            .iter()
+            .map(|c| c.2.len().div_ceil(SLOT) * SLOT)
+            .sum::<usize>()
+            .max(SLOT);
+        let cmem = be.alloc(cnum * 4)?;
+        let mut consts = Vec::new();
+        let mut off = 0usize;
+        for (name, shape, data) in b.consts {
+            if shape.numel() != data.len() {
+                return Err(Error::Shape {
+                    op: "constant",
+                    msg: format!("{name}: shape {shape} but {} values", data.len()),
+                });
+            }
+            let buf = Buf::new(cmem.ptr() + (off * 4) as u64, data.len(), DType::F32);
+            be.upload(buf, bytemuck::cast_slice(&data))?;
+            consts.push((name, buf));
+            off += data.len().div_ceil(SLOT) * SLOT;
+        }
+        Ok(ParamStore {
+            specs: b.params,
+            compute_dtype,
+            offsets,
+            total,
+            master,
+            grad,
+            m,
+            v,
+            compute,
+            consts,
+            _mem: vec![mem, cmem],
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.specs.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.specs.is_empty()
+    }
+    pub fn numel(&self, id: ParamId) -> usize {
+        self.specs[id.0].shape.numel()
+    }
+    pub fn shape(&self, id: ParamId) -> &Shape {
+        &self.specs[id.0].shape
+    }
+    pub fn name(&self, id: ParamId) -> &str {
+        &self.specs[id.0].name
+    }
+    pub fn ids(&self) -> impl Iterator<Item = ParamId> {
+        (0..self.specs.len()).map(ParamId)
+    }
+    pub fn find(&self, name: &str) -> Option<ParamId> {
+        self.specs.iter().position(|s| s.name == name).map(ParamId)
+    }
+    /// Total parameter count (excluding padding).
+    pub fn num_params(&self) -> usize {
+        self.specs.iter().map(|s| s.shape.numel()).sum()
+    }
+
+    fn slice(&self, region: &Buf, id: ParamId) -> Buf {
+        region.slice(self.offsets[id.0], self.numel(id))
+    }
+    pub fn master(&self, id: ParamId) -> Buf {
+        self.slice(&self.master, id)
+    }
+    pub fn grad(&self, id: ParamId) -> Buf {
+        self.slice(&self.grad, id)
+    }
+    pub fn moment1(&self, id: ParamId) -> Buf {
+        self.slice(&self.m, id)
+    }
+    pub fn moment2(&self, id: ParamId) -> Buf {
+        self.slice(&self.v, id)
+    }
+    /// The weights ops read: the bf16 copy in mixed precision, else the f32 master itself.
+    pub fn compute(&self, id: ParamId) -> Buf {
+        match &self.compute {
+            Some(c) => self.slice(c, id),
+            None => self.master(id),
+        }
+    }
+    pub fn constant(&self, id: ConstId) -> Buf {
+        self.consts[id.0].1
+    }
+
+    /// Whole flat regions (padding included; padding stays zero in every region).
+    pub fn flat_master(&self) -> Buf {
+        self.master
+    }
+    pub fn flat_grad(&self) -> Buf {
+        self.grad
+    }
+    pub fn flat_moments(&self) -> (Buf, Buf) {
+        (self.m, self.v)
+    }
+    pub fn flat_compute(&self) -> Option<Buf> {
+        self.compute
+    }
+
+    pub fn zero_grads(&self, be: &dyn Backend) -> Result<()> {
+        be.fill(self.grad, 0.0)
+    }
+
+    /// Writes f32 values into a parameter's master copy (and its compute copy).
+    pub fn set(&self, be: &dyn Backend, id: ParamId, data: &[f32]) -> Result<()> {
+        if data.len() != self.numel(id) {
+            return Err(Error::Shape {
+                op: "param.set",
+                msg: format!(
+                    "{}: expected {} values ({}), got {}",
+                    self.name(id),
+                    self.numel(id),
+                    self.shape(id),
+                    data.len()
+                ),
+            });
+        }
+        be.upload(self.master(id), bytemuck::cast_slice(data))?;
+        if self.compute.is_some() {
+            be.cast(self.master(id), self.compute(id))?;
+        }
+        Ok(())
+    }
+
+    /// Refreshes the compute copy from the master copy (after loading masters directly).
+    pub fn sync_compute(&self, be: &dyn Backend) -> Result<()> {
+        if let Some(c) = self.compute {
+            be.cast(self.master, c)?;
+        }
+        Ok(())
+    }
+
+    pub fn read_f32(&self, be: &dyn Backend, b: Buf) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; b.len];
+        be.download(b, bytemuck::cast_slice_mut(&mut out))?;
+        Ok(out)
+    }
+
+    pub fn state_bytes(&self) -> StateBytes {
+        StateBytes {
+            params: self.total * 4,
+            compute_copy: self.compute.map(|c| c.bytes()).unwrap_or(0),
+            grads: self.total * 4,
+            optimizer: self.total * 8,
+            constants: self.consts.iter().map(|c| c.1.bytes()).sum(),
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! Reverse pass: each op's backward kernels, gradient accumulation, and the replay of
+//! activation-checkpoint regions.
+
+use super::ops::{attn_shape, rope_shape, Op};
+use super::{Tape, Tensor};
+use crate::backend::Gemm;
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Shape};
+
+/// Gradient bookkeeping for one backward pass. A gradient is `owned` when no other tensor shares
+/// its buffer; only owned gradients may be accumulated in place.
+#[derive(Default)]
+struct Grads {
+    g: Vec<Option<(Tensor, bool)>>,
+}
+
+impl Grads {
+    fn get(&self, t: Tensor) -> Option<(Tensor, bool)> {
+        self.g.get(t.0 as usize).copied().flatten()
+    }
+    fn set(&mut self, t: Tensor, g: Tensor, owned: bool) {
+        let i = t.0 as usize;
+        if self.g.len() <= i {
+            self.g.resize(i + 1, None);
+        }
+        self.g[i] = Some((g, owned));
+    }
+}
+
+impl<'a> Tape<'a> {
+    /// Differentiates the tape from `loss`, which must be the output of `cross_entropy` (its
+    /// gradient scale was fixed there). Parameter gradients are accumulated (+=) into the
+    /// parameter store, so calling this once per micro-batch accumulates over the global batch.
+    pub fn backward(&mut self, loss: Tensor) -> Result<()> {
+        let is_loss = self
+            .nodes
+            .iter()
+            .any(|n| matches!(n.op, Op::CrossEntropy { loss: l, .. } if l == loss));
+        if !is_loss {
+            return Err(Error::Shape {
+                op: "backward",
+                msg: "the root must be a cross_entropy loss".into(),
+            });
+        }
+        let mut grads = Grads::default();
+        grads.set(loss, loss, false);
+        for ni in (0..self.nodes.len()).rev() {
+            if let Some(r) = self.nodes[ni].region {
+                let reg = &self.regions[r as usize];
+                if reg.released_any && !reg.recomputed {
+                    self.recompute(r as usize)?;
+                }
+            }
+            let op = self.nodes[ni].op.clone();
+            if op.outputs().iter().all(|&o| grads.get(o).is_none()) {
+                continue;
+            }
+            self.backward_node(&op, &mut grads)?;
+        }
+        Ok(())
+    }
+
+    /// Rematerialises the released buffers of a checkpoint region by replaying its nodes.
+    fn recompute(&mut self, r: usize) -> Result<()> {
+        let (start, end) = (self.regions[r].start, self.regions[r].end);
+        for ni in start..end {
+            let outs = self.nodes[ni].op.outputs();
+            let mut redo = false;
+            for o in outs {
+                if self.is_released(o) {
+                    self.realloc(o)?;
+                    redo = true;
+                }
+            }
+            if redo {
+                self.run_forward(ni)?;
+            }
+        }
+        self.regions[r].recomputed = true;
+        Ok(())
+    }
+
+    fn accumulate(&mut self, grads: &mut Grads, t: Tensor, g: Tensor, owned: bool) -> Result<()> {
+        if !self.requires_grad(t) {
+            return Ok(());
+        }
+        match grads.get(t) {
+            None => grads.set(t, g, owned),
+            Some((e, true)) => {
+                let (eb, gb) = (self.touch(e)?, self.touch(g)?);
+                self.be.add(eb, gb, eb)?;
+                self.tick();
+            }
+            Some((e, false)) => {
+                let n = self.alloc(self.shape(t).clone(), self.dtype(e), false)?;
+                let (eb, gb, nb) = (self.touch(e)?, self.touch(g)?, self.touch(n)?);
+                self.be.add(eb, gb, nb)?;
+                self.tick();
+                grads.set(t, n, true);
+            }
+        }
+        Ok(())
+    }
+
+    fn grad_buf_like(&mut self, t: Tensor) -> Result<Tensor> {
+        let dtype = self.dtype(t);
+        self.alloc(self.shape(t).clone(), dtype, false)
+    }
+
+    /// The f32 gradient buffer a weight's gradient accumulates into.
+    fn weight_grad(&mut self, w: Tensor, op: &'static str) -> Result<Tensor> {
+        match self.tensors[w.0 as usize].param {
+            Some(pid) => {
+                let b = self.store.grad(pid);
+                self.bufs.push(super::BufRec {
+                    ptr: b.ptr,
+                    bytes: b.bytes(),
+                    mem: super::Mem::External,
+                    seq: None,
+                    first: 0,
+                    last: 0,
+                });
+                let buf = self.bufs.len() - 1;
+                let shape = self.shape(w).clone();
+                Ok(self.push_tensor(super::TMeta {
+                    shape,
+                    dtype: DType::F32,
+                    buf,
+                    offset: 0,
+                    requires_grad: false,
+                    param: None,
+                }))
+            }
+            None if !self.requires_grad(w) => {
+                // Gradient is not wanted; a zeroed scratch keeps the kernel contract simple.
+                let t = self.alloc(self.shape(w).clone(), DType::F32, false)?;
+                let b = self.touch(t)?;
+                self.be.fill(b, 0.0)?;
+                Ok(t)
+            }
+            None => Err(Error::Shape {
+                op,
+                msg: "a weight that needs a gradient must be a parameter".into(),
+            }),
+        }
+    }
+
+    fn backward_node(&mut self, op: &Op, grads: &mut Grads) -> Result<()> {
+        let be = self.be;
+        match *op {
+            Op::View { x, out } => {
+                if let Some((g, _)) = grads.get(out) {
+                    let shape: Shape = self.shape(x).clone();
+                    let gv = self.view_of(g, shape, false);
+                    self.accumulate(grads, x, gv, false)?;
+                }
+            }
+            Op::Embedding { table, ids, out } => {
+                let (g, _) = grads.get(out).unwrap();
+                if self.requires_grad(table) {
+                    let dim = self.shape(table).0[1];
+                    let dt = self.weight_grad(table, "embedding")?;
+                    let (gb, ib, db) = (self.touch(g)?, self.touch(ids)?, self.touch(dt)?);
+                    be.embedding_bwd(gb, ib, db, dim)?;
+                    self.tick();
+                }
+            }
+            Op::Linear { x, w, out } => {
+                let (g, _) = grads.get(out).unwrap();
+                let (n, k) = (self.shape(x).rows(), self.shape(x).last());
+                let m_out = self.shape(w).0[0];
+                if self.requires_grad(x) {
+                    let dx = self.grad_buf_like(x)?;
+                    let (gb, wb, dxb) = (self.touch(g)?, self.touch(w)?, self.touch(dx)?);
+                    be.gemm(&Gemm::new(n, k, m_out, false, false, 0.0), gb, wb, dxb)?;
+                    self.tick();
+                    self.accumulate(grads, x, dx, true)?;
+                }
+                if self.requires_grad(w) {
+                    let dw = self.weight_grad(w, "linear")?;
+                    let (gb, xb, dwb) = (self.touch(g)?, self.touch(x)?, self.touch(dw)?);
+                    be.gemm(&Gemm::new(m_out, k, n, true, false, 1.0), gb, xb, dwb)?;
+                    self.tick();
+                }
+            }
+            Op::RmsNorm {
+                x, w, rstd, out, ..
+            } => {
+                let (g, _) = grads.get(out).unwrap();
+                let (rows, dim) = (self.shape(x).rows(), self.shape(x).last());
+                let dx = self.grad_buf_like(x)?;
+                let dw = self.weight_grad(w, "rmsnorm")?;
+                let [gb, xb, wb, rb, dxb, dwb] = self.touch_all([g, x, w, rstd, dx, dw])?;
+                be.rmsnorm_bwd(gb, xb, wb, rb, dxb, dwb, rows, dim)?;
+                self.tick();
+                self.accumulate(grads, x, dx, true)?;
+            }
+            Op::AddRmsNorm {
+                x,
+                residual,
+                w,
+                h,
+                out,
+                rstd,
+                ..
+            } => {
+                let (rows, dim) = (self.shape(x).rows(), self.shape(x).last());
+                let mut total = grads.get(h).map(|p| p.0);
+                if let Some((g, _)) = grads.get(out) {
+                    let dh = self.grad_buf_like(h)?;
+                    let dw = self.weight_grad(w, "add_rmsnorm")?;
+                    let [gb, hb, wb, rb, dhb, dwb] = self.touch_all([g, h, w, rstd, dh, dw])?;
+                    be.rmsnorm_bwd(gb, hb, wb, rb, dhb, dwb, rows, dim)?;
+                    self.tick();
+                    if let Some(gh) = total {
+                        let (dhb, ghb) = (self.touch(dh)?, self.touch(gh)?);
+                        be.add(dhb, ghb, dhb)?;
+                        self.tick();
+                    }
+                    total = Some(dh);
+                }
+                if let Some(t) = total {
+                    self.accumulate(grads, x, t, false)?;
+                    self.accumulate(grads, residual, t, false)?;
+                }
+            }
+            Op::Rope { x, cos, sin, out } => {
+                let (g, _) = grads.get(out).unwrap();
+                if self.requires_grad(x) {
+                    let s = rope_shape(self.shape(x));
+                    let half = s.head_dim / 2;
+                    let dx = self.grad_buf_like(x)?;
+                    let (gb, dxb) = (self.touch(g)?, self.touch(dx)?);
+                    let (cb, sb) = (
+                        self.touch(cos)?.slice(0, s.seq * half),
+                        self.touch(sin)?.slice(0, s.seq * half),
+                    );
+                    be.rope_bwd(gb, dxb, cb, sb, s)?;
+                    self.tick();
+                    self.accumulate(grads, x, dx, true)?;
+                }
+            }
+            Op::Attention {
+                q,
+                k,
+                v,
+                out,
+                lse,
+                scale,
+            } => {
+                let (g, _) = grads.get(out).unwrap();
+                let s = attn_shape(self.shape(q), self.shape(k));
+                let (dq, dk, dv) = (
+                    self.grad_buf_like(q)?,
+                    self.grad_buf_like(k)?,
+                    self.grad_buf_like(v)?,
+                );
+                let b = self.touch_all([q, k, v, out, g, lse, dq, dk, dv])?;
+                be.attention_bwd(
+                    b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], s, scale,
+                )?;
+                self.tick();
+                self.accumulate(grads, q, dq, true)?;
+                self.accumulate(grads, k, dk, true)?;
+                self.accumulate(grads, v, dv, true)?;
+            }
+            Op::SwiGlu { gate, up, out } => {
+                let (g, _) = grads.get(out).unwrap();
+                let (dg, du) = (self.grad_buf_like(gate)?, self.grad_buf_like(up)?);
+                let [gb, gtb, ub, dgb, dub] = self.touch_all([g, gate, up, dg, du])?;
+                be.swiglu_bwd(gb, gtb, ub, dgb, dub)?;
+                self.tick();
+                self.accumulate(grads, gate, dg, true)?;
+                self.accumulate(grads, up, du, true)?;
+            }
+            Op::Add { a, b, out } => {
+                let (g, _) = grads.get(out).unwrap();
+                self.accumulate(grads, a, g, false)?;
+                self.accumulate(grads, b, g, false)?;
+            }
+            Op::CrossEntropy {
+                logits,
+                loss,
+                dlogits,
+                ..
+            } => {
+                if grads.get(loss).is_some() {
+                    self.accumulate(grads, logits, dlogits, true)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,487 @@
+//! The explicit autograd tape.
+//!
+//! Models call ops on a `Tape`; each call checks shapes, allocates its outputs, records a `Node`
+//! (the op, its input and output tensor ids, its attributes) and launches the kernel through the
+//! backend. `backward()` walks the nodes in reverse and calls each op's backward kernels. Tensors
+//! are `Copy` ids into the tape; the tape owns their metadata and buffer records.
+//!
+//! Memory: every buffer request is numbered. In `Placement::Owned` each request is its own
+//! backend allocation (used for tracing, tests and eval). In `Placement::Planned` the k-th request
+//! is `arena + plan.offsets[k]` from the static plan (see `planner`), so a planned step makes no
+//! allocation at all. Each buffer's lifetime is the clock of the first and last op touching it.
+//!
+//! Activation checkpointing: `checkpoint(policy, f)` records the ops `f` issues as a region. When
+//! the region ends, the buffers of its internal tensors are released (their lifetime ends; Owned
+//! memory is freed). When backward reaches the region it replays the region's recorded ops to
+//! rematerialise exactly those buffers (same tensor ids, new buffers), then differentiates them.
+//! Replay needs no closure: the nodes themselves are the program.
+
+mod backward;
+mod ops;
+
+use crate::backend::{Backend, Buf, DeviceMem};
+use crate::error::{Error, Result};
+use crate::params::{ConstId, ParamId, ParamStore};
+use crate::planner::{Plan, Request};
+use crate::tensor::{DType, Shape};
+
+pub use ops::Op;
+
+/// A tensor on the tape: a small id, cheap to copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Tensor(pub(crate) u32);
+
+/// Which internals an activation-checkpoint region keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AcPolicy {
+    /// Keep only the region's inputs and outputs; recompute everything inside.
+    Full,
+    /// Keep the outputs of matmuls and attention (the expensive ops); recompute the rest.
+    SaveMatmulAndAttention,
+}
+
+/// Where buffers come from.
+pub enum Placement<'p> {
+    /// Every request is a fresh backend allocation, freed when no longer needed.
+    Owned,
+    /// Every request is at its planned offset in one pre-allocated arena.
+    Planned { base: u64, plan: &'p Plan },
+}
+
+pub(crate) struct TMeta {
+    pub shape: Shape,
+    pub dtype: DType,
+    pub buf: usize,
+    /// Element offset into the buffer (views).
+    pub offset: usize,
+    pub requires_grad: bool,
+    pub param: Option<ParamId>,
+}
+
+pub(crate) enum Mem {
+    /// Held only so that dropping the record frees the allocation.
+    #[allow(dead_code)]
+    Owned(Box<dyn DeviceMem>),
+    Arena,
+    External,
+    Released,
+}
+
+pub(crate) struct BufRec {
+    pub ptr: u64,
+    pub bytes: usize,
+    pub mem: Mem,
+    /// Request number for planned buffers.
+    pub seq: Option<usize>,
+    pub first: u32,
+    pub last: u32,
+}
+
+pub(crate) struct Node {
+    pub op: Op,
+    pub region: Option<u32>,
+}
+
+pub(crate) struct Region {
+    pub start: usize,
+    pub end: usize,
+    /// True once the region's released buffers have been rematerialised in backward.
+    pub recomputed: bool,
+    pub released_any: bool,
+}
+
+pub struct Tape<'a> {
+    pub(crate) be: &'a dyn Backend,
+    pub(crate) store: &'a ParamStore,
+    placement: Placement<'a>,
+    pub(crate) tensors: Vec<TMeta>,
+    pub(crate) bufs: Vec<BufRec>,
+    pub(crate) nodes: Vec<Node>,
+    pub(crate) regions: Vec<Region>,
+    open_region: Option<u32>,
+    clock: u32,
+    seq: usize,
+    /// Dtype of activations and activation gradients (the compute dtype).
+    pub act_dtype: DType,
+}
+
+impl<'a> Tape<'a> {
+    pub fn new(be: &'a dyn Backend, store: &'a ParamStore, placement: Placement<'a>) -> Tape<'a> {
+        Tape {
+            be,
+            store,
+            placement,
+            tensors: Vec::new(),
+            bufs: Vec::new(),
+            nodes: Vec::new(),
+            regions: Vec::new(),
+            open_region: None,
+            clock: 0,
+            seq: 0,
+            act_dtype: store.compute_dtype,
+        }
+    }
+
+    pub fn backend(&self) -> &'a dyn Backend {
+        self.be
+    }
+
+    pub fn shape(&self, t: Tensor) -> &Shape {
+        &self.tensors[t.0 as usize].shape
+    }
+    pub fn dims(&self, t: Tensor) -> Vec<usize> {
+        self.tensors[t.0 as usize].shape.0.clone()
+    }
+    pub fn dtype(&self, t: Tensor) -> DType {
+        self.tensors[t.0 as usize].dtype
+    }
+    pub fn requires_grad(&self, t: Tensor) -> bool {
+        self.tensors[t.0 as usize].requires_grad
+    }
+    pub fn num_nodes(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// The raw buffer view of a tensor.
+    pub(crate) fn buf(&self, t: Tensor) -> Buf {
+        let m = &self.tensors[t.0 as usize];
+        let b = &self.bufs[m.buf];
+        Buf::new(
+            b.ptr + (m.offset * m.dtype.size()) as u64,
+            m.shape.numel(),
+            m.dtype,
+        )
+    }
+
+    /// Marks a tensor's buffer as used now; an error if its buffer was released (a bug in a
+    /// checkpoint region's bookkeeping, caught instead of reading freed memory).
+    pub(crate) fn touch(&mut self, t: Tensor) -> Result<Buf> {
+        let bi = self.tensors[t.0 as usize].buf;
+        let clock = self.clock;
+        let b = &mut self.bufs[bi];
+        if matches!(b.mem, Mem::Released) {
+            return Err(Error::Backend(format!(
+                "tensor {} used after its checkpointed buffer was released",
+                t.0
+            )));
+        }
+        b.first = b.first.min(clock);
+        b.last = b.last.max(clock);
+        Ok(self.buf(t))
+    }
+
+    pub(crate) fn touch_all<const N: usize>(&mut self, ts: [Tensor; N]) -> Result<[Buf; N]> {
+        let mut out = [Buf::new(0, 0, DType::F32); N];
+        for (o, t) in out.iter_mut().zip(ts) {
+            *o = self.touch(t)?;
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn tick(&mut self) {
+        self.clock += 1;
+    }
+
+    fn alloc_buf(&mut self, bytes: usize) -> Result<usize> {
+        let seq = self.seq;
+        self.seq += 1;
+        let (ptr, mem) = match &self.placement {
+            Placement::Owned => {
+                let m = self.be.alloc(bytes)?;
+                (m.ptr(), Mem::Owned(m))
+            }
+            Placement::Planned { base, plan } => {
+                (base + plan.offset(seq, bytes)? as u64, Mem::Arena)
+            }
+        };
+        self.bufs.push(BufRec {
+            ptr,
+            bytes,
+            mem,
+            seq: Some(seq),
+            first: self.clock,
+            last: self.clock,
+        });
+        Ok(self.bufs.len() - 1)
+    }
+
+    pub(crate) fn push_tensor(&mut self, meta: TMeta) -> Tensor {
+        self.tensors.push(meta);
+        Tensor((self.tensors.len() - 1) as u32)
+    }
+
+    /// A fresh tensor with its own buffer.
+    pub(crate) fn alloc(
+        &mut self,
+        shape: Shape,
+        dtype: DType,
+        requires_grad: bool,
+    ) -> Result<Tensor> {
+        let buf = self.alloc_buf(shape.numel().max(1) * dtype.size())?;
+        Ok(self.push_tensor(TMeta {
+            shape,
+            dtype,
+            buf,
+            offset: 0,
+            requires_grad,
+            param: None,
+        }))
+    }
+
+    /// A new tensor sharing `src`'s storage with another shape (same element count).
+    pub(crate) fn view_of(&mut self, src: Tensor, shape: Shape, requires_grad: bool) -> Tensor {
+        let m = &self.tensors[src.0 as usize];
+        let meta = TMeta {
+            shape,
+            dtype: m.dtype,
+            buf: m.buf,
+            offset: m.offset,
+            requires_grad,
+            param: None,
+        };
+        self.push_tensor(meta)
+    }
+
+    /// Gives `t` a new buffer (rematerialisation after a checkpoint region released it).
+    pub(crate) fn realloc(&mut self, t: Tensor) -> Result<()> {
+        let bytes = self.tensors[t.0 as usize].shape.numel().max(1)
+            * self.tensors[t.0 as usize].dtype.size();
+        let bi = self.alloc_buf(bytes)?;
+        let old = self.tensors[t.0 as usize].buf;
+        // Views of the released buffer follow it to the new one.
+        for m in self.tensors.iter_mut() {
+            if m.buf == old {
+                m.buf = bi;
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn is_released(&self, t: Tensor) -> bool {
+        matches!(self.bufs[self.tensors[t.0 as usize].buf].mem, Mem::Released)
+    }
+
+    pub(crate) fn release_buf_of(&mut self, t: Tensor) {
+        let bi = self.tensors[t.0 as usize].buf;
+        if matches!(self.bufs[bi].mem, Mem::Owned(_) | Mem::Arena) {
+            self.bufs[bi].mem = Mem::Released;
+        }
+    }
+
+    pub(crate) fn buf_index(&self, t: Tensor) -> usize {
+        self.tensors[t.0 as usize].buf
+    }
+
+    /// Binds a parameter (its compute copy) as a leaf that accumulates into the parameter's grad.
+    pub fn param(&mut self, id: ParamId) -> Tensor {
+        let b = self.store.compute(id);
+        self.bufs.push(BufRec {
+            ptr: b.ptr,
+            bytes: b.bytes(),
+            mem: Mem::External,
+            seq: None,
+            first: 0,
+            last: 0,
+        });
+        let shape = self.store.shape(id).clone();
+        let buf = self.bufs.len() - 1;
+        self.push_tensor(TMeta {
+            shape,
+            dtype: b.dtype,
+            buf,
+            offset: 0,
+            requires_grad: true,
+            param: Some(id),
+        })
+    }
+
+    /// Binds a constant f32 buffer (no gradient).
+    pub fn constant(&mut self, id: ConstId, shape: impl Into<Shape>) -> Result<Tensor> {
+        let b = self.store.constant(id);
+        let shape = shape.into();
+        if shape.numel() > b.len {
+            return Err(Error::Shape {
+                op: "constant",
+                msg: format!("view {shape} exceeds {} elements", b.len),
+            });
+        }
+        self.bufs.push(BufRec {
+            ptr: b.ptr,
+            bytes: b.bytes(),
+            mem: Mem::External,
+            seq: None,
+            first: 0,
+            last: 0,
+        });
+        let buf = self.bufs.len() - 1;
+        Ok(self.push_tensor(TMeta {
+            shape,
+            dtype: DType::F32,
+            buf,
+            offset: 0,
+            requires_grad: false,
+            param: None,
+        }))
+    }
+
+    /// Uploads host i32 data (token ids, targets) into a planned buffer.
+    pub fn input_i32(&mut self, data: &[i32], shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        if shape.numel() != data.len() {
+            return Err(Error::Shape {
+                op: "input",
+                msg: format!("shape {shape} but {} values", data.len()),
+            });
+        }
+        let t = self.alloc(shape, DType::I32, false)?;
+        let b = self.touch(t)?;
+        self.be.upload(b, bytemuck::cast_slice(data))?;
+        Ok(t)
+    }
+
+    /// Uploads host f32 data as an activation-dtype tensor (tests, custom inputs).
+    pub fn input_f32(
+        &mut self,
+        data: &[f32],
+        shape: impl Into<Shape>,
+        requires_grad: bool,
+    ) -> Result<Tensor> {
+        let shape = shape.into();
+        if shape.numel() != data.len() {
+            return Err(Error::Shape {
+                op: "input",
+                msg: format!("shape {shape} but {} values", data.len()),
+            });
+        }
+        let dtype = self.act_dtype;
+        let staged = self.alloc(shape.clone(), DType::F32, false)?;
+        let sb = self.touch(staged)?;
+        self.be.upload(sb, bytemuck::cast_slice(data))?;
+        if dtype == DType::F32 {
+            self.tensors[staged.0 as usize].requires_grad = requires_grad;
+            return Ok(staged);
+        }
+        let t = self.alloc(shape, dtype, requires_grad)?;
+        let tb = self.touch(t)?;
+        self.be.cast(sb, tb)?;
+        Ok(t)
+    }
+
+    /// Reads a tensor back to the host as f32 (synchronises the backend).
+    pub fn to_vec_f32(&mut self, t: Tensor) -> Result<Vec<f32>> {
+        let b = self.touch(t)?;
+        let n = b.len;
+        match b.dtype {
+            DType::F32 => {
+                let mut out = vec![0f32; n];
+                self.be.download(b, bytemuck::cast_slice_mut(&mut out))?;
+                Ok(out)
+            }
+            DType::BF16 => {
+                let mut raw = vec![half::bf16::ZERO; n];
+                self.be.download(b, bytemuck::cast_slice_mut(&mut raw))?;
+                Ok(raw.iter().map(|x| x.to_f32()).collect())
+            }
+            DType::I32 => {
+                let mut raw = vec![0i32; n];
+                self.be.download(b, bytemuck::cast_slice_mut(&mut raw))?;
+                Ok(raw.iter().map(|&x| x as f32).collect())
+            }
+        }
+    }
+
+    /// Runs `f` as an activation-checkpoint region (see the module doc). Regions do not nest.
+    pub fn checkpoint<F>(&mut self, policy: AcPolicy, f: F) -> Result<Tensor>
+    where
+        F: FnOnce(&mut Tape<'a>) -> Result<Tensor>,
+    {
+        if self.open_region.is_some() {
+            return f(self);
+        }
+        let r = self.regions.len() as u32;
+        self.regions.push(Region {
+            start: self.nodes.len(),
+            end: 0,
+            recomputed: false,
+            released_any: false,
+        });
+        self.open_region = Some(r);
+        let out = f(self);
+        self.open_region = None;
+        let out = out?;
+        let end = self.nodes.len();
+        self.regions[r as usize].end = end;
+        // Buffers that must survive: the region output's, and anything created outside it.
+        let keep = self.buf_index(out);
+        let start = self.regions[r as usize].start;
+        let mut released = false;
+        for ni in start..end {
+            if self.keeps_outputs(ni, policy) {
+                continue;
+            }
+            for o in self.nodes[ni].op.outputs() {
+                if self.buf_index(o) != keep && self.node_owns_buffer(ni, o) {
+                    self.release_buf_of(o);
+                    released = true;
+                }
+            }
+        }
+        self.regions[r as usize].released_any = released;
+        Ok(out)
+    }
+
+    pub(crate) fn keeps_outputs(&self, ni: usize, policy: AcPolicy) -> bool {
+        match policy {
+            AcPolicy::Full => false,
+            AcPolicy::SaveMatmulAndAttention => {
+                matches!(self.nodes[ni].op, Op::Linear { .. } | Op::Attention { .. })
+            }
+        }
+    }
+
+    /// A node owns an output buffer unless the output is a view of an input (views, aliased ops).
+    pub(crate) fn node_owns_buffer(&self, ni: usize, o: Tensor) -> bool {
+        let bo = self.buf_index(o);
+        !self.nodes[ni]
+            .op
+            .inputs()
+            .iter()
+            .any(|&i| self.buf_index(i) == bo)
+    }
+
+    /// The traced buffer requests of this tape (sizes and lifetimes), in request order.
+    pub fn requests(&self) -> Vec<Request> {
+        let mut reqs: Vec<(usize, Request)> = self
+            .bufs
+            .iter()
+            .filter_map(|b| {
+                b.seq.map(|s| {
+                    (
+                        s,
+                        Request {
+                            bytes: b.bytes,
+                            first: b.first,
+                            last: b.last,
+                        },
+                    )
+                })
+            })
+            .collect();
+        reqs.sort_by_key(|r| r.0);
+        reqs.into_iter().map(|r| r.1).collect()
+    }
+
+    /// Plans this tape's requests (call after `backward`).
+    pub fn plan(&self) -> Plan {
+        Plan::new(self.requests())
+    }
+
+    /// Bytes currently held by Owned buffers (what an unplanned step holds at this moment).
+    pub fn owned_bytes_live(&self) -> usize {
+        self.bufs
+            .iter()
+            .filter(|b| matches!(b.mem, Mem::Owned(_)))
+            .map(|b| b.bytes)
+            .sum()
+    }
+}

@@ -1,0 +1,3 @@
+pub mod config;
+#[allow(clippy::module_inception)]
+pub mod model;

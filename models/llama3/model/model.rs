@@ -1,0 +1,293 @@
+//! Llama 3 as single-device math: no collectives, no device logic. Parallelism and activation
+//! checkpointing arrive from `infra/`.
+
+use super::config::Llama3Config;
+use crate::error::Result;
+use crate::params::{ConstId, ParamId, ParamStore, ParamStoreBuilder};
+use crate::rng::Rng;
+use crate::tape::{AcPolicy, Tape, Tensor};
+
+/// Tokens whose label equals this are not scored (Hugging Face's and torchtitan's convention).
+pub const IGNORE_INDEX: i32 = -100;
+
+pub struct Attention {
+    pub wq: ParamId,
+    pub wk: ParamId,
+    pub wv: ParamId,
+    pub wo: ParamId,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+pub struct FeedForward {
+    pub w1: ParamId,
+    pub w2: ParamId,
+    pub w3: ParamId,
+}
+
+pub struct TransformerBlock {
+    pub attention: Attention,
+    pub feed_forward: FeedForward,
+    pub attention_norm: ParamId,
+    pub ffn_norm: ParamId,
+    pub layer_id: usize,
+    /// Set by `infra::parallelize::apply_ac`.
+    pub ac: Option<AcPolicy>,
+}
+
+pub struct Llama3 {
+    pub config: Llama3Config,
+    pub tok_embeddings: ParamId,
+    pub layers: Vec<TransformerBlock>,
+    pub norm: ParamId,
+    /// None when the output projection is tied to the embedding.
+    pub output: Option<ParamId>,
+    rope_cos: ConstId,
+    rope_sin: ConstId,
+}
+
+/// The rotary tables of one forward pass.
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Attention {
+    fn new(p: &mut ParamStoreBuilder, c: &Llama3Config, prefix: &str) -> Self {
+        let (d, hd, kv) = (c.dim, c.head_dim(), c.kv_heads());
+        Attention {
+            wq: p.param(format!("{prefix}.wq.weight"), [c.n_heads * hd, d]),
+            wk: p.param(format!("{prefix}.wk.weight"), [kv * hd, d]),
+            wv: p.param(format!("{prefix}.wv.weight"), [kv * hd, d]),
+            wo: p.param(format!("{prefix}.wo.weight"), [d, c.n_heads * hd]),
+            n_heads: c.n_heads,
+            n_kv_heads: kv,
+            head_dim: hd,
+        }
+    }
+
+    fn init_weights(&self, s: &Init, init_std: f64) -> Result<()> {
+        for w in [self.wq, self.wk, self.wv] {
+            s.trunc_normal(w, 0.02)?;
+        }
+        s.trunc_normal(self.wo, init_std)
+    }
+
+    fn forward(&self, t: &mut Tape, x: Tensor, rope: &Rope) -> Result<Tensor> {
+        let d = t.dims(x);
+        let (b, s) = (d[0], d[1]);
+        let (h, kv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let (wq, wk, wv, wo) = (
+            t.param(self.wq),
+            t.param(self.wk),
+            t.param(self.wv),
+            t.param(self.wo),
+        );
+        let q = t.linear(x, wq)?;
+        let k = t.linear(x, wk)?;
+        let v = t.linear(x, wv)?;
+        let q = t.reshape(q, [b, s, h, hd])?;
+        let k = t.reshape(k, [b, s, kv, hd])?;
+        let v = t.reshape(v, [b, s, kv, hd])?;
+        let q = t.rope(q, rope.cos, rope.sin)?;
+        let k = t.rope(k, rope.cos, rope.sin)?;
+        let o = t.attention(q, k, v)?;
+        let o = t.reshape(o, [b, s, h * hd])?;
+        t.linear(o, wo)
+    }
+}
+
+impl FeedForward {
+    fn new(p: &mut ParamStoreBuilder, c: &Llama3Config, prefix: &str) -> Self {
+        let (d, f) = (c.dim, c.ffn_hidden());
+        FeedForward {
+            w1: p.param(format!("{prefix}.w1.weight"), [f, d]),
+            w2: p.param(format!("{prefix}.w2.weight"), [d, f]),
+            w3: p.param(format!("{prefix}.w3.weight"), [f, d]),
+        }
+    }
+
+    fn init_weights(&self, s: &Init, init_std: f64) -> Result<()> {
+        s.trunc_normal(self.w1, 0.02)?;
+        s.trunc_normal(self.w2, init_std)?;
+        s.trunc_normal(self.w3, init_std)
+    }
+
+    fn forward(&self, t: &mut Tape, x: Tensor) -> Result<Tensor> {
+        let (w1, w2, w3) = (t.param(self.w1), t.param(self.w2), t.param(self.w3));
+        let gate = t.linear(x, w1)?;
+        let up = t.linear(x, w3)?;
+        let a = t.swiglu(gate, up)?;
+        t.linear(a, w2)
+    }
+}
+
+impl TransformerBlock {
+    fn new(p: &mut ParamStoreBuilder, c: &Llama3Config, layer_id: usize) -> Self {
+        let prefix = format!("layers.{layer_id}");
+        TransformerBlock {
+            attention: Attention::new(p, c, &format!("{prefix}.attention")),
+            feed_forward: FeedForward::new(p, c, &format!("{prefix}.feed_forward")),
+            attention_norm: p.param(format!("{prefix}.attention_norm.weight"), [c.dim]),
+            ffn_norm: p.param(format!("{prefix}.ffn_norm.weight"), [c.dim]),
+            layer_id,
+            ac: None,
+        }
+    }
+
+    fn init_weights(&self, s: &Init, c: &Llama3Config) -> Result<()> {
+        let init_std = if c.depth_init {
+            0.02 / (2.0 * (self.layer_id + 1) as f64).sqrt()
+        } else {
+            0.02 / (2.0 * c.n_layers as f64).sqrt()
+        };
+        self.attention.init_weights(s, init_std)?;
+        self.feed_forward.init_weights(s, init_std)?;
+        s.ones(self.attention_norm)?;
+        s.ones(self.ffn_norm)
+    }
+
+    /// h = x + attention(norm(x)); out = h + feed_forward(norm(h)).
+    fn forward(&self, t: &mut Tape, x: Tensor, rope: &Rope, eps: f32) -> Result<Tensor> {
+        let attn_norm = t.param(self.attention_norm);
+        let xn = t.rmsnorm(x, attn_norm, eps)?;
+        let a = self.attention.forward(t, xn, rope)?;
+        let ffn_norm = t.param(self.ffn_norm);
+        let (h, hn) = t.add_rmsnorm(a, x, ffn_norm, eps)?;
+        let f = self.feed_forward.forward(t, hn)?;
+        t.add(h, f)
+    }
+}
+
+/// Weight initialisation context: the host RNG plus the store to write into.
+pub struct Init<'a> {
+    pub store: &'a ParamStore,
+    pub be: &'a dyn crate::backend::Backend,
+    pub rng: std::cell::RefCell<Rng>,
+}
+
+impl Init<'_> {
+    fn trunc_normal(&self, id: ParamId, std: f64) -> Result<()> {
+        self.trunc_normal_ab(id, std, -2.0, 2.0)
+    }
+    /// torch.nn.init.trunc_normal_ with absolute bounds [a, b].
+    fn trunc_normal_ab(&self, id: ParamId, std: f64, a: f64, b: f64) -> Result<()> {
+        if self.be.is_meta() {
+            return Ok(());
+        }
+        let mut rng = self.rng.borrow_mut();
+        let data: Vec<f32> = (0..self.store.numel(id))
+            .map(|_| rng.trunc_normal(std, a, b) as f32)
+            .collect();
+        self.store.set(self.be, id, &data)
+    }
+    fn normal(&self, id: ParamId, std: f64) -> Result<()> {
+        if self.be.is_meta() {
+            return Ok(());
+        }
+        let mut rng = self.rng.borrow_mut();
+        let data: Vec<f32> = (0..self.store.numel(id))
+            .map(|_| (rng.normal() * std) as f32)
+            .collect();
+        self.store.set(self.be, id, &data)
+    }
+    fn ones(&self, id: ParamId) -> Result<()> {
+        if self.be.is_meta() {
+            return Ok(());
+        }
+        self.store
+            .set(self.be, id, &vec![1.0; self.store.numel(id)])
+    }
+}
+
+impl Llama3 {
+    /// Declares every parameter (names follow torchtitan's state dict) and the rotary tables.
+    pub fn new(config: Llama3Config, p: &mut ParamStoreBuilder) -> Result<Self> {
+        config.validate()?;
+        let c = &config;
+        let tok_embeddings = p.param("tok_embeddings.weight", [c.vocab_size, c.dim]);
+        let layers = (0..c.n_layers)
+            .map(|i| TransformerBlock::new(p, c, i))
+            .collect();
+        let norm = p.param("norm.weight", [c.dim]);
+        let output = (!c.tie_embeddings).then(|| p.param("output.weight", [c.vocab_size, c.dim]));
+        let (cos, sin) = c.rope_tables();
+        let half = c.head_dim() / 2;
+        let rope_cos = p.constant("rope.cos", [c.max_seq_len, half], cos);
+        let rope_sin = p.constant("rope.sin", [c.max_seq_len, half], sin);
+        Ok(Llama3 {
+            config,
+            tok_embeddings,
+            layers,
+            norm,
+            output,
+            rope_cos,
+            rope_sin,
+        })
+    }
+
+    /// torchtitan's scheme: embeddings N(0, 1); q/k/v and w1 trunc-normal 0.02; wo, w2, w3 with the
+    /// depth-scaled std; norms ones; output trunc-normal dim^-0.5 cut at 3 std.
+    pub fn init_weights(
+        &self,
+        store: &ParamStore,
+        be: &dyn crate::backend::Backend,
+        seed: u64,
+    ) -> Result<()> {
+        let s = Init {
+            store,
+            be,
+            rng: std::cell::RefCell::new(Rng::new(seed)),
+        };
+        s.normal(self.tok_embeddings, 1.0)?;
+        for layer in &self.layers {
+            layer.init_weights(&s, &self.config)?;
+        }
+        s.ones(self.norm)?;
+        if let Some(out) = self.output {
+            let std = (self.config.dim as f64).powf(-0.5);
+            s.trunc_normal_ab(out, std, -3.0 * std, 3.0 * std)?;
+        }
+        Ok(())
+    }
+
+    /// tokens [batch, seq] (i32) -> logits [batch, seq, vocab].
+    pub fn forward(&self, t: &mut Tape, tokens: Tensor) -> Result<Tensor> {
+        let seq = t.dims(tokens)[1];
+        let half = self.config.head_dim() / 2;
+        let rope = Rope {
+            cos: t.constant(self.rope_cos, [seq.max(1), half])?,
+            sin: t.constant(self.rope_sin, [seq.max(1), half])?,
+        };
+        let eps = self.config.norm_eps as f32;
+        let emb = t.param(self.tok_embeddings);
+        let mut h = t.embedding(emb, tokens)?;
+        for layer in &self.layers {
+            h = match layer.ac {
+                Some(policy) => t.checkpoint(policy, |t| layer.forward(t, h, &rope, eps))?,
+                None => layer.forward(t, h, &rope, eps)?,
+            };
+        }
+        let norm = t.param(self.norm);
+        let h = t.rmsnorm(h, norm, eps)?;
+        let out = t.param(self.output.unwrap_or(self.tok_embeddings));
+        t.linear(h, out)
+    }
+
+    /// Summed next-token loss over the micro-batch; its gradient is `grad_scale` times that of the
+    /// sum (pass 1 / tokens of the global batch for a mean over the global batch).
+    pub fn loss(
+        &self,
+        t: &mut Tape,
+        tokens: Tensor,
+        labels: Tensor,
+        grad_scale: f32,
+    ) -> Result<Tensor> {
+        let logits = self.forward(t, tokens)?;
+        let v = self.config.vocab_size;
+        let n = t.shape(logits).rows();
+        let flat = t.reshape(logits, [n, v])?;
+        t.cross_entropy(flat, labels, IGNORE_INDEX, grad_scale)
+    }
+}
