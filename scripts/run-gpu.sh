@@ -13,6 +13,7 @@ res="$out/results.txt"
 log() { echo "$@" | tee -a "$res"; }
 t_test="${TITAN_TEST_TIMEOUT:-240}"
 t_bench="${TITAN_BENCH_TIMEOUT:-200}"
+only="${TITAN_ONLY:-.}"   # regex on executable names: run only these
 
 # ---- libraries from python3's site-packages ---------------------------------------------------
 libdirs=""
@@ -49,6 +50,7 @@ run() {  # name, timeout, command...
 for t in "$here"/tests/*; do
   [ -x "$t" ] || continue
   n="$(basename "$t")"
+  [[ "$n" =~ $only ]] || continue
   run "test $n (device, --ignored)" "$t_test" "$t" --ignored --test-threads=1 --nocapture
   run "test $n" "$t_test" "$t"
 done
@@ -57,6 +59,7 @@ done
 for b in "$here"/benches/*; do
   [ -x "$b" ] || continue
   n="$(basename "$b")"
+  [[ "$n" =~ $only ]] || continue
   run "bench $n" "$t_bench" "$b" --bench --warm-up-time 1 --measurement-time 2 --noplot
 done
 
