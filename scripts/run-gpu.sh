@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
-# Runs a bundle made by scripts/gpu-bundle.sh on a GPU machine without Rust: every test executable
-# (device tests with --ignored on one thread, then the normal tests), then every bench with short
-# criterion times. Output goes to $OUT/results.txt (./results.txt when OUT is unset); a summary
-# follows at the end. CUDA libraries come from python3's nvidia wheels (cuBLAS, NCCL) plus the
-# driver's libcuda. Budget: about 6 minutes (TITAN_TEST_TIMEOUT / TITAN_BENCH_TIMEOUT per exe).
+# Runs a bundle made by scripts/gpu-bundle.sh on a GPU machine without Rust: unpacks payload.tgz
+# into a temp dir, runs every test executable (device tests with --ignored on one thread, then the
+# normal tests), then every bench with short criterion times. Output goes to $OUT/results.txt
+# (./results.txt when OUT is unset); a summary follows at the end. CUDA libraries come from
+# python3's nvidia wheels (cuBLAS, NCCL; a libnccl.so symlink is made for cudarc) plus the driver's
+# libcuda. Knobs: TITAN_ONLY (regex on executable names, e.g. '^cuda_'), TITAN_TEST_TIMEOUT and
+# TITAN_BENCH_TIMEOUT (seconds per executable). The whole bundle is meant to fit ~6 minutes.
+# Note: test executables run from a copy of the repo on that machine; tests that read files via
+# the build-time CARGO_MANIFEST_DIR may not find them there.
 set -u
-here="$(cd "$(dirname "$0")" && pwd)"
+bundle="$(cd "$(dirname "$0")" && pwd)"
+# The executables travel gzipped (payload.tgz); unpack them next to a writable temp dir.
+here="$(mktemp -d "${TMPDIR:-/tmp}/titan-bundle.XXXXXX")"
+tar -C "$here" -xzf "$bundle/payload.tgz" || { echo "cannot unpack $bundle/payload.tgz" >&2; exit 1; }
 out="${OUT:-$PWD}"
 mkdir -p "$out"
 res="$out/results.txt"
