@@ -359,7 +359,20 @@ impl JobConfig {
     /// Loads a TOML file (or torchtitan's defaults when `path` is None), applies CLI overrides
     /// (`["--training.steps", "20", "--optimizer.lr=3e-4", "--checkpoint.enable"]`), checks and
     /// validates. Unsupported keys are warned about once per process on stderr.
+    ///
+    /// As in torchtitan, the file may instead be named by a `--job.config_file PATH` override.
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<JobConfig> {
+        let from_cli = config_file_override(overrides);
+        let path = match (path, from_cli.as_deref()) {
+            (Some(p), Some(c)) if p != Path::new(c) => {
+                return Err(Error::Config(format!(
+                    "two config files given: {} and --job.config_file {c}",
+                    p.display()
+                )))
+            }
+            (Some(p), _) => Some(p),
+            (None, c) => c.map(Path::new),
+        };
         let (text, origin) = match path {
             Some(p) => (
                 std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?,
@@ -640,6 +653,16 @@ impl JobConfig {
         Ok(())
     }
 
+    /// Where checkpoints live: `<job.dump_folder>/<checkpoint.folder>`.
+    pub fn checkpoint_root(&self) -> std::path::PathBuf {
+        Path::new(&self.job.dump_folder).join(&self.checkpoint.folder)
+    }
+
+    /// The step to resume from: `None` = the latest (checkpoint.load_step = -1).
+    pub fn checkpoint_load_step(&self) -> Option<u64> {
+        u64::try_from(self.checkpoint.load_step).ok()
+    }
+
     /// The LR schedule's length (lr_scheduler.total_steps, else training.steps).
     pub fn schedule_steps(&self) -> u64 {
         self.lr_scheduler
@@ -704,6 +727,19 @@ impl Parallelism {
             etp,
         })
     }
+}
+
+/// The value of a `--job.config_file` override, if any.
+fn config_file_override(args: &[String]) -> Option<String> {
+    let mut found = None;
+    for (i, a) in args.iter().enumerate() {
+        if let Some(v) = a.strip_prefix("--job.config_file=") {
+            found = Some(v.to_string());
+        } else if a == "--job.config_file" {
+            found = args.get(i + 1).cloned();
+        }
+    }
+    found
 }
 
 fn canonical_schedule(name: &str) -> Option<&'static str> {
