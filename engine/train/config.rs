@@ -792,3 +792,59 @@ fn warn_ignored_once(keys: &[String], origin: &str) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::schema::{self, Kind, Use};
+    use super::*;
+
+    /// The schema's `Use::Yes` keys and the serde structs must name the same fields, and every
+    /// alias must point at a real key (the parser relies on both).
+    #[test]
+    fn schema_matches_structs() {
+        let saved: toml::Table =
+            toml::from_str(&JobConfig::default().to_toml_string().unwrap()).unwrap();
+        for section in TITAN_SECTIONS {
+            let table = saved[*section].as_table().unwrap();
+            for (key, kind, u) in schema::section_keys(section) {
+                let optional = matches!(kind, Kind::OptStr | Kind::OptInt | Kind::OptFloat);
+                if *u == Use::Yes && !optional {
+                    assert!(
+                        table.contains_key(*key),
+                        "{section}.{key} is in the schema but not the struct"
+                    );
+                }
+            }
+            for key in table.keys() {
+                assert_eq!(
+                    schema::lookup(section, key).map(|(_, u)| u),
+                    Some(Use::Yes),
+                    "{section}.{key} is in the struct but not a supported schema key"
+                );
+            }
+        }
+        for s in schema::SECTIONS {
+            for (key, _, u) in schema::section_keys(s) {
+                if let Use::Alias(t) = u {
+                    let (ts, tk) = schema::split_path(t).unwrap();
+                    let target = schema::lookup(ts, tk).map(|(_, u)| u);
+                    assert!(
+                        matches!(target, Some(u) if !matches!(u, Use::Alias(_))),
+                        "{s}.{key} -> {t}"
+                    );
+                }
+            }
+        }
+        // Defaults of unsupported keys are valid TOML literals.
+        for s in schema::SECTIONS {
+            for (key, _, u) in schema::section_keys(s) {
+                if let Use::No(d) = u {
+                    assert!(
+                        d.is_empty() || parse::parse_literal(d).is_some(),
+                        "{s}.{key}: {d}"
+                    );
+                }
+            }
+        }
+    }
+}
