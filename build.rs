@@ -114,7 +114,9 @@ fn main() {
             panic!("nvcc failed on kernels/{name}:\n{log}");
         }
         raw.push_str(&format!("-- kernels/{name}\n"));
-        for line in log.lines().filter(|l| (l.contains("ptxas") || l.contains("stack frame")) && !l.contains("Compile time")) {
+        for line in log.lines().filter(|l| {
+            (l.contains("ptxas") || l.contains("stack frame")) && !l.contains("Compile time")
+        }) {
             raw.push_str(line);
             raw.push('\n');
         }

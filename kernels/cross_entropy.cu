@@ -2,23 +2,44 @@
 //   loss[r]   = logsumexp(x) - x[target]            (0 when target == ignore_index)
 //   dlogits   = (softmax(x) - onehot(target)) * grad_scale   (all 0 when ignored)
 // Pass 1 keeps a per-thread online (max, sum of exp) over 16-byte vectors, combined across the
-// block in a fixed order; pass 2 re-reads the row and writes dlogits. Probabilities are never
+// block in a fixed order; pass 2 reads the row again and writes dlogits. Probabilities are never
 // stored. dlogits may alias logits: every element is read before it is written by the same
 // thread, and x[target] is read before the first barrier that precedes any write.
 // A target outside [0, vocab) that is not ignore_index yields a NaN loss (kernels cannot return
 // errors; the trainer's non-finite check reports it).
-// Memory traffic: reads the row twice (the second read mostly from L2), writes it once.
+// Memory traffic: reads the row once from DRAM and writes it once: pass 1 also parks the first
+// `cache_vecs` vectors of the row in dynamic shared memory (up to ~220 KB, i.e. all of a 128256
+// bf16 row but 10 KB), pass 2 reads them back from there and only the rest from global memory (an
+// L2 hit: one block per SM keeps the uncached tails of all live rows far below L2's size). Each
+// thread reads back exactly the slots it wrote, so the cache needs no barrier.
 #include "common.cuh"
+
+#include <type_traits>
 
 using namespace titan;
 
 namespace {
 
+// W raw elements of T (one 16-byte vector, or one element when W == 1).
+template <typename T, int W> struct Raw {
+    using type = typename std::conditional<W == 1, T, uint4>::type;
+};
+
+template <typename T, int W>
+__device__ __forceinline__ void unpack(typename Raw<T, W>::type raw, float* v) {
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < W; i++) v[i] = to_f32(e[i]);
+}
+
 template <typename T, int W>
 __device__ __forceinline__ void cross_entropy_impl(const T* logits, const int* __restrict__ targets,
                                                    float* __restrict__ losses, T* dlogits, int vocab,
-                                                   int ignore_index, float grad_scale) {
+                                                   int ignore_index, float grad_scale, int cache_vecs) {
+    using R = typename Raw<T, W>::type;
     __shared__ float red[32];
+    extern __shared__ uint4 smem_cache[];
+    R* cache = reinterpret_cast<R*>(smem_cache);
     const long long base = (long long)blockIdx.x * vocab;
     const T* x = logits + base;
     T* d = dlogits + base;
@@ -37,10 +58,13 @@ __device__ __forceinline__ void cross_entropy_impl(const T* logits, const int* _
     float xt = 0.f;
     if (threadIdx.x == 0 && valid) xt = to_f32(x[target]);
 
+    const R* xr = reinterpret_cast<const R*>(x);
     float m = -INFINITY, s = 0.f;
     for (int j = threadIdx.x; j < nvec; j += blockDim.x) {
+        const R raw = xr[j];
+        if (j < cache_vecs) cache[j] = raw;
         float v[W];
-        load_w<T, W>(x + (long long)j * W, v);
+        unpack<T, W>(raw, v);
         float mv = v[0];
 #pragma unroll
         for (int i = 1; i < W; i++) mv = fmaxf(mv, v[i]);
@@ -66,7 +90,7 @@ __device__ __forceinline__ void cross_entropy_impl(const T* logits, const int* _
     const float k = grad_scale / sum;
     for (int j = threadIdx.x; j < nvec; j += blockDim.x) {
         float v[W];
-        load_w<T, W>(x + (long long)j * W, v);
+        unpack<T, W>(j < cache_vecs ? cache[j] : xr[j], v);
 #pragma unroll
         for (int i = 0; i < W; i++) {
             v[i] = expf(v[i] - mx) * k;
@@ -81,8 +105,9 @@ __device__ __forceinline__ void cross_entropy_impl(const T* logits, const int* _
 #define CE(T, TN, W)                                                                                          \
     extern "C" __global__ void __launch_bounds__(1024) cross_entropy_##TN##_w##W(                             \
         const T* logits, const int* targets, float* losses, T* dlogits, int vocab, int ignore_index,          \
-        float grad_scale) {                                                                                   \
-        cross_entropy_impl<T, W>(logits, targets, losses, dlogits, vocab, ignore_index, grad_scale);          \
+        float grad_scale, int cache_vecs) {                                                                   \
+        cross_entropy_impl<T, W>(logits, targets, losses, dlogits, vocab, ignore_index, grad_scale,           \
+                                 cache_vecs);                                                                 \
     }
 
 CE(float, f32, 1)

@@ -324,7 +324,14 @@ fn gemm_case(p: &mut Pair, rng: &mut Rng, g: Gemm, in_dt: DType, out_dt: DType) 
         "gemm {in_dt}->{out_dt} m={} n={} k={} ta={} tb={} batch={} alpha={} beta={}",
         g.m, g.n, g.k, g.trans_a, g.trans_b, g.batch, g.alpha, g.beta
     );
-    assert_pair(&what, p, c, tol(out_dt));
+    // Only the matrices: padding between strided outputs is never written (stays NaN).
+    let (gv, cv) = p.get(c);
+    let pick = |v: &[f32]| -> Vec<f32> {
+        (0..g.batch)
+            .flat_map(|i| v[i * g.stride_c..i * g.stride_c + g.m * g.n].to_vec())
+            .collect()
+    };
+    assert_close(&what, &pick(&gv), &pick(&cv), tol(out_dt));
 }
 
 #[test]
@@ -468,6 +475,16 @@ const RMS_SHAPES: [(usize, usize); 6] = [
     (33, 16384),
     (5, 3000),
 ];
+/// The backward at dim 1 is pure cancellation (dx = rstd·g·w·eps/(x²+eps)): ill-conditioned for
+/// any f32 comparison, so its smallest shape has a few columns.
+const RMS_BWD_SHAPES: [(usize, usize); 6] = [
+    (3, 5),
+    (4099, 2047),
+    (4096, 2048),
+    (67, 8192),
+    (33, 16384),
+    (5, 3000),
+];
 
 #[test]
 #[ignore = "needs a CUDA device"]
@@ -534,7 +551,7 @@ fn rmsnorm_fwd_and_residual_match_cpu() {
 fn rmsnorm_bwd_matches_cpu() {
     let mut p = pair();
     let mut rng = Rng::new(7);
-    for (rows, dim) in RMS_SHAPES {
+    for (rows, dim) in RMS_BWD_SHAPES {
         for dt in BOTH {
             let x = p.put(&rng.vec(rows * dim, 1.5), dt);
             let w = p.put(&rng.vec(dim, 1.0), dt);
@@ -688,19 +705,37 @@ fn cross_entropy_matches_cpu() {
             p.cpu
                 .cross_entropy(x.c, t.c, loss.c, d.c, rows, vocab, ignore, 0.25)
                 .unwrap();
-            assert_pair(
-                &format!("cross_entropy loss {dt} {rows}x{vocab}"),
-                &p,
-                loss,
+            // The loss against an f64 reference (the CPU twin sums 10^5 exponentials in f32
+            // sequentially, which alone drifts ~1e-5); against the CPU only loosely.
+            let rounded = from_bytes(&to_bytes(&logits, dt), dt);
+            let want: Vec<f32> = targets
+                .iter()
+                .enumerate()
+                .map(|(r, &tg)| {
+                    if tg == ignore {
+                        return 0.0;
+                    }
+                    let row = &rounded[r * vocab..(r + 1) * vocab];
+                    let mx = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+                    let s: f64 = row.iter().map(|&v| (v as f64 - mx).exp()).sum();
+                    (mx + s.ln() - row[tg as usize] as f64) as f32
+                })
+                .collect();
+            let (gl, cl) = p.get(loss);
+            let what = format!("{dt} {rows}x{vocab}");
+            assert_close(
+                &format!("cross_entropy loss vs f64 {what}"),
+                &gl,
+                &want,
                 1e-5,
             );
+            assert_close(&format!("cross_entropy loss vs cpu {what}"), &gl, &cl, 1e-4);
             assert_pair(
                 &format!("cross_entropy dlogits {dt} {rows}x{vocab}"),
                 &p,
                 d,
                 tol(dt),
             );
-            let (gl, _) = p.get(loss);
             for (r, &tg) in targets.iter().enumerate() {
                 if tg == ignore {
                     assert_eq!(gl[r], 0.0, "ignored row {r} has a loss");

@@ -47,8 +47,15 @@ impl CudaBackend {
         } else {
             1
         };
-        let threads = (vocab / w).div_ceil(32).clamp(1, 16) as u32 * 32;
+        let nvec = vocab / w;
+        let threads = nvec.div_ceil(32).clamp(1, 32) as u32 * 32;
         let name = format!("cross_entropy_{}_w{w}", sfx(logits.dtype));
+        // Park as much of each row in shared memory as fits (see kernels/cross_entropy.cu); keep
+        // 1 KB for the kernel's static shared memory.
+        let slot = if w == 1 { logits.dtype.size() } else { 16 };
+        let cache_vecs = nvec.min(self.smem_optin().saturating_sub(1024) / slot);
+        let smem = cache_vecs * slot;
+        self.allow_dynamic_smem(&name, smem)?;
         let args = [
             Arg::P(logits.ptr),
             Arg::P(targets.ptr),
@@ -57,7 +64,8 @@ impl CudaBackend {
             Arg::I32(vocab as i32),
             Arg::I32(ignore_index),
             Arg::F32(grad_scale),
+            Arg::I32(cache_vecs as i32),
         ];
-        self.launch(&name, (rows as u32, 1, 1), threads, 0, &args)
+        self.launch(&name, (rows as u32, 1, 1), threads, smem as u32, &args)
     }
 }

@@ -44,6 +44,10 @@ pub struct CudaBackend {
     scratch: Mutex<Option<CudaMem>>,
     allocs: AtomicU64,
     sm_count: u32,
+    /// Largest dynamic shared memory a block may opt into (bytes).
+    smem_optin: usize,
+    /// Per kernel, the dynamic shared-memory limit already raised with cuFuncSetAttribute.
+    smem_limits: Mutex<HashMap<String, usize>>,
 }
 
 /// One `cuMemAlloc` allocation (zeroed on the stream), freed after the stream drains on drop.
@@ -143,6 +147,12 @@ impl CudaBackend {
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| backend_err("query SM count", e))?
             .max(1) as u32;
+        let smem_optin = ctx
+            .attribute(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(|e| backend_err("query shared memory limit", e))?
+            .max(48 * 1024) as usize;
         let mut modules = Vec::new();
         for (name, bytes) in fatbins::FATBINS {
             let module = ctx
@@ -159,6 +169,8 @@ impl CudaBackend {
             scratch: Mutex::new(None),
             allocs: AtomicU64::new(0),
             sm_count,
+            smem_optin,
+            smem_limits: Mutex::new(HashMap::new()),
         })
     }
 
@@ -215,6 +227,39 @@ impl CudaBackend {
         )))
     }
 
+    /// The most dynamic shared memory one block can use (after `allow_dynamic_smem`).
+    pub(crate) fn smem_optin(&self) -> usize {
+        self.smem_optin
+    }
+
+    /// Lets kernel `name` launch with up to `bytes` of dynamic shared memory (needed above 48 KB).
+    pub(crate) fn allow_dynamic_smem(&self, name: &str, bytes: usize) -> Result<()> {
+        if bytes <= 48 * 1024 {
+            return Ok(());
+        }
+        let mut set = self
+            .smem_limits
+            .lock()
+            .map_err(|_| Error::Backend("cuda: smem lock poisoned".into()))?;
+        if set.get(name).is_some_and(|&b| b >= bytes) {
+            return Ok(());
+        }
+        let f = self.function(name)?;
+        self.bind()?;
+        f.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+        .map_err(|e| {
+            backend_err(
+                &format!("{name}: allow {bytes} bytes of dynamic shared memory"),
+                e,
+            )
+        })?;
+        set.insert(name.to_string(), bytes);
+        Ok(())
+    }
+
     /// A device scratch area of at least `bytes`, owned by the backend and reused by every op
     /// (ops run in stream order, so one op's scratch use ends before the next op's begins). It
     /// only grows; each growth is one allocation counted by `alloc_count`.
@@ -241,7 +286,12 @@ impl CudaBackend {
         let ptr = unsafe { dr::malloc_sync(bytes.max(256)) }
             .map_err(|e| backend_err(&format!("cuMemAlloc of {bytes} bytes"), e))?;
         self.allocs.fetch_add(1, Ordering::Relaxed);
-        let mem = CudaMem { ptr, bytes, ctx: self.ctx.clone(), stream: self.stream.clone() };
+        let mem = CudaMem {
+            ptr,
+            bytes,
+            ctx: self.ctx.clone(),
+            stream: self.stream.clone(),
+        };
         // Zeroed like the CPU backend's memory, so no caller can depend on a difference.
         unsafe { dr::memset_d8_async(ptr, 0, bytes.max(256), self.stream.cu_stream()) }
             .map_err(|e| backend_err(&format!("zero {bytes} new bytes"), e))?;
