@@ -143,6 +143,22 @@ __device__ __forceinline__ void mma_pt(const float (&p)[2 * KS][4], uint32_t t_b
     }
 }
 
+// As mma_abt with the A fragments already in registers (one per k step).
+template <int LDT, int KS, int NT>
+__device__ __forceinline__ void mma_abt_frag(const uint32_t (&a)[KS][4], uint32_t t_base, int lane,
+                                             float (&acc)[NT][4]) {
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+#pragma unroll
+        for (int nn = 0; nn < NT / 2; ++nn) {
+            uint32_t b[4];
+            load_b_nt<LDT>(t_base, nn * 16, kk * 16, lane, b);
+            mma16816(acc[2 * nn], a[kk], b[0], b[1]);
+            mma16816(acc[2 * nn + 1], a[kk], b[2], b[3]);
+        }
+    }
+}
+
 template <int NT>
 __device__ __forceinline__ void zero(float (&acc)[NT][4]) {
 #pragma unroll
@@ -567,7 +583,9 @@ struct Dq {
 };
 
 // Grid: (query tiles, n_heads, batch), last-first like the forward.
-template <int D, int NW, int BN>
+// QREG keeps the warp's Q and dO A fragments in registers for the whole key loop (they never
+// change), cutting a quarter of the shared-memory reads that bound this kernel.
+template <int D, int NW, int BN, bool QREG>
 __device__ __forceinline__ void dq_body(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                         const bf16* __restrict__ v, const bf16* __restrict__ dout,
                                         const float* __restrict__ lse, const float* __restrict__ delta,
@@ -615,6 +633,16 @@ __device__ __forceinline__ void dq_body(const bf16* __restrict__ q, const bf16* 
 
     float acc[D / 8][4];
     zero(acc);
+    uint32_t qf[QREG ? D / 16 : 1][4], of[QREG ? D / 16 : 1][4];
+    if constexpr (QREG) {
+        cp_async_wait<0>();
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            load_a<LD>(sQ, row0, kk * 16, lane, qf[kk]);
+            load_a<LD>(sO, row0, kk * 16, lane, of[kk]);
+        }
+    }
 
     for (int j = 0; j < n_tiles; ++j) {
         if (j + 1 < n_tiles) {
@@ -634,7 +662,11 @@ __device__ __forceinline__ void dq_body(const bf16* __restrict__ q, const bf16* 
             const uint32_t st = (j & 1) * KV_STAGE;
             float p[BN / 8][4];
             zero(p);
-            mma_abt<LD, LD, D / 16, BN / 8>(sQ, row0, sK + st, lane, p);
+            if constexpr (QREG) {
+                mma_abt_frag<LD, D / 16, BN / 8>(qf, sK + st, lane, p);
+            } else {
+                mma_abt<LD, LD, D / 16, BN / 8>(sQ, row0, sK + st, lane, p);
+            }
             const bool diag = kbase + BN - 1 > w_first;
 #pragma unroll
             for (int nt = 0; nt < BN / 8; ++nt) {
@@ -652,7 +684,11 @@ __device__ __forceinline__ void dq_body(const bf16* __restrict__ q, const bf16* 
             // dP = dO Vᵀ; dS = P ∘ (dP − delta)
             float ds[BN / 8][4];
             zero(ds);
-            mma_abt<LD, LD, D / 16, BN / 8>(sO, row0, sV + st, lane, ds);
+            if constexpr (QREG) {
+                mma_abt_frag<LD, D / 16, BN / 8>(of, sV + st, lane, ds);
+            } else {
+                mma_abt<LD, LD, D / 16, BN / 8>(sO, row0, sV + st, lane, ds);
+            }
 #pragma unroll
             for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
@@ -708,19 +744,21 @@ __device__ __forceinline__ void dq_body(const bf16* __restrict__ q, const bf16* 
     extern "C" __global__ void __launch_bounds__(32 * DQ_NW) attn_bwd_dq_d##D##_bf16(                   \
         const attn::bf16* q, const attn::bf16* k, const attn::bf16* v, const attn::bf16* dout,          \
         const float* lse, const float* delta, attn::bf16* dq, int seq, int nh, int nkv, float scale) {  \
-        attn::dq_body<D, DQ_NW, DQ_BN>(q, k, v, dout, lse, delta, dq, seq, nh, nkv, scale);             \
+        attn::dq_body<D, DQ_NW, DQ_BN, true>(q, k, v, dout, lse, delta, dq, seq, nh, nkv, scale);             \
     }
 
 // D, fwd warps, fwd m16 tiles per warp, fwd key tile, dkv warps, dkv query tile, dq warps, dq key tile
 ATTN_ENTRY(16, 4, 1, 64, 4, 64, 4, 64)
 ATTN_ENTRY(32, 4, 1, 64, 4, 64, 4, 32)
 // Measured on an H100 (b4 s4096 causal): d128 fwd 8x1x64 212 TFLOP/s vs 4x2x32 244; d64 fwd
-// 8x1x64 174 vs 4x2x64 224; 8-warp dkv and dq variants were slower (docs/attention-notes.md).
+// 8x1x64 174 vs 4x2x64 224; dQ with Q/dO fragments in registers 1.44 ms vs 1.60 from shared;
+// 8-warp dK/dV and dQ variants were slower (docs/attention-notes.md).
 ATTN_ENTRY(64, 4, 2, 64, 4, 64, 4, 64)
 ATTN_ENTRY(128, 4, 2, 32, 4, 32, 4, 32)
 
 #ifdef ATTN_TUNING
-// Alternative forward shapes, built only by scripts/attn_gpu_check.sh to time them side by side.
+// Alternative shapes, built only for scripts/attn_gpu_check.py (nvcc -DATTN_TUNING) to time them
+// side by side with the production table above.
 #define ATTN_FWD_VARIANT(TAG, D, NW, MW, BN)                                                            \
     extern "C" __global__ void __launch_bounds__(32 * NW)                                               \
         attn_fwd_d##D##_##TAG(const attn::bf16* q, const attn::bf16* k, const attn::bf16* v,            \
@@ -734,17 +772,17 @@ ATTN_ENTRY(128, 4, 2, 32, 4, 32, 4, 32)
         float scale) {                                                                                  \
         attn::dkv_body<D, NW, BMQ>(q, k, v, dout, lse, delta, dk, dv, seq, nh, nkv, scale);             \
     }
-#define ATTN_DQ_VARIANT(TAG, D, NW, BN)                                                                 \
+#define ATTN_DQ_VARIANT(TAG, D, NW, BN, QREG)                                                                \
     extern "C" __global__ void __launch_bounds__(32 * NW) attn_bwd_dq_d##D##_##TAG(                     \
         const attn::bf16* q, const attn::bf16* k, const attn::bf16* v, const attn::bf16* dout,          \
         const float* lse, const float* delta, attn::bf16* dq, int seq, int nh, int nkv, float scale) {  \
-        attn::dq_body<D, NW, BN>(q, k, v, dout, lse, delta, dq, seq, nh, nkv, scale);                   \
+        attn::dq_body<D, NW, BN, QREG>(q, k, v, dout, lse, delta, dq, seq, nh, nkv, scale);                   \
     }
 ATTN_FWD_VARIANT(w8m1n64, 128, 8, 1, 64)
 ATTN_FWD_VARIANT(w8m1n64, 64, 8, 1, 64)
 ATTN_DKV_VARIANT(w8q32, 128, 8, 32)
 ATTN_DKV_VARIANT(w8q64, 64, 8, 64)
-ATTN_DQ_VARIANT(w4n64, 128, 4, 64)
-ATTN_DQ_VARIANT(w8n32, 128, 8, 32)
-ATTN_DQ_VARIANT(w8n64, 64, 8, 64)
+ATTN_DQ_VARIANT(w4n32s, 128, 4, 32, false)
+ATTN_DQ_VARIANT(w4n64, 128, 4, 64, true)
+ATTN_DQ_VARIANT(w4n64s, 64, 4, 64, false)
 #endif
