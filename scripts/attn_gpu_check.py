@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """Checks and times kernels/attention.cu on a GPU machine without the Rust toolchain.
 
-Loads a fatbin built on the CPU box (scripts/attn_gpu_check.sh) through the driver API (ctypes),
-feeds it torch tensors and compares with a float64 torch reference (autograd for the backward).
-Prints a table of relative L2 errors, a determinism check and TFLOP/s next to torch's own SDPA.
-The launch table below mirrors engine/backend/cuda/attention.rs.
+Build the fatbin on the CPU box (the tuning variants are optional):
+  $NVCC -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a -O3 -std=c++17 \
+        -DATTN_TUNING -fatbin kernels/attention.cu -o attention.fatbin
+then on the GPU machine: python3 attn_gpu_check.py attention.fatbin [all|check|variants|bench|small|profile].
+Loads the fatbin through the driver API (ctypes), feeds it torch tensors and compares with a
+float64 torch reference (autograd for the backward). Prints relative L2 errors, a determinism
+check, and per-kernel timings next to torch's own SDPA. CFG mirrors engine/backend/cuda/attention.rs.
 """
 import ctypes
 import math
