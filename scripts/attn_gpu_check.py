@@ -2,7 +2,7 @@
 """Checks and times kernels/attention.cu on a GPU machine without the Rust toolchain.
 
 Build the fatbin on the CPU box (the tuning variants are optional):
-  $NVCC -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a -O3 -std=c++17 \
+  $NVCC -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a -O3 -std=c++17 -I kernels \
         -DATTN_TUNING -fatbin kernels/attention.cu -o attention.fatbin
 then on the GPU machine: python3 attn_gpu_check.py attention.fatbin [all|check|variants|bench|small|profile].
 Loads the fatbin through the driver API (ctypes), feeds it torch tensors and compares with a
