@@ -176,3 +176,71 @@ pub fn eval(root: &Path, step: Option<u64>, tokens: &Path, seq_len: Option<usize
     println!("{}", serde_json::json!({"loss": total / count as f64, "tokens": count, "step": ck.step()}));
     Ok(())
 }
+
+/// Training throughput of a config on one device: warm-up steps, then `steps` timed steps.
+pub fn bench(config: Option<&Path>, overrides: &[String], steps: u64, warmup: u64) -> Result<()> {
+    let mut ov = overrides.to_vec();
+    ov.extend(["--training.dataset".to_string(), "synthetic".to_string()]);
+    ov.extend(["--training.steps".to_string(), (steps + warmup).to_string()]);
+    ov.extend(["--checkpoint.enable=false".to_string()]);
+    let cfg = JobConfig::load(config, &ov)?;
+    let mut tr = Trainer::with_options(cfg, true)?;
+    let seq = tr.cfg.training.seq_len as usize;
+    let c = tr.model.config.clone();
+    println!(
+        "bench: {} {} ({:.3}B params) on {} | {} | batch {} x seq {} x accum {} | plan {:.2} GiB",
+        tr.cfg.model.name,
+        tr.cfg.model.flavor,
+        tr.store.num_params() as f64 / 1e9,
+        tr.device,
+        tr.store.compute_dtype,
+        tr.cfg.training.local_batch_size,
+        seq,
+        tr.accum,
+        tr.memory.total() as f64 / GIB
+    );
+    for _ in 0..warmup {
+        let r = tr.train_step()?;
+        println!("bench: warm-up step {} loss {:.4}", tr.step, r.loss);
+    }
+    tr.be.synchronize()?;
+    let t0 = Instant::now();
+    let mut tokens = 0usize;
+    let mut last = 0.0;
+    for _ in 0..steps {
+        let r = tr.train_step()?;
+        tokens += r.tokens;
+        last = r.loss;
+    }
+    tr.be.synchronize()?;
+    let dt = t0.elapsed().as_secs_f64();
+    let tps = tokens as f64 / dt;
+    let (_, f_tt) = c.nparams_and_flops(seq);
+    let f_llmc = c.flops_per_token_llmc(seq);
+    let peak = tr.peak.flops;
+    println!(
+        "bench: {} steps in {:.3}s ({:.1} ms/step), loss {:.4}",
+        steps,
+        dt,
+        1e3 * dt / steps.max(1) as f64,
+        last
+    );
+    println!(
+        "bench: tokens/s {:.0} | torchtitan 6N+12lhqt: {:.1} TFLOP/s MFU {:.2}% | llm.c 6N+6LCT: {:.1} TFLOP/s MFU {:.2}% | peak {:.0} TFLOP/s ({})",
+        tps,
+        tps * f_tt / 1e12,
+        100.0 * tps * f_tt / peak,
+        tps * f_llmc / 1e12,
+        100.0 * tps * f_llmc / peak,
+        peak / 1e12,
+        tr.peak.source
+    );
+    println!(
+        "{}",
+        serde_json::json!({"bench": "train", "flavor": tr.cfg.model.flavor, "seq_len": seq,
+            "batch": tr.cfg.training.local_batch_size, "tokens_per_s": tps,
+            "mfu_torchtitan_pct": 100.0 * tps * f_tt / peak, "mfu_llmc_pct": 100.0 * tps * f_llmc / peak,
+            "device": tr.device, "step_ms": 1e3 * dt / steps.max(1) as f64})
+    );
+    Ok(())
+}

@@ -492,3 +492,57 @@ fn bad_saves_fail_and_leave_previous_checkpoint() {
     );
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// Cuts `n` rows into `k` contiguous, possibly empty, pieces (a tiny LCG picks the cuts).
+fn random_cuts(n: usize, k: usize, seed: &mut u64) -> Vec<(usize, usize)> {
+    let mut cuts: Vec<usize> = (0..k - 1)
+        .map(|_| {
+            *seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (*seed >> 33) as usize % (n + 1)
+        })
+        .collect();
+    cuts.push(0);
+    cuts.push(n);
+    cuts.sort_unstable();
+    cuts.windows(2).map(|w| (w[0], w[1])).collect()
+}
+
+#[test]
+fn ranks_as_threads_write_then_one_commits_and_any_layout_reads_back() {
+    // The distributed protocol: every rank writes its shard into the shared temp folder, a
+    // barrier (here: join), then one rank commits. Saved on 5 ranks with random uneven row
+    // splits of a [97, 13] bf16 tensor; read back as 1, 2, 3 and 7 ranks would.
+    let root = scratch("threads");
+    let (rows, cols) = (97, 13);
+    let full: Vec<u8> = (0..rows * cols * 2).map(|i| (i % 251) as u8 + 1).collect();
+    let mut seed = 0x5eed;
+    let cuts = random_cuts(rows, 5, &mut seed);
+    let tmp = tmp_dir(&root, 3, 4242);
+    std::thread::scope(|s| {
+        for (rank, &(a, b)) in cuts.iter().enumerate() {
+            let (tmp, full) = (&tmp, &full);
+            s.spawn(move || {
+                let shard = &full[a * cols * 2..b * cols * 2];
+                let t = NamedTensor::dim0_shard("emb", DType::BF16, &[b - a, cols], rows, a, shard);
+                write_shard(tmp, 3, rank, 5, &[t]).unwrap();
+            });
+        }
+    });
+    checkpoint::commit(&root, 3, &tmp, 5, &meta(3), 0).unwrap();
+    assert!(!tmp.exists());
+    let ck = load(&root, Some(3)).unwrap();
+    assert_eq!(ck.read_global("emb").unwrap(), full);
+    for world in [1, 2, 3, 7] {
+        for (a, b) in random_cuts(rows, world, &mut seed) {
+            let got = ck.read_rows("emb", a, b - a).unwrap();
+            assert_eq!(
+                got,
+                &full[a * cols * 2..b * cols * 2],
+                "world {world}, rows {a}..{b}"
+            );
+        }
+    }
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -279,6 +279,13 @@ fn defaults_are_torchtitans() {
     assert_eq!(cfg.activation_checkpoint.mode, "selective");
     assert_eq!(cfg.activation_checkpoint.selective_ac_option, "2");
     assert!(cfg.ignored.is_empty());
+    assert_eq!(
+        cfg.checkpoint_root(),
+        Path::new("./outputs").join("checkpoint")
+    );
+    assert_eq!(cfg.checkpoint_load_step(), None);
+    let at = parse("[checkpoint]\nload_step = 40\n", &[]).unwrap();
+    assert_eq!(at.checkpoint_load_step(), Some(40));
 }
 
 #[test]
@@ -452,6 +459,26 @@ fn file_errors_name_the_file() {
         other => panic!("expected an io error, got {other:?}"),
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn config_file_from_the_command_line() {
+    let path = repo_file("configs/llama3_8b.toml");
+    let p = path.display().to_string();
+    let args = vec![
+        "--job.config_file".to_string(),
+        p.clone(),
+        "--training.steps=3".into(),
+    ];
+    let cfg = JobConfig::load(None, &args).unwrap();
+    assert_eq!((cfg.model.flavor.as_str(), cfg.training.steps), ("8B", 3));
+    let same = JobConfig::load(Some(&path), &[format!("--job.config_file={p}")]).unwrap();
+    assert_eq!(same.model.flavor, "8B");
+    let other = repo_file("configs/llama3_70b.toml");
+    match JobConfig::load(Some(&other), &args) {
+        Err(Error::Config(m)) => assert!(m.contains("two config files"), "{m}"),
+        r => panic!("expected a config error, got {r:?}"),
+    }
 }
 
 #[test]

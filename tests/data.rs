@@ -626,7 +626,11 @@ fn missing_unknown_and_empty_datasets_are_clear_errors() {
     // Empty folder, folder with only unrelated files, jsonl with only blank lines, empty token file.
     let empty = d.join("empty");
     std::fs::create_dir_all(&empty).unwrap();
-    assert!(data_err(build_loader(&cfg(empty.to_str().unwrap(), 4, 1))).contains("empty"));
+    let m = data_err(build_loader(&cfg(empty.to_str().unwrap(), 4, 1)));
+    assert!(
+        m.contains(&empty.display().to_string()) && m.contains("holds no"),
+        "{m}"
+    );
     write(&d.join("other/readme.md"), "x");
     data_err(build_loader(&cfg(d.join("other").to_str().unwrap(), 4, 1)));
     write(&d.join("blank.jsonl"), "\n\n");
@@ -650,6 +654,11 @@ fn missing_unknown_and_empty_datasets_are_clear_errors() {
         build_loader(&cfg("synthetic", 0, 1)),
         Err(Error::Config(_))
     ));
+    let mut c = cfg("synthetic", 4, 1);
+    c.vocab_size = Some(258);
+    assert!(matches!(build_loader(&c), Err(Error::Config(_))));
+    c.vocab_size = Some(320); // a model may pad its embedding
+    build_loader(&c).unwrap().next_batch().unwrap();
     let mut c = cfg("synthetic", 4, 1);
     c.dp_rank = 2;
     c.dp_world = 2;

@@ -43,6 +43,20 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         overrides: Vec<String>,
     },
+    /// Benchmark training throughput: a config's model (its flavor's full vocabulary) on built-in
+    /// data for a number of steps; prints tokens/s and MFU in torchtitan's and llm.c's conventions.
+    #[command(allow_hyphen_values = true)]
+    Bench {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Timed steps (after the warm-up steps).
+        #[arg(long, default_value_t = 10)]
+        steps: u64,
+        #[arg(long, default_value_t = 3)]
+        warmup: u64,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        overrides: Vec<String>,
+    },
     /// List every registered model and flavor with its parameter count.
     ListModels,
     /// Mean next-token loss of a checkpoint on a token file, printed as one JSON line.
@@ -103,6 +117,10 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Plan { config, dtype, json, overrides } => {
             let (config, overrides) = take_config(config, overrides);
             titan::cli::plan(config.as_deref(), &overrides, &dtype, json)
+        }
+        Cmd::Bench { config, steps, warmup, overrides } => {
+            let (config, overrides) = take_config(config, overrides);
+            titan::cli::bench(config.as_deref(), &overrides, steps, warmup)
         }
         Cmd::ListModels => {
             titan::cli::list_models();

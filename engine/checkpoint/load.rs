@@ -255,7 +255,7 @@ impl LoadedCheckpoint {
         let nd = t.shape.len();
         if offset.len() != nd
             || shape.len() != nd
-            || (0..nd).any(|d| offset[d] + shape[d] > t.shape[d])
+            || (0..nd).any(|d| offset[d].saturating_add(shape[d]) > t.shape[d])
         {
             return Err(Error::Checkpoint(format!(
                 "{}: box at {offset:?} of shape {shape:?} is outside tensor '{name}' of shape {:?}",
@@ -267,19 +267,17 @@ impl LoadedCheckpoint {
         let mut out = vec![0u8; numel(shape) * esize];
         // The manifest's shards tile the tensor, so taking the first of each replica set fills
         // every element of the box exactly once.
-        let mut seen: Vec<(&[usize], &[usize])> = Vec::new();
+        let mut seen = HashSet::new();
         for (i, s) in t.shards.iter().enumerate() {
-            let b = (s.offset.as_slice(), s.shape.as_slice());
-            if seen.contains(&b) {
-                continue;
-            }
-            seen.push(b);
             let lo: Vec<usize> = (0..nd).map(|d| offset[d].max(s.offset[d])).collect();
             let hi: Vec<usize> = (0..nd)
                 .map(|d| (offset[d] + shape[d]).min(s.offset[d] + s.shape[d]))
                 .collect();
             if (0..nd).any(|d| lo[d] >= hi[d]) || numel(shape) == 0 {
                 continue;
+            }
+            if !seen.insert((s.offset.as_slice(), s.shape.as_slice())) {
+                continue; // a replica of a box already copied
             }
             let src = self.shard_bytes(name, i)?;
             copy_box(

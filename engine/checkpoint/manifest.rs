@@ -3,7 +3,7 @@
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 pub const FORMAT_NAME: &str = "titan-checkpoint";
@@ -78,7 +78,7 @@ impl Manifest {
     /// Checks that every tensor's shards lie inside it and tile it exactly (replicas allowed).
     pub fn check_layout(&self, origin: &str) -> Result<()> {
         for (name, t) in &self.tensors {
-            check_tiling(name, t)
+            check_tiling(t)
                 .map_err(|m| Error::Checkpoint(format!("{origin}: tensor '{name}': {m}")))?;
             for s in &t.shards {
                 if s.rank >= self.world_size {
@@ -94,9 +94,10 @@ impl Manifest {
 }
 
 /// The distinct boxes must lie inside the global shape, not overlap, and cover its volume.
-fn check_tiling(_name: &str, t: &TensorEntry) -> std::result::Result<(), String> {
+fn check_tiling(t: &TensorEntry) -> std::result::Result<(), String> {
     let nd = t.shape.len();
     let mut boxes: Vec<(&[usize], &[usize])> = Vec::new();
+    let mut seen = HashSet::new();
     for s in &t.shards {
         if s.offset.len() != nd || s.shape.len() != nd {
             return Err(format!(
@@ -106,26 +107,25 @@ fn check_tiling(_name: &str, t: &TensorEntry) -> std::result::Result<(), String>
             ));
         }
         for d in 0..nd {
-            if s.offset[d] + s.shape[d] > t.shape[d] {
+            let end = s.offset[d].saturating_add(s.shape[d]);
+            if end > t.shape[d] {
                 return Err(format!(
-                    "shard on rank {} spans {}..{} of dim {d}, beyond its size {}",
-                    s.rank,
-                    s.offset[d],
-                    s.offset[d] + s.shape[d],
-                    t.shape[d]
+                    "shard on rank {} spans {}..{end} of dim {d}, beyond its size {}",
+                    s.rank, s.offset[d], t.shape[d]
                 ));
             }
         }
         let b = (s.offset.as_slice(), s.shape.as_slice());
-        if !boxes.contains(&b) {
+        if seen.insert(b) {
             boxes.push(b);
         }
     }
-    let total: usize = t.shape.iter().product();
-    let covered: usize = boxes
-        .iter()
-        .map(|(_, sh)| sh.iter().product::<usize>())
-        .sum();
+    let volume = |shape: &[usize]| shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    let total = volume(&t.shape).ok_or_else(|| format!("shape {:?} is too large", t.shape))?;
+    // Boxes lie inside the tensor, so each volume fits; the sum saturates instead of wrapping.
+    let covered = boxes.iter().fold(0usize, |acc, (_, sh)| {
+        acc.saturating_add(volume(sh).unwrap_or(usize::MAX))
+    });
     // Sweep on dim 0 so the usual dim-0 sharding costs O(n log n), not O(n^2).
     boxes.sort_by_key(|(o, _)| o.first().copied().unwrap_or(0));
     for i in 0..boxes.len() {

@@ -255,13 +255,44 @@ impl DataLoader {
 
     /// The next `batch x seq_len` inputs and labels. On error the position is left unchanged.
     pub fn next_batch(&mut self) -> Result<Batch> {
-        let saved = self.state();
-        match self.next_batch_inner() {
-            Ok(b) => Ok(b),
-            Err(e) => {
-                // Best effort: the batch error is what the caller needs to see.
-                let _ = self.restore(&saved);
-                Err(e)
+        let saved = self.position();
+        let result = self.next_batch_inner();
+        if result.is_err() {
+            self.set_position(saved);
+        }
+        result
+    }
+
+    /// (epoch, offset) or (document, offset): cheap to copy, unlike `state()`.
+    fn position(&self) -> (u64, u64) {
+        match &self.stream {
+            Stream::Flat { epoch, offset, .. } => (*epoch, *offset),
+            Stream::Synthetic { doc, offset, .. } => (*doc, *offset as u64),
+        }
+    }
+
+    /// Back to a `position()` taken earlier; regenerating the synthetic document cannot fail
+    /// here because it was generated successfully when that position was current.
+    fn set_position(&mut self, (a, b): (u64, u64)) {
+        let (rank, world) = (self.dp_rank as u64, self.dp_world as u64);
+        match &mut self.stream {
+            Stream::Flat { epoch, offset, .. } => (*epoch, *offset) = (a, b),
+            Stream::Synthetic {
+                corpus,
+                tokenizer,
+                doc,
+                offset,
+                cur,
+            } => {
+                if *doc != a {
+                    let Ok(ids) = synthetic_doc(corpus, tokenizer.as_ref(), rank + a * world)
+                    else {
+                        return;
+                    };
+                    *cur = ids;
+                    *doc = a;
+                }
+                *offset = b as usize;
             }
         }
     }

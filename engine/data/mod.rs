@@ -132,7 +132,7 @@ pub fn build_loader(cfg: &DataConfig) -> Result<DataLoader> {
 
     let Some(path) = path else {
         let tok: Arc<dyn Tokenizer> = Arc::from(load_tokenizer(cfg.tokenizer.as_deref())?);
-        let vocab = Some(cfg.vocab_size.unwrap_or(tok.vocab_size()));
+        let vocab = Some(check_vocab(cfg, tok.as_ref())?);
         let summary = format!(
             "dataset {name}: titan's synthetic corpus (seed {}), {}, {rank}",
             cfg.seed,
@@ -153,7 +153,7 @@ pub fn build_loader(cfg: &DataConfig) -> Result<DataLoader> {
                     path.display()
                 )));
             }
-            let vocab = Some(cfg.vocab_size.unwrap_or(tok.vocab_size()));
+            let vocab = Some(check_vocab(cfg, tok.as_ref())?);
             let summary = format!(
                 "dataset {}: {} text file(s), {n_docs} documents, {} tokens, {}, {rank}",
                 path.display(),
@@ -173,7 +173,10 @@ pub fn build_loader(cfg: &DataConfig) -> Result<DataLoader> {
                 Some(p) => Some(Arc::from(load_tokenizer(Some(p))?)),
                 None => None,
             };
-            let vocab = cfg.vocab_size.or(tok.as_ref().map(|t| t.vocab_size()));
+            let vocab = match &tok {
+                Some(t) => Some(check_vocab(cfg, t.as_ref())?),
+                None => cfg.vocab_size,
+            };
             let tf = TokenFiles::open(&files)?;
             let summary = format!(
                 "dataset {}: {} token file(s), {} tokens, {}, {rank}",
@@ -192,5 +195,19 @@ pub fn build_loader(cfg: &DataConfig) -> Result<DataLoader> {
             );
             Ok(l)
         }
+    }
+}
+
+/// The vocabulary ids must stay below: the configured (model) one, which must hold every id the
+/// tokenizer can produce; the tokenizer's when none is configured.
+fn check_vocab(cfg: &DataConfig, tok: &dyn Tokenizer) -> Result<usize> {
+    match cfg.vocab_size {
+        Some(v) if v < tok.vocab_size() => Err(Error::Config(format!(
+            "vocab_size {v} is smaller than tokenizer {}'s vocabulary ({})",
+            tok.name(),
+            tok.vocab_size()
+        ))),
+        Some(v) => Ok(v),
+        None => Ok(tok.vocab_size()),
     }
 }

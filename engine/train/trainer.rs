@@ -118,6 +118,12 @@ pub struct StepResult {
 
 impl Trainer {
     pub fn new(cfg: JobConfig) -> Result<Trainer> {
+        Self::with_options(cfg, false)
+    }
+
+    /// `flavor_vocab`: keep the flavor's vocabulary instead of the tokenizer's (benchmarks run a
+    /// real 128k-vocab output layer on built-in data, whose ids are all below it).
+    pub fn with_options(cfg: JobConfig, flavor_vocab: bool) -> Result<Trainer> {
         cfg.validate()?;
         let be = select_backend(&cfg.training.device)?;
         let device = device_name(be.as_ref());
@@ -143,7 +149,7 @@ impl Trainer {
             progress: true,
         };
         let loader = build_loader(&dcfg)?;
-        let vocab = loader.vocab_size();
+        let vocab = if flavor_vocab { None } else { loader.vocab_size() };
         let dtype = compute_dtype(&cfg, be.name())?;
         let (plan, memory) = trace_plan(&cfg, vocab, dtype)?;
         let (model, builder) = build_model(&cfg, vocab)?;

@@ -10,7 +10,7 @@
 //! (batch, kv head): it walks that kv head's query heads and tiles in a fixed order, so the dK
 //! and dV sums are formed in the same order on every run and every thread count.
 
-use super::gemm::matmul;
+use super::gemm::{matmul, Mat};
 use super::{
     check_dtype, load, overlaps, shape_err, store, view, view_mut, Float, SendPtr, FLOATS,
 };
@@ -98,18 +98,20 @@ pub fn attention_fwd<T: Float>(
     let lay = Layout { s };
     let group = s.n_heads / s.n_kv_heads;
     let tiles = seq.div_ceil(QTILE);
-    let (pq, pk, pv) = (
-        SendPtr(q.as_ptr() as *mut T),
-        SendPtr(k.as_ptr() as *mut T),
-        SendPtr(v.as_ptr() as *mut T),
-    );
+    let (qs, ks) = (lay.q_row_stride(), lay.kv_row_stride());
+    let (pq, pk, pv) = (ptr(q), ptr(k), ptr(v));
     let (po, pl) = (SendPtr(out.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
+    // Heaviest tiles (the last rows see the most keys) first, for better load balance.
+    let order = |task: usize| {
+        let (bh, t) = (task / tiles, task % tiles);
+        (bh, tiles - 1 - t)
+    };
     (0..s.batch * s.n_heads * tiles)
         .into_par_iter()
         .for_each_init(
-            || vec![T::ZERO; QTILE * seq],
+            || vec![T::ZERO; QTILE.min(seq) * seq],
             |sc, task| {
-                let (bh, t) = (task / tiles, task % tiles);
+                let (bh, t) = order(task);
                 let (b, h) = (bh / s.n_heads, bh % s.n_heads);
                 let hk = h / group;
                 let (q0, q1) = (t * QTILE, ((t + 1) * QTILE).min(seq));
@@ -117,48 +119,32 @@ pub fn attention_fwd<T: Float>(
                 // SAFETY: offsets come from the checked shape; this task alone writes the out rows
                 // q0..q1 of head h of batch b and the matching lse entries.
                 unsafe {
-                    let qt = pq.get().add(lay.q_off(b, q0, h));
-                    let kb = pk.get().add(lay.kv_off(b, 0, hk));
-                    let vb = pv.get().add(lay.kv_off(b, 0, hk));
+                    let qt = Mat::rows(pq.get().add(lay.q_off(b, q0, h)), qs);
+                    let kt = Mat::cols(pk.get().add(lay.kv_off(b, 0, hk)), ks); // kᵀ [d, keys]
+                    let vm = Mat::rows(pv.get().add(lay.kv_off(b, 0, hk)), ks);
                     let sc = &mut sc[..rows * keys];
-                    let (qs, ks) = (lay.q_row_stride(), lay.kv_row_stride());
+                    let scm = Mat::rows(sc.as_mut_ptr(), keys);
                     matmul(
-                        rows,
-                        keys,
-                        d,
-                        sc.as_mut_ptr(),
-                        keys,
+                        (rows, keys, d),
+                        scm,
                         qt,
-                        qs,
-                        1,
-                        kb,
-                        1,
-                        ks,
+                        kt,
                         scale,
                         T::ZERO,
                         Parallelism::None,
                     );
                     let lse_t = pl.get().add(lay.lse_off(b, h, q0));
                     for (i, row) in sc.chunks_mut(keys).enumerate() {
-                        let valid = q0 + i + 1;
-                        let (live, masked) = row.split_at_mut(valid);
-                        let l = softmax_row(live);
+                        let (live, masked) = row.split_at_mut(q0 + i + 1);
+                        *lse_t.add(i) = softmax_row(live);
                         masked.fill(T::ZERO);
-                        *lse_t.add(i) = l;
                     }
-                    let ot = po.get().add(lay.q_off(b, q0, h));
+                    let om = Mat::rows(po.get().add(lay.q_off(b, q0, h)), qs);
                     matmul(
-                        rows,
-                        d,
-                        keys,
-                        ot,
-                        qs,
-                        sc.as_ptr(),
-                        keys,
-                        1,
-                        vb,
-                        ks,
-                        1,
+                        (rows, d, keys),
+                        om,
+                        scm,
+                        vm,
                         T::ONE,
                         T::ZERO,
                         Parallelism::None,
@@ -169,21 +155,15 @@ pub fn attention_fwd<T: Float>(
     Ok(())
 }
 
+fn ptr<T>(x: &[T]) -> SendPtr<T> {
+    SendPtr(x.as_ptr() as *mut T)
+}
+
 /// Normalises scores into probabilities in place and returns their log-sum-exp.
 #[inline]
 fn softmax_row<T: Float>(row: &mut [T]) -> T {
-    let mut mx = T::NEG_INFINITY;
-    for &x in row.iter() {
-        mx = mx.max(x);
-    }
-    for x in row.iter_mut() {
-        *x -= mx;
-    }
-    T::exp_inplace(row);
-    let mut sum = T::ZERO;
-    for &x in row.iter() {
-        sum += x;
-    }
+    let mx = T::max_slice(row);
+    let sum = T::exp_sub_sum(row, mx);
     let inv = T::ONE / sum;
     for x in row.iter_mut() {
         *x = *x * inv;
@@ -226,19 +206,23 @@ pub fn attention_bwd<T: Float>(
     let group = s.n_heads / s.n_kv_heads;
     let tiles = seq.div_ceil(QTILE);
     let (qs, ks) = (lay.q_row_stride(), lay.kv_row_stride());
-    let ptr = |x: &[T]| SendPtr(x.as_ptr() as *mut T);
     let (pq, pk, pv, pdo) = (ptr(q), ptr(k), ptr(v), ptr(dout));
     let (pdq, pdk, pdv) = (
         SendPtr(dq.as_mut_ptr()),
         SendPtr(dk.as_mut_ptr()),
         SendPtr(dv.as_mut_ptr()),
     );
+    let none = Parallelism::None;
     (0..s.batch * s.n_kv_heads).into_par_iter().for_each_init(
         || Scratch::new(seq, d),
         |w, task| {
             let (b, hk) = (task / s.n_kv_heads, task % s.n_kv_heads);
             w.dk.fill(T::ZERO);
             w.dv.fill(T::ZERO);
+            let (dka, dva) = (
+                Mat::rows(w.dk.as_mut_ptr(), d),
+                Mat::rows(w.dv.as_mut_ptr(), d),
+            );
             // SAFETY: offsets come from the checked shape. This task alone writes dq for the
             // query heads of kv head hk in batch b, and dk/dv of (b, hk).
             unsafe {
@@ -248,59 +232,43 @@ pub fn attention_bwd<T: Float>(
                     for t in 0..tiles {
                         let (q0, q1) = (t * QTILE, ((t + 1) * QTILE).min(seq));
                         let (rows, keys) = (q1 - q0, q1);
-                        let qt = pq.get().add(lay.q_off(b, q0, h));
-                        let dot = pdo.get().add(lay.q_off(b, q0, h));
+                        let qt = Mat::rows(pq.get().add(lay.q_off(b, q0, h)), qs);
+                        let dot = Mat::rows(pdo.get().add(lay.q_off(b, q0, h)), qs);
                         let (p, dp) = (&mut w.p[..rows * keys], &mut w.dp[..rows * keys]);
+                        let (pm, dpm) = (
+                            Mat::rows(p.as_mut_ptr(), keys),
+                            Mat::rows(dp.as_mut_ptr(), keys),
+                        );
                         // p = exp(scale · q kᵀ − lse): the forward's probabilities, recomputed.
                         matmul(
-                            rows,
-                            keys,
-                            d,
-                            p.as_mut_ptr(),
-                            keys,
+                            (rows, keys, d),
+                            pm,
                             qt,
-                            qs,
-                            1,
-                            kb,
-                            1,
-                            ks,
+                            Mat::cols(kb, ks),
                             scale,
                             T::ZERO,
-                            Parallelism::None,
+                            none,
                         );
                         // dp = dout · vᵀ
                         matmul(
-                            rows,
-                            keys,
-                            d,
-                            dp.as_mut_ptr(),
-                            keys,
+                            (rows, keys, d),
+                            dpm,
                             dot,
-                            qs,
-                            1,
-                            vb,
-                            1,
-                            ks,
+                            Mat::cols(vb, ks),
                             T::ONE,
                             T::ZERO,
-                            Parallelism::None,
+                            none,
                         );
                         for i in 0..rows {
                             let o = lay.q_off(b, q0 + i, h);
-                            let mut delta = T::ZERO;
-                            for e in 0..d {
-                                delta += dout[o + e] * out[o + e];
-                            }
+                            let delta = T::dot(&dout[o..o + d], &out[o..o + d]);
                             let l = lse[lay.lse_off(b, h, q0 + i)];
                             let valid = q0 + i + 1;
                             let (pr, dpr) = (
                                 &mut p[i * keys..(i + 1) * keys],
                                 &mut dp[i * keys..(i + 1) * keys],
                             );
-                            for x in pr[..valid].iter_mut() {
-                                *x -= l;
-                            }
-                            T::exp_inplace(&mut pr[..valid]);
+                            T::exp_sub_sum(&mut pr[..valid], l);
                             pr[valid..].fill(T::ZERO);
                             // ds = p ∘ (dp − delta) · scale, kept in dp.
                             for (g, &pv) in dpr[..valid].iter_mut().zip(pr[..valid].iter()) {
@@ -309,57 +277,20 @@ pub fn attention_bwd<T: Float>(
                             dpr[valid..].fill(T::ZERO);
                         }
                         // dq = ds · k
-                        let dqt = pdq.get().add(lay.q_off(b, q0, h));
+                        let dqm = Mat::rows(pdq.get().add(lay.q_off(b, q0, h)), qs);
                         matmul(
-                            rows,
-                            d,
-                            keys,
-                            dqt,
-                            qs,
-                            dp.as_ptr(),
-                            keys,
-                            1,
-                            kb,
-                            ks,
-                            1,
+                            (rows, d, keys),
+                            dqm,
+                            dpm,
+                            Mat::rows(kb, ks),
                             T::ONE,
                             T::ZERO,
-                            Parallelism::None,
+                            none,
                         );
                         // dk += dsᵀ · q, dv += pᵀ · dout
-                        let (dka, dva) = (w.dk.as_mut_ptr(), w.dv.as_mut_ptr());
-                        matmul(
-                            keys,
-                            d,
-                            rows,
-                            dka,
-                            d,
-                            dp.as_ptr(),
-                            1,
-                            keys,
-                            qt,
-                            qs,
-                            1,
-                            T::ONE,
-                            T::ONE,
-                            Parallelism::None,
-                        );
-                        matmul(
-                            keys,
-                            d,
-                            rows,
-                            dva,
-                            d,
-                            p.as_ptr(),
-                            1,
-                            keys,
-                            dot,
-                            qs,
-                            1,
-                            T::ONE,
-                            T::ONE,
-                            Parallelism::None,
-                        );
+                        let (dst, pt) = (Mat::cols(dp.as_ptr(), keys), Mat::cols(p.as_ptr(), keys));
+                        matmul((keys, d, rows), dka, dst, qt, T::ONE, T::ONE, none);
+                        matmul((keys, d, rows), dva, pt, dot, T::ONE, T::ONE, none);
                     }
                 }
                 for j in 0..seq {
@@ -384,11 +315,12 @@ struct Scratch<T> {
 impl<T: Float> Scratch<T> {
     fn new(seq: usize, d: usize) -> Self {
         let tile = QTILE.min(seq) * seq;
+        let z = |n| vec![T::ZERO; n];
         Scratch {
-            p: vec![T::ZERO; tile],
-            dp: vec![T::ZERO; tile],
-            dk: vec![T::ZERO; seq * d],
-            dv: vec![T::ZERO; seq * d],
+            p: z(tile),
+            dp: z(tile),
+            dk: z(seq * d),
+            dv: z(seq * d),
         }
     }
 }

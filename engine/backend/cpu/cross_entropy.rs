@@ -12,19 +12,9 @@ use rayon::prelude::*;
 /// On entry `x` holds one row of logits; on exit it holds (softmax − onehot(target)) ·
 /// grad_scale. Returns the loss logsumexp(x) − x[target].
 pub fn cross_entropy_row<T: Float>(x: &mut [T], target: usize, grad_scale: T) -> T {
-    let mut mx = T::NEG_INFINITY;
-    for &v in x.iter() {
-        mx = mx.max(v);
-    }
-    for v in x.iter_mut() {
-        *v -= mx;
-    }
-    let xt = x[target];
-    T::exp_inplace(x);
-    let mut sum = T::ZERO;
-    for &v in x.iter() {
-        sum += v;
-    }
+    let mx = T::max_slice(x);
+    let xt = x[target] - mx;
+    let sum = T::exp_sub_sum(x, mx);
     let k = grad_scale / sum;
     for v in x.iter_mut() {
         *v = *v * k;

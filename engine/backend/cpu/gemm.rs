@@ -10,26 +10,48 @@ use crate::error::{Error, Result};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+/// A strided matrix operand: element (i, j) lives at `ptr + i·rs + j·cs`.
+#[derive(Clone, Copy, Debug)]
+pub struct Mat<T> {
+    pub ptr: *mut T,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<T> Mat<T> {
+    /// Row-major with leading dimension `ld` (rows `ld` apart).
+    pub fn rows(ptr: *const T, ld: usize) -> Mat<T> {
+        Mat {
+            ptr: ptr as *mut T,
+            rs: ld,
+            cs: 1,
+        }
+    }
+    /// Column-major with leading dimension `ld`, i.e. the transpose of a row-major matrix.
+    pub fn cols(ptr: *const T, ld: usize) -> Mat<T> {
+        Mat {
+            ptr: ptr as *mut T,
+            rs: 1,
+            cs: ld,
+        }
+    }
+}
+
 /// One strided matrix product: dst[m,n] = beta·dst + alpha·lhs[m,k]·rhs[k,n] (BLAS roles).
 /// When `beta` is zero the destination is not read, so stale NaNs in it do not propagate.
+/// The crate vectorises along dst's unit-stride dimension, so a column-major `dst` is the fast
+/// choice when n is small (attention's head_dim-wide outputs).
 ///
 /// # Safety
-/// Every pointer with its strides must address valid memory for the given sizes, and `dst`
+/// Every operand with its strides must address valid memory for the given sizes, and `dst`
 /// must not overlap `lhs` or `rhs`.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 pub unsafe fn matmul<T: Float>(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut T,
-    dst_rs: usize,
-    lhs: *const T,
-    lhs_rs: usize,
-    lhs_cs: usize,
-    rhs: *const T,
-    rhs_rs: usize,
-    rhs_cs: usize,
+    (m, n, k): (usize, usize, usize),
+    dst: Mat<T>,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
     alpha: T,
     beta: T,
     par: Parallelism,
@@ -40,26 +62,27 @@ pub unsafe fn matmul<T: Float>(
     if k == 0 {
         for i in 0..m {
             for j in 0..n {
-                let d = dst.add(i * dst_rs + j);
+                let d = dst.ptr.add(i * dst.rs + j * dst.cs);
                 *d = if beta == T::ZERO { T::ZERO } else { beta * *d };
             }
         }
         return;
     }
+    let is = |x: usize| x as isize;
     gemm::gemm(
         m,
         n,
         k,
-        dst,
-        1,
-        dst_rs as isize,
+        dst.ptr,
+        is(dst.cs),
+        is(dst.rs),
         beta != T::ZERO,
-        lhs,
-        lhs_cs as isize,
-        lhs_rs as isize,
-        rhs,
-        rhs_cs as isize,
-        rhs_rs as isize,
+        lhs.ptr,
+        is(lhs.cs),
+        is(lhs.rs),
+        rhs.ptr,
+        is(rhs.cs),
+        is(rhs.rs),
         beta,
         alpha,
         false,
@@ -114,9 +137,21 @@ pub fn check_gemm(g: &Gemm, a: usize, b: usize, c: usize) -> Result<()> {
 pub fn gemm_kernel<T: Float>(g: &Gemm, a: &[T], b: &[T], c: &mut [T]) -> Result<()> {
     check_gemm(g, a.len(), b.len(), c.len())?;
     let (m, n, k) = (g.m, g.n, g.k);
-    // op(A)[i, p]: A is [m, k] (row stride k) or, transposed, [k, m] (column stride m).
-    let (a_rs, a_cs) = if g.trans_a { (1, m) } else { (k, 1) };
-    let (b_rs, b_cs) = if g.trans_b { (1, k) } else { (n, 1) };
+    // op(A)[i, p]: A is [m, k] (row-major) or, transposed, stored [k, m] (column-major view).
+    let a_of = |p: *mut T| {
+        if g.trans_a {
+            Mat::cols(p, m)
+        } else {
+            Mat::rows(p, k)
+        }
+    };
+    let b_of = |p: *mut T| {
+        if g.trans_b {
+            Mat::cols(p, k)
+        } else {
+            Mat::rows(p, n)
+        }
+    };
     let (alpha, beta) = (T::from_f64(g.alpha as f64), T::from_f64(g.beta as f64));
     let (pa, pb, pc) = (
         SendPtr(a.as_ptr() as *mut T),
@@ -126,22 +161,12 @@ pub fn gemm_kernel<T: Float>(g: &Gemm, a: &[T], b: &[T], c: &mut [T]) -> Result<
     // SAFETY (both branches): check_gemm proved every matrix lies inside its slice, and distinct
     // batch entries of C are disjoint (stride_c >= m*n), so parallel batches never share output.
     let one = move |i: usize, par: Parallelism| unsafe {
-        matmul(
-            m,
-            n,
-            k,
-            pc.get().add(i * g.stride_c),
-            n,
-            pa.get().add(i * g.stride_a),
-            a_rs,
-            a_cs,
-            pb.get().add(i * g.stride_b),
-            b_rs,
-            b_cs,
-            alpha,
-            beta,
-            par,
-        )
+        let (a, b) = (
+            a_of(pa.get().add(i * g.stride_a)),
+            b_of(pb.get().add(i * g.stride_b)),
+        );
+        let c = Mat::rows(pc.get().add(i * g.stride_c), n);
+        matmul((m, n, k), c, a, b, alpha, beta, par)
     };
     // Small batched products (attention-like) parallelise better across the batch.
     if g.batch > 1 && m * n * k <= 128 * 128 * 128 {

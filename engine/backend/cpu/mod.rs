@@ -21,6 +21,7 @@ pub mod reduce;
 pub mod rmsnorm;
 pub mod rope;
 pub mod swiglu;
+pub mod vecmath;
 
 use super::{AdamW, AttnShape, Backend, Buf, DeviceMem, Gemm, RopeShape};
 use crate::error::{Error, Result};
@@ -58,12 +59,33 @@ pub trait Float:
     fn ln(self) -> Self;
     fn sqrt(self) -> Self;
     fn max(self, o: Self) -> Self;
-    /// xs[i] = exp(xs[i]); f32 overrides this with a vectorised polynomial because softmax
-    /// exponentials dominate attention on the CPU.
+    /// xs[i] = exp(xs[i]). f32 overrides this and the row reductions below with vectorised
+    /// versions (`vecmath`): softmax rows dominate attention and the loss on the CPU.
     fn exp_inplace(xs: &mut [Self]) {
         for x in xs {
             *x = x.exp();
         }
+    }
+    /// The largest element (−inf when empty).
+    fn max_slice(xs: &[Self]) -> Self {
+        xs.iter()
+            .fold(Self::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+    }
+    /// xs[i] = exp(xs[i] − m), returning Σ xs[i]: the core of every softmax.
+    fn exp_sub_sum(xs: &mut [Self], m: Self) -> Self {
+        let mut s = Self::ZERO;
+        for x in xs {
+            *x = (*x - m).exp();
+            s += *x;
+        }
+        s
+    }
+    fn dot(a: &[Self], b: &[Self]) -> Self {
+        let mut s = Self::ZERO;
+        for (&x, &y) in a.iter().zip(b) {
+            s += x * y;
+        }
+        s
     }
 }
 
@@ -114,7 +136,16 @@ impl Float for f32 {
         f32::max(self, o)
     }
     fn exp_inplace(xs: &mut [f32]) {
-        elementwise::exp_f32_slice(xs)
+        vecmath::exp_f32_slice(xs)
+    }
+    fn max_slice(xs: &[f32]) -> f32 {
+        vecmath::max_f32(xs)
+    }
+    fn exp_sub_sum(xs: &mut [f32], m: f32) -> f32 {
+        vecmath::exp_sub_sum_f32(xs, m)
+    }
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        vecmath::dot_f32(a, b)
     }
 }
 

@@ -52,10 +52,7 @@ pub fn rmsnorm_fwd<T: Float>(
         .zip(rstd.par_iter_mut())
         .with_min_len(8)
         .for_each(|((o, x), r)| {
-            let mut ss = T::ZERO;
-            for &v in x {
-                ss += v * v;
-            }
+            let ss = T::dot(x, x);
             let rs = T::ONE / (ss / n + eps).sqrt();
             *r = rs;
             for ((o, &v), &w) in o.iter_mut().zip(x).zip(w) {

@@ -124,7 +124,8 @@ pub(crate) fn section_keys(section: &str) -> &'static [(&'static str, Kind, Use)
             ("description", Str, Yes),
             ("print_config", Bool, Yes),
             ("print_args", Bool, Alias("job.print_config")),
-            ("config_file", OptStr, No("")),
+            // torchtitan's way to name the TOML on the command line; `JobConfig::load` reads it.
+            ("config_file", OptStr, Moot),
             ("save_config_file", OptStr, No("")),
             ("custom_config_module", Str, No("\"\"")),
             ("use_for_integration_test", Bool, No("false")),
