@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Builds everything that must run on a GPU machine (which has no Rust toolchain) into ./bundle:
-#   bundle/payload.tgz          bin/titan (release, --features cuda), tests/<name> (every test
-#                               executable: lib unit tests + tests/*.rs), benches/<name>, the
-#                               ptxas report; stripped and gzipped
-#   bundle/run-gpu.sh           unpacks the payload there and runs it, output to $OUT/results.txt
-#                               (or ./results.txt)
-# The bundle must stay under 64 MiB (the device tool's carry limit).
+#   bundle/bin/titan            release binary (--features cuda)
+#   bundle/tests/<name>         every test executable (lib unit tests + tests/*.rs), release
+#   bundle/benches/<name>       every bench executable
+#   bundle/run-gpu.sh           runs them there, output to $OUT/results.txt (or ./results.txt)
+#   bundle/ptxas-report.txt     registers / shared memory / spills per kernel
+# Binaries are stripped. The same tree is packed as ./bundle.tar.xz (untracked, so a device call
+# carries it with the working tree); it must stay under 64 MiB, the device tool's carry limit.
+# On the GPU machine: mkdir -p /tmp/b && tar xJf bundle.tar.xz -C /tmp/b && /tmp/b/run-gpu.sh
 # Usage: scripts/gpu-bundle.sh   (NVCC / CARGO_TARGET_DIR are honoured as for cargo build)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 bundle="$root/bundle"
-rm -rf "$bundle"
-stage="$bundle/stage"
+rm -rf "$bundle" "$root/bundle.tar.xz"
+stage="$bundle"
 mkdir -p "$stage/bin" "$stage/tests" "$stage/benches"
 
 # Executables cargo reports (one JSON line per artifact), for a given cargo subcommand.
@@ -62,16 +64,16 @@ if command -v strip >/dev/null; then
 fi
 report=$(ls -t "${CARGO_TARGET_DIR:-$root/target}"/release/build/titan-*/out/ptxas-report.txt 2>/dev/null | head -n 1 || true)
 if [ -n "$report" ]; then cp "$report" "$stage/ptxas-report.txt"; fi
-( cd "$stage" && find . -type f | sort | xargs ls -la ) > "$bundle/MANIFEST.txt"
-tar -C "$stage" -czf "$bundle/payload.tgz" .
-rm -rf "$stage"
 cp "$root/scripts/run-gpu.sh" "$bundle/run-gpu.sh"
 chmod +x "$bundle/run-gpu.sh"
+( cd "$bundle" && find . -type f | sort | xargs ls -la ) > "$root/bundle.manifest.tmp"
+mv "$root/bundle.manifest.tmp" "$bundle/MANIFEST.txt"
+tar -C "$bundle" -cJf "$root/bundle.tar.xz" .
 
-size=$(du -sb "$bundle" | cut -f1)
-echo "== bundle: $bundle ($((size / 1024 / 1024)) MiB)"
+size=$(stat -c %s "$root/bundle.tar.xz")
+echo "== bundle: $bundle ($(du -sm "$bundle" | cut -f1) MiB), packed: $root/bundle.tar.xz ($((size / 1024 / 1024)) MiB)"
 cat "$bundle/MANIFEST.txt"
 if [ "$size" -gt $((64 * 1024 * 1024)) ]; then
-  echo "bundle is over 64 MiB: drop test executables that need no GPU" >&2
+  echo "bundle.tar.xz is over 64 MiB: drop test executables that need no GPU" >&2
   exit 1
 fi
