@@ -12,6 +12,9 @@ use titan::rng::Rng;
 use titan::tape::{Placement, Tape};
 use titan::tensor::DType;
 
+/// (parameter name, element offset in the flat region, numel).
+type Spans = Vec<(String, usize, usize)>;
+
 fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
@@ -26,7 +29,7 @@ fn step(
     labels: &[i32],
     b: usize,
     s: usize,
-) -> (f32, Vec<f32>, Vec<f32>, Vec<(String, usize, usize)>) {
+) -> (f32, Vec<f32>, Vec<f32>, Spans) {
     let mut cfg = flavor("debugmodel").unwrap();
     cfg.update_from_training(s, Some(259)).unwrap();
     let mut pb = ParamStoreBuilder::default();
