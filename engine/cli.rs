@@ -61,7 +61,9 @@ pub fn train(config: Option<&Path>, overrides: &[String], quiet: bool) -> Result
             t0.elapsed().as_secs_f64(),
             first.loss,
             last.loss,
-            Path::new(&tr.cfg.job.dump_folder).join("metrics.jsonl").display()
+            Path::new(&tr.cfg.job.dump_folder)
+                .join("metrics.jsonl")
+                .display()
         );
         let png = Path::new(&tr.cfg.job.dump_folder).join("loss.png");
         crate::plot::loss_curve_png(&hist, &png)?;
@@ -80,7 +82,10 @@ pub fn plan(config: Option<&Path>, overrides: &[String], dtype: &str, json: bool
     let t0 = Instant::now();
     let (_, mp) = trace_plan(&cfg, None, dtype)?;
     if json {
-        println!("{}", serde_json::to_string(&mp).map_err(|e| Error::Other(e.to_string()))?);
+        println!(
+            "{}",
+            serde_json::to_string(&mp).map_err(|e| Error::Other(e.to_string()))?
+        );
         return Ok(());
     }
     let s = &mp.state;
@@ -114,7 +119,10 @@ pub fn plan(config: Option<&Path>, overrides: &[String], dtype: &str, json: bool
             gib(s.total() / shard as usize).trim()
         );
     }
-    println!("  (traced on the meta backend in {:.2}s, nothing allocated)", t0.elapsed().as_secs_f64());
+    println!(
+        "  (traced on the meta backend in {:.2}s, nothing allocated)",
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -122,7 +130,12 @@ pub fn list_models() {
     for spec in crate::models::registry() {
         println!("{}", spec.name);
         for f in (spec.flavors)() {
-            println!("  {:<16} {:>16} params   {}", f.name, group_digits(f.num_params), f.description);
+            println!(
+                "  {:<16} {:>16} params   {}",
+                f.name,
+                group_digits(f.num_params),
+                f.description
+            );
         }
     }
 }
@@ -131,7 +144,7 @@ fn group_digits(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -140,9 +153,19 @@ fn group_digits(n: usize) -> String {
 }
 
 /// Mean next-token loss over every sequence of the token file.
-pub fn eval(root: &Path, step: Option<u64>, tokens: &Path, seq_len: Option<usize>, device: &str) -> Result<()> {
+pub fn eval(
+    root: &Path,
+    step: Option<u64>,
+    tokens: &Path,
+    seq_len: Option<usize>,
+    device: &str,
+) -> Result<()> {
     let ck = checkpoint::load(root, step)?;
-    let cfg = JobConfig::from_toml_str(&ck.manifest.config, &format!("{}/manifest.json", ck.dir.display()), &[])?;
+    let cfg = JobConfig::from_toml_str(
+        &ck.manifest.config,
+        &format!("{}/manifest.json", ck.dir.display()),
+        &[],
+    )?;
     let be = select_backend(device)?;
     let dtype = crate::train::trainer::compute_dtype(&cfg, be.name())?;
     let vocab = ck.entry("model.tok_embeddings.weight")?.shape[0];
@@ -156,7 +179,10 @@ pub fn eval(root: &Path, step: Option<u64>, tokens: &Path, seq_len: Option<usize
         let key = format!("model.{}", store.name(id));
         let bytes = ck.read_global(&key)?;
         if bytes.len() != store.numel(id) * 4 {
-            return Err(Error::Checkpoint(format!("{}: {key} has the wrong size", ck.dir.display())));
+            return Err(Error::Checkpoint(format!(
+                "{}: {key} has the wrong size",
+                ck.dir.display()
+            )));
         }
         be.upload(store.master(id), &bytes)?;
     }
@@ -171,9 +197,15 @@ pub fn eval(root: &Path, step: Option<u64>, tokens: &Path, seq_len: Option<usize
         count += b.labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
     }
     if count == 0 {
-        return Err(Error::Data(format!("{}: no sequence with at least 2 tokens", tokens.display())));
+        return Err(Error::Data(format!(
+            "{}: no sequence with at least 2 tokens",
+            tokens.display()
+        )));
     }
-    println!("{}", serde_json::json!({"loss": total / count as f64, "tokens": count, "step": ck.step()}));
+    println!(
+        "{}",
+        serde_json::json!({"loss": total / count as f64, "tokens": count, "step": ck.step()})
+    );
     Ok(())
 }
 

@@ -55,7 +55,10 @@ pub fn measure_gemm_peak(be: &dyn Backend) -> Result<Peak> {
     }
     times.sort_by(|x, y| x.partial_cmp(y).unwrap());
     let flops = g.flops() / times[2];
-    Ok(Peak { flops, source: format!("measured f32 GEMM {n}^3 on {}", be.name()) })
+    Ok(Peak {
+        flops,
+        source: format!("measured f32 GEMM {n}^3 on {}", be.name()),
+    })
 }
 
 /// One step's numbers.
@@ -125,7 +128,11 @@ impl MetricsWriter {
             .append(true)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
-        Ok(MetricsWriter { path, file, history: Vec::new() })
+        Ok(MetricsWriter {
+            path,
+            file,
+            history: Vec::new(),
+        })
     }
     pub fn write(&mut self, m: &StepMetrics) -> Result<()> {
         let line = serde_json::to_string(m).map_err(|e| Error::Other(e.to_string()))?;

@@ -22,9 +22,10 @@ run() { # name, max seconds, cmd...
   echo "==== $n" | tee -a "$res"; local t0=$SECONDS
   timeout "$lim" "$@" 2>&1 | tee -a "$res"; echo "==== $n rc=${PIPESTATUS[0]} $((SECONDS-t0))s" | tee -a "$res"
 }
-for t in cuda_train cuda_ops cuda_attention; do run "test $t" 70 $b/tests/$t --ignored --test-threads=1 --nocapture; done
-run "titan bench 1B" 100 $b/bin/titan bench --config configs/llama3_1b.toml --steps 5 --warmup 2 --training.seq_len 4096 --training.local_batch_size 2 --activation_checkpoint.mode none --training.device cuda --model.hf_assets_path=
-run "torch ref 1B" 90 python3 benches/torch_llama_ref.py --flavor 1B --seq 4096 --batch 2 --steps 5 --warmup 2
+run "test cuda_train" 40 $b/tests/cuda_train --ignored --test-threads=1 --nocapture
+run "titan bench 1B" 70 $b/bin/titan bench --config configs/llama3_1b.toml --steps 5 --warmup 2 --training.seq_len 4096 --training.local_batch_size 2 --activation_checkpoint.mode none --training.device cuda --model.hf_assets_path=
+run "torch ref 1B" 60 python3 benches/torch_llama_ref.py --flavor 1B --seq 4096 --batch 2 --steps 5 --warmup 2
+for t in cuda_ops cuda_attention; do run "test $t" 60 $b/tests/$t --ignored --test-threads=1; done
 
 run "bench cuda_kernels" 60 $b/benches/cuda_kernels --bench --warm-up-time 0.3 --measurement-time 0.7 --noplot
 echo "==== summary" | tee -a "$res"; grep -E "^==== .*rc=|^test result|FAILED|panicked|^bench:|^torch-ref|SUMMARY|SKIP" "$res" | tee "$out/summary.txt"

@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use titan::error::{Error, Result};
 
 #[derive(Parser)]
-#[command(name = "titan", version, about = "Kernel-first LLM pre-training engine (Llama 3; CPU reference and CUDA backends)")]
+#[command(
+    name = "titan",
+    version,
+    about = "Kernel-first LLM pre-training engine (Llama 3; CPU reference and CUDA backends)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -110,15 +114,29 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Train { config, quiet, overrides } => {
+        Cmd::Train {
+            config,
+            quiet,
+            overrides,
+        } => {
             let (config, overrides) = take_config(config, overrides);
             titan::cli::train(config.as_deref(), &overrides, quiet)
         }
-        Cmd::Plan { config, dtype, json, overrides } => {
+        Cmd::Plan {
+            config,
+            dtype,
+            json,
+            overrides,
+        } => {
             let (config, overrides) = take_config(config, overrides);
             titan::cli::plan(config.as_deref(), &overrides, &dtype, json)
         }
-        Cmd::Bench { config, steps, warmup, overrides } => {
+        Cmd::Bench {
+            config,
+            steps,
+            warmup,
+            overrides,
+        } => {
             let (config, overrides) = take_config(config, overrides);
             titan::cli::bench(config.as_deref(), &overrides, steps, warmup)
         }
@@ -126,9 +144,13 @@ fn run(cli: Cli) -> Result<()> {
             titan::cli::list_models();
             Ok(())
         }
-        Cmd::Eval { checkpoint, step, tokens, seq_len, device } => {
-            titan::cli::eval(&checkpoint, step, &tokens, seq_len, &device)
-        }
+        Cmd::Eval {
+            checkpoint,
+            step,
+            tokens,
+            seq_len,
+            device,
+        } => titan::cli::eval(&checkpoint, step, &tokens, seq_len, &device),
     }
     .map_err(|e: Error| e)
 }

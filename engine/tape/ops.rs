@@ -291,7 +291,7 @@ impl<'a> Tape<'a> {
         self.float_check("rope", x)?;
         let xs = self.shape(x).clone();
         let cs = self.shape(cos).clone();
-        if xs.rank() != 4 || xs.0[3] % 2 != 0 {
+        if xs.rank() != 4 || !xs.0[3].is_multiple_of(2) {
             return Err(shape_err(
                 "rope",
                 format!("x must be [batch, seq, heads, even head_dim], got {xs}"),

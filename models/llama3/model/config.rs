@@ -94,19 +94,19 @@ impl Llama3Config {
         if self.dim == 0 || self.n_layers == 0 || self.n_heads == 0 || self.vocab_size == 0 {
             return bad("dim, n_layers, n_heads and vocab_size must be positive".into());
         }
-        if self.dim % self.n_heads != 0 {
+        if !self.dim.is_multiple_of(self.n_heads) {
             return bad(format!(
                 "dim {} is not divisible by n_heads {}",
                 self.dim, self.n_heads
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return bad(format!(
                 "head_dim {} must be even for rotary embeddings",
                 self.head_dim()
             ));
         }
-        if self.kv_heads() == 0 || self.n_heads % self.kv_heads() != 0 {
+        if self.kv_heads() == 0 || !self.n_heads.is_multiple_of(self.kv_heads()) {
             return bad(format!(
                 "n_heads {} is not a multiple of n_kv_heads {}",
                 self.n_heads,
@@ -203,7 +203,6 @@ impl Llama3Config {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::models::llama3::flavor;
 
     #[test]

@@ -177,7 +177,9 @@ impl Init<'_> {
         let seed = self.seed;
         let mut out = vec![0f32; n];
         out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, dst)| {
-            let mut rng = Rng::new(seed ^ ((id.0 as u64) << 40) ^ ((c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+            let mut rng = Rng::new(
+                seed ^ ((id.0 as u64) << 40) ^ ((c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            );
             for x in dst {
                 *x = f(&mut rng) as f32;
             }
@@ -206,7 +208,8 @@ impl Init<'_> {
         if self.be.is_meta() {
             return Ok(());
         }
-        self.store.set(self.be, id, &vec![1.0; self.store.numel(id)])
+        self.store
+            .set(self.be, id, &vec![1.0; self.store.numel(id)])
     }
 }
 
