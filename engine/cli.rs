@@ -210,7 +210,13 @@ pub fn eval(
 }
 
 /// Training throughput of a config on one device: warm-up steps, then `steps` timed steps.
-pub fn bench(config: Option<&Path>, overrides: &[String], steps: u64, warmup: u64) -> Result<()> {
+pub fn bench(
+    config: Option<&Path>,
+    overrides: &[String],
+    steps: u64,
+    warmup: u64,
+    profile: bool,
+) -> Result<()> {
     let mut ov = overrides.to_vec();
     ov.extend(["--training.dataset".to_string(), "synthetic".to_string()]);
     ov.extend(["--training.steps".to_string(), (steps + warmup).to_string()]);
@@ -236,6 +242,7 @@ pub fn bench(config: Option<&Path>, overrides: &[String], steps: u64, warmup: u6
         println!("bench: warm-up step {} loss {:.4}", tr.step, r.loss);
     }
     tr.be.synchronize()?;
+    crate::tape::profile::enable(profile);
     let t0 = Instant::now();
     let mut tokens = 0usize;
     let mut last = 0.0;
@@ -246,6 +253,27 @@ pub fn bench(config: Option<&Path>, overrides: &[String], steps: u64, warmup: u6
     }
     tr.be.synchronize()?;
     let dt = t0.elapsed().as_secs_f64();
+    crate::tape::profile::enable(false);
+    if profile {
+        let rows = crate::tape::profile::report();
+        let total: f64 = rows.iter().map(|r| r.2).sum();
+        println!(
+            "profile: {:<22} {:>7} {:>10} {:>6}   (ops synchronised; step {:.1} ms)",
+            "op",
+            "calls",
+            "ms/step",
+            "%",
+            1e3 * dt / steps.max(1) as f64
+        );
+        for (name, calls, secs) in rows {
+            println!(
+                "profile: {name:<22} {:>7} {:>10.2} {:>5.1}%",
+                calls / steps.max(1),
+                1e3 * secs / steps.max(1) as f64,
+                100.0 * secs / total
+            );
+        }
+    }
     let tps = tokens as f64 / dt;
     let (_, f_tt) = c.nparams_and_flops(seq);
     let f_llmc = c.flops_per_token_llmc(seq);

@@ -58,6 +58,9 @@ enum Cmd {
         steps: u64,
         #[arg(long, default_value_t = 3)]
         warmup: u64,
+        /// Time every op (synchronising around each) and print a table.
+        #[arg(long)]
+        profile: bool,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         overrides: Vec<String>,
     },
@@ -101,6 +104,13 @@ fn take_config(config: Option<PathBuf>, overrides: Vec<String>) -> (Option<PathB
     (cfg, rest)
 }
 
+/// Removes a bare flag of this subcommand that landed among the trailing overrides.
+fn take_flag(overrides: &mut Vec<String>, flag: &str) -> bool {
+    let before = overrides.len();
+    overrides.retain(|a| a != flag);
+    overrides.len() != before
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -135,10 +145,12 @@ fn run(cli: Cli) -> Result<()> {
             config,
             steps,
             warmup,
+            profile,
             overrides,
         } => {
-            let (config, overrides) = take_config(config, overrides);
-            titan::cli::bench(config.as_deref(), &overrides, steps, warmup)
+            let (config, mut overrides) = take_config(config, overrides);
+            let profile = take_flag(&mut overrides, "--profile") || profile;
+            titan::cli::bench(config.as_deref(), &overrides, steps, warmup, profile)
         }
         Cmd::ListModels => {
             titan::cli::list_models();
