@@ -3,4 +3,5 @@
 pub mod config;
 pub mod lr;
 pub mod device;
+pub mod hf;
 pub mod trainer;
