@@ -15,7 +15,7 @@ pub trait StateDictAdapter {
     fn to_hf(&self, titan: &str) -> Result<String>;
     /// The titan parameter a Hugging Face tensor loads into; `Ok(None)` for tensors titan does
     /// not keep (buffers such as rotary `inv_freq`, or a tied `lm_head` copy).
-    fn from_hf(&self, hf: &str) -> Result<Option<String>>;
+    fn to_titan(&self, hf: &str) -> Result<Option<String>>;
 }
 
 /// Reads the tensor of every parameter in `specs` from `ck` (converted to f32, shape checked)
@@ -28,7 +28,7 @@ pub fn read_hf_params(
     mut sink: impl FnMut(usize, Vec<f32>) -> Result<()>,
 ) -> Result<()> {
     for hf in ck.names() {
-        if let Some(titan) = adapter.from_hf(hf)? {
+        if let Some(titan) = adapter.to_titan(hf)? {
             if !specs.iter().any(|s| s.name == titan) {
                 return Err(Error::Checkpoint(format!(
                     "{}: tensor {hf} maps to {titan}, which this model does not have",

@@ -68,7 +68,14 @@ fn missing_shard_names_index_tensor_and_file() {
     let d = copy_of("gqa_untied_sharded", "missing-shard");
     std::fs::remove_file(d.join("model-00002-of-00004.safetensors")).unwrap();
     let e = convert_err(&d);
-    assert_has(&e, &[HF_INDEX, "model-00002-of-00004.safetensors", "model.layers."]);
+    assert_has(
+        &e,
+        &[
+            HF_INDEX,
+            "model-00002-of-00004.safetensors",
+            "model.layers.",
+        ],
+    );
 }
 
 #[test]
@@ -91,7 +98,10 @@ fn index_naming_a_missing_file_or_wrong_file_is_refused() {
     let p = d.join(HF_INDEX);
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     let map = v["weight_map"].as_object().unwrap();
-    let emb_file = map["model.embed_tokens.weight"].as_str().unwrap().to_string();
+    let emb_file = map["model.embed_tokens.weight"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let other = map
         .iter()
         .find(|(_, f)| f.as_str() != Some(&emb_file))
@@ -101,7 +111,10 @@ fn index_naming_a_missing_file_or_wrong_file_is_refused() {
     v2["weight_map"]["model.embed_tokens.weight"] = other.clone().into();
     std::fs::write(&p, serde_json::to_string(&v2).unwrap()).unwrap();
     let e = convert_err(&d);
-    assert_has(&e, &[&other, "model.embed_tokens.weight", "does not hold it"]);
+    assert_has(
+        &e,
+        &[&other, "model.embed_tokens.weight", "does not hold it"],
+    );
 }
 
 #[test]
@@ -117,7 +130,12 @@ fn wrong_shape_names_file_and_tensor() {
     let e = convert_err(&d);
     assert_has(
         &e,
-        &[HF_SINGLE, "model.layers.1.mlp.down_proj.weight", "[50, 40]", "[40, 50]"],
+        &[
+            HF_SINGLE,
+            "model.layers.1.mlp.down_proj.weight",
+            "[50, 40]",
+            "[40, 50]",
+        ],
     );
 }
 
@@ -135,9 +153,17 @@ fn unsupported_dtype_names_file_and_tensor() {
 #[test]
 fn missing_and_unknown_tensors_are_named() {
     let d = copy_of("llama3_scaled_mqa", "missing-tensor");
-    rewrite(&d, |ts| ts.retain(|t| t.0 != "model.layers.0.input_layernorm.weight"));
+    rewrite(&d, |ts| {
+        ts.retain(|t| t.0 != "model.layers.0.input_layernorm.weight")
+    });
     let e = convert_err(&d);
-    assert_has(&e, &["missing tensor model.layers.0.input_layernorm.weight", "attention_norm"]);
+    assert_has(
+        &e,
+        &[
+            "missing tensor model.layers.0.input_layernorm.weight",
+            "attention_norm",
+        ],
+    );
 
     let d = copy_of("llama3_scaled_mqa", "extra-tensor");
     rewrite(&d, |ts| {
@@ -159,11 +185,17 @@ fn truncated_files_are_named() {
     let p = d.join(HF_SINGLE);
     let bytes = std::fs::read(&p).unwrap();
     std::fs::write(&p, &bytes[..100]).unwrap();
-    let e = HfCheckpoint::open(&d).err().expect("truncated header").to_string();
+    let e = HfCheckpoint::open(&d)
+        .err()
+        .expect("truncated header")
+        .to_string();
     assert_has(&e, &[HF_SINGLE, "truncated safetensors header"]);
     // Shorter than the 8-byte length field.
     std::fs::write(&p, &bytes[..5]).unwrap();
-    let e = HfCheckpoint::open(&d).err().expect("5-byte file").to_string();
+    let e = HfCheckpoint::open(&d)
+        .err()
+        .expect("5-byte file")
+        .to_string();
     assert_has(&e, &[HF_SINGLE, "truncated"]);
     // Cut inside the tensor data.
     std::fs::write(&p, &bytes[..bytes.len() - 10]).unwrap();
@@ -175,7 +207,10 @@ fn truncated_files_are_named() {
 fn empty_folder_is_not_a_checkpoint() {
     let d = std::env::temp_dir().join(format!("titan-hfbad-empty-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
-    let e = HfCheckpoint::open(&d).err().expect("empty folder").to_string();
+    let e = HfCheckpoint::open(&d)
+        .err()
+        .expect("empty folder")
+        .to_string();
     assert_has(&e, &[HF_SINGLE, HF_INDEX]);
     let _ = std::fs::remove_dir_all(&d);
 }
@@ -193,7 +228,11 @@ fn unsupported_configs_name_file_and_field() {
             serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
             "rope_scaling.rope_type",
         ),
-        ("intermediate_size", serde_json::Value::Null, "intermediate_size"),
+        (
+            "intermediate_size",
+            serde_json::Value::Null,
+            "intermediate_size",
+        ),
     ];
     for (i, (key, value, field)) in cases.into_iter().enumerate() {
         let d = copy_of("llama3_scaled_mqa", &format!("cfg{i}"));
@@ -202,7 +241,7 @@ fn unsupported_configs_name_file_and_field() {
             serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
         v[key] = value;
         std::fs::write(&p, v.to_string()).unwrap();
-        let e = llama3_config_from_hf(&p).err().expect(key);
+        let e = llama3_config_from_hf(&p).expect_err(key);
         assert!(matches!(e, Error::Config(_)), "{key}: {e}");
         assert_has(&e.to_string(), &[HF_CONFIG, field]);
         let _ = std::fs::remove_dir_all(&d);

@@ -279,28 +279,85 @@ fn tied_export_has_no_lm_head_and_untied_has_one() {
         n_layers: 2,
         tie_embeddings: true,
     };
-    assert_eq!(a.from_hf("lm_head.weight").unwrap(), None);
+    assert_eq!(a.to_titan("lm_head.weight").unwrap(), None);
     assert_eq!(
-        a.from_hf("model.layers.1.self_attn.rotary_emb.inv_freq")
+        a.to_titan("model.layers.1.self_attn.rotary_emb.inv_freq")
             .unwrap(),
         None
     );
     assert_eq!(
-        a.from_hf("model.layers.1.mlp.up_proj.weight")
+        a.to_titan("model.layers.1.mlp.up_proj.weight")
             .unwrap()
             .as_deref(),
         Some("layers.1.feed_forward.w3.weight")
     );
-    assert!(a.from_hf("model.layers.2.mlp.up_proj.weight").is_err());
-    assert!(a.from_hf("model.layers.0.self_attn.q_proj.bias").is_err());
+    assert!(a.to_titan("model.layers.2.mlp.up_proj.weight").is_err());
+    assert!(a.to_titan("model.layers.0.self_attn.q_proj.bias").is_err());
     let u = Llama3StateDictAdapter {
         n_layers: 2,
         tie_embeddings: false,
     };
     assert_eq!(
-        u.from_hf("lm_head.weight").unwrap().as_deref(),
+        u.to_titan("lm_head.weight").unwrap().as_deref(),
         Some("output.weight")
     );
     let names = tensors_of(&fixture("mha_tied"));
     assert!(names.iter().all(|t| t.0 != "lm_head.weight"));
+}
+
+/// Every flavor survives config.json export and re-import (same shapes, rotary frequencies and
+/// parameter count; the exact `intermediate_size` path is taken on import).
+#[test]
+fn flavors_round_trip_through_config_json() {
+    use titan::models::llama3::{flavor, model::state_dict_adapter::hf_config_from_llama3};
+    let tmp = scratch("flavor-configs");
+    for f in [
+        "debugmodel",
+        "debugmodel_gqa",
+        "1B",
+        "3B",
+        "8B",
+        "70B",
+        "405B",
+    ] {
+        let c = flavor(f).unwrap();
+        let p = tmp.join(format!("{f}.json"));
+        std::fs::write(&p, hf_config_from_llama3(&c, "bfloat16").to_string()).unwrap();
+        let back = llama3_config_from_hf(&p).unwrap();
+        assert_eq!(back.ffn_hidden_override, Some(c.ffn_hidden()), "{f}");
+        assert_eq!(back.num_params(), c.num_params(), "{f}");
+        assert_eq!(back.rope_freqs(), c.rope_freqs(), "{f}");
+        assert_eq!(
+            (back.kv_heads(), back.tie_embeddings),
+            (c.kv_heads(), c.tie_embeddings)
+        );
+    }
+    let _ = std::fs::remove_dir_all(tmp);
+}
+
+/// The published Llama 3.2 1B config.json (transformers 4 spelling) is the 1B flavor.
+#[test]
+fn llama_3_2_1b_config_matches_the_flavor() {
+    let tmp = scratch("l32-config");
+    let p = tmp.join("config.json");
+    let cfg = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+        "vocab_size": 128256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "max_position_embeddings": 131072, "tie_word_embeddings": true,
+        "attention_bias": false, "mlp_bias": false, "torch_dtype": "bfloat16"
+    });
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    let c = llama3_config_from_hf(&p).unwrap();
+    let f = titan::models::llama3::flavor("1B").unwrap();
+    assert_eq!(c.num_params(), 1_235_814_400);
+    assert_eq!(c.rope_freqs(), f.rope_freqs());
+    assert_eq!(
+        (c.norm_eps, c.max_position_embeddings),
+        (f.norm_eps, f.max_position_embeddings)
+    );
+    let _ = std::fs::remove_dir_all(tmp);
 }

@@ -48,7 +48,11 @@ fn sample() -> (String, Vec<u32>, usize) {
 fn fixture_tokenizer_drives_a_text_dataset() {
     let (text, ids, vocab) = sample();
     let tok = load_tokenizer(Some(&fixture("tokenizer"))).unwrap();
-    assert_eq!(tok.encode(&text).unwrap(), ids, "tokenizers (Python) vs titan encode");
+    assert_eq!(
+        tok.encode(&text).unwrap(),
+        ids,
+        "tokenizers (Python) vs titan encode"
+    );
     assert_eq!(tok.vocab_size(), vocab);
     let cfg = DataConfig {
         dataset: "text".into(),
@@ -119,7 +123,10 @@ fn trains_from_hf_weights_and_exports_hf_at_the_end() {
     let mut tr = Trainer::new(cfg).unwrap();
     let mut want = llama3_config_from_hf(&src.join(HF_CONFIG)).unwrap();
     want.max_seq_len = 8;
-    assert_eq!(tr.model.config, want, "the architecture comes from config.json");
+    assert_eq!(
+        tr.model.config, want,
+        "the architecture comes from config.json"
+    );
     assert_eq!(tr.maybe_resume().unwrap(), None);
     // The weights are the checkpoint's, not the random init.
     let ck = HfCheckpoint::open(&src).unwrap();
@@ -127,7 +134,10 @@ fn trains_from_hf_weights_and_exports_hf_at_the_end() {
     for id in tr.store.ids() {
         let hf = adapter.to_hf(tr.store.name(id)).unwrap();
         let want = ck.get(&hf).unwrap().to_f32().unwrap();
-        let got = tr.store.read_f32(tr.be.as_ref(), tr.store.master(id)).unwrap();
+        let got = tr
+            .store
+            .read_f32(tr.be.as_ref(), tr.store.master(id))
+            .unwrap();
         assert!(got == want, "{hf} was not loaded");
     }
     let hist = tr.fit(true).unwrap();
@@ -138,9 +148,20 @@ fn trains_from_hf_weights_and_exports_hf_at_the_end() {
         llama3_config_from_hf(&src.join(HF_CONFIG)).unwrap()
     );
     let exported = HfCheckpoint::open(&out).unwrap();
-    assert_eq!(exported.names().collect::<Vec<_>>(), ck.names().collect::<Vec<_>>());
-    let a = exported.get("model.embed_tokens.weight").unwrap().to_f32().unwrap();
-    let b = ck.get("model.embed_tokens.weight").unwrap().to_f32().unwrap();
+    assert_eq!(
+        exported.names().collect::<Vec<_>>(),
+        ck.names().collect::<Vec<_>>()
+    );
+    let a = exported
+        .get("model.embed_tokens.weight")
+        .unwrap()
+        .to_f32()
+        .unwrap();
+    let b = ck
+        .get("model.embed_tokens.weight")
+        .unwrap()
+        .to_f32()
+        .unwrap();
     assert!(a != b, "two AdamW steps changed the embedding");
     let _ = std::fs::remove_dir_all(dump);
 }
@@ -151,11 +172,17 @@ fn resumes_from_a_converted_checkpoint() {
     hf_to_titan(&fixture("mha_tied"), &dump.join("checkpoint")).unwrap();
     let cfg = JobConfig::load(None, &overrides(&dump, &["--checkpoint.enable"])).unwrap();
     let mut tr = Trainer::new(cfg).unwrap();
-    assert_eq!(tr.model.config.dim, 40, "architecture from the converted manifest");
+    assert_eq!(
+        tr.model.config.dim, 40,
+        "architecture from the converted manifest"
+    );
     assert_eq!(tr.maybe_resume().unwrap(), Some(0));
     let ck = HfCheckpoint::open(&fixture("mha_tied")).unwrap();
     let id = tr.store.find("layers.1.attention.wk.weight").unwrap();
-    let got = tr.store.read_f32(tr.be.as_ref(), tr.store.master(id)).unwrap();
+    let got = tr
+        .store
+        .read_f32(tr.be.as_ref(), tr.store.master(id))
+        .unwrap();
     let want = ck
         .get("model.layers.1.self_attn.k_proj.weight")
         .unwrap()
@@ -164,5 +191,52 @@ fn resumes_from_a_converted_checkpoint() {
     assert!(got == want);
     tr.fit(true).unwrap();
     assert!(dump.join("checkpoint/step-2/manifest.json").is_file());
+    let _ = std::fs::remove_dir_all(dump);
+}
+
+#[test]
+fn initial_load_from_a_titan_step_folder() {
+    let dump = scratch("initial-titan");
+    let conv = dump.join("converted");
+    let step0 = hf_to_titan(&fixture("llama3_scaled_mqa"), &conv).unwrap();
+    let cfg = JobConfig::load(
+        None,
+        &overrides(
+            &dump,
+            &["--checkpoint.initial_load_path", step0.to_str().unwrap()],
+        ),
+    )
+    .unwrap();
+    let mut tr = Trainer::new(cfg).unwrap();
+    assert_eq!(
+        tr.model.config.n_kv_heads,
+        Some(1),
+        "architecture from the step folder"
+    );
+    assert!(tr.model.config.rope_scaling.is_some());
+    assert_eq!(tr.maybe_resume().unwrap(), None);
+    let ck = HfCheckpoint::open(&fixture("llama3_scaled_mqa")).unwrap();
+    let id = tr.store.find("output.weight").unwrap();
+    let got = tr
+        .store
+        .read_f32(tr.be.as_ref(), tr.store.master(id))
+        .unwrap();
+    assert!(got == ck.get("lm_head.weight").unwrap().to_f32().unwrap());
+    let _ = std::fs::remove_dir_all(dump);
+}
+
+#[test]
+fn initial_load_in_hf_without_a_path_is_a_config_error() {
+    let dump = scratch("no-path");
+    let cfg = JobConfig::load(
+        None,
+        &overrides(&dump, &["--checkpoint.initial_load_in_hf"]),
+    )
+    .unwrap();
+    let e = Trainer::new(cfg)
+        .err()
+        .expect("missing initial_load_path")
+        .to_string();
+    assert!(e.contains("initial_load_path"), "{e}");
     let _ = std::fs::remove_dir_all(dump);
 }

@@ -233,9 +233,9 @@ impl HfTensor<'_> {
 /// "float32" | "bfloat16" | "float16" (checkpoint.export_dtype) -> safetensors dtype.
 pub fn parse_export_dtype(s: &str) -> Result<Dtype> {
     match s {
-        "float32" | "f32" => Ok(Dtype::F32),
-        "bfloat16" | "bf16" => Ok(Dtype::BF16),
-        "float16" | "f16" => Ok(Dtype::F16),
+        "float32" => Ok(Dtype::F32),
+        "bfloat16" => Ok(Dtype::BF16),
+        "float16" => Ok(Dtype::F16),
         _ => Err(Error::Config(format!(
             "export dtype {s:?}: expected float32, bfloat16 or float16"
         ))),

@@ -173,7 +173,8 @@ pub struct HfEval {
     pub logits: Option<(Vec<usize>, Vec<f32>)>,
 }
 
-/// Every sequence of the token file through the Hugging Face checkpoint `dir` (f32 compute).
+/// Every sequence of the token file through the Hugging Face checkpoint `dir` (f32 compute on
+/// the CPU backend, bf16 on CUDA).
 /// The loss is transformers' `LlamaForCausalLM(input_ids, labels=input_ids)`: the mean over all
 /// sequences of cross-entropy of position t's logits against id t+1.
 pub fn eval_hf(
@@ -192,7 +193,10 @@ pub fn eval_hf(
     let be = select_backend(device)?;
     let mut b = ParamStoreBuilder::default();
     let model = Llama3::new(mc.clone(), &mut b)?;
-    let store = ParamStore::materialize(b, be.as_ref(), DType::F32)?;
+    // f32 on the CPU reference (parity with transformers' float32 model); the CUDA kernels
+    // compute attention in bf16 only, so CUDA evaluates in the trainer's mixed precision.
+    let dtype = if be.name() == "cpu" { DType::F32 } else { DType::BF16 };
+    let store = ParamStore::materialize(b, be.as_ref(), dtype)?;
     let ck = HfCheckpoint::open(dir)?;
     load_hf(&Llama3StateDictAdapter::new(&mc), &ck, &store, be.as_ref())?;
     drop(ck);

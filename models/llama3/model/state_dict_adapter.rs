@@ -85,7 +85,7 @@ impl StateDictAdapter for Llama3StateDictAdapter {
         })
     }
 
-    fn from_hf(&self, hf: &str) -> Result<Option<String>> {
+    fn to_titan(&self, hf: &str) -> Result<Option<String>> {
         let unknown = || {
             Error::Checkpoint(format!(
                 "llama3: Hugging Face tensor {hf} has no counterpart in titan's Llama 3"
@@ -174,7 +174,7 @@ pub fn llama3_config_from_hf(path: &Path) -> Result<Llama3Config> {
         None => n_heads,
     };
     if let Some(hd) = get("head_dim") {
-        if hd.as_u64() != Some((dim / n_heads) as u64) || dim % n_heads != 0 {
+        if hd.as_u64() != Some((dim / n_heads) as u64) || !dim.is_multiple_of(n_heads) {
             return Err(bad(
                 "head_dim",
                 format!("{hd} must equal hidden_size / num_attention_heads = {dim}/{n_heads}"),
