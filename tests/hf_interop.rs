@@ -361,3 +361,31 @@ fn llama_3_2_1b_config_matches_the_flavor() {
     );
     let _ = std::fs::remove_dir_all(tmp);
 }
+
+/// float16 checkpoints: an f16 export of the f32 fixture reads back as the f16-rounded weights,
+/// and round-trips HF(f16) -> titan -> HF(f16) byte for byte.
+#[test]
+fn float16_checkpoints_load_and_round_trip() {
+    let tmp = scratch("f16");
+    hf_to_titan(&fixture("gqa_untied_sharded"), &tmp.join("a")).unwrap();
+    titan_to_hf(&tmp.join("a"), Some(0), &tmp.join("f16"), "float16", 0).unwrap();
+    let src = HfCheckpoint::open(&fixture("gqa_untied_sharded")).unwrap();
+    let f16 = HfCheckpoint::open(&tmp.join("f16")).unwrap();
+    for n in src.names() {
+        let t = f16.get(n).unwrap();
+        assert_eq!(t.dtype, safetensors::Dtype::F16, "{n}");
+        let want: Vec<f32> = src
+            .get(n)
+            .unwrap()
+            .to_f32()
+            .unwrap()
+            .iter()
+            .map(|&x| half::f16::from_f32(x).to_f32())
+            .collect();
+        assert!(t.to_f32().unwrap() == want, "{n}");
+    }
+    hf_to_titan(&tmp.join("f16"), &tmp.join("b")).unwrap();
+    titan_to_hf(&tmp.join("b"), None, &tmp.join("f16b"), "float16", 0).unwrap();
+    assert!(tensors_of(&tmp.join("f16")) == tensors_of(&tmp.join("f16b")));
+    let _ = std::fs::remove_dir_all(tmp);
+}
