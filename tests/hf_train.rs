@@ -240,3 +240,66 @@ fn initial_load_in_hf_without_a_path_is_a_config_error() {
     assert!(e.contains("initial_load_path"), "{e}");
     let _ = std::fs::remove_dir_all(dump);
 }
+
+/// The `titan` binary: convert both ways, then `eval --hf-checkpoint` prints transformers' loss.
+#[test]
+fn cli_convert_and_eval_hf() {
+    let bin = env!("CARGO_BIN_EXE_titan");
+    let tmp = scratch("cli");
+    let src = fixture("gqa_untied_sharded");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(bin).args(args).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        (out.status.success(), text, err)
+    };
+    let (s, t, ck) = (src.to_str().unwrap(), tmp.join("ck"), tmp.join("hf"));
+    let ok = run(&[
+        "convert",
+        "--from",
+        "hf",
+        s,
+        "--to",
+        "titan",
+        t.to_str().unwrap(),
+    ]);
+    assert!(ok.0, "{}", ok.2);
+    let args = [
+        "convert",
+        "--from",
+        "titan",
+        t.to_str().unwrap(),
+        "--to",
+        "hf",
+    ];
+    let ok = run(&[&args[..], &[ck.to_str().unwrap(), "--dtype", "bfloat16"]].concat());
+    assert!(ok.0, "{}", ok.2);
+    assert!(ck.join("config.json").is_file() && ck.join("model.safetensors").is_file());
+    let tokens = src.join("inputs.json");
+    let dump = tmp.join("logits.safetensors");
+    let (ok, out, err) = run(&[
+        "eval",
+        "--hf-checkpoint",
+        s,
+        "--tokens",
+        tokens.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--dump-logits",
+        dump.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["tokens"], 16);
+    assert!(
+        (v["loss"].as_f64().unwrap() - 4.770066).abs() < 1e-5,
+        "{out}"
+    );
+    let bytes = std::fs::read(&dump).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("logits").unwrap().shape(), &[2, 9, 71]);
+    // Bad usage is an error, not a panic.
+    let (ok, _, err) = run(&["convert", "--from", "gguf", s, "--to", "titan", "x"]);
+    assert!(!ok && err.contains("--from hf --to titan"), "{err}");
+    let _ = std::fs::remove_dir_all(tmp);
+}

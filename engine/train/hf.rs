@@ -2,7 +2,8 @@
 //! at the end of training.
 //!
 //! Architecture, first match wins:
-//! 1. the checkpoint the run will resume from (`extra.llama3_config` of its manifest);
+//! 1. the checkpoint the run will resume from (`extra.llama3_config` of its manifest), unless it
+//!    was saved by a run of another `model.flavor`;
 //! 2. `checkpoint.initial_load_path` with `checkpoint.initial_load_in_hf`: that folder's
 //!    Hugging Face `config.json`; without `initial_load_in_hf`: the titan checkpoint folder there;
 //! 3. `model.flavor`.
@@ -60,7 +61,12 @@ pub fn model_config(cfg: &JobConfig, vocab: Option<usize>) -> Result<Llama3Confi
     let mut loaded = None;
     if let Some(dir) = resume_step_dir(cfg)? {
         let m = Manifest::read(&dir.join(MANIFEST_FILE))?;
-        loaded = manifest_model_config(&m)?;
+        // A flavor run whose config now names another flavor keeps the flavor (and fails on the
+        // shape check) rather than silently taking the checkpoint's architecture.
+        let saved_flavor = m.extra.get("flavor").and_then(|f| f.as_str());
+        if cfg.checkpoint.initial_load_in_hf || saved_flavor.is_none_or(|f| f == cfg.model.flavor) {
+            loaded = manifest_model_config(&m)?;
+        }
     }
     if loaded.is_none() {
         if let Some(p) = cfg
