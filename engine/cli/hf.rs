@@ -58,6 +58,13 @@ pub fn convert(
 /// the architecture in the manifest, so `titan eval --checkpoint DST` and a training run with
 /// `checkpoint.folder` pointing there (or `initial_load_path` = `DST/step-0`) load it.
 pub fn hf_to_titan(src: &Path, dst: &Path) -> Result<std::path::PathBuf> {
+    let existing = checkpoint::available_steps(dst)?;
+    if !existing.is_empty() {
+        return Err(Error::Checkpoint(format!(
+            "{}: already holds titan checkpoints (steps {existing:?}); convert into a new folder",
+            dst.display()
+        )));
+    }
     let mc = llama3_config_from_hf(&src.join(HF_CONFIG))?;
     let specs = param_specs(&mc)?;
     let ck = HfCheckpoint::open(src)?;
@@ -195,7 +202,11 @@ pub fn eval_hf(
     let model = Llama3::new(mc.clone(), &mut b)?;
     // f32 on the CPU reference (parity with transformers' float32 model); the CUDA kernels
     // compute attention in bf16 only, so CUDA evaluates in the trainer's mixed precision.
-    let dtype = if be.name() == "cpu" { DType::F32 } else { DType::BF16 };
+    let dtype = if be.name() == "cpu" {
+        DType::F32
+    } else {
+        DType::BF16
+    };
     let store = ParamStore::materialize(b, be.as_ref(), dtype)?;
     let ck = HfCheckpoint::open(dir)?;
     load_hf(&Llama3StateDictAdapter::new(&mc), &ck, &store, be.as_ref())?;
