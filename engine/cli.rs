@@ -1,5 +1,7 @@
 //! The subcommands behind the `titan` binary (kept in the library so tests can call them).
 
+pub mod hf;
+
 use crate::checkpoint;
 use crate::data::read_token_batches;
 use crate::error::{Error, Result};
@@ -10,7 +12,7 @@ use crate::tape::{Placement, Tape};
 use crate::tensor::DType;
 use crate::train::config::JobConfig;
 use crate::train::device::select_backend;
-use crate::train::trainer::{build_model, trace_plan, Trainer};
+use crate::train::trainer::{build_model_from, trace_plan, Trainer};
 use std::path::Path;
 use std::time::Instant;
 
@@ -50,8 +52,14 @@ pub fn train(config: Option<&Path>, overrides: &[String], quiet: bool) -> Result
     if let Ok(h) = tr.loader.unigram_entropy() {
         println!("titan: dataset unigram entropy {h:.3} nats/token (a model that learns context beats this)");
     }
-    if let Some(s) = tr.maybe_resume()? {
-        println!("titan: resumed from checkpoint step {s}");
+    match tr.maybe_resume()? {
+        Some(s) => println!("titan: resumed from checkpoint step {s}"),
+        None => {
+            if let Some(p) = tr.cfg.checkpoint.initial_load_path.as_deref().filter(|p| !p.is_empty()) {
+                let kind = if tr.cfg.checkpoint.initial_load_in_hf { "Hugging Face" } else { "titan" };
+                println!("titan: initial weights from {kind} checkpoint {p}");
+            }
+        }
     }
     let hist = tr.fit(quiet)?;
     if let (Some(first), Some(last)) = (hist.first(), hist.last()) {
@@ -173,7 +181,18 @@ pub fn eval(
     let max_len = batches.iter().map(|b| b.seq).max().unwrap_or(0);
     let mut cfg = cfg;
     cfg.training.seq_len = cfg.training.seq_len.max(max_len as i64);
-    let (model, builder) = build_model(&cfg, Some(vocab))?;
+    let mc = match crate::train::hf::manifest_model_config(&ck.manifest)? {
+        Some(mut c) => {
+            c.update_from_training(cfg.training.seq_len as usize, None)?;
+            c
+        }
+        None => {
+            let mut c = crate::models::llama3::flavor(&cfg.model.flavor)?;
+            c.update_from_training(cfg.training.seq_len as usize, Some(vocab))?;
+            c
+        }
+    };
+    let (model, builder) = build_model_from(&cfg, mc)?;
     let store = ParamStore::materialize(builder, be.as_ref(), dtype)?;
     for id in store.ids() {
         let key = format!("model.{}", store.name(id));

@@ -3,4 +3,5 @@
 pub mod config;
 pub mod device;
 pub mod lr;
+pub mod hf;
 pub mod trainer;

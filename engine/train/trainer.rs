@@ -15,7 +15,7 @@ use crate::checkpoint::{self, CheckpointMeta, NamedTensor};
 use crate::data::{build_loader, DataConfig, DataLoader};
 use crate::error::{Error, Result};
 use crate::metrics::{self, MetricsWriter, Peak, StepMetrics, GIB};
-use crate::models::llama3::{self, infra::parallelize::apply_ac, Llama3, Llama3Config};
+use crate::models::llama3::{infra::parallelize::apply_ac, Llama3, Llama3Config};
 use crate::params::{ParamStore, ParamStoreBuilder, StateBytes};
 use crate::planner::Plan;
 use crate::tape::{Placement, Tape};
@@ -28,8 +28,11 @@ pub fn build_model(cfg: &JobConfig, vocab: Option<usize>) -> Result<(Llama3, Par
     if cfg.model.name != "llama3" {
         crate::models::find_model(&cfg.model.name)?;
     }
-    let mut mc: Llama3Config = llama3::flavor(&cfg.model.flavor)?;
-    mc.update_from_training(cfg.training.seq_len as usize, vocab)?;
+    build_model_from(cfg, super::hf::model_config(cfg, vocab)?)
+}
+
+/// The model of an explicit architecture, with the config's activation checkpointing applied.
+pub fn build_model_from(cfg: &JobConfig, mc: Llama3Config) -> Result<(Llama3, ParamStoreBuilder)> {
     let mut b = ParamStoreBuilder::default();
     let mut model = Llama3::new(mc, &mut b)?;
     apply_ac(
@@ -347,6 +350,12 @@ impl Trainer {
             if self.cfg.checkpoint.enable && (done.is_multiple_of(interval) || done == steps) {
                 self.save_checkpoint()?;
             }
+            if self.cfg.checkpoint.last_save_in_hf && done == steps {
+                let dir = self.export_hf()?;
+                if !quiet {
+                    println!("titan: Hugging Face checkpoint of step {done} in {}", dir.display());
+                }
+            }
         }
         Ok(writer.history)
     }
@@ -395,7 +404,8 @@ impl Trainer {
             dataloader: self.loader.state(),
             rng: serde_json::json!({}),
             lr_scheduler: serde_json::json!({"step": self.step}),
-            extra: serde_json::json!({"model": self.cfg.model.name, "flavor": self.cfg.model.flavor}),
+            extra: serde_json::json!({"model": self.cfg.model.name, "flavor": self.cfg.model.flavor,
+                "llama3_config": self.model.config}),
         };
         let keep = self.cfg.checkpoint.keep_latest_k.max(0) as usize;
         checkpoint::save(&self.checkpoint_root(), self.step, &[tensors], &meta, keep)
@@ -427,14 +437,26 @@ impl Trainer {
             }
         }
         self.store.sync_compute(be)?;
-        self.loader.restore(&ck.manifest.dataloader)?;
+        // A converted checkpoint (`titan convert`) has no data position: start at the beginning.
+        if !ck.manifest.dataloader.is_null() {
+            self.loader.restore(&ck.manifest.dataloader)?;
+        }
         self.step = ck.step();
         Ok(self.step)
     }
 
     /// Loads the newest checkpoint (or checkpoint.load_step) when checkpointing is enabled and one
-    /// exists. Returns the step resumed from.
+    /// exists. Returns the step resumed from. Otherwise loads `checkpoint.initial_load_path`, if
+    /// set (see train/hf.rs), and returns None.
     pub fn maybe_resume(&mut self) -> Result<Option<u64>> {
+        let resumed = self.resume_if_any()?;
+        if resumed.is_none() {
+            self.load_initial()?;
+        }
+        Ok(resumed)
+    }
+
+    fn resume_if_any(&mut self) -> Result<Option<u64>> {
         if !self.cfg.checkpoint.enable {
             return Ok(None);
         }
