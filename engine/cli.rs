@@ -55,8 +55,18 @@ pub fn train(config: Option<&Path>, overrides: &[String], quiet: bool) -> Result
     match tr.maybe_resume()? {
         Some(s) => println!("titan: resumed from checkpoint step {s}"),
         None => {
-            if let Some(p) = tr.cfg.checkpoint.initial_load_path.as_deref().filter(|p| !p.is_empty()) {
-                let kind = if tr.cfg.checkpoint.initial_load_in_hf { "Hugging Face" } else { "titan" };
+            if let Some(p) = tr
+                .cfg
+                .checkpoint
+                .initial_load_path
+                .as_deref()
+                .filter(|p| !p.is_empty())
+            {
+                let kind = if tr.cfg.checkpoint.initial_load_in_hf {
+                    "Hugging Face"
+                } else {
+                    "titan"
+                };
                 println!("titan: initial weights from {kind} checkpoint {p}");
             }
         }

@@ -230,7 +230,10 @@ fn bad_inputs_fail_with_one_clear_error() {
     // No GPU here: asking for CUDA is one clear error, whether or not the binary has CUDA built in.
     let o = titan(&["train", "--config", CFG, "--training.device", "cuda"]);
     let (_, err) = text(&o);
-    assert!(!o.status.success() && err.to_lowercase().contains("cuda") && !err.contains("panicked"), "{err}");
+    assert!(
+        !o.status.success() && err.to_lowercase().contains("cuda") && !err.contains("panicked"),
+        "{err}"
+    );
     let nock = d.join("empty");
     let dump = format!("--job.dump_folder={}", nock.display());
     assert_clean_error(

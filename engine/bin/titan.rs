@@ -69,7 +69,11 @@ enum Cmd {
     /// Mean next-token loss of a checkpoint on a token file, printed as one JSON line.
     Eval {
         /// A checkpoint folder root (the run's <dump_folder>/<checkpoint.folder>).
-        #[arg(long, required_unless_present = "hf_checkpoint", conflicts_with = "hf_checkpoint")]
+        #[arg(
+            long,
+            required_unless_present = "hf_checkpoint",
+            conflicts_with = "hf_checkpoint"
+        )]
         checkpoint: Option<PathBuf>,
         /// A Hugging Face Llama folder (config.json + safetensors) instead of a titan checkpoint;
         /// the loss is transformers' LlamaForCausalLM(input_ids, labels=input_ids).
@@ -183,12 +187,30 @@ fn run(cli: Cli) -> Result<()> {
             titan::cli::list_models();
             Ok(())
         }
-        Cmd::Eval { checkpoint, hf_checkpoint, dump_logits, step, tokens, seq_len, device } => match (checkpoint, hf_checkpoint) {
-            (_, Some(hf)) => titan::cli::hf::eval_hf_cli(&hf, &tokens, seq_len, dump_logits.as_deref(), &device),
+        Cmd::Eval {
+            checkpoint,
+            hf_checkpoint,
+            dump_logits,
+            step,
+            tokens,
+            seq_len,
+            device,
+        } => match (checkpoint, hf_checkpoint) {
+            (_, Some(hf)) => {
+                titan::cli::hf::eval_hf_cli(&hf, &tokens, seq_len, dump_logits.as_deref(), &device)
+            }
             (Some(ck), None) => titan::cli::eval(&ck, step, &tokens, seq_len, &device),
-            (None, None) => Err(Error::Config("eval needs --checkpoint or --hf-checkpoint".into())),
+            (None, None) => Err(Error::Config(
+                "eval needs --checkpoint or --hf-checkpoint".into(),
+            )),
         },
-        Cmd::Convert { from, to, step, dtype, max_shard_mb } => {
+        Cmd::Convert {
+            from,
+            to,
+            step,
+            dtype,
+            max_shard_mb,
+        } => {
             let (src, dst) = (std::path::Path::new(&from[1]), std::path::Path::new(&to[1]));
             titan::cli::hf::convert(&from[0], src, &to[0], dst, step, &dtype, max_shard_mb)
         }

@@ -2,6 +2,6 @@
 
 pub mod config;
 pub mod device;
-pub mod lr;
 pub mod hf;
+pub mod lr;
 pub mod trainer;

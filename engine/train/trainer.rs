@@ -353,7 +353,10 @@ impl Trainer {
             if self.cfg.checkpoint.last_save_in_hf && done == steps {
                 let dir = self.export_hf()?;
                 if !quiet {
-                    println!("titan: Hugging Face checkpoint of step {done} in {}", dir.display());
+                    println!(
+                        "titan: Hugging Face checkpoint of step {done} in {}",
+                        dir.display()
+                    );
                 }
             }
         }
