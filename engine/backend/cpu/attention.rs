@@ -21,7 +21,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 /// Query rows per task.
-pub const QTILE: usize = 64;
+pub const QTILE: usize = 128;
 
 fn check_shape(op: &'static str, s: AttnShape, lens: &[(&str, usize)]) -> Result<()> {
     if s.n_kv_heads == 0 || !s.n_heads.is_multiple_of(s.n_kv_heads) {
