@@ -4,14 +4,20 @@
 //! checkpoint, train) <- models/ <- the `titan` CLI. See docs/ARCHITECTURE.md.
 
 pub mod backend;
+pub mod checkpoint;
+pub mod cli;
+pub mod data;
 pub mod error;
-pub mod tensor;
-
-pub use error::{Error, Result};
-pub use tensor::{DType, Shape};
+pub mod metrics;
 #[path = "../models/mod.rs"]
 pub mod models;
 pub mod params;
 pub mod planner;
+pub mod plot;
 pub mod rng;
 pub mod tape;
+pub mod tensor;
+pub mod train;
+
+pub use error::{Error, Result};
+pub use tensor::{DType, Shape};

@@ -1,0 +1,246 @@
+//! The subcommands behind the `titan` binary (kept in the library so tests can call them).
+
+use crate::checkpoint;
+use crate::data::read_token_batches;
+use crate::error::{Error, Result};
+use crate::metrics::GIB;
+use crate::models::llama3::model::model::IGNORE_INDEX;
+use crate::params::ParamStore;
+use crate::tape::{Placement, Tape};
+use crate::tensor::DType;
+use crate::train::config::JobConfig;
+use crate::train::device::select_backend;
+use crate::train::trainer::{build_model, trace_plan, Trainer};
+use std::path::Path;
+use std::time::Instant;
+
+pub fn train(config: Option<&Path>, overrides: &[String], quiet: bool) -> Result<()> {
+    let cfg = JobConfig::load(config, overrides)?;
+    let t0 = Instant::now();
+    let mut tr = Trainer::new(cfg)?;
+    let c = &tr.model.config;
+    println!(
+        "titan: {} {} ({:.2}M params, dim {} layers {} heads {}/{} vocab {}) on {} | {} dtype | seq {} x batch {} x accum {}",
+        tr.cfg.model.name,
+        tr.cfg.model.flavor,
+        tr.store.num_params() as f64 / 1e6,
+        c.dim,
+        c.n_layers,
+        c.n_heads,
+        c.kv_heads(),
+        c.vocab_size,
+        tr.device,
+        tr.store.compute_dtype,
+        tr.cfg.training.seq_len,
+        tr.cfg.training.local_batch_size,
+        tr.accum
+    );
+    println!(
+        "titan: memory plan {:.3} GiB (state {:.3} + activations {:.3}; {:.3} without reuse), {} buffers over {} ops; data: {} ; MFU peak: {:.1} TFLOP/s ({})",
+        tr.memory.total() as f64 / GIB,
+        tr.memory.state.total() as f64 / GIB,
+        tr.memory.activations_peak as f64 / GIB,
+        tr.memory.activations_unplanned as f64 / GIB,
+        tr.memory.buffers,
+        tr.memory.ops,
+        tr.loader.name(),
+        tr.peak.flops / 1e12,
+        tr.peak.source
+    );
+    if let Ok(h) = tr.loader.unigram_entropy() {
+        println!("titan: dataset unigram entropy {h:.3} nats/token (a model that learns context beats this)");
+    }
+    if let Some(s) = tr.maybe_resume()? {
+        println!("titan: resumed from checkpoint step {s}");
+    }
+    let hist = tr.fit(quiet)?;
+    if let (Some(first), Some(last)) = (hist.first(), hist.last()) {
+        println!(
+            "titan: done {} steps in {:.1}s; loss {:.4} -> {:.4}; metrics in {}",
+            tr.step,
+            t0.elapsed().as_secs_f64(),
+            first.loss,
+            last.loss,
+            Path::new(&tr.cfg.job.dump_folder).join("metrics.jsonl").display()
+        );
+        let png = Path::new(&tr.cfg.job.dump_folder).join("loss.png");
+        crate::plot::loss_curve_png(&hist, &png)?;
+        println!("titan: loss curve in {}", png.display());
+    }
+    Ok(())
+}
+
+fn gib(b: usize) -> String {
+    format!("{:>10.3} GiB", b as f64 / GIB)
+}
+
+pub fn plan(config: Option<&Path>, overrides: &[String], dtype: &str, json: bool) -> Result<()> {
+    let cfg = JobConfig::load(config, overrides)?;
+    let dtype = DType::parse(dtype)?;
+    let t0 = Instant::now();
+    let (_, mp) = trace_plan(&cfg, None, dtype)?;
+    if json {
+        println!("{}", serde_json::to_string(&mp).map_err(|e| Error::Other(e.to_string()))?);
+        return Ok(());
+    }
+    let s = &mp.state;
+    println!(
+        "memory plan: {} {} | {:.3}B params | local batch {} x seq {} | compute {} | AC {}",
+        cfg.model.name,
+        cfg.model.flavor,
+        mp.num_params as f64 / 1e9,
+        cfg.training.local_batch_size,
+        cfg.training.seq_len,
+        dtype,
+        cfg.activation_checkpoint.mode
+    );
+    println!("  parameters (f32 master)   {}", gib(s.params));
+    println!("  compute copy ({dtype})      {}", gib(s.compute_copy));
+    println!("  gradients (f32)           {}", gib(s.grads));
+    println!("  optimizer (AdamW m, v)    {}", gib(s.optimizer));
+    println!("  constants (rope tables)   {}", gib(s.constants));
+    println!(
+        "  activations (planned)     {}   ({} without reuse; {} buffers, {} ops)",
+        gib(mp.activations_peak),
+        gib(mp.activations_unplanned).trim(),
+        mp.buffers,
+        mp.ops
+    );
+    println!("  peak, one device          {}", gib(mp.total()));
+    let shard = cfg.parallelism.data_parallel_shard_degree;
+    if shard > 1 {
+        println!(
+            "  state per rank if sharded {shard}-way (FSDP layout; FSDP execution is not in this release): {}",
+            gib(s.total() / shard as usize).trim()
+        );
+    }
+    println!("  (traced on the meta backend in {:.2}s, nothing allocated)", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+pub fn list_models() {
+    for spec in crate::models::registry() {
+        println!("{}", spec.name);
+        for f in (spec.flavors)() {
+            println!("  {:<16} {:>16} params   {}", f.name, group_digits(f.num_params), f.description);
+        }
+    }
+}
+
+fn group_digits(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Mean next-token loss over every sequence of the token file.
+pub fn eval(root: &Path, step: Option<u64>, tokens: &Path, seq_len: Option<usize>, device: &str) -> Result<()> {
+    let ck = checkpoint::load(root, step)?;
+    let cfg = JobConfig::from_toml_str(&ck.manifest.config, &format!("{}/manifest.json", ck.dir.display()), &[])?;
+    let be = select_backend(device)?;
+    let dtype = crate::train::trainer::compute_dtype(&cfg, be.name())?;
+    let vocab = ck.entry("model.tok_embeddings.weight")?.shape[0];
+    let batches = read_token_batches(tokens, seq_len, 8, Some(vocab))?;
+    let max_len = batches.iter().map(|b| b.seq).max().unwrap_or(0);
+    let mut cfg = cfg;
+    cfg.training.seq_len = cfg.training.seq_len.max(max_len as i64);
+    let (model, builder) = build_model(&cfg, Some(vocab))?;
+    let store = ParamStore::materialize(builder, be.as_ref(), dtype)?;
+    for id in store.ids() {
+        let key = format!("model.{}", store.name(id));
+        let bytes = ck.read_global(&key)?;
+        if bytes.len() != store.numel(id) * 4 {
+            return Err(Error::Checkpoint(format!("{}: {key} has the wrong size", ck.dir.display())));
+        }
+        be.upload(store.master(id), &bytes)?;
+    }
+    store.sync_compute(be.as_ref())?;
+    let (mut total, mut count) = (0f64, 0usize);
+    for b in &batches {
+        let mut tape = Tape::new(be.as_ref(), &store, Placement::Owned);
+        let ti = tape.input_i32(&b.inputs, [b.batch, b.seq])?;
+        let tl = tape.input_i32(&b.labels, [b.batch * b.seq])?;
+        let loss = model.loss(&mut tape, ti, tl, 1.0)?;
+        total += tape.to_vec_f32(loss)?[0] as f64;
+        count += b.labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
+    }
+    if count == 0 {
+        return Err(Error::Data(format!("{}: no sequence with at least 2 tokens", tokens.display())));
+    }
+    println!("{}", serde_json::json!({"loss": total / count as f64, "tokens": count, "step": ck.step()}));
+    Ok(())
+}
+
+/// Training throughput of a config on one device: warm-up steps, then `steps` timed steps.
+pub fn bench(config: Option<&Path>, overrides: &[String], steps: u64, warmup: u64) -> Result<()> {
+    let mut ov = overrides.to_vec();
+    ov.extend(["--training.dataset".to_string(), "synthetic".to_string()]);
+    ov.extend(["--training.steps".to_string(), (steps + warmup).to_string()]);
+    ov.extend(["--checkpoint.enable=false".to_string()]);
+    let cfg = JobConfig::load(config, &ov)?;
+    let mut tr = Trainer::with_options(cfg, true)?;
+    let seq = tr.cfg.training.seq_len as usize;
+    let c = tr.model.config.clone();
+    println!(
+        "bench: {} {} ({:.3}B params) on {} | {} | batch {} x seq {} x accum {} | plan {:.2} GiB",
+        tr.cfg.model.name,
+        tr.cfg.model.flavor,
+        tr.store.num_params() as f64 / 1e9,
+        tr.device,
+        tr.store.compute_dtype,
+        tr.cfg.training.local_batch_size,
+        seq,
+        tr.accum,
+        tr.memory.total() as f64 / GIB
+    );
+    for _ in 0..warmup {
+        let r = tr.train_step()?;
+        println!("bench: warm-up step {} loss {:.4}", tr.step, r.loss);
+    }
+    tr.be.synchronize()?;
+    let t0 = Instant::now();
+    let mut tokens = 0usize;
+    let mut last = 0.0;
+    for _ in 0..steps {
+        let r = tr.train_step()?;
+        tokens += r.tokens;
+        last = r.loss;
+    }
+    tr.be.synchronize()?;
+    let dt = t0.elapsed().as_secs_f64();
+    let tps = tokens as f64 / dt;
+    let (_, f_tt) = c.nparams_and_flops(seq);
+    let f_llmc = c.flops_per_token_llmc(seq);
+    let peak = tr.peak.flops;
+    println!(
+        "bench: {} steps in {:.3}s ({:.1} ms/step), loss {:.4}",
+        steps,
+        dt,
+        1e3 * dt / steps.max(1) as f64,
+        last
+    );
+    println!(
+        "bench: tokens/s {:.0} | torchtitan 6N+12lhqt: {:.1} TFLOP/s MFU {:.2}% | llm.c 6N+6LCT: {:.1} TFLOP/s MFU {:.2}% | peak {:.0} TFLOP/s ({})",
+        tps,
+        tps * f_tt / 1e12,
+        100.0 * tps * f_tt / peak,
+        tps * f_llmc / 1e12,
+        100.0 * tps * f_llmc / peak,
+        peak / 1e12,
+        tr.peak.source
+    );
+    println!(
+        "{}",
+        serde_json::json!({"bench": "train", "flavor": tr.cfg.model.flavor, "seq_len": seq,
+            "batch": tr.cfg.training.local_batch_size, "tokens_per_s": tps,
+            "mfu_torchtitan_pct": 100.0 * tps * f_tt / peak, "mfu_llmc_pct": 100.0 * tps * f_llmc / peak,
+            "device": tr.device, "step_ms": 1e3 * dt / steps.max(1) as f64})
+    );
+    Ok(())
+}

@@ -1,0 +1,6 @@
+//! Training: job configuration (torchtitan TOML schema + CLI overrides) and the LR schedule.
+
+pub mod config;
+pub mod lr;
+pub mod device;
+pub mod trainer;

@@ -1,0 +1,386 @@
+//! The training loop: model + store + plan + data + optimizer + metrics + checkpoints.
+//!
+//! A step: zero grads; for each micro-batch build a tape at the planned offsets, run the loss and
+//! backward (gradients accumulate in the flat f32 grad region); global grad norm and clip
+//! coefficient on device; one fused AdamW over the flat state. The only host syncs per step are
+//! the loss and grad-norm reads used for logging and the NaN check (before the update, so a
+//! diverged step never touches the weights).
+
+use super::config::JobConfig;
+use super::device::{device_name, select_backend};
+use super::lr::LrSchedule;
+use crate::backend::meta::MetaBackend;
+use crate::backend::{AdamW, Backend, Buf, DeviceMem};
+use crate::checkpoint::{self, CheckpointMeta, NamedTensor};
+use crate::data::{build_loader, DataConfig, DataLoader};
+use crate::error::{Error, Result};
+use crate::metrics::{self, MetricsWriter, Peak, StepMetrics, GIB};
+use crate::models::llama3::{self, infra::parallelize::apply_ac, Llama3, Llama3Config};
+use crate::params::{ParamStore, ParamStoreBuilder, StateBytes};
+use crate::planner::Plan;
+use crate::tape::{Placement, Tape};
+use crate::tensor::DType;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// The resolved model architecture and its builder (parameters declared, no memory).
+pub fn build_model(cfg: &JobConfig, vocab: Option<usize>) -> Result<(Llama3, ParamStoreBuilder)> {
+    if cfg.model.name != "llama3" {
+        crate::models::find_model(&cfg.model.name)?;
+    }
+    let mut mc: Llama3Config = llama3::flavor(&cfg.model.flavor)?;
+    mc.update_from_training(cfg.training.seq_len as usize, vocab)?;
+    let mut b = ParamStoreBuilder::default();
+    let mut model = Llama3::new(mc, &mut b)?;
+    apply_ac(&mut model, &cfg.activation_checkpoint.mode, &cfg.activation_checkpoint.selective_ac_option)?;
+    Ok((model, b))
+}
+
+/// The compute dtype: bf16 on CUDA (torchtitan's mixed_precision_param), f32 on the CPU backend,
+/// whose reference kernels compute in f32 anyway.
+pub fn compute_dtype(cfg: &JobConfig, backend_name: &str) -> Result<DType> {
+    if backend_name == "cpu" {
+        return Ok(DType::F32);
+    }
+    DType::parse(&cfg.training.mixed_precision_param)
+}
+
+/// Memory of one configuration, computed on the meta backend without allocating it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MemoryPlan {
+    pub state: StateBytes,
+    pub activations_peak: usize,
+    pub activations_unplanned: usize,
+    pub buffers: usize,
+    pub ops: usize,
+    pub num_params: usize,
+}
+
+impl MemoryPlan {
+    pub fn total(&self) -> usize {
+        self.state.total() + self.activations_peak
+    }
+}
+
+/// Traces one micro-batch (forward, backward) of `model` on the meta backend and plans it.
+pub fn trace_plan(cfg: &JobConfig, vocab: Option<usize>, dtype: DType) -> Result<(Plan, MemoryPlan)> {
+    let (model, builder) = build_model(cfg, vocab)?;
+    let meta = MetaBackend::new();
+    let store = ParamStore::materialize(builder, &meta, dtype)?;
+    let (b, s) = (cfg.training.local_batch_size as usize, cfg.training.seq_len as usize);
+    let zeros = vec![0i32; b * s];
+    let mut tape = Tape::new(&meta, &store, Placement::Owned);
+    let tokens = tape.input_i32(&zeros, [b, s])?;
+    let labels = tape.input_i32(&zeros, [b * s])?;
+    let loss = model.loss(&mut tape, tokens, labels, 1.0)?;
+    tape.backward(loss)?;
+    tape.to_vec_f32(loss)?;
+    let plan = tape.plan();
+    let mp = MemoryPlan {
+        state: store.state_bytes(),
+        activations_peak: plan.peak,
+        activations_unplanned: plan.unplanned,
+        buffers: plan.requests.len(),
+        ops: tape.num_nodes(),
+        num_params: store.num_params(),
+    };
+    Ok((plan, mp))
+}
+
+pub struct Trainer {
+    pub cfg: JobConfig,
+    pub be: Box<dyn Backend>,
+    pub model: Llama3,
+    pub store: ParamStore,
+    pub plan: Plan,
+    pub memory: MemoryPlan,
+    arena: Box<dyn DeviceMem>,
+    scalars: Buf,
+    _scalar_mem: Box<dyn DeviceMem>,
+    pub loader: DataLoader,
+    pub lr: LrSchedule,
+    pub step: u64,
+    pub accum: usize,
+    pub peak: Peak,
+    pub flops_per_token: f64,
+    pub device: String,
+    dump: PathBuf,
+}
+
+/// Results of one optimizer step.
+#[derive(Clone, Copy, Debug)]
+pub struct StepResult {
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub tokens: usize,
+}
+
+impl Trainer {
+    pub fn new(cfg: JobConfig) -> Result<Trainer> {
+        Self::with_options(cfg, false)
+    }
+
+    /// `flavor_vocab`: keep the flavor's vocabulary instead of the tokenizer's (benchmarks run a
+    /// real 128k-vocab output layer on built-in data, whose ids are all below it).
+    pub fn with_options(cfg: JobConfig, flavor_vocab: bool) -> Result<Trainer> {
+        cfg.validate()?;
+        let be = select_backend(&cfg.training.device)?;
+        let device = device_name(be.as_ref());
+        let dp = 1;
+        let accum = cfg.gradient_accumulation_steps(dp)?;
+        let seed = cfg.training.seed.unwrap_or(0).max(0) as u64;
+        // torchtitan's default hf_assets_path points into its own repository; when that folder is
+        // absent the byte-level tokenizer is used. Any other path must exist.
+        let assets = non_empty(&cfg.model.hf_assets_path)
+            .filter(|p| *p != TORCHTITAN_DEFAULT_ASSETS || std::path::Path::new(p).exists());
+        let tokenizer = cfg.model.tokenizer_path.as_deref().and_then(non_empty).or(assets).map(PathBuf::from);
+        let dcfg = DataConfig {
+            dataset: cfg.training.dataset.clone(),
+            dataset_path: cfg.training.dataset_path.as_deref().and_then(non_empty).map(PathBuf::from),
+            tokenizer,
+            seq_len: cfg.training.seq_len as usize,
+            batch: cfg.training.local_batch_size as usize,
+            seed,
+            dp_rank: 0,
+            dp_world: dp,
+            token_dtype: None,
+            vocab_size: None,
+            progress: true,
+        };
+        let loader = build_loader(&dcfg)?;
+        let vocab = if flavor_vocab { None } else { loader.vocab_size() };
+        let dtype = compute_dtype(&cfg, be.name())?;
+        let (plan, memory) = trace_plan(&cfg, vocab, dtype)?;
+        let (model, builder) = build_model(&cfg, vocab)?;
+        let store = ParamStore::materialize(builder, be.as_ref(), dtype)?;
+        model.init_weights(&store, be.as_ref(), seed)?;
+        let arena = be.alloc(plan.peak.max(256))?;
+        let scalar_mem = be.alloc(256)?;
+        let scalars = Buf::new(scalar_mem.ptr(), 2, DType::F32);
+        let lr = LrSchedule::from_config(&cfg)?;
+        let peak = match metrics::device_peak_flops(&device) {
+            Some(f) => Peak { flops: f, source: format!("{device} bf16 dense peak (datasheet)") },
+            None => metrics::measure_gemm_peak(be.as_ref())?,
+        };
+        let (_, flops_per_token) = model.config.nparams_and_flops(cfg.training.seq_len as usize);
+        let dump = PathBuf::from(&cfg.job.dump_folder);
+        Ok(Trainer {
+            cfg,
+            be,
+            model,
+            store,
+            plan,
+            memory,
+            arena,
+            scalars,
+            _scalar_mem: scalar_mem,
+            loader,
+            lr,
+            step: 0,
+            accum,
+            peak,
+            flops_per_token,
+            device,
+            dump,
+        })
+    }
+
+    pub fn checkpoint_root(&self) -> PathBuf {
+        self.dump.join(&self.cfg.checkpoint.folder)
+    }
+
+    /// One optimizer step over `accum` micro-batches.
+    pub fn train_step(&mut self) -> Result<StepResult> {
+        let step = self.step + 1;
+        let be = self.be.as_ref();
+        let mut batches = Vec::with_capacity(self.accum);
+        for _ in 0..self.accum {
+            batches.push(self.loader.next_batch()?);
+        }
+        let valid: usize = batches.iter().map(|b| b.labels.iter().filter(|&&l| l >= 0).count()).sum();
+        let grad_scale = 1.0 / valid.max(1) as f32;
+        self.store.zero_grads(be)?;
+        let mut loss_sum = 0f64;
+        let mut tokens = 0;
+        for batch in &batches {
+            let placement = Placement::Planned { base: self.arena.ptr(), plan: &self.plan };
+            let mut tape = Tape::new(be, &self.store, placement);
+            let inputs = tape.input_i32(&batch.inputs, [batch.batch, batch.seq])?;
+            let labels = tape.input_i32(&batch.labels, [batch.batch * batch.seq])?;
+            let loss = self.model.loss(&mut tape, inputs, labels, grad_scale)?;
+            tape.backward(loss)?;
+            loss_sum += tape.to_vec_f32(loss)?[0] as f64;
+            tokens += batch.batch * batch.seq;
+        }
+        let loss = loss_sum / valid.max(1) as f64;
+        let norm_sq = self.scalars.slice(0, 1);
+        let coef = self.scalars.slice(1, 1);
+        be.sum_squares(&[self.store.flat_grad()], norm_sq)?;
+        let max_norm = if self.cfg.training.max_norm > 0.0 { self.cfg.training.max_norm as f32 } else { f32::INFINITY };
+        be.clip_coef(norm_sq, max_norm, coef)?;
+        let mut host = [0f32; 1];
+        be.download(norm_sq, bytemuck::cast_slice_mut(&mut host))?;
+        let grad_norm = (host[0] as f64).sqrt();
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            return Err(Error::NonFinite(format!(
+                "step {step}: loss {loss}, grad_norm {grad_norm}; the weights were not updated (last good checkpoint kept)"
+            )));
+        }
+        let lr = self.lr.lr_at(step);
+        let o = &self.cfg.optimizer;
+        let hp = AdamW {
+            lr,
+            beta1: o.beta1 as f32,
+            beta2: o.beta2 as f32,
+            eps: o.eps as f32,
+            weight_decay: o.weight_decay as f32,
+            step,
+        };
+        let (m, v) = self.store.flat_moments();
+        be.adamw(self.store.flat_master(), self.store.flat_grad(), m, v, self.store.flat_compute(), coef, &hp)?;
+        self.step = step;
+        Ok(StepResult { loss, grad_norm, lr: lr as f64, tokens })
+    }
+
+    /// Trains to `training.steps`, logging every `metrics.log_freq` steps and checkpointing
+    /// on `checkpoint.interval`. Returns the logged history.
+    pub fn fit(&mut self, quiet: bool) -> Result<Vec<StepMetrics>> {
+        let steps = self.cfg.training.steps.max(0) as u64;
+        let log_freq = self.cfg.metrics.log_freq.max(1) as u64;
+        let mut writer = MetricsWriter::create(&self.dump)?;
+        let planned = (self.memory.total()) as f64 / GIB;
+        let started = Instant::now();
+        let first_step = self.step;
+        let mut window_tokens = 0usize;
+        let mut window_start = Instant::now();
+        let mut window_steps = 0u64;
+        while self.step < steps {
+            let r = self.train_step()?;
+            window_tokens += r.tokens;
+            window_steps += 1;
+            let done = self.step;
+            if done % log_freq == 0 || done == steps || done == first_step + 1 {
+                self.be.synchronize()?;
+                let dt = window_start.elapsed().as_secs_f64();
+                let tps = window_tokens as f64 / dt;
+                let tflops = tps * self.flops_per_token / 1e12;
+                let per_step = started.elapsed().as_secs_f64() / (done - first_step) as f64;
+                let m = StepMetrics {
+                    step: done,
+                    loss: r.loss,
+                    grad_norm: r.grad_norm,
+                    lr: r.lr,
+                    tokens_per_s: tps,
+                    tflops,
+                    mfu_pct: 100.0 * tflops * 1e12 / self.peak.flops,
+                    step_time_s: dt / window_steps as f64,
+                    memory_planned_gib: planned,
+                    memory_actual_gib: self.actual_memory() as f64 / GIB,
+                    eta_s: per_step * (steps - done) as f64,
+                };
+                if !quiet {
+                    println!("{}", m.log_line());
+                }
+                writer.write(&m)?;
+                window_tokens = 0;
+                window_steps = 0;
+                window_start = Instant::now();
+            }
+            let interval = self.cfg.checkpoint.interval.max(1) as u64;
+            if self.cfg.checkpoint.enable && (done % interval == 0 || done == steps) {
+                self.save_checkpoint()?;
+            }
+        }
+        Ok(writer.history)
+    }
+
+    /// Bytes this trainer holds on its backend: the flat state, constants and the arena.
+    pub fn actual_memory(&self) -> usize {
+        self.store.state_bytes().total() + self.arena.bytes() + 256
+    }
+
+    fn param_tensor_names(&self) -> Vec<(String, crate::params::ParamId)> {
+        self.store.ids().map(|id| (self.store.name(id).to_string(), id)).collect()
+    }
+
+    /// Writes `step-N` (model masters, AdamW moments, data position, schedule, config).
+    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        let be = self.be.as_ref();
+        let mut host: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+        for (name, id) in self.param_tensor_names() {
+            let shape = self.store.shape(id).0.clone();
+            host.push((format!("model.{name}"), shape.clone(), self.store.read_f32(be, self.store.master(id))?));
+            host.push((format!("optim.exp_avg.{name}"), shape.clone(), self.store.read_f32(be, self.store.moment1(id))?));
+            host.push((format!("optim.exp_avg_sq.{name}"), shape, self.store.read_f32(be, self.store.moment2(id))?));
+        }
+        let tensors: Vec<NamedTensor> = host
+            .iter()
+            .map(|(n, s, d)| NamedTensor::full(n, DType::F32, s, bytemuck::cast_slice(d)))
+            .collect();
+        let meta = CheckpointMeta {
+            config_toml: self.cfg.to_toml_string()?,
+            parallel: serde_json::json!({"world_size": 1, "dp_shard": 1, "dp_replicate": 1, "tp": 1, "pp": 1, "cp": 1}),
+            dataloader: self.loader.state(),
+            rng: serde_json::json!({}),
+            lr_scheduler: serde_json::json!({"step": self.step}),
+            extra: serde_json::json!({"model": self.cfg.model.name, "flavor": self.cfg.model.flavor}),
+        };
+        let keep = self.cfg.checkpoint.keep_latest_k.max(0) as usize;
+        checkpoint::save(&self.checkpoint_root(), self.step, &[tensors], &meta, keep)
+    }
+
+    /// Restores `step-N` (or the newest) from the checkpoint folder: weights, moments, step,
+    /// data position. Errors name the folder and tensor.
+    pub fn load_checkpoint(&mut self, step: Option<u64>) -> Result<u64> {
+        let ck = checkpoint::load(&self.checkpoint_root(), step)?;
+        let be = self.be.as_ref();
+        for (name, id) in self.param_tensor_names() {
+            for (key, buf) in [
+                (format!("model.{name}"), self.store.master(id)),
+                (format!("optim.exp_avg.{name}"), self.store.moment1(id)),
+                (format!("optim.exp_avg_sq.{name}"), self.store.moment2(id)),
+            ] {
+                let e = ck.entry(&key)?;
+                if e.dtype != DType::F32 || e.shape != self.store.shape(id).0 {
+                    return Err(Error::Checkpoint(format!(
+                        "{}: tensor {key} is {} {:?}, the model expects f32 {}",
+                        ck.dir.display(),
+                        e.dtype,
+                        e.shape,
+                        self.store.shape(id)
+                    )));
+                }
+                let bytes = ck.read_global(&key)?;
+                be.upload(buf, &bytes)?;
+            }
+        }
+        self.store.sync_compute(be)?;
+        self.loader.restore(&ck.manifest.dataloader)?;
+        self.step = ck.step();
+        Ok(self.step)
+    }
+
+    /// Loads the newest checkpoint (or checkpoint.load_step) when checkpointing is enabled and one
+    /// exists. Returns the step resumed from.
+    pub fn maybe_resume(&mut self) -> Result<Option<u64>> {
+        if !self.cfg.checkpoint.enable {
+            return Ok(None);
+        }
+        let root = self.checkpoint_root();
+        let load_step = self.cfg.checkpoint.load_step;
+        if load_step > 0 {
+            return self.load_checkpoint(Some(load_step as u64)).map(Some);
+        }
+        match checkpoint::latest_step(&root)? {
+            Some(s) => self.load_checkpoint(Some(s)).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+const TORCHTITAN_DEFAULT_ASSETS: &str = "./tests/assets/tokenizer";
+
+fn non_empty(s: &str) -> Option<&str> {
+    (!s.trim().is_empty()).then_some(s)
+}

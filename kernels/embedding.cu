@@ -1,0 +1,112 @@
+// Token embedding. Forward: out[n, :] = table[ids[n], :] (a row gather; an id outside
+// [0, vocab) yields a NaN row so a bad batch is loud, since a kernel cannot return an error).
+// Memory traffic fwd: reads rows * dim table elements + ids, writes rows * dim.
+//
+// Backward: dtable[ids[n], :] += dout[n, :] (dtable f32), deterministic and without atomics.
+// Block (r, c) owns vocabulary rows [r * rows_per_range, ...) and 256 columns; it scans all ids
+// in token order, compacts (order-preserving, per 256-token tile) the tokens whose id falls in its
+// range into shared memory, then each thread walks that list for its own column. A run of equal
+// consecutive ids in the list is summed in a register before one read-modify-write of dtable.
+// Every (id, column) cell is owned by exactly one thread and summed in token order, so results are
+// bitwise reproducible. Memory traffic bwd: dout once, dtable rows touched once per run, ids once
+// per block (L2-resident).
+#include "common.cuh"
+
+using namespace titan;
+
+namespace {
+
+template <typename T, int W>
+__device__ __forceinline__ void embedding_fwd_impl(const T* __restrict__ table, const int* __restrict__ ids,
+                                                   T* __restrict__ out, int dim, int vocab) {
+    const int id = ids[blockIdx.x];
+    const bool ok = id >= 0 && id < vocab;
+    const T* src = table + (long long)(ok ? id : 0) * dim;
+    T* dst = out + (long long)blockIdx.x * dim;
+    for (int col = threadIdx.x * W; col < dim; col += blockDim.x * W) {
+        float v[W];
+        load_w<T, W>(src + col, v);
+        if (!ok) {
+#pragma unroll
+            for (int i = 0; i < W; i++) v[i] = __int_as_float(0x7fc00000);
+        }
+        store_w<T, W>(dst + col, v);
+    }
+}
+
+constexpr int BWD_THREADS = 256;
+
+template <typename T>
+__device__ __forceinline__ void embedding_bwd_impl(const T* __restrict__ dout, const int* __restrict__ ids,
+                                                   float* __restrict__ dtable, int n, int dim, int vocab,
+                                                   int rows_per_range) {
+    __shared__ int list_tok[BWD_THREADS];
+    __shared__ int list_id[BWD_THREADS];
+    __shared__ int warp_count[BWD_THREADS / 32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int v0 = blockIdx.x * rows_per_range;
+    const int v1 = min(vocab, v0 + rows_per_range);
+    const int col = blockIdx.y * BWD_THREADS + threadIdx.x;
+    int cur = -1;
+    float acc = 0.f;
+    for (int base = 0; base < n; base += BWD_THREADS) {
+        const int t = base + threadIdx.x;
+        const int id = t < n ? ids[t] : -1;
+        const bool mine = id >= v0 && id < v1;
+        const unsigned mask = __ballot_sync(0xffffffffu, mine);
+        if (lane == 0) warp_count[warp] = __popc(mask);
+        __syncthreads();
+        int offset = 0, count = 0;
+#pragma unroll
+        for (int w = 0; w < BWD_THREADS / 32; w++) {
+            const int c = warp_count[w];
+            offset += w < warp ? c : 0;
+            count += c;
+        }
+        if (mine) {
+            const int slot = offset + __popc(mask & ((1u << lane) - 1u));
+            list_tok[slot] = t;
+            list_id[slot] = id;
+        }
+        __syncthreads();
+        if (col < dim) {
+            for (int i = 0; i < count; i++) {
+                const int tid = list_id[i];
+                const float v = to_f32(dout[(long long)list_tok[i] * dim + col]);
+                if (tid == cur) {
+                    acc += v;
+                } else {
+                    if (cur >= 0) dtable[(long long)cur * dim + col] += acc;
+                    cur = tid;
+                    acc = v;
+                }
+            }
+        }
+        __syncthreads();  // the lists and counts are rewritten by the next tile
+    }
+    if (col < dim && cur >= 0) dtable[(long long)cur * dim + col] += acc;
+}
+
+}  // namespace
+
+extern "C" __global__ void embedding_fwd_f32_w1(const float* table, const int* ids, float* out, int dim, int vocab) {
+    embedding_fwd_impl<float, 1>(table, ids, out, dim, vocab);
+}
+extern "C" __global__ void embedding_fwd_f32_w4(const float* table, const int* ids, float* out, int dim, int vocab) {
+    embedding_fwd_impl<float, 4>(table, ids, out, dim, vocab);
+}
+extern "C" __global__ void embedding_fwd_bf16_w1(const bf16* table, const int* ids, bf16* out, int dim, int vocab) {
+    embedding_fwd_impl<bf16, 1>(table, ids, out, dim, vocab);
+}
+extern "C" __global__ void embedding_fwd_bf16_w8(const bf16* table, const int* ids, bf16* out, int dim, int vocab) {
+    embedding_fwd_impl<bf16, 8>(table, ids, out, dim, vocab);
+}
+
+extern "C" __global__ void __launch_bounds__(BWD_THREADS)
+    embedding_bwd_f32(const float* dout, const int* ids, float* dtable, int n, int dim, int vocab, int rows_per_range) {
+    embedding_bwd_impl<float>(dout, ids, dtable, n, dim, vocab, rows_per_range);
+}
+extern "C" __global__ void __launch_bounds__(BWD_THREADS)
+    embedding_bwd_bf16(const bf16* dout, const int* ids, float* dtable, int n, int dim, int vocab, int rows_per_range) {
+    embedding_bwd_impl<bf16>(dout, ids, dtable, n, dim, vocab, rows_per_range);
+}

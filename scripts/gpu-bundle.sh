@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Builds everything that must run on a GPU machine (which has no Rust toolchain) into ./bundle:
+#   bundle/bin/titan            release binary (--features cuda)
+#   bundle/tests/<name>         every test executable (lib unit tests + tests/*.rs), release
+#   bundle/benches/<name>       every bench executable
+#   bundle/run-gpu.sh           runs them there, output to $OUT/results.txt (or ./results.txt)
+# Binaries are stripped; the bundle must stay under 64 MiB (the device tool's carry limit).
+# Usage: scripts/gpu-bundle.sh   (NVCC / CARGO_TARGET_DIR are honoured as for cargo build)
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+bundle="$root/bundle"
+rm -rf "$bundle"
+mkdir -p "$bundle/bin" "$bundle/tests" "$bundle/benches"
+
+# Executables cargo reports (one JSON line per artifact), for a given cargo subcommand.
+executables() {
+  cargo "$@" --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        kinds = m["target"]["kind"]
+        print(m["target"]["name"], ",".join(kinds), m["executable"])
+'
+}
+
+echo "== building (release, --features cuda)"
+cargo build --release --features cuda --bin titan
+cargo test --release --features cuda --no-run
+cargo bench --features cuda --no-run
+
+cp "$(cargo build --release --features cuda --bin titan --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        print(m["executable"])
+' | tail -n 1)" "$bundle/bin/titan"
+
+executables test --release --features cuda --no-run | while read -r name kind exe; do
+  case "$kind" in
+    lib) dst="$bundle/tests/lib-$name" ;;
+    bin) dst="$bundle/tests/bin-$name" ;;
+    *) dst="$bundle/tests/$name" ;;
+  esac
+  cp "$exe" "$dst"
+done
+executables bench --features cuda --no-run | while read -r name kind exe; do
+  case "$kind" in
+    bench) cp "$exe" "$bundle/benches/$name" ;;
+  esac
+done
+
+if command -v strip >/dev/null; then
+  strip "$bundle"/bin/* "$bundle"/tests/* "$bundle"/benches/* 2>/dev/null || true
+fi
+report=$(ls -t "${CARGO_TARGET_DIR:-$root/target}"/release/build/titan-*/out/ptxas-report.txt 2>/dev/null | head -n 1 || true)
+[ -n "$report" ] && cp "$report" "$bundle/ptxas-report.txt"
+cp "$root/scripts/run-gpu.sh" "$bundle/run-gpu.sh"
+chmod +x "$bundle/run-gpu.sh"
+( cd "$bundle" && find . -type f | sort | xargs ls -la ) > "$bundle/MANIFEST.txt"
+
+size=$(du -sb "$bundle" | cut -f1)
+echo "== bundle: $bundle ($((size / 1024 / 1024)) MiB)"
+cat "$bundle/MANIFEST.txt"
+if [ "$size" -gt $((64 * 1024 * 1024)) ]; then
+  echo "bundle is over 64 MiB: drop test executables that need no GPU from bundle/tests" >&2
+  exit 1
+fi
