@@ -101,28 +101,25 @@ pub fn attention_fwd<T: Float>(
     let (qs, ks) = (lay.q_row_stride(), lay.kv_row_stride());
     let (pq, pk, pv) = (ptr(q), ptr(k), ptr(v));
     let (po, pl) = (SendPtr(out.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
-    // Heaviest tiles (the last rows see the most keys) first, for better load balance.
-    let order = |task: usize| {
-        let (bh, t) = (task / tiles, task % tiles);
-        (bh, tiles - 1 - t)
-    };
-    (0..s.batch * s.n_heads * tiles)
-        .into_par_iter()
-        .for_each_init(
-            || vec![T::ZERO; QTILE.min(seq) * seq],
-            |sc, task| {
-                let (bh, t) = order(task);
-                let (b, h) = (bh / s.n_heads, bh % s.n_heads);
-                let hk = h / group;
-                let (q0, q1) = (t * QTILE, ((t + 1) * QTILE).min(seq));
-                let (rows, keys) = (q1 - q0, q1);
-                // SAFETY: offsets come from the checked shape; this task alone writes the out rows
-                // q0..q1 of head h of batch b and the matching lse entries.
-                unsafe {
+    // One task per (batch, head): it copies its kv head's k and v into contiguous [seq, d]
+    // scratch once (the strided rows are 1 KB+ apart, which defeats the prefetchers), then
+    // walks the query tiles.
+    (0..s.batch * s.n_heads).into_par_iter().for_each_init(
+        || FwdScratch::new(seq, d),
+        |w, bh| {
+            let (b, h) = (bh / s.n_heads, bh % s.n_heads);
+            let hk = h / group;
+            // SAFETY: offsets come from the checked shape; this task alone writes the out rows
+            // of head h of batch b and the matching lse entries.
+            unsafe {
+                gather(pk.get().add(lay.kv_off(b, 0, hk)), ks, seq, d, &mut w.k);
+                gather(pv.get().add(lay.kv_off(b, 0, hk)), ks, seq, d, &mut w.v);
+                let (kt, vm) = (Mat::cols(w.k.as_ptr(), d), Mat::rows(w.v.as_ptr(), d));
+                for t in 0..tiles {
+                    let (q0, q1) = (t * QTILE, ((t + 1) * QTILE).min(seq));
+                    let (rows, keys) = (q1 - q0, q1);
                     let qt = Mat::rows(pq.get().add(lay.q_off(b, q0, h)), qs);
-                    let kt = Mat::cols(pk.get().add(lay.kv_off(b, 0, hk)), ks); // kᵀ [d, keys]
-                    let vm = Mat::rows(pv.get().add(lay.kv_off(b, 0, hk)), ks);
-                    let sc = &mut sc[..rows * keys];
+                    let sc = &mut w.s[..rows * keys];
                     let scm = Mat::rows(sc.as_mut_ptr(), keys);
                     matmul(
                         (rows, keys, d),
@@ -140,19 +137,61 @@ pub fn attention_fwd<T: Float>(
                         masked.fill(T::ZERO);
                     }
                     let om = Mat::rows(po.get().add(lay.q_off(b, q0, h)), qs);
-                    matmul(
-                        (rows, d, keys),
-                        om,
-                        scm,
-                        vm,
-                        T::ONE,
-                        T::ZERO,
-                        Parallelism::None,
-                    );
+                    matmul_d((rows, d, keys), om, scm, vm, T::ONE, T::ZERO);
                 }
-            },
-        );
+            }
+        },
+    );
     Ok(())
+}
+
+/// The head_dim-wide products (out = p·v, dq = ds·k, dk += dsᵀ·q, dv += pᵀ·dout): a narrow
+/// register-blocked kernel where one exists (f32, d in {16, 32, 64}), else the gemm crate.
+/// SAFETY (caller): as `matmul`.
+#[inline]
+unsafe fn matmul_d<T: Float>(
+    mnk: (usize, usize, usize),
+    dst: Mat<T>,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+    alpha: T,
+    beta: T,
+) {
+    if dst.cs == 1
+        && rhs.cs == 1
+        && T::matmul_narrow(
+            mnk, dst.ptr, dst.rs, lhs.ptr, lhs.rs, lhs.cs, rhs.ptr, rhs.rs, alpha, beta,
+        )
+    {
+        return;
+    }
+    matmul(mnk, dst, lhs, rhs, alpha, beta, Parallelism::None)
+}
+
+/// Per-thread buffers of the forward: one score tile and the task's contiguous k and v.
+struct FwdScratch<T> {
+    s: Vec<T>,
+    k: Vec<T>,
+    v: Vec<T>,
+}
+
+impl<T: Float> FwdScratch<T> {
+    fn new(seq: usize, d: usize) -> Self {
+        let z = |n| vec![T::ZERO; n];
+        FwdScratch {
+            s: z(QTILE.min(seq) * seq),
+            k: z(seq * d),
+            v: z(seq * d),
+        }
+    }
+}
+
+/// Copies `rows` rows of `d` elements, `ld` apart, into contiguous `dst`.
+/// SAFETY (caller): src addresses rows·ld elements (the last row needs only d).
+unsafe fn gather<T: Float>(src: *const T, ld: usize, rows: usize, d: usize, dst: &mut [T]) {
+    for (j, r) in dst[..rows * d].chunks_exact_mut(d).enumerate() {
+        r.copy_from_slice(std::slice::from_raw_parts(src.add(j * ld), d));
+    }
 }
 
 fn ptr<T>(x: &[T]) -> SendPtr<T> {
@@ -226,8 +265,9 @@ pub fn attention_bwd<T: Float>(
             // SAFETY: offsets come from the checked shape. This task alone writes dq for the
             // query heads of kv head hk in batch b, and dk/dv of (b, hk).
             unsafe {
-                let kb = pk.get().add(lay.kv_off(b, 0, hk));
-                let vb = pv.get().add(lay.kv_off(b, 0, hk));
+                gather(pk.get().add(lay.kv_off(b, 0, hk)), ks, seq, d, &mut w.k);
+                gather(pv.get().add(lay.kv_off(b, 0, hk)), ks, seq, d, &mut w.v);
+                let (kb, vb) = (w.k.as_ptr(), w.v.as_ptr());
                 for h in hk * group..(hk + 1) * group {
                     for t in 0..tiles {
                         let (q0, q1) = (t * QTILE, ((t + 1) * QTILE).min(seq));
@@ -244,7 +284,7 @@ pub fn attention_bwd<T: Float>(
                             (rows, keys, d),
                             pm,
                             qt,
-                            Mat::cols(kb, ks),
+                            Mat::cols(kb, d),
                             scale,
                             T::ZERO,
                             none,
@@ -254,7 +294,7 @@ pub fn attention_bwd<T: Float>(
                             (rows, keys, d),
                             dpm,
                             dot,
-                            Mat::cols(vb, ks),
+                            Mat::cols(vb, d),
                             T::ONE,
                             T::ZERO,
                             none,
@@ -278,19 +318,11 @@ pub fn attention_bwd<T: Float>(
                         }
                         // dq = ds · k
                         let dqm = Mat::rows(pdq.get().add(lay.q_off(b, q0, h)), qs);
-                        matmul(
-                            (rows, d, keys),
-                            dqm,
-                            dpm,
-                            Mat::rows(kb, ks),
-                            T::ONE,
-                            T::ZERO,
-                            none,
-                        );
+                        matmul_d((rows, d, keys), dqm, dpm, Mat::rows(kb, d), T::ONE, T::ZERO);
                         // dk += dsᵀ · q, dv += pᵀ · dout
                         let (dst, pt) = (Mat::cols(dp.as_ptr(), keys), Mat::cols(p.as_ptr(), keys));
-                        matmul((keys, d, rows), dka, dst, qt, T::ONE, T::ONE, none);
-                        matmul((keys, d, rows), dva, pt, dot, T::ONE, T::ONE, none);
+                        matmul_d((keys, d, rows), dka, dst, qt, T::ONE, T::ONE);
+                        matmul_d((keys, d, rows), dva, pt, dot, T::ONE, T::ONE);
                     }
                 }
                 for j in 0..seq {
@@ -306,6 +338,8 @@ pub fn attention_bwd<T: Float>(
 
 /// Per-thread buffers of the backward.
 struct Scratch<T> {
+    k: Vec<T>,
+    v: Vec<T>,
     p: Vec<T>,
     dp: Vec<T>,
     dk: Vec<T>,
@@ -317,6 +351,8 @@ impl<T: Float> Scratch<T> {
         let tile = QTILE.min(seq) * seq;
         let z = |n| vec![T::ZERO; n];
         Scratch {
+            k: z(seq * d),
+            v: z(seq * d),
             p: z(tile),
             dp: z(tile),
             dk: z(seq * d),

@@ -80,6 +80,27 @@ pub trait Float:
         }
         s
     }
+    /// c[m, n] = beta·c + alpha · a · b through a kernel for narrow n (attention's head_dim
+    /// wide products), see `vecmath::matmul_narrow_f32`; returns false when there is none and
+    /// the caller should use the general GEMM.
+    ///
+    /// # Safety
+    /// As `vecmath::matmul_narrow_f32`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn matmul_narrow(
+        _mnk: (usize, usize, usize),
+        _c: *mut Self,
+        _c_rs: usize,
+        _a: *const Self,
+        _a_rs: usize,
+        _a_cs: usize,
+        _b: *const Self,
+        _b_rs: usize,
+        _alpha: Self,
+        _beta: Self,
+    ) -> bool {
+        false
+    }
     fn dot(a: &[Self], b: &[Self]) -> Self {
         let mut s = Self::ZERO;
         for (&x, &y) in a.iter().zip(b) {
@@ -146,6 +167,20 @@ impl Float for f32 {
     }
     fn dot(a: &[f32], b: &[f32]) -> f32 {
         vecmath::dot_f32(a, b)
+    }
+    unsafe fn matmul_narrow(
+        mnk: (usize, usize, usize),
+        c: *mut f32,
+        c_rs: usize,
+        a: *const f32,
+        a_rs: usize,
+        a_cs: usize,
+        b: *const f32,
+        b_rs: usize,
+        alpha: f32,
+        beta: f32,
+    ) -> bool {
+        vecmath::matmul_narrow_f32(mnk, c, c_rs, a, a_rs, a_cs, b, b_rs, alpha, beta)
     }
 }
 
