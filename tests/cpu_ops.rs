@@ -683,6 +683,7 @@ fn attention_fwd_bwd_vs_reference() {
         (1, 67, 3, 3, 20),
         (2, 67, 6, 2, 20),
         (1, 150, 4, 1, 16),
+        (2, 300, 2, 1, 16),
     ] {
         let s = AttnShape {
             batch,

@@ -12,7 +12,8 @@
 
 use super::gemm::{matmul, Mat};
 use super::{
-    check_dtype, load, overlaps, shape_err, store, view, view_mut, Float, SendPtr, FLOATS,
+    check_dtype, load, overlaps, shape_err, store, view, view_mut, with_scratch, Float, SendPtr,
+    FLOATS,
 };
 use crate::backend::{AttnShape, Buf};
 use crate::error::Result;
@@ -21,7 +22,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 /// Query rows per task.
-pub const QTILE: usize = 64;
+pub const QTILE: usize = 128;
 
 fn check_shape(op: &'static str, s: AttnShape, lens: &[(&str, usize)]) -> Result<()> {
     if s.n_kv_heads == 0 || !s.n_heads.is_multiple_of(s.n_kv_heads) {
@@ -101,28 +102,25 @@ pub fn attention_fwd<T: Float>(
     let (qs, ks) = (lay.q_row_stride(), lay.kv_row_stride());
     let (pq, pk, pv) = (ptr(q), ptr(k), ptr(v));
     let (po, pl) = (SendPtr(out.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
-    // Heaviest tiles (the last rows see the most keys) first, for better load balance.
-    let order = |task: usize| {
-        let (bh, t) = (task / tiles, task % tiles);
-        (bh, tiles - 1 - t)
-    };
-    (0..s.batch * s.n_heads * tiles)
-        .into_par_iter()
-        .for_each_init(
-            || vec![T::ZERO; QTILE.min(seq) * seq],
-            |sc, task| {
-                let (bh, t) = order(task);
-                let (b, h) = (bh / s.n_heads, bh % s.n_heads);
-                let hk = h / group;
-                let (q0, q1) = (t * QTILE, ((t + 1) * QTILE).min(seq));
-                let (rows, keys) = (q1 - q0, q1);
-                // SAFETY: offsets come from the checked shape; this task alone writes the out rows
-                // q0..q1 of head h of batch b and the matching lse entries.
-                unsafe {
+    // One task per (batch, head): it copies its kv head's k and v into contiguous [seq, d]
+    // scratch once (the strided rows are 1 KB+ apart, which defeats the prefetchers), then
+    // walks the query tiles.
+    (0..s.batch * s.n_heads).into_par_iter().for_each(|bh| {
+        with_scratch(FwdScratch::<T>::len(seq, d), |buf| {
+            let w = FwdScratch::split(buf, seq, d);
+            let (b, h) = (bh / s.n_heads, bh % s.n_heads);
+            let hk = h / group;
+            // SAFETY: offsets come from the checked shape; this task alone writes the out rows
+            // of head h of batch b and the matching lse entries.
+            unsafe {
+                gather(pk.get().add(lay.kv_off(b, 0, hk)), ks, seq, d, w.k);
+                gather(pv.get().add(lay.kv_off(b, 0, hk)), ks, seq, d, w.v);
+                let (kt, vm) = (Mat::cols(w.k.as_ptr(), d), Mat::rows(w.v.as_ptr(), d));
+                for t in 0..tiles {
+                    let (q0, q1) = (t * QTILE, ((t + 1) * QTILE).min(seq));
+                    let (rows, keys) = (q1 - q0, q1);
                     let qt = Mat::rows(pq.get().add(lay.q_off(b, q0, h)), qs);
-                    let kt = Mat::cols(pk.get().add(lay.kv_off(b, 0, hk)), ks); // kᵀ [d, keys]
-                    let vm = Mat::rows(pv.get().add(lay.kv_off(b, 0, hk)), ks);
-                    let sc = &mut sc[..rows * keys];
+                    let sc = &mut w.s[..rows * keys];
                     let scm = Mat::rows(sc.as_mut_ptr(), keys);
                     matmul(
                         (rows, keys, d),
@@ -140,19 +138,62 @@ pub fn attention_fwd<T: Float>(
                         masked.fill(T::ZERO);
                     }
                     let om = Mat::rows(po.get().add(lay.q_off(b, q0, h)), qs);
-                    matmul(
-                        (rows, d, keys),
-                        om,
-                        scm,
-                        vm,
-                        T::ONE,
-                        T::ZERO,
-                        Parallelism::None,
-                    );
+                    matmul_d((rows, d, keys), om, scm, vm, T::ONE, T::ZERO);
                 }
-            },
-        );
+            }
+        })
+    });
     Ok(())
+}
+
+/// The head_dim-wide products (out = p·v, dq = ds·k, dk += dsᵀ·q, dv += pᵀ·dout): a narrow
+/// register-blocked kernel where one exists (f32, d in {16, 32, 64}), else the gemm crate.
+/// SAFETY (caller): as `matmul`.
+#[inline]
+unsafe fn matmul_d<T: Float>(
+    mnk: (usize, usize, usize),
+    dst: Mat<T>,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+    alpha: T,
+    beta: T,
+) {
+    if dst.cs == 1
+        && rhs.cs == 1
+        && T::matmul_narrow(
+            mnk, dst.ptr, dst.rs, lhs.ptr, lhs.rs, lhs.cs, rhs.ptr, rhs.rs, alpha, beta,
+        )
+    {
+        return;
+    }
+    matmul(mnk, dst, lhs, rhs, alpha, beta, Parallelism::None)
+}
+
+/// A task's buffers in the forward: one score tile and contiguous copies of k and v, carved
+/// out of the thread's reusable scratch.
+struct FwdScratch<'a, T> {
+    s: &'a mut [T],
+    k: &'a mut [T],
+    v: &'a mut [T],
+}
+
+impl<'a, T: Float> FwdScratch<'a, T> {
+    fn len(seq: usize, d: usize) -> usize {
+        QTILE.min(seq) * seq + 2 * seq * d
+    }
+    fn split(buf: &'a mut [T], seq: usize, d: usize) -> Self {
+        let (s, rest) = buf.split_at_mut(QTILE.min(seq) * seq);
+        let (k, v) = rest.split_at_mut(seq * d);
+        FwdScratch { s, k, v }
+    }
+}
+
+/// Copies `rows` rows of `d` elements, `ld` apart, into contiguous `dst`.
+/// SAFETY (caller): src addresses rows·ld elements (the last row needs only d).
+unsafe fn gather<T: Float>(src: *const T, ld: usize, rows: usize, d: usize, dst: &mut [T]) {
+    for (j, r) in dst[..rows * d].chunks_exact_mut(d).enumerate() {
+        r.copy_from_slice(std::slice::from_raw_parts(src.add(j * ld), d));
+    }
 }
 
 fn ptr<T>(x: &[T]) -> SendPtr<T> {
@@ -213,114 +254,130 @@ pub fn attention_bwd<T: Float>(
         SendPtr(dv.as_mut_ptr()),
     );
     let none = Parallelism::None;
-    (0..s.batch * s.n_kv_heads).into_par_iter().for_each_init(
-        || Scratch::new(seq, d),
-        |w, task| {
-            let (b, hk) = (task / s.n_kv_heads, task % s.n_kv_heads);
-            w.dk.fill(T::ZERO);
-            w.dv.fill(T::ZERO);
-            let (dka, dva) = (
-                Mat::rows(w.dk.as_mut_ptr(), d),
-                Mat::rows(w.dv.as_mut_ptr(), d),
-            );
-            // SAFETY: offsets come from the checked shape. This task alone writes dq for the
-            // query heads of kv head hk in batch b, and dk/dv of (b, hk).
-            unsafe {
-                let kb = pk.get().add(lay.kv_off(b, 0, hk));
-                let vb = pv.get().add(lay.kv_off(b, 0, hk));
-                for h in hk * group..(hk + 1) * group {
-                    for t in 0..tiles {
-                        let (q0, q1) = (t * QTILE, ((t + 1) * QTILE).min(seq));
-                        let (rows, keys) = (q1 - q0, q1);
-                        let qt = Mat::rows(pq.get().add(lay.q_off(b, q0, h)), qs);
-                        let dot = Mat::rows(pdo.get().add(lay.q_off(b, q0, h)), qs);
-                        let (p, dp) = (&mut w.p[..rows * keys], &mut w.dp[..rows * keys]);
-                        let (pm, dpm) = (
-                            Mat::rows(p.as_mut_ptr(), keys),
-                            Mat::rows(dp.as_mut_ptr(), keys),
-                        );
-                        // p = exp(scale · q kᵀ − lse): the forward's probabilities, recomputed.
-                        matmul(
-                            (rows, keys, d),
-                            pm,
-                            qt,
-                            Mat::cols(kb, ks),
-                            scale,
-                            T::ZERO,
-                            none,
-                        );
-                        // dp = dout · vᵀ
-                        matmul(
-                            (rows, keys, d),
-                            dpm,
-                            dot,
-                            Mat::cols(vb, ks),
-                            T::ONE,
-                            T::ZERO,
-                            none,
-                        );
-                        for i in 0..rows {
-                            let o = lay.q_off(b, q0 + i, h);
-                            let delta = T::dot(&dout[o..o + d], &out[o..o + d]);
-                            let l = lse[lay.lse_off(b, h, q0 + i)];
-                            let valid = q0 + i + 1;
-                            let (pr, dpr) = (
-                                &mut p[i * keys..(i + 1) * keys],
-                                &mut dp[i * keys..(i + 1) * keys],
+    (0..s.batch * s.n_kv_heads)
+        .into_par_iter()
+        .for_each(|task| {
+            with_scratch(Scratch::<T>::len(seq, d), |buf| {
+                let w = Scratch::split(buf, seq, d);
+                let (b, hk) = (task / s.n_kv_heads, task % s.n_kv_heads);
+                w.dk.fill(T::ZERO);
+                w.dv.fill(T::ZERO);
+                let (dka, dva) = (
+                    Mat::rows(w.dk.as_mut_ptr(), d),
+                    Mat::rows(w.dv.as_mut_ptr(), d),
+                );
+                // SAFETY: offsets come from the checked shape. This task alone writes dq for the
+                // query heads of kv head hk in batch b, and dk/dv of (b, hk).
+                unsafe {
+                    gather(pk.get().add(lay.kv_off(b, 0, hk)), ks, seq, d, w.k);
+                    gather(pv.get().add(lay.kv_off(b, 0, hk)), ks, seq, d, w.v);
+                    let (kb, vb) = (w.k.as_ptr(), w.v.as_ptr());
+                    for h in hk * group..(hk + 1) * group {
+                        for t in 0..tiles {
+                            let (q0, q1) = (t * QTILE, ((t + 1) * QTILE).min(seq));
+                            let (rows, keys) = (q1 - q0, q1);
+                            let qt = Mat::rows(pq.get().add(lay.q_off(b, q0, h)), qs);
+                            let dot = Mat::rows(pdo.get().add(lay.q_off(b, q0, h)), qs);
+                            let (p, dp) = (&mut w.p[..rows * keys], &mut w.dp[..rows * keys]);
+                            let (pm, dpm) = (
+                                Mat::rows(p.as_mut_ptr(), keys),
+                                Mat::rows(dp.as_mut_ptr(), keys),
                             );
-                            T::exp_sub_sum(&mut pr[..valid], l);
-                            pr[valid..].fill(T::ZERO);
-                            // ds = p ∘ (dp − delta) · scale, kept in dp.
-                            for (g, &pv) in dpr[..valid].iter_mut().zip(pr[..valid].iter()) {
-                                *g = pv * (*g - delta) * scale;
+                            // p = exp(scale · q kᵀ − lse): the forward's probabilities, recomputed.
+                            matmul(
+                                (rows, keys, d),
+                                pm,
+                                qt,
+                                Mat::cols(kb, d),
+                                scale,
+                                T::ZERO,
+                                none,
+                            );
+                            // dp = dout · vᵀ
+                            matmul(
+                                (rows, keys, d),
+                                dpm,
+                                dot,
+                                Mat::cols(vb, d),
+                                T::ONE,
+                                T::ZERO,
+                                none,
+                            );
+                            for i in 0..rows {
+                                let o = lay.q_off(b, q0 + i, h);
+                                let delta = T::dot(&dout[o..o + d], &out[o..o + d]);
+                                let l = lse[lay.lse_off(b, h, q0 + i)];
+                                let valid = q0 + i + 1;
+                                let (pr, dpr) = (
+                                    &mut p[i * keys..(i + 1) * keys],
+                                    &mut dp[i * keys..(i + 1) * keys],
+                                );
+                                T::exp_sub_sum(&mut pr[..valid], l);
+                                pr[valid..].fill(T::ZERO);
+                                // ds = p ∘ (dp − delta) · scale, kept in dp.
+                                for (g, &pv) in dpr[..valid].iter_mut().zip(pr[..valid].iter()) {
+                                    *g = pv * (*g - delta) * scale;
+                                }
+                                dpr[valid..].fill(T::ZERO);
                             }
-                            dpr[valid..].fill(T::ZERO);
+                            // dq = ds · k
+                            let dqm = Mat::rows(pdq.get().add(lay.q_off(b, q0, h)), qs);
+                            matmul_d((rows, d, keys), dqm, dpm, Mat::rows(kb, d), T::ONE, T::ZERO);
+                            // dk += dsᵀ · q, dv += pᵀ · dout
+                            let (dst, pt) =
+                                (Mat::cols(dp.as_ptr(), keys), Mat::cols(p.as_ptr(), keys));
+                            matmul_d((keys, d, rows), dka, dst, qt, T::ONE, T::ONE);
+                            matmul_d((keys, d, rows), dva, pt, dot, T::ONE, T::ONE);
                         }
-                        // dq = ds · k
-                        let dqm = Mat::rows(pdq.get().add(lay.q_off(b, q0, h)), qs);
-                        matmul(
-                            (rows, d, keys),
-                            dqm,
-                            dpm,
-                            Mat::rows(kb, ks),
-                            T::ONE,
-                            T::ZERO,
-                            none,
+                    }
+                    for j in 0..seq {
+                        let o = lay.kv_off(b, j, hk);
+                        std::ptr::copy_nonoverlapping(
+                            w.dk.as_ptr().add(j * d),
+                            pdk.get().add(o),
+                            d,
                         );
-                        // dk += dsᵀ · q, dv += pᵀ · dout
-                        let (dst, pt) = (Mat::cols(dp.as_ptr(), keys), Mat::cols(p.as_ptr(), keys));
-                        matmul((keys, d, rows), dka, dst, qt, T::ONE, T::ONE, none);
-                        matmul((keys, d, rows), dva, pt, dot, T::ONE, T::ONE, none);
+                        std::ptr::copy_nonoverlapping(
+                            w.dv.as_ptr().add(j * d),
+                            pdv.get().add(o),
+                            d,
+                        );
                     }
                 }
-                for j in 0..seq {
-                    let o = lay.kv_off(b, j, hk);
-                    std::ptr::copy_nonoverlapping(w.dk.as_ptr().add(j * d), pdk.get().add(o), d);
-                    std::ptr::copy_nonoverlapping(w.dv.as_ptr().add(j * d), pdv.get().add(o), d);
-                }
-            }
-        },
-    );
+            })
+        });
     Ok(())
 }
 
-/// Per-thread buffers of the backward.
-struct Scratch<T> {
-    p: Vec<T>,
-    dp: Vec<T>,
-    dk: Vec<T>,
-    dv: Vec<T>,
+/// A task's buffers in the backward: contiguous k and v, the probability and gradient tiles,
+/// and the dk / dv accumulators.
+struct Scratch<'a, T> {
+    k: &'a mut [T],
+    v: &'a mut [T],
+    p: &'a mut [T],
+    dp: &'a mut [T],
+    dk: &'a mut [T],
+    dv: &'a mut [T],
 }
 
-impl<T: Float> Scratch<T> {
-    fn new(seq: usize, d: usize) -> Self {
+impl<'a, T: Float> Scratch<'a, T> {
+    fn len(seq: usize, d: usize) -> usize {
+        2 * QTILE.min(seq) * seq + 4 * seq * d
+    }
+    fn split(buf: &'a mut [T], seq: usize, d: usize) -> Self {
         let tile = QTILE.min(seq) * seq;
-        let z = |n| vec![T::ZERO; n];
+        let (p, rest) = buf.split_at_mut(tile);
+        let (dp, rest) = rest.split_at_mut(tile);
+        let (k, rest) = rest.split_at_mut(seq * d);
+        let (v, rest) = rest.split_at_mut(seq * d);
+        let (dk, dv) = rest.split_at_mut(seq * d);
         Scratch {
-            p: z(tile),
-            dp: z(tile),
-            dk: z(seq * d),
-            dv: z(seq * d),
+            k,
+            v,
+            p,
+            dp,
+            dk,
+            dv,
         }
     }
 }

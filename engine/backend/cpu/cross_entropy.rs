@@ -1,8 +1,8 @@
 //! Fused log-softmax + cross-entropy + its gradient, one pass over each row.
 
 use super::{
-    check_dtype, check_len, f32_to_bf16_bits, overlaps, shape_err, view, view_mut, Float, SendPtr,
-    FLOATS,
+    check_dtype, check_len, f32_to_bf16_bits, overlaps, shape_err, view, view_mut, with_scratch,
+    Float, SendPtr, FLOATS,
 };
 use crate::backend::Buf;
 use crate::error::Result;
@@ -121,9 +121,8 @@ pub(super) fn cross_entropy_op(
         SendPtr(dlogits.ptr as *mut u8),
     );
     let (src_bf16, dst_bf16) = (logits.dtype == DType::BF16, dlogits.dtype == DType::BF16);
-    ls.par_iter_mut().enumerate().for_each_init(
-        || vec![0f32; vocab],
-        |row, (r, loss)| {
+    ls.par_iter_mut().enumerate().for_each(|(r, loss)| {
+        with_scratch::<f32, _>(vocab, |row| {
             let t = tg[r];
             // SAFETY: row r of logits is read completely into `row` before row r of dlogits is
             // written, and no other task touches row r, so aliasing logits == dlogits is fine.
@@ -165,7 +164,7 @@ pub(super) fn cross_entropy_op(
                     d.copy_from_slice(row);
                 }
             }
-        },
-    );
+        })
+    });
     Ok(())
 }

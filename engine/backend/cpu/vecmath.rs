@@ -6,35 +6,46 @@
 
 const LANES: usize = 16;
 
+/// a·b + c, fused when the caller is compiled with FMA (`F`): without the feature `mul_add`
+/// would be a libm call, and plain Rust never fuses on its own.
+#[inline(always)]
+fn fma<const F: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if F {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
 /// exp(x) for f32 with ~2 ulp error, branch-free so that it vectorises: x = n·ln2 + r with
 /// |r| <= ln2/2, exp(r) by a degree-7 Taylor polynomial (truncation < 1e-8), 2^n via the
 /// exponent bits. Inputs are clamped to [-87.3, 88.3] (so -inf gives ~1e-38, not 0); NaN stays NaN.
 #[inline(always)]
-fn exp_f32(x: f32) -> f32 {
+fn exp_f32<const F: bool>(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
     let x = x.clamp(-87.3, 88.3);
-    let t = x * LOG2E + MAGIC;
+    let t = fma::<F>(x, LOG2E, MAGIC);
     let n = t - MAGIC;
-    let r = x - n * LN2_HI - n * LN2_LO;
+    let r = fma::<F>(-n, LN2_LO, fma::<F>(-n, LN2_HI, x));
     let mut p = 1.0 / 5040.0;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * r + 1.0;
-    p = p * r + 1.0;
+    p = fma::<F>(p, r, 1.0 / 720.0);
+    p = fma::<F>(p, r, 1.0 / 120.0);
+    p = fma::<F>(p, r, 1.0 / 24.0);
+    p = fma::<F>(p, r, 1.0 / 6.0);
+    p = fma::<F>(p, r, 0.5);
+    p = fma::<F>(p, r, 1.0);
+    p = fma::<F>(p, r, 1.0);
     let bits = ((t.to_bits() as i32 - MAGIC.to_bits() as i32 + 127) as u32) << 23;
     p * f32::from_bits(bits)
 }
 
 #[inline(always)]
-fn exp_body(xs: &mut [f32]) {
+fn exp_body<const F: bool>(xs: &mut [f32]) {
     for x in xs {
-        *x = exp_f32(*x);
+        *x = exp_f32::<F>(*x);
     }
 }
 
@@ -53,7 +64,7 @@ fn fold_lanes(acc: [f32; LANES], f: impl Fn(f32, f32) -> f32) -> f32 {
 }
 
 #[inline(always)]
-fn max_body(xs: &[f32]) -> f32 {
+fn max_body<const F: bool>(xs: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let mut it = xs.chunks_exact(LANES);
     for c in &mut it {
@@ -69,33 +80,33 @@ fn max_body(xs: &[f32]) -> f32 {
 }
 
 #[inline(always)]
-fn exp_sub_sum_body(xs: &mut [f32], m: f32) -> f32 {
+fn exp_sub_sum_body<const F: bool>(xs: &mut [f32], m: f32) -> f32 {
     let mut acc = [0f32; LANES];
     let mut it = xs.chunks_exact_mut(LANES);
     for c in &mut it {
         for l in 0..LANES {
-            let e = exp_f32(c[l] - m);
+            let e = exp_f32::<F>(c[l] - m);
             c[l] = e;
             acc[l] += e;
         }
     }
     let mut s = fold_lanes(acc, |a, b| a + b);
     for x in it.into_remainder() {
-        *x = exp_f32(*x - m);
+        *x = exp_f32::<F>(*x - m);
         s += *x;
     }
     s
 }
 
 #[inline(always)]
-fn dot_body(a: &[f32], b: &[f32]) -> f32 {
+fn dot_body<const F: bool>(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let mut acc = [0f32; LANES];
     let (mut ia, mut ib) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     for (ca, cb) in (&mut ia).zip(&mut ib) {
         for l in 0..LANES {
-            acc[l] += ca[l] * cb[l];
+            acc[l] = fma::<F>(ca[l], cb[l], acc[l]);
         }
     }
     let mut s = fold_lanes(acc, |x, y| x + y);
@@ -112,13 +123,13 @@ macro_rules! dispatch {
         pub fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx512f")]
+                #[target_feature(enable = "avx512f,fma")]
                 unsafe fn v4($($arg: $ty),*) -> $ret {
-                    $body($($arg),*)
+                    $body::<true>($($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn v3($($arg: $ty),*) -> $ret {
-                    $body($($arg),*)
+                    $body::<true>($($arg),*)
                 }
                 if std::arch::is_x86_feature_detected!("avx512f") {
                     // SAFETY: the feature was detected at run time.
@@ -129,7 +140,7 @@ macro_rules! dispatch {
                     return unsafe { v3($($arg),*) };
                 }
             }
-            $body($($arg),*)
+            $body::<false>($($arg),*)
         }
     };
 }
@@ -150,6 +161,191 @@ dispatch!(
     /// Σ a[i]·b[i].
     dot_f32(a: &[f32], b: &[f32]) -> f32 = dot_body
 );
+
+// ---- narrow GEMM ----------------------------------------------------------------------------
+
+/// Output rows computed together for head width D: 12 vector accumulators (rows × D/16) hide
+/// the FMA latency, and each loaded row of `b` is reused for every one of those rows.
+const fn rows_for(d: usize) -> usize {
+    match d {
+        16 => 12,
+        32 => 6,
+        _ => 3,
+    }
+}
+
+/// c[i, 0..D] = beta·c + alpha · Σ_p a(i, p) · b[p, 0..D] for R consecutive rows starting at i0.
+/// a(i, p) = a[i·a_rs + p·a_cs]; rows of b and c are contiguous. Only ever compiled with FMA
+/// enabled (`mul_add` is one instruction there).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn narrow_rows<const D: usize, const R: usize>(
+    k: usize,
+    c: *mut f32,
+    c_rs: usize,
+    a: *const f32,
+    a_rs: usize,
+    a_cs: usize,
+    b: *const f32,
+    b_rs: usize,
+    alpha: f32,
+    beta: f32,
+) {
+    let mut acc = [[0f32; D]; R];
+    for p in 0..k {
+        let bp = &*(b.add(p * b_rs) as *const [f32; D]);
+        let ap = a.add(p * a_cs);
+        for (r, accr) in acc.iter_mut().enumerate() {
+            let av = *ap.add(r * a_rs);
+            for e in 0..D {
+                accr[e] = av.mul_add(bp[e], accr[e]);
+            }
+        }
+    }
+    for (r, accr) in acc.iter().enumerate() {
+        let cr = &mut *(c.add(r * c_rs) as *mut [f32; D]);
+        for e in 0..D {
+            cr[e] = if beta == 0.0 {
+                alpha * accr[e]
+            } else {
+                beta * cr[e] + alpha * accr[e]
+            };
+        }
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn narrow_body<const D: usize, const R: usize>(
+    m: usize,
+    k: usize,
+    c: *mut f32,
+    c_rs: usize,
+    a: *const f32,
+    a_rs: usize,
+    a_cs: usize,
+    b: *const f32,
+    b_rs: usize,
+    alpha: f32,
+    beta: f32,
+) {
+    let mut i = 0;
+    while i + R <= m {
+        narrow_rows::<D, R>(
+            k,
+            c.add(i * c_rs),
+            c_rs,
+            a.add(i * a_rs),
+            a_rs,
+            a_cs,
+            b,
+            b_rs,
+            alpha,
+            beta,
+        );
+        i += R;
+    }
+    while i < m {
+        narrow_rows::<D, 1>(
+            k,
+            c.add(i * c_rs),
+            c_rs,
+            a.add(i * a_rs),
+            a_rs,
+            a_cs,
+            b,
+            b_rs,
+            alpha,
+            beta,
+        );
+        i += 1;
+    }
+}
+
+macro_rules! narrow_variants {
+    ($($d:literal => $v4:ident, $v3:ident;)*) => {
+        $(
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,fma")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn $v4(m: usize, k: usize, c: *mut f32, c_rs: usize, a: *const f32, a_rs: usize,
+                          a_cs: usize, b: *const f32, b_rs: usize, alpha: f32, beta: f32) {
+                narrow_body::<$d, { rows_for($d) }>(m, k, c, c_rs, a, a_rs, a_cs, b, b_rs, alpha, beta)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn $v3(m: usize, k: usize, c: *mut f32, c_rs: usize, a: *const f32, a_rs: usize,
+                          a_cs: usize, b: *const f32, b_rs: usize, alpha: f32, beta: f32) {
+                narrow_body::<$d, { rows_for($d) }>(m, k, c, c_rs, a, a_rs, a_cs, b, b_rs, alpha, beta)
+            }
+        )*
+    };
+}
+
+narrow_variants! {
+    16 => narrow16_v4, narrow16_v3;
+    32 => narrow32_v4, narrow32_v3;
+    64 => narrow64_v4, narrow64_v3;
+}
+
+/// c[m, n] = beta·c + alpha · a[m, k] · b[k, n] for the narrow n of attention heads (16, 32 or
+/// 64), with contiguous rows in b and c and any strides for a. The gemm crate vectorises such
+/// products along n with a 1-vector micro-kernel and packs operands; this kernel keeps a block of
+/// output rows in registers and reads a and b in place. Every sum runs over p in order (deterministic).
+/// Returns false (and does nothing) when n is not supported or the CPU lacks AVX2/AVX-512.
+///
+/// # Safety
+/// The operands must address valid memory for the given sizes and strides; c must not overlap
+/// a or b.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul_narrow_f32(
+    (m, n, k): (usize, usize, usize),
+    c: *mut f32,
+    c_rs: usize,
+    a: *const f32,
+    a_rs: usize,
+    a_cs: usize,
+    b: *const f32,
+    b_rs: usize,
+    alpha: f32,
+    beta: f32,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        type K = unsafe fn(
+            usize,
+            usize,
+            *mut f32,
+            usize,
+            *const f32,
+            usize,
+            usize,
+            *const f32,
+            usize,
+            f32,
+            f32,
+        );
+        let v4 = std::arch::is_x86_feature_detected!("avx512f");
+        let v3 = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
+        let f: Option<K> = match (n, v4, v3) {
+            (16, true, _) => Some(narrow16_v4),
+            (32, true, _) => Some(narrow32_v4),
+            (64, true, _) => Some(narrow64_v4),
+            (16, false, true) => Some(narrow16_v3),
+            (32, false, true) => Some(narrow32_v3),
+            (64, false, true) => Some(narrow64_v3),
+            _ => None,
+        };
+        if let Some(f) = f {
+            f(m, k, c, c_rs, a, a_rs, a_cs, b, b_rs, alpha, beta);
+            return true;
+        }
+    }
+    let _ = (m, n, k, c, c_rs, a, a_rs, a_cs, b, b_rs, alpha, beta);
+    false
+}
 
 #[cfg(test)]
 mod tests {
@@ -188,5 +384,59 @@ mod tests {
         let s = exp_sub_sum_f32(&mut e, 4.99);
         let want: f64 = xs.iter().map(|&x| (x as f64 - 4.99f32 as f64).exp()).sum();
         assert!(((s as f64 - want) / want).abs() < 1e-6);
+    }
+
+    #[test]
+    fn narrow_matmul_matches_naive() {
+        for n in [16usize, 32, 64] {
+            for (m, k) in [(1usize, 1usize), (7, 13), (13, 130)] {
+                let a: Vec<f32> = (0..m * k * 2)
+                    .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+                    .collect();
+                let b: Vec<f32> = (0..k * (n + 3))
+                    .map(|i| ((i * 53) % 97) as f32 / 48.0 - 1.0)
+                    .collect();
+                let mut c: Vec<f32> = (0..m * (n + 5)).map(|i| (i % 9) as f32).collect();
+                let c0 = c.clone();
+                // a read transposed with a padded stride: a(i, p) = a[i + p * 2m]
+                let ok = unsafe {
+                    matmul_narrow_f32(
+                        (m, n, k),
+                        c.as_mut_ptr(),
+                        n + 5,
+                        a.as_ptr(),
+                        1,
+                        2 * m,
+                        b.as_ptr(),
+                        n + 3,
+                        0.5,
+                        1.0,
+                    )
+                };
+                if !ok {
+                    return; // no AVX2: nothing to compare
+                }
+                for i in 0..m {
+                    for j in 0..n {
+                        let s: f64 = (0..k)
+                            .map(|p| a[i + p * 2 * m] as f64 * b[p * (n + 3) + j] as f64)
+                            .sum();
+                        let want = c0[i * (n + 5) + j] as f64 + 0.5 * s;
+                        let got = c[i * (n + 5) + j] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                            "n {n} m {m} k {k}: {got} vs {want}"
+                        );
+                    }
+                    for j in n..n + 5 {
+                        assert_eq!(
+                            c[i * (n + 5) + j],
+                            c0[i * (n + 5) + j],
+                            "wrote outside the row"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
