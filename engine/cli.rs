@@ -38,7 +38,7 @@ pub fn train(config: Option<&Path>, overrides: &[String], quiet: bool) -> Result
         tr.accum
     );
     println!(
-        "titan: memory plan {:.3} GiB (state {:.3} + activations {:.3}; {:.3} without reuse), {} buffers over {} ops; data: {} ; MFU peak: {:.1} TFLOP/s ({})",
+        "titan: memory plan {:.3} GiB (state {:.3} + activations {:.3}; {:.3} without reuse), {} buffers over {} ops; data: {} ; MFU peak: {:.3} TFLOP/s ({})",
         tr.memory.total() as f64 / GIB,
         tr.memory.state.total() as f64 / GIB,
         tr.memory.activations_peak as f64 / GIB,
@@ -315,7 +315,7 @@ pub fn bench(
         last
     );
     println!(
-        "bench: tokens/s {:.0} | torchtitan 6N+12lhqt: {:.1} TFLOP/s MFU {:.2}% | llm.c 6N+6LCT: {:.1} TFLOP/s MFU {:.2}% | peak {:.0} TFLOP/s ({})",
+        "bench: tokens/s {:.0} | torchtitan 6N+12lhqt: {:.3} TFLOP/s MFU {:.2}% | llm.c 6N+6LCT: {:.3} TFLOP/s MFU {:.2}% | peak {:.3} TFLOP/s ({})",
         tps,
         tps * f_tt / 1e12,
         100.0 * tps * f_tt / peak,
