@@ -1097,3 +1097,94 @@ fn adamw_three_steps_vs_f64() {
         Err(Error::Shape { op: "adamw", .. })
     ));
 }
+
+// ---- determinism across thread counts -----------------------------------------------------
+
+/// Runs `f` on a private rayon pool of `threads` threads.
+fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap()
+        .install(f)
+}
+
+#[test]
+fn reductions_and_backwards_are_bitwise_identical_for_any_thread_count() {
+    let b = be();
+    let mut r = Rng::new(100);
+    let s = AttnShape {
+        batch: 2,
+        seq: 300,
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 16,
+    };
+    let (q, k, v, g) = (
+        r.vec(s.q_len(), 1.0),
+        r.vec(s.kv_len(), 1.0),
+        r.vec(s.kv_len(), 1.0),
+        r.vec(s.q_len(), 1.0),
+    );
+    let (rows, dim, vocab) = (333, 96, 50);
+    let (x, w, dy) = (
+        r.vec(rows * dim, 1.0),
+        r.vec(dim, 1.0),
+        r.vec(rows * dim, 1.0),
+    );
+    let ids: Vec<i32> = (0..rows).map(|_| r.below(vocab) as i32).collect();
+    let big = r.vec(300_007, 1.0);
+    let (ga, gb) = (r.vec(257 * 129, 1.0), r.vec(129 * 300, 1.0));
+    let run = || {
+        let f = |d: &[f64]| upload(&b, d, DType::F32);
+        let (qt, kt, vt, gt) = (f(&q), f(&k), f(&v), f(&g));
+        let (o, l) = (
+            poisoned(&b, s.q_len(), DType::F32),
+            poisoned(&b, s.lse_len(), DType::F32),
+        );
+        b.attention_fwd(qt.buf, kt.buf, vt.buf, o.buf, l.buf, s, 0.25)
+            .unwrap();
+        let (dq, dk, dv) = (
+            poisoned(&b, s.q_len(), DType::F32),
+            poisoned(&b, s.kv_len(), DType::F32),
+            poisoned(&b, s.kv_len(), DType::F32),
+        );
+        b.attention_bwd(
+            qt.buf, kt.buf, vt.buf, o.buf, gt.buf, l.buf, dq.buf, dk.buf, dv.buf, s, 0.25,
+        )
+        .unwrap();
+        let (xt, wt, dyt) = (f(&x), f(&w), f(&dy));
+        let (dx, dw, rs) = (
+            poisoned(&b, rows * dim, DType::F32),
+            f(&vec![0.0; dim]),
+            f(&vec![1.0; rows]),
+        );
+        b.rmsnorm_bwd(dyt.buf, xt.buf, wt.buf, rs.buf, dx.buf, dw.buf, rows, dim)
+            .unwrap();
+        let idt = upload_i32(&b, &ids);
+        let dtab = f(&vec![0.0; vocab * dim]);
+        b.embedding_bwd(dyt.buf, idt.buf, dtab.buf, dim).unwrap();
+        let (bt, sq) = (f(&big), poisoned(&b, 1, DType::F32));
+        b.sum_squares(&[bt.buf, xt.buf], sq.buf).unwrap();
+        let (at, btt, ct) = (f(&ga), f(&gb), poisoned(&b, 257 * 300, DType::F32));
+        b.gemm(
+            &Gemm::new(257, 300, 129, false, false, 0.0),
+            at.buf,
+            btt.buf,
+            ct.buf,
+        )
+        .unwrap();
+        [
+            o.buf, l.buf, dq.buf, dk.buf, dv.buf, dx.buf, dw.buf, dtab.buf, sq.buf, ct.buf,
+        ]
+        .iter()
+        .map(|x| download(&b, *x))
+        .collect::<Vec<_>>()
+    };
+    let one = on_threads(1, run);
+    let three = on_threads(3, run);
+    for (i, (a, c)) in one.iter().zip(&three).enumerate() {
+        assert!(a.iter().all(|x| x.is_finite()), "output {i} not finite");
+        assert_eq!(a, c, "output {i} differs between 1 and 3 threads");
+    }
+}
