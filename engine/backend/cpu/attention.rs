@@ -2,7 +2,8 @@
 //!
 //! Work is split into tiles of `QTILE` query rows of one (batch, head). A tile's scores against
 //! the keys it may see (0..=last row of the tile) are one strided GEMM into a `QTILE × seq`
-//! scratch row block, the softmax is done per row, and the output is a second GEMM: no
+//! scratch row block, the softmax is done per row (normalised after the second GEMM), and the
+//! output is that second GEMM: no
 //! `[seq, seq]` matrix per head and nothing of size B·H·S·S ever exists. The strides of the
 //! `[b, s, h, d]` layout are passed straight to the GEMM, so nothing is gathered or transposed.
 //!
@@ -132,13 +133,22 @@ pub fn attention_fwd<T: Float>(
                         Parallelism::None,
                     );
                     let lse_t = pl.get().add(lay.lse_off(b, h, q0));
+                    // Unnormalised exponentials; each output row is divided by its sum after
+                    // the product (rows·d divisions instead of rows·keys).
+                    let mut inv = [T::ZERO; QTILE];
                     for (i, row) in sc.chunks_mut(keys).enumerate() {
                         let (live, masked) = row.split_at_mut(q0 + i + 1);
-                        *lse_t.add(i) = softmax_row(live);
+                        let (l, s) = exp_row(live);
+                        *lse_t.add(i) = l;
+                        inv[i] = T::ONE / s;
                         masked.fill(T::ZERO);
                     }
                     let om = Mat::rows(po.get().add(lay.q_off(b, q0, h)), qs);
                     matmul_d((rows, d, keys), om, scm, vm, T::ONE, T::ZERO);
+                    for (i, &r) in inv[..rows].iter().enumerate() {
+                        let o = std::slice::from_raw_parts_mut(om.ptr.add(i * qs), d);
+                        o.iter_mut().for_each(|x| *x = *x * r);
+                    }
                 }
             }
         })
@@ -200,16 +210,12 @@ fn ptr<T>(x: &[T]) -> SendPtr<T> {
     SendPtr(x.as_ptr() as *mut T)
 }
 
-/// Normalises scores into probabilities in place and returns their log-sum-exp.
+/// Replaces scores by exp(score − max) in place; returns (log-sum-exp, Σ exp(score − max)).
 #[inline]
-fn softmax_row<T: Float>(row: &mut [T]) -> T {
+fn exp_row<T: Float>(row: &mut [T]) -> (T, T) {
     let mx = T::max_slice(row);
     let sum = T::exp_sub_sum(row, mx);
-    let inv = T::ONE / sum;
-    for x in row.iter_mut() {
-        *x = *x * inv;
-    }
-    mx + sum.ln()
+    (mx + sum.ln(), sum)
 }
 
 /// Gradients of `attention_fwd`: dq, dk, dv are written (not accumulated).
