@@ -318,12 +318,15 @@ pub fn attention_bwd<T: Float>(
                                     &mut p[i * keys..(i + 1) * keys],
                                     &mut dp[i * keys..(i + 1) * keys],
                                 );
-                                T::exp_sub_sum(&mut pr[..valid], l);
+                                // p = exp(s − lse), ds = p ∘ (dp − delta) · scale (kept in dp)
+                                T::softmax_bwd_row(
+                                    &mut pr[..valid],
+                                    &mut dpr[..valid],
+                                    l,
+                                    delta,
+                                    scale,
+                                );
                                 pr[valid..].fill(T::ZERO);
-                                // ds = p ∘ (dp − delta) · scale, kept in dp.
-                                for (g, &pv) in dpr[..valid].iter_mut().zip(pr[..valid].iter()) {
-                                    *g = pv * (*g - delta) * scale;
-                                }
                                 dpr[valid..].fill(T::ZERO);
                             }
                             // dq = ds · k

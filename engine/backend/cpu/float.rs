@@ -52,6 +52,14 @@ pub trait Float:
         }
         s
     }
+    /// The softmax backward of one attention row, fused: p[j] = exp(s[j] − lse) (s given in
+    /// `p`) and ds[j] = p[j]·(dp[j] − delta)·scale (dp given in `ds`).
+    fn softmax_bwd_row(p: &mut [Self], ds: &mut [Self], lse: Self, delta: Self, scale: Self) {
+        for (x, g) in p.iter_mut().zip(ds.iter_mut()) {
+            *x = (*x - lse).exp();
+            *g = *x * (*g - delta) * scale;
+        }
+    }
     /// c[m, n] = beta·c + alpha · a · b through a kernel for narrow n (attention's head_dim
     /// wide products), see `vecmath::matmul_narrow_f32`; returns false when there is none and
     /// the caller should use the general GEMM.
@@ -139,6 +147,9 @@ impl Float for f32 {
     }
     fn dot(a: &[f32], b: &[f32]) -> f32 {
         vecmath::dot_f32(a, b)
+    }
+    fn softmax_bwd_row(p: &mut [f32], ds: &mut [f32], lse: f32, delta: f32, scale: f32) {
+        vecmath::softmax_bwd_row_f32(p, ds, lse, delta, scale)
     }
     unsafe fn matmul_narrow(
         mnk: (usize, usize, usize),

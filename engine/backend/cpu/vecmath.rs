@@ -116,6 +116,21 @@ fn dot_body<const F: bool>(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+#[inline(always)]
+fn softmax_bwd_row_body<const F: bool>(
+    p: &mut [f32],
+    ds: &mut [f32],
+    lse: f32,
+    delta: f32,
+    scale: f32,
+) {
+    for (x, g) in p.iter_mut().zip(ds.iter_mut()) {
+        let e = exp_f32::<F>(*x - lse);
+        *x = e;
+        *g = e * (*g - delta) * scale;
+    }
+}
+
 /// Defines `pub fn $name` that runs `$body` compiled for the best vector unit present.
 macro_rules! dispatch {
     ($(#[$doc:meta])* $name:ident ($($arg:ident : $ty:ty),*) -> $ret:ty = $body:ident) => {
@@ -156,6 +171,10 @@ dispatch!(
 dispatch!(
     /// xs[i] = exp(xs[i] − m); returns Σ xs[i].
     exp_sub_sum_f32(xs: &mut [f32], m: f32) -> f32 = exp_sub_sum_body
+);
+dispatch!(
+    /// p[j] = exp(p[j] − lse); ds[j] = p[j]·(ds[j] − delta)·scale (attention backward row).
+    softmax_bwd_row_f32(p: &mut [f32], ds: &mut [f32], lse: f32, delta: f32, scale: f32) -> () = softmax_bwd_row_body
 );
 dispatch!(
     /// Σ a[i]·b[i].
