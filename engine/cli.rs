@@ -1,5 +1,7 @@
 //! The subcommands behind the `titan` binary (kept in the library so tests can call them).
 
+pub mod hf;
+
 use crate::checkpoint;
 use crate::data::read_token_batches;
 use crate::error::{Error, Result};
@@ -10,7 +12,7 @@ use crate::tape::{Placement, Tape};
 use crate::tensor::DType;
 use crate::train::config::JobConfig;
 use crate::train::device::select_backend;
-use crate::train::trainer::{build_model, trace_plan, Trainer};
+use crate::train::trainer::{build_model_from, trace_plan, Trainer};
 use std::path::Path;
 use std::time::Instant;
 
@@ -36,7 +38,7 @@ pub fn train(config: Option<&Path>, overrides: &[String], quiet: bool) -> Result
         tr.accum
     );
     println!(
-        "titan: memory plan {:.3} GiB (state {:.3} + activations {:.3}; {:.3} without reuse), {} buffers over {} ops; data: {} ; MFU peak: {:.1} TFLOP/s ({})",
+        "titan: memory plan {:.3} GiB (state {:.3} + activations {:.3}; {:.3} without reuse), {} buffers over {} ops; data: {} ; MFU peak: {:.3} TFLOP/s ({})",
         tr.memory.total() as f64 / GIB,
         tr.memory.state.total() as f64 / GIB,
         tr.memory.activations_peak as f64 / GIB,
@@ -50,8 +52,24 @@ pub fn train(config: Option<&Path>, overrides: &[String], quiet: bool) -> Result
     if let Ok(h) = tr.loader.unigram_entropy() {
         println!("titan: dataset unigram entropy {h:.3} nats/token (a model that learns context beats this)");
     }
-    if let Some(s) = tr.maybe_resume()? {
-        println!("titan: resumed from checkpoint step {s}");
+    match tr.maybe_resume()? {
+        Some(s) => println!("titan: resumed from checkpoint step {s}"),
+        None => {
+            if let Some(p) = tr
+                .cfg
+                .checkpoint
+                .initial_load_path
+                .as_deref()
+                .filter(|p| !p.is_empty())
+            {
+                let kind = if tr.cfg.checkpoint.initial_load_in_hf {
+                    "Hugging Face"
+                } else {
+                    "titan"
+                };
+                println!("titan: initial weights from {kind} checkpoint {p}");
+            }
+        }
     }
     let hist = tr.fit(quiet)?;
     if let (Some(first), Some(last)) = (hist.first(), hist.last()) {
@@ -61,7 +79,9 @@ pub fn train(config: Option<&Path>, overrides: &[String], quiet: bool) -> Result
             t0.elapsed().as_secs_f64(),
             first.loss,
             last.loss,
-            Path::new(&tr.cfg.job.dump_folder).join("metrics.jsonl").display()
+            Path::new(&tr.cfg.job.dump_folder)
+                .join("metrics.jsonl")
+                .display()
         );
         let png = Path::new(&tr.cfg.job.dump_folder).join("loss.png");
         crate::plot::loss_curve_png(&hist, &png)?;
@@ -80,7 +100,10 @@ pub fn plan(config: Option<&Path>, overrides: &[String], dtype: &str, json: bool
     let t0 = Instant::now();
     let (_, mp) = trace_plan(&cfg, None, dtype)?;
     if json {
-        println!("{}", serde_json::to_string(&mp).map_err(|e| Error::Other(e.to_string()))?);
+        println!(
+            "{}",
+            serde_json::to_string(&mp).map_err(|e| Error::Other(e.to_string()))?
+        );
         return Ok(());
     }
     let s = &mp.state;
@@ -114,7 +137,10 @@ pub fn plan(config: Option<&Path>, overrides: &[String], dtype: &str, json: bool
             gib(s.total() / shard as usize).trim()
         );
     }
-    println!("  (traced on the meta backend in {:.2}s, nothing allocated)", t0.elapsed().as_secs_f64());
+    println!(
+        "  (traced on the meta backend in {:.2}s, nothing allocated)",
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -122,7 +148,12 @@ pub fn list_models() {
     for spec in crate::models::registry() {
         println!("{}", spec.name);
         for f in (spec.flavors)() {
-            println!("  {:<16} {:>16} params   {}", f.name, group_digits(f.num_params), f.description);
+            println!(
+                "  {:<16} {:>16} params   {}",
+                f.name,
+                group_digits(f.num_params),
+                f.description
+            );
         }
     }
 }
@@ -131,7 +162,7 @@ fn group_digits(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -140,9 +171,19 @@ fn group_digits(n: usize) -> String {
 }
 
 /// Mean next-token loss over every sequence of the token file.
-pub fn eval(root: &Path, step: Option<u64>, tokens: &Path, seq_len: Option<usize>, device: &str) -> Result<()> {
+pub fn eval(
+    root: &Path,
+    step: Option<u64>,
+    tokens: &Path,
+    seq_len: Option<usize>,
+    device: &str,
+) -> Result<()> {
     let ck = checkpoint::load(root, step)?;
-    let cfg = JobConfig::from_toml_str(&ck.manifest.config, &format!("{}/manifest.json", ck.dir.display()), &[])?;
+    let cfg = JobConfig::from_toml_str(
+        &ck.manifest.config,
+        &format!("{}/manifest.json", ck.dir.display()),
+        &[],
+    )?;
     let be = select_backend(device)?;
     let dtype = crate::train::trainer::compute_dtype(&cfg, be.name())?;
     let vocab = ck.entry("model.tok_embeddings.weight")?.shape[0];
@@ -150,13 +191,27 @@ pub fn eval(root: &Path, step: Option<u64>, tokens: &Path, seq_len: Option<usize
     let max_len = batches.iter().map(|b| b.seq).max().unwrap_or(0);
     let mut cfg = cfg;
     cfg.training.seq_len = cfg.training.seq_len.max(max_len as i64);
-    let (model, builder) = build_model(&cfg, Some(vocab))?;
+    let mc = match crate::train::hf::manifest_model_config(&ck.manifest)? {
+        Some(mut c) => {
+            c.update_from_training(cfg.training.seq_len as usize, None)?;
+            c
+        }
+        None => {
+            let mut c = crate::models::llama3::flavor(&cfg.model.flavor)?;
+            c.update_from_training(cfg.training.seq_len as usize, Some(vocab))?;
+            c
+        }
+    };
+    let (model, builder) = build_model_from(&cfg, mc)?;
     let store = ParamStore::materialize(builder, be.as_ref(), dtype)?;
     for id in store.ids() {
         let key = format!("model.{}", store.name(id));
         let bytes = ck.read_global(&key)?;
         if bytes.len() != store.numel(id) * 4 {
-            return Err(Error::Checkpoint(format!("{}: {key} has the wrong size", ck.dir.display())));
+            return Err(Error::Checkpoint(format!(
+                "{}: {key} has the wrong size",
+                ck.dir.display()
+            )));
         }
         be.upload(store.master(id), &bytes)?;
     }
@@ -171,14 +226,26 @@ pub fn eval(root: &Path, step: Option<u64>, tokens: &Path, seq_len: Option<usize
         count += b.labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
     }
     if count == 0 {
-        return Err(Error::Data(format!("{}: no sequence with at least 2 tokens", tokens.display())));
+        return Err(Error::Data(format!(
+            "{}: no sequence with at least 2 tokens",
+            tokens.display()
+        )));
     }
-    println!("{}", serde_json::json!({"loss": total / count as f64, "tokens": count, "step": ck.step()}));
+    println!(
+        "{}",
+        serde_json::json!({"loss": total / count as f64, "tokens": count, "step": ck.step()})
+    );
     Ok(())
 }
 
 /// Training throughput of a config on one device: warm-up steps, then `steps` timed steps.
-pub fn bench(config: Option<&Path>, overrides: &[String], steps: u64, warmup: u64) -> Result<()> {
+pub fn bench(
+    config: Option<&Path>,
+    overrides: &[String],
+    steps: u64,
+    warmup: u64,
+    profile: bool,
+) -> Result<()> {
     let mut ov = overrides.to_vec();
     ov.extend(["--training.dataset".to_string(), "synthetic".to_string()]);
     ov.extend(["--training.steps".to_string(), (steps + warmup).to_string()]);
@@ -204,6 +271,7 @@ pub fn bench(config: Option<&Path>, overrides: &[String], steps: u64, warmup: u6
         println!("bench: warm-up step {} loss {:.4}", tr.step, r.loss);
     }
     tr.be.synchronize()?;
+    crate::tape::profile::enable(profile);
     let t0 = Instant::now();
     let mut tokens = 0usize;
     let mut last = 0.0;
@@ -214,6 +282,27 @@ pub fn bench(config: Option<&Path>, overrides: &[String], steps: u64, warmup: u6
     }
     tr.be.synchronize()?;
     let dt = t0.elapsed().as_secs_f64();
+    crate::tape::profile::enable(false);
+    if profile {
+        let rows = crate::tape::profile::report();
+        let total: f64 = rows.iter().map(|r| r.2).sum();
+        println!(
+            "profile: {:<22} {:>7} {:>10} {:>6}   (ops synchronised; step {:.1} ms)",
+            "op",
+            "calls",
+            "ms/step",
+            "%",
+            1e3 * dt / steps.max(1) as f64
+        );
+        for (name, calls, secs) in rows {
+            println!(
+                "profile: {name:<22} {:>7} {:>10.2} {:>5.1}%",
+                calls / steps.max(1),
+                1e3 * secs / steps.max(1) as f64,
+                100.0 * secs / total
+            );
+        }
+    }
     let tps = tokens as f64 / dt;
     let (_, f_tt) = c.nparams_and_flops(seq);
     let f_llmc = c.flops_per_token_llmc(seq);
@@ -226,7 +315,7 @@ pub fn bench(config: Option<&Path>, overrides: &[String], steps: u64, warmup: u6
         last
     );
     println!(
-        "bench: tokens/s {:.0} | torchtitan 6N+12lhqt: {:.1} TFLOP/s MFU {:.2}% | llm.c 6N+6LCT: {:.1} TFLOP/s MFU {:.2}% | peak {:.0} TFLOP/s ({})",
+        "bench: tokens/s {:.0} | torchtitan 6N+12lhqt: {:.3} TFLOP/s MFU {:.2}% | llm.c 6N+6LCT: {:.3} TFLOP/s MFU {:.2}% | peak {:.3} TFLOP/s ({})",
         tps,
         tps * f_tt / 1e12,
         100.0 * tps * f_tt / peak,

@@ -67,12 +67,24 @@ impl Canvas {
 
 /// Draws loss against step and writes `path`.
 pub fn loss_curve_png(hist: &[StepMetrics], path: &Path) -> Result<()> {
-    let mut cv = Canvas { px: vec![[255, 255, 255]; W * H] };
-    let pts: Vec<(f64, f64)> = hist.iter().filter(|m| m.loss.is_finite()).map(|m| (m.step as f64, m.loss)).collect();
+    let mut cv = Canvas {
+        px: vec![[255, 255, 255]; W * H],
+    };
+    let pts: Vec<(f64, f64)> = hist
+        .iter()
+        .filter(|m| m.loss.is_finite())
+        .map(|m| (m.step as f64, m.loss))
+        .collect();
     let (pw, ph) = ((W - L - R) as f64, (H - T - B) as f64);
     let axis = [40, 40, 40];
     cv.line(L as i64, T as i64, L as i64, (H - B) as i64, axis);
-    cv.line(L as i64, (H - B) as i64, (W - R) as i64, (H - B) as i64, axis);
+    cv.line(
+        L as i64,
+        (H - B) as i64,
+        (W - R) as i64,
+        (H - B) as i64,
+        axis,
+    );
     if let (Some(first), Some(last)) = (pts.first(), pts.last()) {
         let (x0, x1) = (first.0, last.0.max(first.0 + 1.0));
         let lo = pts.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
@@ -88,10 +100,21 @@ pub fn loss_curve_png(hist: &[StepMetrics], path: &Path) -> Result<()> {
             let s = x0 + (x1 - x0) * i as f64 / 4.0;
             let x = sx(s) as i64;
             cv.line(x, (H - B) as i64, x, (H - B + 5) as i64, axis);
-            cv.text(x - 12, (H - B + 10) as i64, &format!("{}", s.round() as u64), axis);
+            cv.text(
+                x - 12,
+                (H - B + 10) as i64,
+                &format!("{}", s.round() as u64),
+                axis,
+            );
         }
         for w in pts.windows(2) {
-            cv.line(sx(w[0].0) as i64, sy(w[0].1) as i64, sx(w[1].0) as i64, sy(w[1].1) as i64, [200, 40, 40]);
+            cv.line(
+                sx(w[0].0) as i64,
+                sy(w[0].1) as i64,
+                sx(w[1].0) as i64,
+                sy(w[1].1) as i64,
+                [200, 40, 40],
+            );
         }
     }
     let png = encode_png(&cv.px, W, H);
@@ -103,7 +126,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         c ^= b as u32;
         for _ in 0..8 {
-            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
         }
     }
     !c

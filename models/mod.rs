@@ -2,6 +2,7 @@
 //! flavors and how to build it. `titan list-models` prints this table.
 
 pub mod llama3;
+pub mod state_dict;
 
 use crate::error::{Error, Result};
 

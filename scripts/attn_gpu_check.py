@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """Checks and times kernels/attention.cu on a GPU machine without the Rust toolchain.
 
-Loads a fatbin built on the CPU box (scripts/attn_gpu_check.sh) through the driver API (ctypes),
-feeds it torch tensors and compares with a float64 torch reference (autograd for the backward).
-Prints a table of relative L2 errors, a determinism check and TFLOP/s next to torch's own SDPA.
-The launch table below mirrors engine/backend/cuda/attention.rs.
+Build the fatbin on the CPU box (the tuning variants are optional):
+  $NVCC -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a -O3 -std=c++17 -I kernels \
+        -DATTN_TUNING -fatbin kernels/attention.cu -o attention.fatbin
+then on the GPU machine: python3 attn_gpu_check.py attention.fatbin [all|check|variants|bench|small|profile].
+Loads the fatbin through the driver API (ctypes), feeds it torch tensors and compares with a
+float64 torch reference (autograd for the backward). Prints relative L2 errors, a determinism
+check, and per-kernel timings next to torch's own SDPA. CFG mirrors engine/backend/cuda/attention.rs.
 """
 import ctypes
 import math
@@ -23,7 +26,7 @@ CFG = {
 VARIANTS = {
     "fwd": [(128, "w8m1n64", (8, 1, 64)), (64, "w8m1n64", (8, 1, 64))],
     "dkv": [(128, "w8q32", (8, 32)), (64, "w8q64", (8, 64))],
-    "dq": [(128, "w4n64", (4, 64)), (128, "w8n32", (8, 32)), (64, "w8n64", (8, 64))],
+    "dq": [(128, "w4n32s", (4, 32)), (128, "w4n64", (4, 64)), (64, "w4n64s", (4, 64))],
 }
 
 cu = ctypes.CDLL("libcuda.so.1")
@@ -269,6 +272,13 @@ def main():
                     bad += not ok
                     print(f"{kind} {tag:>9} d{d:<3} {b}x{s}x{h}/{hkv} | " + " ".join(f"{x:8.1e}" for x in e)
                           + f" {'yes' if det else 'NO'}{'' if ok else '  <-- FAIL'}", flush=True)
+    if mode == "profile":
+        # One forward and backward at the bench shape, for ncu.
+        b, s, h, d = 4, 4096, 16, 128
+        q, k, v, dout = (torch.randn(b, s, h, d, device="cuda").bfloat16() for _ in range(4))
+        out, lse = attn_fwd(K, q, k, v, 1.0 / math.sqrt(d))
+        attn_bwd(K, q, k, v, out, dout, lse, 1.0 / math.sqrt(d))
+        torch.cuda.synchronize()
     if mode in ("all", "bench"):
         for (b, s, h, d) in [(4, 4096, 16, 128), (4, 4096, 32, 64), (1, 16384, 16, 128)]:
             print(f"--- b{b} s{s} h{h} d{d} (causal)", flush=True)

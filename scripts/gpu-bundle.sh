@@ -4,14 +4,18 @@
 #   bundle/tests/<name>         every test executable (lib unit tests + tests/*.rs), release
 #   bundle/benches/<name>       every bench executable
 #   bundle/run-gpu.sh           runs them there, output to $OUT/results.txt (or ./results.txt)
-# Binaries are stripped; the bundle must stay under 64 MiB (the device tool's carry limit).
+#   bundle/ptxas-report.txt     registers / shared memory / spills per kernel
+# Binaries are stripped. The same tree is packed as ./bundle.tar.xz (untracked, so a device call
+# carries it with the working tree); it must stay under 64 MiB, the device tool's carry limit.
+# On the GPU machine: mkdir -p /tmp/b && tar xJf bundle.tar.xz -C /tmp/b && /tmp/b/run-gpu.sh
 # Usage: scripts/gpu-bundle.sh   (NVCC / CARGO_TARGET_DIR are honoured as for cargo build)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 bundle="$root/bundle"
-rm -rf "$bundle"
-mkdir -p "$bundle/bin" "$bundle/tests" "$bundle/benches"
+rm -rf "$bundle" "$root/bundle.tar.xz"
+stage="$bundle"
+mkdir -p "$stage/bin" "$stage/tests" "$stage/benches"
 
 # Executables cargo reports (one JSON line per artifact), for a given cargo subcommand.
 executables() {
@@ -39,35 +43,37 @@ for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable"):
         print(m["executable"])
-' | tail -n 1)" "$bundle/bin/titan"
+' | tail -n 1)" "$stage/bin/titan"
 
 executables test --release --features cuda --no-run | while read -r name kind exe; do
   case "$kind" in
-    lib) dst="$bundle/tests/lib-$name" ;;
-    bin) dst="$bundle/tests/bin-$name" ;;
-    *) dst="$bundle/tests/$name" ;;
+    lib) dst="$stage/tests/lib-$name" ;;
+    bin) dst="$stage/tests/bin-$name" ;;
+    *) dst="$stage/tests/$name" ;;
   esac
   cp "$exe" "$dst"
 done
 executables bench --features cuda --no-run | while read -r name kind exe; do
   case "$kind" in
-    bench) cp "$exe" "$bundle/benches/$name" ;;
+    bench) cp "$exe" "$stage/benches/$name" ;;
   esac
 done
 
 if command -v strip >/dev/null; then
-  strip "$bundle"/bin/* "$bundle"/tests/* "$bundle"/benches/* 2>/dev/null || true
+  strip "$stage"/bin/* "$stage"/tests/* "$stage"/benches/* 2>/dev/null || true
 fi
 report=$(ls -t "${CARGO_TARGET_DIR:-$root/target}"/release/build/titan-*/out/ptxas-report.txt 2>/dev/null | head -n 1 || true)
-[ -n "$report" ] && cp "$report" "$bundle/ptxas-report.txt"
+if [ -n "$report" ]; then cp "$report" "$stage/ptxas-report.txt"; fi
 cp "$root/scripts/run-gpu.sh" "$bundle/run-gpu.sh"
 chmod +x "$bundle/run-gpu.sh"
-( cd "$bundle" && find . -type f | sort | xargs ls -la ) > "$bundle/MANIFEST.txt"
+( cd "$bundle" && find . -type f | sort | xargs ls -la ) > "$root/bundle.manifest.tmp"
+mv "$root/bundle.manifest.tmp" "$bundle/MANIFEST.txt"
+tar -C "$bundle" -cJf "$root/bundle.tar.xz" .
 
-size=$(du -sb "$bundle" | cut -f1)
-echo "== bundle: $bundle ($((size / 1024 / 1024)) MiB)"
+size=$(stat -c %s "$root/bundle.tar.xz")
+echo "== bundle: $bundle ($(du -sm "$bundle" | cut -f1) MiB), packed: $root/bundle.tar.xz ($((size / 1024 / 1024)) MiB)"
 cat "$bundle/MANIFEST.txt"
 if [ "$size" -gt $((64 * 1024 * 1024)) ]; then
-  echo "bundle is over 64 MiB: drop test executables that need no GPU from bundle/tests" >&2
+  echo "bundle.tar.xz is over 64 MiB: drop test executables that need no GPU" >&2
   exit 1
 fi

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Runs a bundle made by scripts/gpu-bundle.sh on a GPU machine without Rust: every test executable
-# (device tests with --ignored on one thread, then the normal tests), then every bench with short
-# criterion times. Output goes to $OUT/results.txt (./results.txt when OUT is unset); a summary
-# follows at the end. CUDA libraries come from python3's nvidia wheels (cuBLAS, NCCL) plus the
-# driver's libcuda. Budget: about 6 minutes (TITAN_TEST_TIMEOUT / TITAN_BENCH_TIMEOUT per exe).
+# Runs a bundle made by scripts/gpu-bundle.sh (this script sits in its root, beside bin/, tests/,
+# benches/) on a GPU machine without Rust: every test executable (device tests with --ignored on
+# one thread, then the normal tests), then every bench with short criterion times. Output goes to $OUT/results.txt
+# (./results.txt when OUT is unset); a summary follows at the end. CUDA libraries come from
+# python3's nvidia wheels (cuBLAS, NCCL; a libnccl.so symlink is made for cudarc) plus the driver's
+# libcuda. Knobs: TITAN_ONLY (regex on executable names, e.g. '^cuda_'), TITAN_BENCHES (regex on
+# bench names, default '^cuda_'), TITAN_TEST_TIMEOUT and
+# TITAN_BENCH_TIMEOUT (seconds per executable). The whole bundle is meant to fit ~6 minutes.
+# Note: test executables run from a copy of the repo on that machine; tests that read files via
+# the build-time CARGO_MANIFEST_DIR may not find them there.
 set -u
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${OUT:-$PWD}"
@@ -13,6 +18,8 @@ res="$out/results.txt"
 log() { echo "$@" | tee -a "$res"; }
 t_test="${TITAN_TEST_TIMEOUT:-240}"
 t_bench="${TITAN_BENCH_TIMEOUT:-200}"
+only="${TITAN_ONLY:-.}"   # regex on executable names: run only these
+benches="${TITAN_BENCHES:-^cuda_}"   # benches to run (CPU benches are for the CPU box)
 
 # ---- libraries from python3's site-packages ---------------------------------------------------
 libdirs=""
@@ -21,7 +28,7 @@ for sp in $(python3 -c 'import site, sys; print(" ".join(site.getsitepackages() 
     if [ -d "$sp/$sub" ] && [[ ":$libdirs:" != *":$sp/$sub:"* ]]; then libdirs="$libdirs:$sp/$sub"; fi
   done
 done
-ncdir="$here/.nccl-link"
+ncdir="${TMPDIR:-/tmp}/titan-nccl-link"
 mkdir -p "$ncdir"
 IFS=':' read -ra dirs <<< "${libdirs#:}"
 for d in "${dirs[@]}"; do
@@ -49,6 +56,7 @@ run() {  # name, timeout, command...
 for t in "$here"/tests/*; do
   [ -x "$t" ] || continue
   n="$(basename "$t")"
+  [[ "$n" =~ $only ]] || continue
   run "test $n (device, --ignored)" "$t_test" "$t" --ignored --test-threads=1 --nocapture
   run "test $n" "$t_test" "$t"
 done
@@ -57,6 +65,7 @@ done
 for b in "$here"/benches/*; do
   [ -x "$b" ] || continue
   n="$(basename "$b")"
+  [[ "$n" =~ $only && "$n" =~ $benches ]] || continue
   run "bench $n" "$t_bench" "$b" --bench --warm-up-time 1 --measurement-time 2 --noplot
 done
 

@@ -219,7 +219,10 @@ fn device_reports_name_and_counts_allocations() {
     assert!(!g.device_name().is_empty());
     let before = g.alloc_count();
     let m = g.alloc(1000).unwrap();
-    assert_eq!(m.ptr() % 256, 0, "allocations are 256-byte aligned");
+    assert!(
+        m.ptr().is_multiple_of(256),
+        "allocations are 256-byte aligned"
+    );
     assert_eq!(g.alloc_count(), before + 1);
     eprintln!("device: {} ({} SMs)", g.device_name(), g.sm_count());
 }
@@ -786,7 +789,11 @@ fn sum_sum_squares_clip_match_cpu() {
         .into_iter()
         .enumerate()
     {
-        let dt = if i % 2 == 0 { DType::F32 } else { DType::BF16 };
+        let dt = if i.is_multiple_of(2) {
+            DType::F32
+        } else {
+            DType::BF16
+        };
         bufs.push(p.put(&rng.vec(n, 0.5), dt));
     }
     let out = p.out(1, DType::F32);

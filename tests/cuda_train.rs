@@ -12,13 +12,24 @@ use titan::rng::Rng;
 use titan::tape::{Placement, Tape};
 use titan::tensor::DType;
 
+/// (parameter name, element offset in the flat region, numel).
+type Spans = Vec<(String, usize, usize)>;
+
 fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (num / den.max(1e-30)).sqrt()
 }
 
-fn step(be: &dyn Backend, dtype: DType, master: Option<&[f32]>, inputs: &[i32], labels: &[i32], b: usize, s: usize) -> (f32, Vec<f32>, Vec<f32>, Vec<(String, usize, usize)>) {
+fn step(
+    be: &dyn Backend,
+    dtype: DType,
+    master: Option<&[f32]>,
+    inputs: &[i32],
+    labels: &[i32],
+    b: usize,
+    s: usize,
+) -> (f32, Vec<f32>, Vec<f32>, Spans) {
     let mut cfg = flavor("debugmodel").unwrap();
     cfg.update_from_training(s, Some(259)).unwrap();
     let mut pb = ParamStoreBuilder::default();
@@ -26,7 +37,8 @@ fn step(be: &dyn Backend, dtype: DType, master: Option<&[f32]>, inputs: &[i32], 
     let store = ParamStore::materialize(pb, be, dtype).unwrap();
     match master {
         Some(m) => {
-            be.upload(store.flat_master(), bytemuck::cast_slice(m)).unwrap();
+            be.upload(store.flat_master(), bytemuck::cast_slice(m))
+                .unwrap();
             store.sync_compute(be).unwrap();
         }
         None => model.init_weights(&store, be, 1234).unwrap(),
@@ -38,15 +50,32 @@ fn step(be: &dyn Backend, dtype: DType, master: Option<&[f32]>, inputs: &[i32], 
     let loss = model.loss(&mut t, ti, tl, 1.0 / (b * s) as f32).unwrap();
     t.backward(loss).unwrap();
     let l = t.to_vec_f32(loss).unwrap()[0] / (b * s) as f32;
-    let spans = store.ids().map(|id| (store.name(id).to_string(), store.master(id).ptr as usize, store.numel(id))).collect();
+    let spans = store
+        .ids()
+        .map(|id| {
+            (
+                store.name(id).to_string(),
+                store.master(id).ptr as usize,
+                store.numel(id),
+            )
+        })
+        .collect();
     let base = store.flat_master().ptr as usize;
     let spans = fix_spans(spans, base);
-    (l, store.read_f32(be, store.flat_master()).unwrap(), store.read_f32(be, store.flat_grad()).unwrap(), spans)
+    (
+        l,
+        store.read_f32(be, store.flat_master()).unwrap(),
+        store.read_f32(be, store.flat_grad()).unwrap(),
+        spans,
+    )
 }
 
 /// (name, element offset into the flat region, numel).
 fn fix_spans(spans: Vec<(String, usize, usize)>, base: usize) -> Vec<(String, usize, usize)> {
-    spans.into_iter().map(|(n, p, len)| (n, (p - base) / 4, len)).collect()
+    spans
+        .into_iter()
+        .map(|(n, p, len)| (n, (p - base) / 4, len))
+        .collect()
 }
 
 #[test]
@@ -64,11 +93,17 @@ fn debugmodel_step_on_cuda_matches_cpu() {
     let (l_gpu, _, g_gpu, _) = step(&cuda, DType::BF16, Some(&master), &inputs, &labels, b, s);
     let dl = ((l_gpu - l_cpu) / l_cpu).abs();
     println!("loss cpu {l_cpu:.6} cuda {l_gpu:.6} rel {dl:.2e}");
-    assert!(l_gpu.is_finite() && dl < 1e-2, "loss cpu {l_cpu} cuda {l_gpu}");
+    assert!(
+        l_gpu.is_finite() && dl < 1e-2,
+        "loss cpu {l_cpu} cuda {l_gpu}"
+    );
     let mut worst = 0.0f64;
     for (name, off, n) in &spans {
         let e = rel_l2(&g_gpu[*off..off + n], &g_cpu[*off..off + n]);
-        assert!(g_gpu[*off..off + n].iter().all(|x| x.is_finite()), "{name}: non-finite grad");
+        assert!(
+            g_gpu[*off..off + n].iter().all(|x| x.is_finite()),
+            "{name}: non-finite grad"
+        );
         println!("grad {name:<40} rel_l2 {e:.2e}");
         worst = worst.max(e);
         // bf16 activations through 6 layers: per-tensor error a few 1e-3, bounded at 5e-2.

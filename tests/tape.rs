@@ -36,7 +36,9 @@ fn build(be: &dyn Backend, ac: &str, opt: &str) -> (Llama3, ParamStore) {
 
 fn batch(seed: u64, b: usize, s: usize, vocab: usize) -> (Vec<i32>, Vec<i32>) {
     let mut r = Rng::new(seed);
-    let toks: Vec<i32> = (0..b * (s + 1)).map(|_| r.below(vocab as u64) as i32).collect();
+    let toks: Vec<i32> = (0..b * (s + 1))
+        .map(|_| r.below(vocab as u64) as i32)
+        .collect();
     let mut inputs = Vec::new();
     let mut labels = Vec::new();
     for row in toks.chunks(s + 1) {
@@ -47,7 +49,12 @@ fn batch(seed: u64, b: usize, s: usize, vocab: usize) -> (Vec<i32>, Vec<i32>) {
 }
 
 /// Loss and all parameter gradients for one micro-batch.
-fn loss_and_grads(be: &dyn Backend, model: &Llama3, store: &ParamStore, placement: Placement) -> (f32, Vec<f32>, Plan) {
+fn loss_and_grads(
+    be: &dyn Backend,
+    model: &Llama3,
+    store: &ParamStore,
+    placement: Placement,
+) -> (f32, Vec<f32>, Plan) {
     let (b, s) = (2, 13);
     let (inputs, labels) = batch(11, b, s, 37);
     store.zero_grads(be).unwrap();
@@ -68,15 +75,35 @@ fn planned_step_matches_owned_bitwise_and_allocates_nothing() {
     let (model, store) = build(&be, "none", "op");
     let (l0, g0, plan) = loss_and_grads(&be, &model, &store, Placement::Owned);
     plan.verify().unwrap();
-    assert!(plan.peak < plan.unplanned, "planning must reuse memory: {} vs {}", plan.peak, plan.unplanned);
+    assert!(
+        plan.peak < plan.unplanned,
+        "planning must reuse memory: {} vs {}",
+        plan.peak,
+        plan.unplanned
+    );
     let arena = be.alloc(plan.peak).unwrap();
     // Poison the arena so a planned buffer read before written would change the result.
-    be.fill(titan::backend::Buf::new(arena.ptr(), plan.peak / 4, DType::F32), f32::NAN).unwrap();
+    be.fill(
+        titan::backend::Buf::new(arena.ptr(), plan.peak / 4, DType::F32),
+        f32::NAN,
+    )
+    .unwrap();
     let before = be.alloc_count();
     for _ in 0..3 {
-        let (l1, g1, _) = loss_and_grads(&be, &model, &store, Placement::Planned { base: arena.ptr(), plan: &plan });
+        let (l1, g1, _) = loss_and_grads(
+            &be,
+            &model,
+            &store,
+            Placement::Planned {
+                base: arena.ptr(),
+                plan: &plan,
+            },
+        );
         assert_eq!(l0.to_bits(), l1.to_bits());
-        assert!(g0.iter().zip(&g1).all(|(a, b)| a.to_bits() == b.to_bits()), "planned grads differ");
+        assert!(
+            g0.iter().zip(&g1).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "planned grads differ"
+        );
     }
     assert_eq!(be.alloc_count(), before, "planned steps must not allocate");
 }
@@ -90,12 +117,28 @@ fn activation_checkpointing_gives_identical_grads_and_lower_peak() {
         let (m, st) = build(&be, mode, opt);
         let (l1, g1, p1) = loss_and_grads(&be, &m, &st, Placement::Owned);
         assert_eq!(l0.to_bits(), l1.to_bits(), "{mode}/{opt}");
-        assert!(g0.iter().zip(&g1).all(|(a, b)| a.to_bits() == b.to_bits()), "{mode}/{opt} grads differ");
+        assert!(
+            g0.iter().zip(&g1).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{mode}/{opt} grads differ"
+        );
         p1.verify().unwrap();
-        assert!(p1.peak < p0.peak, "{mode}/{opt}: AC peak {} must be below {}", p1.peak, p0.peak);
+        assert!(
+            p1.peak < p0.peak,
+            "{mode}/{opt}: AC peak {} must be below {}",
+            p1.peak,
+            p0.peak
+        );
         // And the planned replay of the checkpointed step is exact too.
         let arena = be.alloc(p1.peak).unwrap();
-        let (l2, g2, _) = loss_and_grads(&be, &m, &st, Placement::Planned { base: arena.ptr(), plan: &p1 });
+        let (l2, g2, _) = loss_and_grads(
+            &be,
+            &m,
+            &st,
+            Placement::Planned {
+                base: arena.ptr(),
+                plan: &p1,
+            },
+        );
         assert_eq!(l0.to_bits(), l2.to_bits());
         assert!(g0.iter().zip(&g2).all(|(a, b)| a.to_bits() == b.to_bits()));
     }
@@ -110,10 +153,18 @@ fn whole_model_gradient_matches_finite_differences() {
     let (_, g, _) = loss_and_grads(&be, &model, &store, Placement::Owned);
     let master = store.read_f32(&be, store.flat_master()).unwrap();
     let mut r = Rng::new(5);
-    let dir: Vec<f32> = master.iter().map(|&m| if m == 0.0 { 0.0 } else { r.normal() as f32 }).collect();
+    let dir: Vec<f32> = master
+        .iter()
+        .map(|&m| if m == 0.0 { 0.0 } else { r.normal() as f32 })
+        .collect();
     let eval = |sign: f32, eps: f32| {
-        let p: Vec<f32> = master.iter().zip(&dir).map(|(m, d)| m + sign * eps * d).collect();
-        be.upload(store.flat_master(), bytemuck::cast_slice(&p)).unwrap();
+        let p: Vec<f32> = master
+            .iter()
+            .zip(&dir)
+            .map(|(m, d)| m + sign * eps * d)
+            .collect();
+        be.upload(store.flat_master(), bytemuck::cast_slice(&p))
+            .unwrap();
         let (l, _, _) = loss_and_grads(&be, &model, &store, Placement::Owned);
         l as f64 / 26.0
     };
@@ -121,7 +172,10 @@ fn whole_model_gradient_matches_finite_differences() {
     let fd = (eval(1.0, eps) - eval(-1.0, eps)) / (2.0 * eps as f64);
     let an: f64 = g.iter().zip(&dir).map(|(a, b)| *a as f64 * *b as f64).sum();
     let rel = (fd - an).abs() / an.abs().max(1e-6);
-    assert!(rel < 2e-2, "directional derivative: fd {fd} analytic {an} rel {rel}");
+    assert!(
+        rel < 2e-2,
+        "directional derivative: fd {fd} analytic {an} rel {rel}"
+    );
 }
 
 #[test]
@@ -134,8 +188,12 @@ fn gradient_accumulation_over_micro_batches_matches_one_batch() {
         store.zero_grads(&be).unwrap();
         for &(start, n) in parts {
             let mut t = Tape::new(&be, &store, Placement::Owned);
-            let ti = t.input_i32(&inputs[start * s..(start + n) * s], [n, s]).unwrap();
-            let tl = t.input_i32(&labels[start * s..(start + n) * s], [n * s]).unwrap();
+            let ti = t
+                .input_i32(&inputs[start * s..(start + n) * s], [n, s])
+                .unwrap();
+            let tl = t
+                .input_i32(&labels[start * s..(start + n) * s], [n * s])
+                .unwrap();
             let loss = model.loss(&mut t, ti, tl, 1.0 / (b * s) as f32).unwrap();
             t.backward(loss).unwrap();
         }
@@ -143,7 +201,11 @@ fn gradient_accumulation_over_micro_batches_matches_one_batch() {
     };
     let whole = run(&[(0, 2)]);
     let split = run(&[(0, 1), (1, 1)]);
-    let num: f64 = whole.iter().zip(&split).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let num: f64 = whole
+        .iter()
+        .zip(&split)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
     let den: f64 = whole.iter().map(|a| (*a as f64).powi(2)).sum();
     assert!(den > 0.0);
     assert!((num / den).sqrt() < 1e-5, "rel l2 {}", (num / den).sqrt());
@@ -154,8 +216,8 @@ fn shape_and_dtype_errors_name_the_op_and_shapes() {
     let be = CpuBackend::new();
     let (_, store) = build(&be, "none", "op");
     let mut t = Tape::new(&be, &store, Placement::Owned);
-    let x = t.input_f32(&vec![0.5; 5 * 7], [5, 7], false).unwrap();
-    let w = t.input_f32(&vec![0.5; 3 * 8], [3, 8], false).unwrap();
+    let x = t.input_f32(&[0.5; 5 * 7], [5, 7], false).unwrap();
+    let w = t.input_f32(&[0.5; 3 * 8], [3, 8], false).unwrap();
     match t.linear(x, w) {
         Err(Error::Shape { op, msg }) => {
             assert_eq!(op, "linear");
@@ -164,8 +226,14 @@ fn shape_and_dtype_errors_name_the_op_and_shapes() {
         other => panic!("expected a shape error, got {other:?}"),
     }
     let ids = t.input_i32(&[1, 2], [2]).unwrap();
-    assert!(matches!(t.linear(ids, w), Err(Error::DType { op: "linear", .. })));
-    assert!(matches!(t.reshape(x, [4, 9]), Err(Error::Shape { op: "reshape", .. })));
-    let y = t.input_f32(&vec![0.5; 5 * 8], [5, 8], false).unwrap();
+    assert!(matches!(
+        t.linear(ids, w),
+        Err(Error::DType { op: "linear", .. })
+    ));
+    assert!(matches!(
+        t.reshape(x, [4, 9]),
+        Err(Error::Shape { op: "reshape", .. })
+    ));
+    let y = t.input_f32(&[0.5; 5 * 8], [5, 8], false).unwrap();
     assert!(matches!(t.add(x, y), Err(Error::Shape { op: "add", .. })));
 }

@@ -159,6 +159,10 @@ pub struct AdamW {
 /// method says so. Every CUDA kernel behind these methods has a CPU twin of the same name in `cpu`.
 pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
+    /// The device in words (for logs and the MFU peak table).
+    fn device_description(&self) -> String {
+        self.name().to_string()
+    }
     /// True for the shape-only backend used to plan memory: it computes nothing.
     fn is_meta(&self) -> bool {
         false
@@ -196,6 +200,7 @@ pub trait Backend: Send + Sync {
 
     // ---- rmsnorm -----------------------------------------------------------------------
     /// out = x / sqrt(mean(x²) + eps) * w per row; rstd [rows] f32 saved for backward.
+    #[allow(clippy::too_many_arguments)]
     fn rmsnorm_fwd(
         &self,
         x: Buf,

@@ -1,4 +1,4 @@
-//! `titan`: one binary per node. `train`, `plan`, `list-models`, `eval`.
+//! `titan`: one binary per node. `train`, `plan`, `bench`, `list-models`, `eval`, `convert`.
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use titan::error::{Error, Result};
 
 #[derive(Parser)]
-#[command(name = "titan", version, about = "Kernel-first LLM pre-training engine (Llama 3; CPU reference and CUDA backends)")]
+#[command(
+    name = "titan",
+    version,
+    about = "Kernel-first LLM pre-training engine (Llama 3; CPU reference and CUDA backends)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -54,6 +58,9 @@ enum Cmd {
         steps: u64,
         #[arg(long, default_value_t = 3)]
         warmup: u64,
+        /// Time every op (synchronising around each) and print a table.
+        #[arg(long)]
+        profile: bool,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         overrides: Vec<String>,
     },
@@ -62,8 +69,20 @@ enum Cmd {
     /// Mean next-token loss of a checkpoint on a token file, printed as one JSON line.
     Eval {
         /// A checkpoint folder root (the run's <dump_folder>/<checkpoint.folder>).
+        #[arg(
+            long,
+            required_unless_present = "hf_checkpoint",
+            conflicts_with = "hf_checkpoint"
+        )]
+        checkpoint: Option<PathBuf>,
+        /// A Hugging Face Llama folder (config.json + safetensors) instead of a titan checkpoint;
+        /// the loss is transformers' LlamaForCausalLM(input_ids, labels=input_ids).
         #[arg(long)]
-        checkpoint: PathBuf,
+        hf_checkpoint: Option<PathBuf>,
+        /// With --hf-checkpoint: write the f32 logits [sequences, ids, vocab] to this
+        /// .safetensors file (tensor "logits").
+        #[arg(long, requires = "hf_checkpoint")]
+        dump_logits: Option<PathBuf>,
         /// Which step (default: the newest).
         #[arg(long)]
         step: Option<u64>,
@@ -75,6 +94,25 @@ enum Cmd {
         /// Device: auto, cpu or cuda.
         #[arg(long, default_value = "auto")]
         device: String,
+    },
+    /// Convert checkpoints: `--from hf DIR --to titan DIR` writes a titan checkpoint step-0 under
+    /// DIR; `--from titan DIR [--step N] --to hf DIR` writes a Hugging Face folder.
+    Convert {
+        /// Source format (hf or titan) and folder.
+        #[arg(long, required = true, num_args = 2, value_names = ["FORMAT", "DIR"])]
+        from: Vec<String>,
+        /// Target format (titan or hf) and folder.
+        #[arg(long, required = true, num_args = 2, value_names = ["FORMAT", "DIR"])]
+        to: Vec<String>,
+        /// Which titan step to export (default: the newest).
+        #[arg(long)]
+        step: Option<u64>,
+        /// Hugging Face export dtype: float32, bfloat16 or float16.
+        #[arg(long, default_value = "float32")]
+        dtype: String,
+        /// Hugging Face shard size cap in MiB (0 = one file).
+        #[arg(long, default_value_t = 5120)]
+        max_shard_mb: usize,
     },
 }
 
@@ -97,6 +135,13 @@ fn take_config(config: Option<PathBuf>, overrides: Vec<String>) -> (Option<PathB
     (cfg, rest)
 }
 
+/// Removes a bare flag of this subcommand that landed among the trailing overrides.
+fn take_flag(overrides: &mut Vec<String>, flag: &str) -> bool {
+    let before = overrides.len();
+    overrides.retain(|a| a != flag);
+    overrides.len() != before
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -110,24 +155,64 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Train { config, quiet, overrides } => {
+        Cmd::Train {
+            config,
+            quiet,
+            overrides,
+        } => {
             let (config, overrides) = take_config(config, overrides);
             titan::cli::train(config.as_deref(), &overrides, quiet)
         }
-        Cmd::Plan { config, dtype, json, overrides } => {
+        Cmd::Plan {
+            config,
+            dtype,
+            json,
+            overrides,
+        } => {
             let (config, overrides) = take_config(config, overrides);
             titan::cli::plan(config.as_deref(), &overrides, &dtype, json)
         }
-        Cmd::Bench { config, steps, warmup, overrides } => {
-            let (config, overrides) = take_config(config, overrides);
-            titan::cli::bench(config.as_deref(), &overrides, steps, warmup)
+        Cmd::Bench {
+            config,
+            steps,
+            warmup,
+            profile,
+            overrides,
+        } => {
+            let (config, mut overrides) = take_config(config, overrides);
+            let profile = take_flag(&mut overrides, "--profile") || profile;
+            titan::cli::bench(config.as_deref(), &overrides, steps, warmup, profile)
         }
         Cmd::ListModels => {
             titan::cli::list_models();
             Ok(())
         }
-        Cmd::Eval { checkpoint, step, tokens, seq_len, device } => {
-            titan::cli::eval(&checkpoint, step, &tokens, seq_len, &device)
+        Cmd::Eval {
+            checkpoint,
+            hf_checkpoint,
+            dump_logits,
+            step,
+            tokens,
+            seq_len,
+            device,
+        } => match (checkpoint, hf_checkpoint) {
+            (_, Some(hf)) => {
+                titan::cli::hf::eval_hf_cli(&hf, &tokens, seq_len, dump_logits.as_deref(), &device)
+            }
+            (Some(ck), None) => titan::cli::eval(&ck, step, &tokens, seq_len, &device),
+            (None, None) => Err(Error::Config(
+                "eval needs --checkpoint or --hf-checkpoint".into(),
+            )),
+        },
+        Cmd::Convert {
+            from,
+            to,
+            step,
+            dtype,
+            max_shard_mb,
+        } => {
+            let (src, dst) = (std::path::Path::new(&from[1]), std::path::Path::new(&to[1]));
+            titan::cli::hf::convert(&from[0], src, &to[0], dst, step, &dtype, max_shard_mb)
         }
     }
     .map_err(|e: Error| e)

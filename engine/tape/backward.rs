@@ -55,7 +55,15 @@ impl<'a> Tape<'a> {
             if op.outputs().iter().all(|&o| grads.get(o).is_none()) {
                 continue;
             }
-            self.backward_node(&op, &mut grads)?;
+            if super::profile::enabled() {
+                self.be.synchronize()?;
+                let t0 = std::time::Instant::now();
+                self.backward_node(&op, &mut grads)?;
+                self.be.synchronize()?;
+                super::profile::record(format!("{} bwd", op.name()), t0);
+            } else {
+                self.backward_node(&op, &mut grads)?;
+            }
         }
         Ok(())
     }

@@ -18,6 +18,7 @@
 
 mod backward;
 mod ops;
+pub mod profile;
 
 use crate::backend::{Backend, Buf, DeviceMem};
 use crate::error::{Error, Result};

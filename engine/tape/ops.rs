@@ -291,7 +291,7 @@ impl<'a> Tape<'a> {
         self.float_check("rope", x)?;
         let xs = self.shape(x).clone();
         let cs = self.shape(cos).clone();
-        if xs.rank() != 4 || xs.0[3] % 2 != 0 {
+        if xs.rank() != 4 || !xs.0[3].is_multiple_of(2) {
             return Err(shape_err(
                 "rope",
                 format!("x must be [batch, seq, heads, even head_dim], got {xs}"),
@@ -422,6 +422,19 @@ impl<'a> Tape<'a> {
 
     /// Launches the kernel of node `ni` on its current buffers.
     pub(crate) fn run_forward(&mut self, ni: usize) -> Result<()> {
+        if super::profile::enabled() {
+            self.be.synchronize()?;
+            let t0 = std::time::Instant::now();
+            let name = format!("{} fwd", self.nodes[ni].op.name());
+            self.run_forward_inner(ni)?;
+            self.be.synchronize()?;
+            super::profile::record(name, t0);
+            return Ok(());
+        }
+        self.run_forward_inner(ni)
+    }
+
+    fn run_forward_inner(&mut self, ni: usize) -> Result<()> {
         let op = self.nodes[ni].op.clone();
         for t in op.inputs().into_iter().chain(op.outputs()) {
             self.touch(t)?;

@@ -10,7 +10,9 @@ pub fn select_backend(device: &str) -> Result<Box<dyn Backend>> {
         "cpu" => Ok(Box::new(CpuBackend::new())),
         "cuda" => cuda_backend(),
         "auto" => Ok(cuda_backend().unwrap_or_else(|_| Box::new(CpuBackend::new()))),
-        other => Err(Error::Config(format!("training.device must be auto, cpu or cuda, got '{other}'"))),
+        other => Err(Error::Config(format!(
+            "training.device must be auto, cpu or cuda, got '{other}'"
+        ))),
     }
 }
 
@@ -28,14 +30,5 @@ fn cuda_backend() -> Result<Box<dyn Backend>> {
 
 /// A human name for the device (for the MFU peak table and logs).
 pub fn device_name(be: &dyn Backend) -> String {
-    #[cfg(feature = "cuda")]
-    if be.name() == "cuda" {
-        // SAFETY of the downcast: only CudaBackend reports the name "cuda".
-        let cuda = unsafe { &*(be as *const dyn Backend as *const crate::backend::cuda::CudaBackend) };
-        return cuda.device_name();
-    }
-    match be.name() {
-        "cpu" => format!("CPU ({} threads)", rayon::current_num_threads()),
-        n => n.to_string(),
-    }
+    be.device_description()
 }

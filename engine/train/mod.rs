@@ -1,6 +1,7 @@
 //! Training: job configuration (torchtitan TOML schema + CLI overrides) and the LR schedule.
 
 pub mod config;
-pub mod lr;
 pub mod device;
+pub mod hf;
+pub mod lr;
 pub mod trainer;

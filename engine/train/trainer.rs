@@ -15,7 +15,7 @@ use crate::checkpoint::{self, CheckpointMeta, NamedTensor};
 use crate::data::{build_loader, DataConfig, DataLoader};
 use crate::error::{Error, Result};
 use crate::metrics::{self, MetricsWriter, Peak, StepMetrics, GIB};
-use crate::models::llama3::{self, infra::parallelize::apply_ac, Llama3, Llama3Config};
+use crate::models::llama3::{infra::parallelize::apply_ac, Llama3, Llama3Config};
 use crate::params::{ParamStore, ParamStoreBuilder, StateBytes};
 use crate::planner::Plan;
 use crate::tape::{Placement, Tape};
@@ -28,11 +28,18 @@ pub fn build_model(cfg: &JobConfig, vocab: Option<usize>) -> Result<(Llama3, Par
     if cfg.model.name != "llama3" {
         crate::models::find_model(&cfg.model.name)?;
     }
-    let mut mc: Llama3Config = llama3::flavor(&cfg.model.flavor)?;
-    mc.update_from_training(cfg.training.seq_len as usize, vocab)?;
+    build_model_from(cfg, super::hf::model_config(cfg, vocab)?)
+}
+
+/// The model of an explicit architecture, with the config's activation checkpointing applied.
+pub fn build_model_from(cfg: &JobConfig, mc: Llama3Config) -> Result<(Llama3, ParamStoreBuilder)> {
     let mut b = ParamStoreBuilder::default();
     let mut model = Llama3::new(mc, &mut b)?;
-    apply_ac(&mut model, &cfg.activation_checkpoint.mode, &cfg.activation_checkpoint.selective_ac_option)?;
+    apply_ac(
+        &mut model,
+        &cfg.activation_checkpoint.mode,
+        &cfg.activation_checkpoint.selective_ac_option,
+    )?;
     Ok((model, b))
 }
 
@@ -63,11 +70,18 @@ impl MemoryPlan {
 }
 
 /// Traces one micro-batch (forward, backward) of `model` on the meta backend and plans it.
-pub fn trace_plan(cfg: &JobConfig, vocab: Option<usize>, dtype: DType) -> Result<(Plan, MemoryPlan)> {
+pub fn trace_plan(
+    cfg: &JobConfig,
+    vocab: Option<usize>,
+    dtype: DType,
+) -> Result<(Plan, MemoryPlan)> {
     let (model, builder) = build_model(cfg, vocab)?;
     let meta = MetaBackend::new();
     let store = ParamStore::materialize(builder, &meta, dtype)?;
-    let (b, s) = (cfg.training.local_batch_size as usize, cfg.training.seq_len as usize);
+    let (b, s) = (
+        cfg.training.local_batch_size as usize,
+        cfg.training.seq_len as usize,
+    );
     let zeros = vec![0i32; b * s];
     let mut tape = Tape::new(&meta, &store, Placement::Owned);
     let tokens = tape.input_i32(&zeros, [b, s])?;
@@ -125,6 +139,8 @@ impl Trainer {
     /// real 128k-vocab output layer on built-in data, whose ids are all below it).
     pub fn with_options(cfg: JobConfig, flavor_vocab: bool) -> Result<Trainer> {
         cfg.validate()?;
+        // Model problems (unknown flavor, seq_len beyond the model) first: they are cheap to find.
+        build_model(&cfg, None)?;
         let be = select_backend(&cfg.training.device)?;
         let device = device_name(be.as_ref());
         let dp = 1;
@@ -134,10 +150,21 @@ impl Trainer {
         // absent the byte-level tokenizer is used. Any other path must exist.
         let assets = non_empty(&cfg.model.hf_assets_path)
             .filter(|p| *p != TORCHTITAN_DEFAULT_ASSETS || std::path::Path::new(p).exists());
-        let tokenizer = cfg.model.tokenizer_path.as_deref().and_then(non_empty).or(assets).map(PathBuf::from);
+        let tokenizer = cfg
+            .model
+            .tokenizer_path
+            .as_deref()
+            .and_then(non_empty)
+            .or(assets)
+            .map(PathBuf::from);
         let dcfg = DataConfig {
             dataset: cfg.training.dataset.clone(),
-            dataset_path: cfg.training.dataset_path.as_deref().and_then(non_empty).map(PathBuf::from),
+            dataset_path: cfg
+                .training
+                .dataset_path
+                .as_deref()
+                .and_then(non_empty)
+                .map(PathBuf::from),
             tokenizer,
             seq_len: cfg.training.seq_len as usize,
             batch: cfg.training.local_batch_size as usize,
@@ -149,7 +176,11 @@ impl Trainer {
             progress: true,
         };
         let loader = build_loader(&dcfg)?;
-        let vocab = if flavor_vocab { None } else { loader.vocab_size() };
+        let vocab = if flavor_vocab {
+            None
+        } else {
+            loader.vocab_size()
+        };
         let dtype = compute_dtype(&cfg, be.name())?;
         let (plan, memory) = trace_plan(&cfg, vocab, dtype)?;
         let (model, builder) = build_model(&cfg, vocab)?;
@@ -160,10 +191,15 @@ impl Trainer {
         let scalars = Buf::new(scalar_mem.ptr(), 2, DType::F32);
         let lr = LrSchedule::from_config(&cfg)?;
         let peak = match metrics::device_peak_flops(&device) {
-            Some(f) => Peak { flops: f, source: format!("{device} bf16 dense peak (datasheet)") },
+            Some(f) => Peak {
+                flops: f,
+                source: format!("{device} bf16 dense peak (datasheet)"),
+            },
             None => metrics::measure_gemm_peak(be.as_ref())?,
         };
-        let (_, flops_per_token) = model.config.nparams_and_flops(cfg.training.seq_len as usize);
+        let (_, flops_per_token) = model
+            .config
+            .nparams_and_flops(cfg.training.seq_len as usize);
         let dump = PathBuf::from(&cfg.job.dump_folder);
         Ok(Trainer {
             cfg,
@@ -198,13 +234,19 @@ impl Trainer {
         for _ in 0..self.accum {
             batches.push(self.loader.next_batch()?);
         }
-        let valid: usize = batches.iter().map(|b| b.labels.iter().filter(|&&l| l >= 0).count()).sum();
+        let valid: usize = batches
+            .iter()
+            .map(|b| b.labels.iter().filter(|&&l| l >= 0).count())
+            .sum();
         let grad_scale = 1.0 / valid.max(1) as f32;
         self.store.zero_grads(be)?;
         let mut loss_sum = 0f64;
         let mut tokens = 0;
         for batch in &batches {
-            let placement = Placement::Planned { base: self.arena.ptr(), plan: &self.plan };
+            let placement = Placement::Planned {
+                base: self.arena.ptr(),
+                plan: &self.plan,
+            };
             let mut tape = Tape::new(be, &self.store, placement);
             let inputs = tape.input_i32(&batch.inputs, [batch.batch, batch.seq])?;
             let labels = tape.input_i32(&batch.labels, [batch.batch * batch.seq])?;
@@ -217,7 +259,11 @@ impl Trainer {
         let norm_sq = self.scalars.slice(0, 1);
         let coef = self.scalars.slice(1, 1);
         be.sum_squares(&[self.store.flat_grad()], norm_sq)?;
-        let max_norm = if self.cfg.training.max_norm > 0.0 { self.cfg.training.max_norm as f32 } else { f32::INFINITY };
+        let max_norm = if self.cfg.training.max_norm > 0.0 {
+            self.cfg.training.max_norm as f32
+        } else {
+            f32::INFINITY
+        };
         be.clip_coef(norm_sq, max_norm, coef)?;
         let mut host = [0f32; 1];
         be.download(norm_sq, bytemuck::cast_slice_mut(&mut host))?;
@@ -238,9 +284,22 @@ impl Trainer {
             step,
         };
         let (m, v) = self.store.flat_moments();
-        be.adamw(self.store.flat_master(), self.store.flat_grad(), m, v, self.store.flat_compute(), coef, &hp)?;
+        be.adamw(
+            self.store.flat_master(),
+            self.store.flat_grad(),
+            m,
+            v,
+            self.store.flat_compute(),
+            coef,
+            &hp,
+        )?;
         self.step = step;
-        Ok(StepResult { loss, grad_norm, lr: lr as f64, tokens })
+        Ok(StepResult {
+            loss,
+            grad_norm,
+            lr: lr as f64,
+            tokens,
+        })
     }
 
     /// Trains to `training.steps`, logging every `metrics.log_freq` steps and checkpointing
@@ -260,7 +319,7 @@ impl Trainer {
             window_tokens += r.tokens;
             window_steps += 1;
             let done = self.step;
-            if done % log_freq == 0 || done == steps || done == first_step + 1 {
+            if done.is_multiple_of(log_freq) || done == steps || done == first_step + 1 {
                 self.be.synchronize()?;
                 let dt = window_start.elapsed().as_secs_f64();
                 let tps = window_tokens as f64 / dt;
@@ -288,8 +347,17 @@ impl Trainer {
                 window_start = Instant::now();
             }
             let interval = self.cfg.checkpoint.interval.max(1) as u64;
-            if self.cfg.checkpoint.enable && (done % interval == 0 || done == steps) {
+            if self.cfg.checkpoint.enable && (done.is_multiple_of(interval) || done == steps) {
                 self.save_checkpoint()?;
+            }
+            if self.cfg.checkpoint.last_save_in_hf && done == steps {
+                let dir = self.export_hf()?;
+                if !quiet {
+                    println!(
+                        "titan: Hugging Face checkpoint of step {done} in {}",
+                        dir.display()
+                    );
+                }
             }
         }
         Ok(writer.history)
@@ -301,7 +369,10 @@ impl Trainer {
     }
 
     fn param_tensor_names(&self) -> Vec<(String, crate::params::ParamId)> {
-        self.store.ids().map(|id| (self.store.name(id).to_string(), id)).collect()
+        self.store
+            .ids()
+            .map(|id| (self.store.name(id).to_string(), id))
+            .collect()
     }
 
     /// Writes `step-N` (model masters, AdamW moments, data position, schedule, config).
@@ -310,9 +381,21 @@ impl Trainer {
         let mut host: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
         for (name, id) in self.param_tensor_names() {
             let shape = self.store.shape(id).0.clone();
-            host.push((format!("model.{name}"), shape.clone(), self.store.read_f32(be, self.store.master(id))?));
-            host.push((format!("optim.exp_avg.{name}"), shape.clone(), self.store.read_f32(be, self.store.moment1(id))?));
-            host.push((format!("optim.exp_avg_sq.{name}"), shape, self.store.read_f32(be, self.store.moment2(id))?));
+            host.push((
+                format!("model.{name}"),
+                shape.clone(),
+                self.store.read_f32(be, self.store.master(id))?,
+            ));
+            host.push((
+                format!("optim.exp_avg.{name}"),
+                shape.clone(),
+                self.store.read_f32(be, self.store.moment1(id))?,
+            ));
+            host.push((
+                format!("optim.exp_avg_sq.{name}"),
+                shape,
+                self.store.read_f32(be, self.store.moment2(id))?,
+            ));
         }
         let tensors: Vec<NamedTensor> = host
             .iter()
@@ -324,7 +407,8 @@ impl Trainer {
             dataloader: self.loader.state(),
             rng: serde_json::json!({}),
             lr_scheduler: serde_json::json!({"step": self.step}),
-            extra: serde_json::json!({"model": self.cfg.model.name, "flavor": self.cfg.model.flavor}),
+            extra: serde_json::json!({"model": self.cfg.model.name, "flavor": self.cfg.model.flavor,
+                "llama3_config": self.model.config}),
         };
         let keep = self.cfg.checkpoint.keep_latest_k.max(0) as usize;
         checkpoint::save(&self.checkpoint_root(), self.step, &[tensors], &meta, keep)
@@ -356,14 +440,26 @@ impl Trainer {
             }
         }
         self.store.sync_compute(be)?;
-        self.loader.restore(&ck.manifest.dataloader)?;
+        // A converted checkpoint (`titan convert`) has no data position: start at the beginning.
+        if !ck.manifest.dataloader.is_null() {
+            self.loader.restore(&ck.manifest.dataloader)?;
+        }
         self.step = ck.step();
         Ok(self.step)
     }
 
     /// Loads the newest checkpoint (or checkpoint.load_step) when checkpointing is enabled and one
-    /// exists. Returns the step resumed from.
+    /// exists. Returns the step resumed from. Otherwise loads `checkpoint.initial_load_path`, if
+    /// set (see train/hf.rs), and returns None.
     pub fn maybe_resume(&mut self) -> Result<Option<u64>> {
+        let resumed = self.resume_if_any()?;
+        if resumed.is_none() {
+            self.load_initial()?;
+        }
+        Ok(resumed)
+    }
+
+    fn resume_if_any(&mut self) -> Result<Option<u64>> {
         if !self.cfg.checkpoint.enable {
             return Ok(None);
         }

@@ -284,6 +284,10 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
+    fn device_description(&self) -> String {
+        format!("CPU ({} threads)", rayon::current_num_threads())
+    }
+
     fn alloc(&self, bytes: usize) -> Result<Box<dyn DeviceMem>> {
         self.allocs.fetch_add(1, Ordering::Relaxed);
         let size = bytes.max(1).div_ceil(ALIGN) * ALIGN;

@@ -39,9 +39,9 @@ impl CudaBackend {
             return Ok(());
         }
         check_i32(OP, &[("vocab", vocab), ("rows", rows)])?;
-        let w = if vocab % (16 / logits.dtype.size()) == 0
-            && logits.ptr % 16 == 0
-            && dlogits.ptr % 16 == 0
+        let w = if vocab.is_multiple_of(16 / logits.dtype.size())
+            && logits.ptr.is_multiple_of(16)
+            && dlogits.ptr.is_multiple_of(16)
         {
             16 / logits.dtype.size()
         } else {

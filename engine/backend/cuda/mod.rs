@@ -432,6 +432,10 @@ impl Backend for CudaBackend {
         "cuda"
     }
 
+    fn device_description(&self) -> String {
+        self.device_name()
+    }
+
     fn alloc(&self, bytes: usize) -> Result<Box<dyn DeviceMem>> {
         Ok(Box::new(self.raw_alloc(bytes)?))
     }

@@ -17,7 +17,7 @@ fn vec_width(d: DType) -> usize {
 /// The vector width usable for rows of `len` elements over these buffers (W or 1).
 fn width_for(len: usize, dtype: DType, bufs: &[Buf]) -> usize {
     let w = vec_width(dtype);
-    if len % w == 0 && bufs.iter().all(|b| b.ptr % 16 == 0) {
+    if len.is_multiple_of(w) && bufs.iter().all(|b| b.ptr.is_multiple_of(16)) {
         w
     } else {
         1
@@ -58,7 +58,7 @@ impl CudaBackend {
         check_dtype(OP, "table", table, FLOATS)?;
         check_dtype(OP, "ids", ids, &[DType::I32])?;
         check_dtype(OP, "out", out, &[table.dtype])?;
-        if dim == 0 || table.len % dim != 0 {
+        if dim == 0 || !table.len.is_multiple_of(dim) {
             return Err(Error::Shape {
                 op: OP,
                 msg: format!("table of {} elements is not [vocab, {dim}]", table.len),
@@ -94,7 +94,7 @@ impl CudaBackend {
         check_dtype(OP, "dout", dout, FLOATS)?;
         check_dtype(OP, "ids", ids, &[DType::I32])?;
         check_dtype(OP, "dtable", dtable, &[DType::F32])?;
-        if dim == 0 || dtable.len % dim != 0 {
+        if dim == 0 || !dtable.len.is_multiple_of(dim) {
             return Err(Error::Shape {
                 op: OP,
                 msg: format!("dtable of {} elements is not [vocab, {dim}]", dtable.len),
@@ -271,7 +271,7 @@ impl CudaBackend {
         check_dtype(op, "x", x, FLOATS)?;
         check_len(op, "x", x, s.batch * s.seq * s.heads * s.head_dim)?;
         check_same(op, ("x", "out"), x, out)?;
-        if s.head_dim % 2 != 0 {
+        if !s.head_dim.is_multiple_of(2) {
             return Err(Error::Shape {
                 op,
                 msg: format!("head_dim {} must be even", s.head_dim),

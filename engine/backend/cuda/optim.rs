@@ -13,6 +13,7 @@ fn partial_blocks(len: usize) -> usize {
 const REDUCE_THREADS: u32 = 256;
 
 impl CudaBackend {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn adamw_impl(
         &self,
         param: Buf,

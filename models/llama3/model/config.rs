@@ -50,6 +50,11 @@ pub struct Llama3Config {
     pub tie_embeddings: bool,
     /// Longest context the architecture supports (rotary scaling's target length).
     pub max_position_embeddings: usize,
+    /// An exact SwiGLU hidden size (Hugging Face's `intermediate_size`), which the
+    /// `multiple_of` / `ffn_dim_multiplier` formula cannot express for every checkpoint. None for
+    /// every built-in flavor.
+    #[serde(default)]
+    pub ffn_hidden_override: Option<usize>,
 }
 
 impl Default for Llama3Config {
@@ -69,6 +74,7 @@ impl Default for Llama3Config {
             depth_init: true,
             tie_embeddings: false,
             max_position_embeddings: 131072,
+            ffn_hidden_override: None,
         }
     }
 }
@@ -82,6 +88,9 @@ impl Llama3Config {
     }
     /// SwiGLU hidden size: multiple_of-rounded int(ffn_dim_multiplier * int(2 * 4 * dim / 3)).
     pub fn ffn_hidden(&self) -> usize {
+        if let Some(h) = self.ffn_hidden_override {
+            return h;
+        }
         let mut hidden = 2 * (4 * self.dim) / 3;
         if let Some(m) = self.ffn_dim_multiplier {
             hidden = (m * hidden as f64) as usize;
@@ -94,19 +103,22 @@ impl Llama3Config {
         if self.dim == 0 || self.n_layers == 0 || self.n_heads == 0 || self.vocab_size == 0 {
             return bad("dim, n_layers, n_heads and vocab_size must be positive".into());
         }
-        if self.dim % self.n_heads != 0 {
+        if self.ffn_hidden() == 0 {
+            return bad("the feed-forward hidden size must be positive".into());
+        }
+        if !self.dim.is_multiple_of(self.n_heads) {
             return bad(format!(
                 "dim {} is not divisible by n_heads {}",
                 self.dim, self.n_heads
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return bad(format!(
                 "head_dim {} must be even for rotary embeddings",
                 self.head_dim()
             ));
         }
-        if self.kv_heads() == 0 || self.n_heads % self.kv_heads() != 0 {
+        if self.kv_heads() == 0 || !self.n_heads.is_multiple_of(self.kv_heads()) {
             return bad(format!(
                 "n_heads {} is not a multiple of n_kv_heads {}",
                 self.n_heads,
@@ -203,7 +215,6 @@ impl Llama3Config {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::models::llama3::flavor;
 
     #[test]

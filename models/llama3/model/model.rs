@@ -164,10 +164,28 @@ impl TransformerBlock {
 pub struct Init<'a> {
     pub store: &'a ParamStore,
     pub be: &'a dyn crate::backend::Backend,
-    pub rng: std::cell::RefCell<Rng>,
+    pub seed: u64,
 }
 
 impl Init<'_> {
+    /// Draws `n` values with `f`, in parallel chunks, each chunk from its own stream seeded by
+    /// (seed, parameter, chunk): deterministic for any thread count.
+    fn draw(&self, id: ParamId, f: impl Fn(&mut Rng) -> f64 + Sync) -> Vec<f32> {
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 16;
+        let n = self.store.numel(id);
+        let seed = self.seed;
+        let mut out = vec![0f32; n];
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, dst)| {
+            let mut rng = Rng::new(
+                seed ^ ((id.0 as u64) << 40) ^ ((c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            );
+            for x in dst {
+                *x = f(&mut rng) as f32;
+            }
+        });
+        out
+    }
     fn trunc_normal(&self, id: ParamId, std: f64) -> Result<()> {
         self.trunc_normal_ab(id, std, -2.0, 2.0)
     }
@@ -176,20 +194,14 @@ impl Init<'_> {
         if self.be.is_meta() {
             return Ok(());
         }
-        let mut rng = self.rng.borrow_mut();
-        let data: Vec<f32> = (0..self.store.numel(id))
-            .map(|_| rng.trunc_normal(std, a, b) as f32)
-            .collect();
+        let data = self.draw(id, |r| r.trunc_normal(std, a, b));
         self.store.set(self.be, id, &data)
     }
     fn normal(&self, id: ParamId, std: f64) -> Result<()> {
         if self.be.is_meta() {
             return Ok(());
         }
-        let mut rng = self.rng.borrow_mut();
-        let data: Vec<f32> = (0..self.store.numel(id))
-            .map(|_| (rng.normal() * std) as f32)
-            .collect();
+        let data = self.draw(id, |r| r.normal() * std);
         self.store.set(self.be, id, &data)
     }
     fn ones(&self, id: ParamId) -> Result<()> {
@@ -235,11 +247,7 @@ impl Llama3 {
         be: &dyn crate::backend::Backend,
         seed: u64,
     ) -> Result<()> {
-        let s = Init {
-            store,
-            be,
-            rng: std::cell::RefCell::new(Rng::new(seed)),
-        };
+        let s = Init { store, be, seed };
         s.normal(self.tok_embeddings, 1.0)?;
         for layer in &self.layers {
             layer.init_weights(&s, &self.config)?;

@@ -1,0 +1,90 @@
+//! Hugging Face interop shared by every model: a `StateDictAdapter` maps a model's parameter
+//! names (torchtitan's state dict) to and from the names of its Hugging Face `transformers`
+//! counterpart; `load_hf` and `export_hf` move weights between a `ParamStore` and a Hugging Face
+//! checkpoint folder (engine/checkpoint/hf.rs does the file format).
+
+use crate::backend::Backend;
+use crate::checkpoint::hf::{f32_to_bytes, write_hf, HfCheckpoint, HfOut};
+use crate::error::{Error, Result};
+use crate::params::{ParamId, ParamSpec, ParamStore};
+use std::path::Path;
+
+/// Name mapping between a titan model and its Hugging Face checkpoint.
+pub trait StateDictAdapter {
+    /// The Hugging Face name of a titan parameter.
+    fn to_hf(&self, titan: &str) -> Result<String>;
+    /// The titan parameter a Hugging Face tensor loads into; `Ok(None)` for tensors titan does
+    /// not keep (buffers such as rotary `inv_freq`, or a tied `lm_head` copy).
+    fn to_titan(&self, hf: &str) -> Result<Option<String>>;
+}
+
+/// Reads the tensor of every parameter in `specs` from `ck` (converted to f32, shape checked)
+/// and hands it to `sink(index into specs, data)`. Every Hugging Face tensor must map to a
+/// parameter or be one the adapter skips; every parameter must be present.
+pub fn read_hf_params(
+    adapter: &dyn StateDictAdapter,
+    ck: &HfCheckpoint,
+    specs: &[ParamSpec],
+    mut sink: impl FnMut(usize, Vec<f32>) -> Result<()>,
+) -> Result<()> {
+    for hf in ck.names() {
+        if let Some(titan) = adapter.to_titan(hf)? {
+            if !specs.iter().any(|s| s.name == titan) {
+                return Err(Error::Checkpoint(format!(
+                    "{}: tensor {hf} maps to {titan}, which this model does not have",
+                    ck.dir.display()
+                )));
+            }
+        }
+    }
+    for (i, spec) in specs.iter().enumerate() {
+        let hf = adapter.to_hf(&spec.name)?;
+        if !ck.contains(&hf) {
+            return Err(Error::Checkpoint(format!(
+                "{}: missing tensor {hf} (for parameter {})",
+                ck.dir.display(),
+                spec.name
+            )));
+        }
+        sink(i, ck.read_f32(&hf, &spec.shape.0)?)?;
+    }
+    Ok(())
+}
+
+/// Fills every parameter of `store` (master and compute copy) from `ck`.
+pub fn load_hf(
+    adapter: &dyn StateDictAdapter,
+    ck: &HfCheckpoint,
+    store: &ParamStore,
+    be: &dyn Backend,
+) -> Result<()> {
+    read_hf_params(adapter, ck, &store.specs, |i, data| {
+        store.set(be, ParamId(i), &data)
+    })
+}
+
+/// Writes every parameter of `store` (its f32 master) as a Hugging Face checkpoint folder.
+pub fn export_hf(
+    adapter: &dyn StateDictAdapter,
+    store: &ParamStore,
+    be: &dyn Backend,
+    dir: &Path,
+    config: &serde_json::Value,
+    dtype: safetensors::Dtype,
+    max_shard_bytes: usize,
+) -> Result<()> {
+    let ids: Vec<_> = store.ids().collect();
+    let outs = ids
+        .iter()
+        .map(|&id| {
+            Ok(HfOut {
+                name: adapter.to_hf(store.name(id))?,
+                shape: store.shape(id).0.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    write_hf(dir, config, &outs, dtype, max_shard_bytes, |i| {
+        let data = store.read_f32(be, store.master(ids[i]))?;
+        f32_to_bytes(&data, dtype)
+    })
+}

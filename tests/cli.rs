@@ -1,0 +1,330 @@
+//! The `titan` binary end to end on the CPU: training, exact resume, plan, list-models, eval, and
+//! every bad input a user can reach (one clear line, non-zero exit, no panic).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn titan(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_titan"))
+        .args(args)
+        .output()
+        .expect("run titan")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("titan-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// A failed command: non-zero exit, one "error:" line naming `needle`, no panic.
+fn assert_clean_error(o: &Output, needle: &str) {
+    let (out, err) = text(o);
+    assert!(
+        !o.status.success(),
+        "expected failure; stdout {out} stderr {err}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "panic: {err}"
+    );
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "want exactly one error line, got: {err}");
+    assert!(
+        lines[0].contains(needle),
+        "error should mention '{needle}': {}",
+        lines[0]
+    );
+}
+
+const CFG: &str = "configs/llama3_debugmodel.toml";
+
+fn small_run(dump: &Path, extra: &[&str]) -> Output {
+    let dump_arg = format!("--job.dump_folder={}", dump.display());
+    let mut args = vec![
+        "train",
+        "--config",
+        CFG,
+        "--quiet",
+        dump_arg.as_str(),
+        "--training.seq_len",
+        "32",
+        "--training.local_batch_size",
+        "2",
+        "--metrics.log_freq",
+        "1",
+        "--training.device",
+        "cpu",
+    ];
+    args.extend_from_slice(extra);
+    titan(&args)
+}
+
+fn losses(dump: &Path) -> Vec<(u64, u64)> {
+    let s = std::fs::read_to_string(dump.join("metrics.jsonl")).unwrap();
+    s.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["step"].as_u64().unwrap(),
+                v["loss"].as_f64().unwrap().to_bits(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn resume_is_bitwise_exact() {
+    let a = tmp("straight");
+    let o = small_run(
+        &a,
+        &[
+            "--training.steps",
+            "20",
+            "--checkpoint.enable",
+            "--checkpoint.interval",
+            "10",
+        ],
+    );
+    assert!(o.status.success(), "{:?}", text(&o));
+    let b = tmp("resumed");
+    let first = [
+        "--training.steps",
+        "10",
+        "--lr_scheduler.total_steps",
+        "20",
+        "--checkpoint.enable",
+        "--checkpoint.interval",
+        "10",
+    ];
+    let o = small_run(&b, &first);
+    assert!(o.status.success(), "{:?}", text(&o));
+    let o = small_run(
+        &b,
+        &[
+            "--training.steps",
+            "20",
+            "--checkpoint.enable",
+            "--checkpoint.interval",
+            "10",
+        ],
+    );
+    let (out, _) = text(&o);
+    assert!(
+        o.status.success() && out.contains("resumed from checkpoint step 10"),
+        "{out}"
+    );
+    let (la, lb) = (losses(&a), losses(&b));
+    assert_eq!(la.len(), 20);
+    assert_eq!(lb.len(), 20);
+    assert_eq!(
+        la, lb,
+        "20 straight steps and 10 + resume + 10 must give identical losses"
+    );
+    assert!(a.join("loss.png").exists());
+    // eval of the final checkpoint prints one JSON line.
+    let tokens = a.join("tokens.json");
+    std::fs::write(&tokens, "[[1,2,3,4,5,6,7,8,9],[9,8,7,6,5,4,3,2,1]]").unwrap();
+    let ck = a.join("checkpoint");
+    let o = titan(&[
+        "eval",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--tokens",
+        tokens.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(v["loss"].as_f64().unwrap().is_finite());
+    assert_eq!(v["tokens"].as_u64().unwrap(), 16);
+}
+
+#[test]
+fn debugmodel_learns_the_synthetic_corpus() {
+    let d = tmp("learn");
+    let o = small_run(
+        &d,
+        &[
+            "--training.steps",
+            "60",
+            "--training.seq_len",
+            "64",
+            "--training.local_batch_size",
+            "4",
+        ],
+    );
+    assert!(o.status.success(), "{:?}", text(&o));
+    let l = losses(&d);
+    let first = f64::from_bits(l[0].1);
+    let last = f64::from_bits(l.last().unwrap().1);
+    // Start near ln(259) = 5.56 (uniform over the byte vocabulary); the corpus's unigram entropy
+    // is ~3.4 nats; 60 steps must get well below the start.
+    assert!(first > 5.0 && last < 3.0, "loss {first} -> {last}");
+}
+
+#[test]
+fn plan_405b_and_list_models() {
+    let o = titan(&["plan", "--config", "configs/llama3_405b.toml"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        out.contains("405B") && out.contains("activations (planned)") && out.contains("peak"),
+        "{out}"
+    );
+    let o = titan(&["list-models"]);
+    let (out, _) = text(&o);
+    for f in ["debugmodel", "1B", "3B", "8B", "70B", "405B"] {
+        assert!(out.contains(f), "{out}");
+    }
+    assert!(out.contains("8,030,261,248"), "{out}");
+}
+
+#[test]
+fn bad_inputs_fail_with_one_clear_error() {
+    let d = tmp("bad");
+    let broken = d.join("broken.toml");
+    std::fs::write(&broken, "[training\nsteps = 3").unwrap();
+    assert_clean_error(
+        &titan(&["train", "--config", broken.to_str().unwrap()]),
+        "broken.toml",
+    );
+    let unknown = d.join("unknown.toml");
+    std::fs::write(&unknown, "[training]\nstepz = 3\n").unwrap();
+    assert_clean_error(
+        &titan(&["train", "--config", unknown.to_str().unwrap()]),
+        "stepz",
+    );
+    assert_clean_error(
+        &titan(&["train", "--config", CFG, "--model.name", "gpt9"]),
+        "llama3",
+    );
+    assert_clean_error(
+        &titan(&["train", "--config", CFG, "--model.flavor", "7B"]),
+        "debugmodel",
+    );
+    assert_clean_error(
+        &titan(&[
+            "train",
+            "--config",
+            CFG,
+            "--training.dataset_path",
+            "/no/such/data.txt",
+        ]),
+        "/no/such/data.txt",
+    );
+    assert_clean_error(
+        &titan(&["train", "--config", CFG, "--training.seq_len", "200000"]),
+        "seq_len",
+    );
+    // No GPU here: asking for CUDA is one clear error, whether or not the binary has CUDA built in.
+    let o = titan(&["train", "--config", CFG, "--training.device", "cuda"]);
+    let (_, err) = text(&o);
+    assert!(
+        !o.status.success() && err.to_lowercase().contains("cuda") && !err.contains("panicked"),
+        "{err}"
+    );
+    let nock = d.join("empty");
+    let dump = format!("--job.dump_folder={}", nock.display());
+    assert_clean_error(
+        &titan(&[
+            "train",
+            "--config",
+            CFG,
+            &dump,
+            "--checkpoint.enable",
+            "--checkpoint.load_step",
+            "5",
+            "--training.device",
+            "cpu",
+        ]),
+        "checkpoint",
+    );
+}
+
+#[test]
+fn truncated_checkpoint_and_divergence_are_reported() {
+    let d = tmp("trunc");
+    let o = small_run(
+        &d,
+        &[
+            "--training.steps",
+            "2",
+            "--checkpoint.enable",
+            "--checkpoint.interval",
+            "1",
+        ],
+    );
+    assert!(o.status.success(), "{:?}", text(&o));
+    let shard = d.join("checkpoint/step-2/rank-00000.safetensors");
+    let len = std::fs::metadata(&shard).unwrap().len();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&shard)
+        .unwrap();
+    f.set_len(len / 2).unwrap();
+    let o = small_run(&d, &["--training.steps", "4", "--checkpoint.enable"]);
+    assert_clean_error(&o, "rank-00000.safetensors");
+
+    // A huge LR blows the loss up: the run stops naming the step, and the last good checkpoint
+    // (written before the bad step) still loads.
+    let n = tmp("nan");
+    let o = small_run(
+        &n,
+        &[
+            "--training.steps",
+            "30",
+            "--optimizer.lr",
+            "1e12",
+            "--checkpoint.enable",
+            "--checkpoint.interval",
+            "1",
+        ],
+    );
+    assert_clean_error(&o, "step");
+    let (_, err) = text(&o);
+    assert!(err.contains("diverged"), "{err}");
+    let steps: Vec<u64> = std::fs::read_dir(n.join("checkpoint"))
+        .unwrap()
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_prefix("step-")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let last = *steps
+        .iter()
+        .max()
+        .expect("a checkpoint before the divergence");
+    let tokens = n.join("t.json");
+    std::fs::write(&tokens, "[[1,2,3,4]]").unwrap();
+    let o = titan(&[
+        "eval",
+        "--checkpoint",
+        n.join("checkpoint").to_str().unwrap(),
+        "--tokens",
+        tokens.to_str().unwrap(),
+        "--step",
+        &last.to_string(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        o.status.success(),
+        "last good checkpoint must load: {:?}",
+        text(&o)
+    );
+}
