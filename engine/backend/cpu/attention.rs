@@ -1,15 +1,19 @@
 //! Causal grouped-query attention on `[batch, seq, heads, head_dim]` tensors.
 //!
-//! Work is split into tiles of `QTILE` query rows of one (batch, head). A tile's scores against
-//! the keys it may see (0..=last row of the tile) are one strided GEMM into a `QTILE × seq`
-//! scratch row block, the softmax is done per row (normalised after the second GEMM), and the
-//! output is that second GEMM: no
-//! `[seq, seq]` matrix per head and nothing of size B·H·S·S ever exists. The strides of the
-//! `[b, s, h, d]` layout are passed straight to the GEMM, so nothing is gathered or transposed.
+//! Forward: one task per (batch, head). It copies its kv head's k and v into contiguous scratch
+//! (their rows are H_kv·d elements apart in the input, too far for the prefetchers), then walks
+//! tiles of `QTILE` query rows: the tile's scores against the keys it may see (0..=last row of
+//! the tile) are one GEMM into a `QTILE × seq` scratch block, the exponentials are taken per row,
+//! the output is a second GEMM, and each output row is divided by its row sum. No `[seq, seq]`
+//! matrix per head and nothing of size B·H·S·S ever exists. q, out and dout are read and written
+//! in place through GEMM strides.
 //!
-//! The backward recomputes probabilities from the saved log-sum-exp. One task owns one
+//! Backward: the probabilities are recomputed from the saved log-sum-exp. One task owns one
 //! (batch, kv head): it walks that kv head's query heads and tiles in a fixed order, so the dK
 //! and dV sums are formed in the same order on every run and every thread count.
+//!
+//! The head_dim-wide products use `matmul_d` (a register-blocked kernel for d = 16/32/64 in
+//! f32, the gemm crate otherwise); the score-like products use the gemm crate.
 
 use super::gemm::{matmul, Mat};
 use super::{
