@@ -165,11 +165,7 @@ pub(crate) const PAR_MIN: usize = 1 << 15;
 pub(crate) const CHUNK: usize = 1 << 14;
 
 pub(crate) fn bf16_to_f32(src: &[bf16], dst: &mut [f32]) {
-    let go = |(s, d): (&[bf16], &mut [f32])| {
-        for (x, y) in s.iter().zip(d.iter_mut()) {
-            *y = f32::from_bits((x.to_bits() as u32) << 16);
-        }
-    };
+    let go = |(s, d): (&[bf16], &mut [f32])| vecmath::bf16_bits_to_f32(bytemuck::cast_slice(s), d);
     if src.len() >= PAR_MIN {
         src.par_chunks(CHUNK)
             .zip(dst.par_chunks_mut(CHUNK))
@@ -179,22 +175,15 @@ pub(crate) fn bf16_to_f32(src: &[bf16], dst: &mut [f32]) {
     }
 }
 
-/// Round-to-nearest-even f32 -> bf16 (NaN stays NaN).
+/// Round-to-nearest-even f32 -> bf16 (NaN stays NaN, quieted).
 #[inline(always)]
 pub(crate) fn f32_to_bf16_bits(x: f32) -> u16 {
-    let b = x.to_bits();
-    if x.is_nan() {
-        return ((b >> 16) as u16) | 0x0040;
-    }
-    let round = 0x7fff + ((b >> 16) & 1);
-    (b.wrapping_add(round) >> 16) as u16
+    vecmath::round_bf16(x)
 }
 
 pub(crate) fn f32_to_bf16(src: &[f32], dst: &mut [bf16]) {
     let go = |(s, d): (&[f32], &mut [bf16])| {
-        for (x, y) in s.iter().zip(d.iter_mut()) {
-            *y = bf16::from_bits(f32_to_bf16_bits(*x));
-        }
+        vecmath::f32_to_bf16_bits_slice(s, bytemuck::cast_slice_mut(d))
     };
     if src.len() >= PAR_MIN {
         src.par_chunks(CHUNK)
