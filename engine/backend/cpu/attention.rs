@@ -1,14 +1,19 @@
 //! Causal grouped-query attention on `[batch, seq, heads, head_dim]` tensors.
 //!
-//! Work is split into tiles of `QTILE` query rows of one (batch, head). A tile's scores against
-//! the keys it may see (0..=last row of the tile) are one strided GEMM into a `QTILE × seq`
-//! scratch row block, the softmax is done per row, and the output is a second GEMM: no
-//! `[seq, seq]` matrix per head and nothing of size B·H·S·S ever exists. The strides of the
-//! `[b, s, h, d]` layout are passed straight to the GEMM, so nothing is gathered or transposed.
+//! Forward: one task per (batch, head). It copies its kv head's k and v into contiguous scratch
+//! (their rows are H_kv·d elements apart in the input, too far for the prefetchers), then walks
+//! tiles of `QTILE` query rows: the tile's scores against the keys it may see (0..=last row of
+//! the tile) are one GEMM into a `QTILE × seq` scratch block, the exponentials are taken per row,
+//! the output is a second GEMM, and each output row is divided by its row sum. No `[seq, seq]`
+//! matrix per head and nothing of size B·H·S·S ever exists. q, out and dout are read and written
+//! in place through GEMM strides.
 //!
-//! The backward recomputes probabilities from the saved log-sum-exp. One task owns one
+//! Backward: the probabilities are recomputed from the saved log-sum-exp. One task owns one
 //! (batch, kv head): it walks that kv head's query heads and tiles in a fixed order, so the dK
 //! and dV sums are formed in the same order on every run and every thread count.
+//!
+//! The head_dim-wide products use `matmul_d` (a register-blocked kernel for d = 16/32/64 in
+//! f32, the gemm crate otherwise); the score-like products use the gemm crate.
 
 use super::gemm::{matmul, Mat};
 use super::{
@@ -132,13 +137,22 @@ pub fn attention_fwd<T: Float>(
                         Parallelism::None,
                     );
                     let lse_t = pl.get().add(lay.lse_off(b, h, q0));
+                    // Unnormalised exponentials; each output row is divided by its sum after
+                    // the product (rows·d divisions instead of rows·keys).
+                    let mut inv = [T::ZERO; QTILE];
                     for (i, row) in sc.chunks_mut(keys).enumerate() {
                         let (live, masked) = row.split_at_mut(q0 + i + 1);
-                        *lse_t.add(i) = softmax_row(live);
+                        let (l, s) = exp_row(live);
+                        *lse_t.add(i) = l;
+                        inv[i] = T::ONE / s;
                         masked.fill(T::ZERO);
                     }
                     let om = Mat::rows(po.get().add(lay.q_off(b, q0, h)), qs);
                     matmul_d((rows, d, keys), om, scm, vm, T::ONE, T::ZERO);
+                    for (i, &r) in inv[..rows].iter().enumerate() {
+                        let o = std::slice::from_raw_parts_mut(om.ptr.add(i * qs), d);
+                        o.iter_mut().for_each(|x| *x = *x * r);
+                    }
                 }
             }
         })
@@ -200,16 +214,12 @@ fn ptr<T>(x: &[T]) -> SendPtr<T> {
     SendPtr(x.as_ptr() as *mut T)
 }
 
-/// Normalises scores into probabilities in place and returns their log-sum-exp.
+/// Replaces scores by exp(score − max) in place; returns (log-sum-exp, Σ exp(score − max)).
 #[inline]
-fn softmax_row<T: Float>(row: &mut [T]) -> T {
+fn exp_row<T: Float>(row: &mut [T]) -> (T, T) {
     let mx = T::max_slice(row);
     let sum = T::exp_sub_sum(row, mx);
-    let inv = T::ONE / sum;
-    for x in row.iter_mut() {
-        *x = *x * inv;
-    }
-    mx + sum.ln()
+    (mx + sum.ln(), sum)
 }
 
 /// Gradients of `attention_fwd`: dq, dk, dv are written (not accumulated).
@@ -312,12 +322,15 @@ pub fn attention_bwd<T: Float>(
                                     &mut p[i * keys..(i + 1) * keys],
                                     &mut dp[i * keys..(i + 1) * keys],
                                 );
-                                T::exp_sub_sum(&mut pr[..valid], l);
+                                // p = exp(s − lse), ds = p ∘ (dp − delta) · scale (kept in dp)
+                                T::softmax_bwd_row(
+                                    &mut pr[..valid],
+                                    &mut dpr[..valid],
+                                    l,
+                                    delta,
+                                    scale,
+                                );
                                 pr[valid..].fill(T::ZERO);
-                                // ds = p ∘ (dp − delta) · scale, kept in dp.
-                                for (g, &pv) in dpr[..valid].iter_mut().zip(pr[..valid].iter()) {
-                                    *g = pv * (*g - delta) * scale;
-                                }
                                 dpr[valid..].fill(T::ZERO);
                             }
                             // dq = ds · k

@@ -9,19 +9,29 @@
 //! sound because the memory planner guarantees that live buffers handed to one op do not
 //! overlap, with two documented exceptions that the wrappers handle without ever holding a
 //! shared and a mutable slice over the same bytes: `add` may write into one of its inputs and
-//! `cross_entropy` may write dlogits over logits.
+//! `cross_entropy` may write dlogits over logits. Every wrapper also rejects (with
+//! `Error::Shape`) outputs that overlap their inputs, so a planner bug cannot become UB here.
+//!
+//! Speed: GEMMs go to the `gemm` crate (AVX-512 at run time, rayon inside); attention, the loss
+//! and the norms use the row primitives of `vecmath` (vectorised exp / max / sums, compiled per
+//! CPU level). Big per-call temporaries come from a per-thread reusable scratch
+//! (`with_scratch`). All reductions have a fixed order, so results are bitwise identical for any
+//! thread count (tested).
 
 pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
 pub mod elementwise;
 pub mod embedding;
+mod float;
 pub mod gemm;
 pub mod reduce;
 pub mod rmsnorm;
 pub mod rope;
 pub mod swiglu;
 pub mod vecmath;
+
+pub use float::Float;
 
 use super::{AdamW, AttnShape, Backend, Buf, DeviceMem, Gemm, RopeShape};
 use crate::error::{Error, Result};
@@ -31,160 +41,7 @@ use rayon::prelude::*;
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::borrow::Cow;
 use std::cell::RefCell;
-use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub, SubAssign};
 use std::sync::atomic::{AtomicU64, Ordering};
-
-/// The scalar type of the math kernels: f32 in the backend, f64 in gradient checks.
-pub trait Float:
-    bytemuck::Pod
-    + Copy
-    + Send
-    + Sync
-    + Default
-    + PartialOrd
-    + std::fmt::Debug
-    + 'static
-    + Add<Output = Self>
-    + Sub<Output = Self>
-    + Mul<Output = Self>
-    + Div<Output = Self>
-    + Neg<Output = Self>
-    + AddAssign
-    + SubAssign
-{
-    const ZERO: Self;
-    const ONE: Self;
-    const NEG_INFINITY: Self;
-    fn from_f64(x: f64) -> Self;
-    fn to_f64(self) -> f64;
-    fn exp(self) -> Self;
-    fn ln(self) -> Self;
-    fn sqrt(self) -> Self;
-    fn max(self, o: Self) -> Self;
-    /// xs[i] = exp(xs[i]). f32 overrides this and the row reductions below with vectorised
-    /// versions (`vecmath`): softmax rows dominate attention and the loss on the CPU.
-    fn exp_inplace(xs: &mut [Self]) {
-        for x in xs {
-            *x = x.exp();
-        }
-    }
-    /// The largest element (−inf when empty).
-    fn max_slice(xs: &[Self]) -> Self {
-        xs.iter()
-            .fold(Self::NEG_INFINITY, |m, &x| if x > m { x } else { m })
-    }
-    /// xs[i] = exp(xs[i] − m), returning Σ xs[i]: the core of every softmax.
-    fn exp_sub_sum(xs: &mut [Self], m: Self) -> Self {
-        let mut s = Self::ZERO;
-        for x in xs {
-            *x = (*x - m).exp();
-            s += *x;
-        }
-        s
-    }
-    /// c[m, n] = beta·c + alpha · a · b through a kernel for narrow n (attention's head_dim
-    /// wide products), see `vecmath::matmul_narrow_f32`; returns false when there is none and
-    /// the caller should use the general GEMM.
-    ///
-    /// # Safety
-    /// As `vecmath::matmul_narrow_f32`.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn matmul_narrow(
-        _mnk: (usize, usize, usize),
-        _c: *mut Self,
-        _c_rs: usize,
-        _a: *const Self,
-        _a_rs: usize,
-        _a_cs: usize,
-        _b: *const Self,
-        _b_rs: usize,
-        _alpha: Self,
-        _beta: Self,
-    ) -> bool {
-        false
-    }
-    fn dot(a: &[Self], b: &[Self]) -> Self {
-        let mut s = Self::ZERO;
-        for (&x, &y) in a.iter().zip(b) {
-            s += x * y;
-        }
-        s
-    }
-}
-
-impl Float for f64 {
-    const ZERO: f64 = 0.0;
-    const ONE: f64 = 1.0;
-    const NEG_INFINITY: f64 = f64::NEG_INFINITY;
-    fn from_f64(x: f64) -> f64 {
-        x
-    }
-    fn to_f64(self) -> f64 {
-        self
-    }
-    fn exp(self) -> f64 {
-        f64::exp(self)
-    }
-    fn ln(self) -> f64 {
-        f64::ln(self)
-    }
-    fn sqrt(self) -> f64 {
-        f64::sqrt(self)
-    }
-    fn max(self, o: f64) -> f64 {
-        f64::max(self, o)
-    }
-}
-
-impl Float for f32 {
-    const ZERO: f32 = 0.0;
-    const ONE: f32 = 1.0;
-    const NEG_INFINITY: f32 = f32::NEG_INFINITY;
-    fn from_f64(x: f64) -> f32 {
-        x as f32
-    }
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-    fn exp(self) -> f32 {
-        f32::exp(self)
-    }
-    fn ln(self) -> f32 {
-        f32::ln(self)
-    }
-    fn sqrt(self) -> f32 {
-        f32::sqrt(self)
-    }
-    fn max(self, o: f32) -> f32 {
-        f32::max(self, o)
-    }
-    fn exp_inplace(xs: &mut [f32]) {
-        vecmath::exp_f32_slice(xs)
-    }
-    fn max_slice(xs: &[f32]) -> f32 {
-        vecmath::max_f32(xs)
-    }
-    fn exp_sub_sum(xs: &mut [f32], m: f32) -> f32 {
-        vecmath::exp_sub_sum_f32(xs, m)
-    }
-    fn dot(a: &[f32], b: &[f32]) -> f32 {
-        vecmath::dot_f32(a, b)
-    }
-    unsafe fn matmul_narrow(
-        mnk: (usize, usize, usize),
-        c: *mut f32,
-        c_rs: usize,
-        a: *const f32,
-        a_rs: usize,
-        a_cs: usize,
-        b: *const f32,
-        b_rs: usize,
-        alpha: f32,
-        beta: f32,
-    ) -> bool {
-        vecmath::matmul_narrow_f32(mnk, c, c_rs, a, a_rs, a_cs, b, b_rs, alpha, beta)
-    }
-}
 
 /// The CPU backend. Stateless apart from the allocation counter; uses rayon's global pool.
 #[derive(Default)]
@@ -308,11 +165,7 @@ pub(crate) const PAR_MIN: usize = 1 << 15;
 pub(crate) const CHUNK: usize = 1 << 14;
 
 pub(crate) fn bf16_to_f32(src: &[bf16], dst: &mut [f32]) {
-    let go = |(s, d): (&[bf16], &mut [f32])| {
-        for (x, y) in s.iter().zip(d.iter_mut()) {
-            *y = f32::from_bits((x.to_bits() as u32) << 16);
-        }
-    };
+    let go = |(s, d): (&[bf16], &mut [f32])| vecmath::bf16_bits_to_f32(bytemuck::cast_slice(s), d);
     if src.len() >= PAR_MIN {
         src.par_chunks(CHUNK)
             .zip(dst.par_chunks_mut(CHUNK))
@@ -322,22 +175,15 @@ pub(crate) fn bf16_to_f32(src: &[bf16], dst: &mut [f32]) {
     }
 }
 
-/// Round-to-nearest-even f32 -> bf16 (NaN stays NaN).
+/// Round-to-nearest-even f32 -> bf16 (NaN stays NaN, quieted).
 #[inline(always)]
 pub(crate) fn f32_to_bf16_bits(x: f32) -> u16 {
-    let b = x.to_bits();
-    if x.is_nan() {
-        return ((b >> 16) as u16) | 0x0040;
-    }
-    let round = 0x7fff + ((b >> 16) & 1);
-    (b.wrapping_add(round) >> 16) as u16
+    vecmath::round_bf16(x)
 }
 
 pub(crate) fn f32_to_bf16(src: &[f32], dst: &mut [bf16]) {
     let go = |(s, d): (&[f32], &mut [bf16])| {
-        for (x, y) in s.iter().zip(d.iter_mut()) {
-            *y = bf16::from_bits(f32_to_bf16_bits(*x));
-        }
+        vecmath::f32_to_bf16_bits_slice(s, bytemuck::cast_slice_mut(d))
     };
     if src.len() >= PAR_MIN {
         src.par_chunks(CHUNK)

@@ -116,6 +116,45 @@ fn dot_body<const F: bool>(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+#[inline(always)]
+fn softmax_bwd_row_body<const F: bool>(
+    p: &mut [f32],
+    ds: &mut [f32],
+    lse: f32,
+    delta: f32,
+    scale: f32,
+) {
+    for (x, g) in p.iter_mut().zip(ds.iter_mut()) {
+        let e = exp_f32::<F>(*x - lse);
+        *x = e;
+        *g = e * (*g - delta) * scale;
+    }
+}
+
+/// Round-to-nearest-even f32 -> bf16 bits, branch-free (so slices of it vectorise); a NaN
+/// keeps its sign and top payload bits and is made quiet.
+#[inline(always)]
+pub fn round_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+    let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
+    (if nan { (b >> 16) | 0x40 } else { rounded }) as u16
+}
+
+#[inline(always)]
+fn widen_body<const F: bool>(src: &[u16], dst: &mut [f32]) {
+    for (s, d) in src.iter().zip(dst.iter_mut()) {
+        *d = f32::from_bits((*s as u32) << 16);
+    }
+}
+
+#[inline(always)]
+fn round_body<const F: bool>(src: &[f32], dst: &mut [u16]) {
+    for (s, d) in src.iter().zip(dst.iter_mut()) {
+        *d = round_bf16(*s);
+    }
+}
+
 /// Defines `pub fn $name` that runs `$body` compiled for the best vector unit present.
 macro_rules! dispatch {
     ($(#[$doc:meta])* $name:ident ($($arg:ident : $ty:ty),*) -> $ret:ty = $body:ident) => {
@@ -156,6 +195,18 @@ dispatch!(
 dispatch!(
     /// xs[i] = exp(xs[i] − m); returns Σ xs[i].
     exp_sub_sum_f32(xs: &mut [f32], m: f32) -> f32 = exp_sub_sum_body
+);
+dispatch!(
+    /// p[j] = exp(p[j] − lse); ds[j] = p[j]·(ds[j] − delta)·scale (attention backward row).
+    softmax_bwd_row_f32(p: &mut [f32], ds: &mut [f32], lse: f32, delta: f32, scale: f32) -> () = softmax_bwd_row_body
+);
+dispatch!(
+    /// dst[i] = bf16 bits src[i] widened to f32 (exact).
+    bf16_bits_to_f32(src: &[u16], dst: &mut [f32]) -> () = widen_body
+);
+dispatch!(
+    /// dst[i] = src[i] rounded to bf16 bits (nearest even).
+    f32_to_bf16_bits_slice(src: &[f32], dst: &mut [u16]) -> () = round_body
 );
 dispatch!(
     /// Σ a[i]·b[i].
@@ -437,6 +488,41 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn bf16_rounding_matches_half_and_round_trips() {
+        // A spread of bit patterns: ties, denormals, infinities, NaNs, both signs.
+        let mut bits: Vec<u32> = (0..200_000u32)
+            .map(|i| i.wrapping_mul(2_654_435_761))
+            .collect();
+        bits.extend([
+            0,
+            0x8000_0000,
+            0x7f80_0000,
+            0xff80_0000,
+            0x7fc0_0000,
+            0x7f80_0001,
+            0x3f80_8000,
+            0x3f81_8000,
+            1,
+        ]);
+        let xs: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+        let mut got = vec![0u16; xs.len()];
+        f32_to_bf16_bits_slice(&xs, &mut got);
+        for (x, g) in xs.iter().zip(&got) {
+            let want = half::bf16::from_f32(*x);
+            if x.is_nan() {
+                assert!(half::bf16::from_bits(*g).is_nan(), "{x:e} must stay NaN");
+            } else {
+                assert_eq!(*g, want.to_bits(), "rounding {x:e} ({:#010x})", x.to_bits());
+            }
+        }
+        let mut back = vec![0f32; got.len()];
+        bf16_bits_to_f32(&got, &mut back);
+        for (g, b) in got.iter().zip(&back) {
+            assert_eq!(b.to_bits(), (*g as u32) << 16);
         }
     }
 }

@@ -1,0 +1,168 @@
+//! The scalar type of the CPU kernels. Every kernel is generic over it so that the gradient
+//! checks can run the very code the backend runs in f32 in f64 instead.
+
+use super::vecmath;
+use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub, SubAssign};
+
+/// The scalar type of the math kernels: f32 in the backend, f64 in gradient checks.
+pub trait Float:
+    bytemuck::Pod
+    + Copy
+    + Send
+    + Sync
+    + Default
+    + PartialOrd
+    + std::fmt::Debug
+    + 'static
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + AddAssign
+    + SubAssign
+{
+    const ZERO: Self;
+    const ONE: Self;
+    const NEG_INFINITY: Self;
+    fn from_f64(x: f64) -> Self;
+    fn to_f64(self) -> f64;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+    fn sqrt(self) -> Self;
+    fn max(self, o: Self) -> Self;
+    /// xs[i] = exp(xs[i]). f32 overrides this and the row reductions below with vectorised
+    /// versions (`vecmath`): softmax rows dominate attention and the loss on the CPU.
+    fn exp_inplace(xs: &mut [Self]) {
+        for x in xs {
+            *x = x.exp();
+        }
+    }
+    /// The largest element (−inf when empty).
+    fn max_slice(xs: &[Self]) -> Self {
+        xs.iter()
+            .fold(Self::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+    }
+    /// xs[i] = exp(xs[i] − m), returning Σ xs[i]: the core of every softmax.
+    fn exp_sub_sum(xs: &mut [Self], m: Self) -> Self {
+        let mut s = Self::ZERO;
+        for x in xs {
+            *x = (*x - m).exp();
+            s += *x;
+        }
+        s
+    }
+    /// The softmax backward of one attention row, fused: p[j] = exp(s[j] − lse) (s given in
+    /// `p`) and ds[j] = p[j]·(dp[j] − delta)·scale (dp given in `ds`).
+    fn softmax_bwd_row(p: &mut [Self], ds: &mut [Self], lse: Self, delta: Self, scale: Self) {
+        for (x, g) in p.iter_mut().zip(ds.iter_mut()) {
+            *x = (*x - lse).exp();
+            *g = *x * (*g - delta) * scale;
+        }
+    }
+    /// c[m, n] = beta·c + alpha · a · b through a kernel for narrow n (attention's head_dim
+    /// wide products), see `vecmath::matmul_narrow_f32`; returns false when there is none and
+    /// the caller should use the general GEMM.
+    ///
+    /// # Safety
+    /// As `vecmath::matmul_narrow_f32`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn matmul_narrow(
+        _mnk: (usize, usize, usize),
+        _c: *mut Self,
+        _c_rs: usize,
+        _a: *const Self,
+        _a_rs: usize,
+        _a_cs: usize,
+        _b: *const Self,
+        _b_rs: usize,
+        _alpha: Self,
+        _beta: Self,
+    ) -> bool {
+        false
+    }
+    fn dot(a: &[Self], b: &[Self]) -> Self {
+        let mut s = Self::ZERO;
+        for (&x, &y) in a.iter().zip(b) {
+            s += x * y;
+        }
+        s
+    }
+}
+
+impl Float for f64 {
+    const ZERO: f64 = 0.0;
+    const ONE: f64 = 1.0;
+    const NEG_INFINITY: f64 = f64::NEG_INFINITY;
+    fn from_f64(x: f64) -> f64 {
+        x
+    }
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn exp(self) -> f64 {
+        f64::exp(self)
+    }
+    fn ln(self) -> f64 {
+        f64::ln(self)
+    }
+    fn sqrt(self) -> f64 {
+        f64::sqrt(self)
+    }
+    fn max(self, o: f64) -> f64 {
+        f64::max(self, o)
+    }
+}
+
+impl Float for f32 {
+    const ZERO: f32 = 0.0;
+    const ONE: f32 = 1.0;
+    const NEG_INFINITY: f32 = f32::NEG_INFINITY;
+    fn from_f64(x: f64) -> f32 {
+        x as f32
+    }
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn exp(self) -> f32 {
+        f32::exp(self)
+    }
+    fn ln(self) -> f32 {
+        f32::ln(self)
+    }
+    fn sqrt(self) -> f32 {
+        f32::sqrt(self)
+    }
+    fn max(self, o: f32) -> f32 {
+        f32::max(self, o)
+    }
+    fn exp_inplace(xs: &mut [f32]) {
+        vecmath::exp_f32_slice(xs)
+    }
+    fn max_slice(xs: &[f32]) -> f32 {
+        vecmath::max_f32(xs)
+    }
+    fn exp_sub_sum(xs: &mut [f32], m: f32) -> f32 {
+        vecmath::exp_sub_sum_f32(xs, m)
+    }
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        vecmath::dot_f32(a, b)
+    }
+    fn softmax_bwd_row(p: &mut [f32], ds: &mut [f32], lse: f32, delta: f32, scale: f32) {
+        vecmath::softmax_bwd_row_f32(p, ds, lse, delta, scale)
+    }
+    unsafe fn matmul_narrow(
+        mnk: (usize, usize, usize),
+        c: *mut f32,
+        c_rs: usize,
+        a: *const f32,
+        a_rs: usize,
+        a_cs: usize,
+        b: *const f32,
+        b_rs: usize,
+        alpha: f32,
+        beta: f32,
+    ) -> bool {
+        vecmath::matmul_narrow_f32(mnk, c, c_rs, a, a_rs, a_cs, b, b_rs, alpha, beta)
+    }
+}
