@@ -38,7 +38,7 @@ pub fn train(config: Option<&Path>, overrides: &[String], quiet: bool) -> Result
         tr.accum
     );
     println!(
-        "titan: memory plan {:.3} GiB (state {:.3} + activations {:.3}; {:.3} without reuse), {} buffers over {} ops; data: {} ; MFU peak: {:.3} TFLOP/s ({})",
+        "titan: memory plan {:.3} GiB (state {:.3} + activations {:.3}; {:.3} without reuse), {} buffers over {} ops; data: {}; MFU peak: {:.3} TFLOP/s ({})",
         tr.memory.total() as f64 / GIB,
         tr.memory.state.total() as f64 / GIB,
         tr.memory.activations_peak as f64 / GIB,

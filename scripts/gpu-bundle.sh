@@ -5,8 +5,8 @@
 #   bundle/benches/<name>       every bench executable
 #   bundle/run-gpu.sh           runs them there, output to $OUT/results.txt (or ./results.txt)
 #   bundle/ptxas-report.txt     registers / shared memory / spills per kernel
-# Binaries are stripped. The same tree is packed as ./bundle.tar.xz (untracked, so a device call
-# carries it with the working tree); it must stay under 64 MiB, the device tool's carry limit.
+# Binaries are stripped. The same tree is packed as ./bundle.tar.xz (git-ignored: name it in the
+# device call's carry list); it must stay under 64 MiB, the device tool's carry limit.
 # On the GPU machine: mkdir -p /tmp/b && tar xJf bundle.tar.xz -C /tmp/b && /tmp/b/run-gpu.sh
 # Usage: scripts/gpu-bundle.sh   (NVCC / CARGO_TARGET_DIR are honoured as for cargo build)
 set -euo pipefail

@@ -2,6 +2,7 @@
 # One device call: unpack the bundle (scripts/gpu-bundle.sh, packed as bundle.tar.xz), run the
 # CUDA tests, the end-to-end training benchmark next to the PyTorch reference, then the kernel
 # benches, all under one deadline (seconds, $1). Output in $OUT/gpu.txt.
+# Device call: command `bash scripts/gpu-session.sh 300`, carry ["bundle.tar.xz"].
 set -u
 deadline=$((SECONDS + ${1:-300}))
 out="${OUT:-$PWD}"; mkdir -p "$out"; res="$out/gpu.txt"; : > "$res"
