@@ -99,6 +99,8 @@ fn attention_fwd_bwd_vs_reference() {
         (2, 67, 6, 2, 20),
         (1, 150, 4, 1, 16),
         (2, 300, 2, 1, 16),
+        // Longer than the short-sequence tile threshold: 128-row tiles, several per head.
+        (1, 577, 2, 1, 16),
     ] {
         let s = AttnShape {
             batch,

@@ -177,12 +177,22 @@ impl<'a> Tape<'a> {
                 let (g, _) = grads.get(out).unwrap();
                 let (n, k) = (self.shape(x).rows(), self.shape(x).last());
                 let m_out = self.shape(w).0[0];
-                if self.requires_grad(x) {
-                    let dx = self.grad_buf_like(x)?;
-                    let (gb, wb, dxb) = (self.touch(g)?, self.touch(w)?, self.touch(dx)?);
-                    be.gemm(&Gemm::new(n, k, m_out, false, false, 0.0), gb, wb, dxb)?;
-                    self.tick();
-                    self.accumulate(grads, x, dx, true)?;
+                match grads.get(x) {
+                    // x already has a gradient of its own (q, k, v share their input): the GEMM
+                    // accumulates into it (beta = 1) instead of a temporary plus an add pass.
+                    Some((e, true)) if self.requires_grad(x) => {
+                        let [gb, wb, eb] = self.touch_all([g, w, e])?;
+                        be.gemm(&Gemm::new(n, k, m_out, false, false, 1.0), gb, wb, eb)?;
+                        self.tick();
+                    }
+                    _ if self.requires_grad(x) => {
+                        let dx = self.grad_buf_like(x)?;
+                        let [gb, wb, dxb] = self.touch_all([g, w, dx])?;
+                        be.gemm(&Gemm::new(n, k, m_out, false, false, 0.0), gb, wb, dxb)?;
+                        self.tick();
+                        self.accumulate(grads, x, dx, true)?;
+                    }
+                    _ => {}
                 }
                 if self.requires_grad(w) {
                     let dw = self.weight_grad(w, "linear")?;

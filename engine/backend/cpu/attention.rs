@@ -2,7 +2,7 @@
 //!
 //! Forward: one task per (batch, head). It copies its kv head's k and v into contiguous scratch
 //! (their rows are H_kv·d elements apart in the input, too far for the prefetchers), then walks
-//! tiles of `QTILE` query rows: the tile's scores against the keys it may see (0..=last row of
+//! tiles of `tile_rows(seq)` query rows (64 up to seq 512, else 128): the tile's scores against the keys it may see (0..=last row of
 //! the tile) are one GEMM into a `QTILE × seq` scratch block, the exponentials are taken per row,
 //! the output is a second GEMM, and each output row is divided by its row sum. No `[seq, seq]`
 //! matrix per head and nothing of size B·H·S·S ever exists. q, out and dout are read and written
@@ -26,8 +26,21 @@ use crate::tensor::DType;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-/// Query rows per task.
+/// Query rows per tile at most (scratch is sized for this).
 pub const QTILE: usize = 128;
+
+/// Query rows per tile for a sequence length: the diagonal tile computes scores that the causal
+/// mask then discards (half of a square tile), so short sequences use shorter tiles.
+fn tile_rows(seq: usize) -> usize {
+    if seq <= TILE_SHORT_SEQ {
+        QTILE / 2
+    } else {
+        QTILE
+    }
+}
+
+/// Sequences up to this length use `QTILE / 2`-row tiles.
+const TILE_SHORT_SEQ: usize = 512;
 
 fn check_shape(op: &'static str, s: AttnShape, lens: &[(&str, usize)]) -> Result<()> {
     if s.n_kv_heads == 0 || !s.n_heads.is_multiple_of(s.n_kv_heads) {
@@ -103,7 +116,8 @@ pub fn attention_fwd<T: Float>(
     }
     let lay = Layout { s };
     let group = s.n_heads / s.n_kv_heads;
-    let tiles = seq.div_ceil(QTILE);
+    let tr = tile_rows(seq);
+    let tiles = seq.div_ceil(tr);
     let (qs, ks) = (lay.q_row_stride(), lay.kv_row_stride());
     let (pq, pk, pv) = (ptr(q), ptr(k), ptr(v));
     let (po, pl) = (SendPtr(out.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
@@ -122,7 +136,7 @@ pub fn attention_fwd<T: Float>(
                 gather(pv.get().add(lay.kv_off(b, 0, hk)), ks, seq, d, w.v);
                 let (kt, vm) = (Mat::cols(w.k.as_ptr(), d), Mat::rows(w.v.as_ptr(), d));
                 for t in 0..tiles {
-                    let (q0, q1) = (t * QTILE, ((t + 1) * QTILE).min(seq));
+                    let (q0, q1) = (t * tr, ((t + 1) * tr).min(seq));
                     let (rows, keys) = (q1 - q0, q1);
                     let qt = Mat::rows(pq.get().add(lay.q_off(b, q0, h)), qs);
                     let sc = &mut w.s[..rows * keys];
@@ -255,7 +269,8 @@ pub fn attention_bwd<T: Float>(
     }
     let lay = Layout { s };
     let group = s.n_heads / s.n_kv_heads;
-    let tiles = seq.div_ceil(QTILE);
+    let tr = tile_rows(seq);
+    let tiles = seq.div_ceil(tr);
     let (qs, ks) = (lay.q_row_stride(), lay.kv_row_stride());
     let (pq, pk, pv, pdo) = (ptr(q), ptr(k), ptr(v), ptr(dout));
     let (pdq, pdk, pdv) = (
@@ -284,7 +299,7 @@ pub fn attention_bwd<T: Float>(
                     let (kb, vb) = (w.k.as_ptr(), w.v.as_ptr());
                     for h in hk * group..(hk + 1) * group {
                         for t in 0..tiles {
-                            let (q0, q1) = (t * QTILE, ((t + 1) * QTILE).min(seq));
+                            let (q0, q1) = (t * tr, ((t + 1) * tr).min(seq));
                             let (rows, keys) = (q1 - q0, q1);
                             let qt = Mat::rows(pq.get().add(lay.q_off(b, q0, h)), qs);
                             let dot = Mat::rows(pdo.get().add(lay.q_off(b, q0, h)), qs);
