@@ -306,6 +306,56 @@ fn hf_tokenizer_llama3_like_byte_level_bpe_is_lossless() {
     let b = build_loader(&c).unwrap().next_batch().unwrap();
     assert_eq!(b.inputs, vec![261, 259, 260, 111, 114, 108, 100]);
     assert_eq!(b.labels, vec![259, 260, 111, 114, 108, 100, 262]);
+
+    // A 1.3 MB single-document file is encoded in pieces (for parallelism and progress); the ids
+    // must equal encoding the whole text at once.
+    let mut big = String::new();
+    let corpus = SyntheticCorpus::new(4);
+    let mut i = 0;
+    while big.len() < 1_300_000 {
+        big.push_str(&corpus.document(i));
+        big.push_str(if i % 7 == 0 {
+            "\n\n  indented hello\n"
+        } else {
+            ""
+        });
+        i += 1;
+    }
+    write(&d.join("big.txt"), &big);
+    let mut c = cfg(d.join("big.txt").to_str().unwrap(), 4095, 3);
+    c.tokenizer = Some(d.join("tokenizer.json"));
+    let t0 = Instant::now();
+    let mut l = build_loader(&c).unwrap();
+    let t1 = Instant::now();
+    let mut whole = vec![261];
+    whole.extend(t.encode(&big).unwrap());
+    eprintln!(
+        "byte-level BPE, {:.1} MB: loader (pieces) {:.2} s, one encode call {:.2} s",
+        big.len() as f64 / 1e6,
+        (t1 - t0).as_secs_f64(),
+        t1.elapsed().as_secs_f64()
+    );
+    whole.push(262);
+    assert_eq!(l.slice_tokens(), Some(whole.len() as u64));
+    assert_eq!(read_stream(&mut l, whole.len()), whole);
+}
+
+/// The loader's tokens from its current position on, `n` of them (samples of `seq + 1`).
+fn read_stream(l: &mut titan::data::DataLoader, n: usize) -> Vec<u32> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let b = l.next_batch().unwrap();
+        for r in 0..b.batch {
+            out.extend(
+                b.inputs[r * b.seq..(r + 1) * b.seq]
+                    .iter()
+                    .map(|&x| x as u32),
+            );
+            out.push(b.labels[(r + 1) * b.seq - 1] as u32);
+        }
+    }
+    out.truncate(n);
+    out
 }
 
 // ---------------------------------------------------------------- synthetic corpus

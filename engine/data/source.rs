@@ -184,14 +184,38 @@ fn read_documents(path: &Path) -> Result<Vec<String>> {
     Ok(docs)
 }
 
+/// Pieces of at least `target` bytes (but the last) that `text` can be encoded in independently:
+/// cuts go right after a '\n' that is followed by a printable ASCII character. Pre-tokenizers
+/// split there anyway (Llama 3's regex ends a pre-token at a run of newlines followed by a
+/// non-space; byte-level is exact anywhere), so encoding the pieces gives the same ids as
+/// encoding the whole text, with parallelism and progress for huge single-document files.
+pub(crate) fn split_for_encoding(text: &str, target: usize) -> Vec<&str> {
+    let bytes = text.as_bytes();
+    let mut pieces = Vec::new();
+    let mut start = 0;
+    while bytes.len() - start > target {
+        let from = start + target;
+        let cut = bytes[from..]
+            .windows(2)
+            .position(|w| w[0] == b'\n' && w[1].is_ascii_graphic())
+            .map(|i| from + i + 1);
+        let Some(cut) = cut else { break };
+        pieces.push(&text[start..cut]);
+        start = cut;
+    }
+    pieces.push(&text[start..]);
+    pieces
+}
+
 /// Tokenize every document of `files` into one stream: BOS + tokens + EOS per document.
-/// Work is split into ~1 MB chunks of documents tokenized in parallel; order is preserved, so the
-/// stream is the same on every run and every rank.
+/// Work is split into ~1 MB chunks (of whole small documents, or pieces of big ones) tokenized in
+/// parallel; order is preserved, so the stream is the same on every run and every rank.
 pub(crate) fn tokenize_files(
     files: &[PathBuf],
     tok: &dyn Tokenizer,
     show_progress: bool,
 ) -> Result<(Vec<u32>, u64)> {
+    const CHUNK: usize = 1 << 20;
     let total: u64 = files
         .iter()
         .filter_map(|f| std::fs::metadata(f).ok())
@@ -199,34 +223,54 @@ pub(crate) fn tokenize_files(
         .sum();
     let mut bar = Progress::new("tokenizing", total, show_progress);
     let (bos, eos) = (tok.bos_id(), tok.eos_id());
-    let mut stream = Vec::with_capacity(total as usize + 16);
+    let mut stream = Vec::new();
     let mut n_docs = 0u64;
     for file in files {
         let docs = read_documents(file)?;
+        n_docs += docs.len() as u64;
+        // (text, first piece of its document, last piece of its document)
+        let mut pieces: Vec<(&str, bool, bool)> = Vec::with_capacity(docs.len());
+        for d in &docs {
+            let parts = split_for_encoding(d, CHUNK);
+            let last = parts.len() - 1;
+            pieces.extend(
+                parts
+                    .into_iter()
+                    .enumerate()
+                    .map(|(k, p)| (p, k == 0, k == last)),
+            );
+        }
         let mut i = 0;
-        while i < docs.len() {
+        while i < pieces.len() {
             let mut j = i;
             let mut bytes = 0;
-            while j < docs.len() && (j == i || bytes < (1 << 20)) {
-                bytes += docs[j].len();
+            while j < pieces.len() && (j == i || bytes < CHUNK) {
+                bytes += pieces[j].0.len();
                 j += 1;
             }
-            let encoded: Vec<Vec<u32>> = docs[i..j]
+            let encoded: Vec<Vec<u32>> = pieces[i..j]
                 .par_iter()
-                .map(|d| tok.encode(d))
+                .map(|(text, _, _)| tok.encode(text))
                 .collect::<Result<_>>()
-                .map_err(|e| Error::Data(format!("{}: {e}", file.display())))?;
-            for ids in encoded {
-                stream.push(bos);
-                stream.extend_from_slice(&ids);
-                stream.push(eos);
+                .map_err(|e| match e {
+                    Error::Data(m) => Error::Data(format!("{}: {m}", file.display())),
+                    other => other,
+                })?;
+            for (ids, &(_, first, last)) in encoded.iter().zip(&pieces[i..j]) {
+                if first {
+                    stream.push(bos);
+                }
+                stream.extend_from_slice(ids);
+                if last {
+                    stream.push(eos);
+                }
             }
-            n_docs += (j - i) as u64;
             bar.add(bytes as u64);
             i = j;
         }
     }
     bar.finish();
+    stream.shrink_to_fit();
     Ok((stream, n_docs))
 }
 
