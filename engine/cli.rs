@@ -12,7 +12,7 @@ use crate::tape::{Placement, Tape};
 use crate::tensor::DType;
 use crate::train::config::JobConfig;
 use crate::train::device::select_backend;
-use crate::train::trainer::{build_model_from, trace_plan, Trainer};
+use crate::train::trainer::{build_model_from, model_config, trace_plan, Trainer};
 use std::path::Path;
 use std::time::Instant;
 
@@ -98,7 +98,7 @@ pub fn plan(config: Option<&Path>, overrides: &[String], dtype: &str, json: bool
     let cfg = JobConfig::load(config, overrides)?;
     let dtype = DType::parse(dtype)?;
     let t0 = Instant::now();
-    let (_, mp) = trace_plan(&cfg, None, dtype)?;
+    let (_, mp) = trace_plan(&cfg, model_config(&cfg, None)?, dtype)?;
     if json {
         println!(
             "{}",

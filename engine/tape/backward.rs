@@ -119,25 +119,8 @@ impl<'a> Tape<'a> {
     fn weight_grad(&mut self, w: Tensor, op: &'static str) -> Result<Tensor> {
         match self.tensors[w.0 as usize].param {
             Some(pid) => {
-                let b = self.store.grad(pid);
-                self.bufs.push(super::BufRec {
-                    ptr: b.ptr,
-                    bytes: b.bytes(),
-                    mem: super::Mem::External,
-                    seq: None,
-                    first: 0,
-                    last: 0,
-                });
-                let buf = self.bufs.len() - 1;
                 let shape = self.shape(w).clone();
-                Ok(self.push_tensor(super::TMeta {
-                    shape,
-                    dtype: DType::F32,
-                    buf,
-                    offset: 0,
-                    requires_grad: false,
-                    param: None,
-                }))
+                Ok(self.external(self.store.grad(pid), shape, false, None))
             }
             None if !self.requires_grad(w) => {
                 // Gradient is not wanted; a zeroed scratch keeps the kernel contract simple.

@@ -273,9 +273,15 @@ impl<'a> Tape<'a> {
         self.tensors[t.0 as usize].buf
     }
 
-    /// Binds a parameter (its compute copy) as a leaf that accumulates into the parameter's grad.
-    pub fn param(&mut self, id: ParamId) -> Tensor {
-        let b = self.store.compute(id);
+    /// A tensor over memory the tape does not own (parameters, their gradients, constants):
+    /// no planned request, no lifetime to track.
+    pub(crate) fn external(
+        &mut self,
+        b: Buf,
+        shape: Shape,
+        requires_grad: bool,
+        param: Option<ParamId>,
+    ) -> Tensor {
         self.bufs.push(BufRec {
             ptr: b.ptr,
             bytes: b.bytes(),
@@ -284,16 +290,21 @@ impl<'a> Tape<'a> {
             first: 0,
             last: 0,
         });
-        let shape = self.store.shape(id).clone();
         let buf = self.bufs.len() - 1;
         self.push_tensor(TMeta {
             shape,
             dtype: b.dtype,
             buf,
             offset: 0,
-            requires_grad: true,
-            param: Some(id),
+            requires_grad,
+            param,
         })
+    }
+
+    /// Binds a parameter (its compute copy) as a leaf that accumulates into the parameter's grad.
+    pub fn param(&mut self, id: ParamId) -> Tensor {
+        let shape = self.store.shape(id).clone();
+        self.external(self.store.compute(id), shape, true, Some(id))
     }
 
     /// Binds a constant f32 buffer (no gradient).
@@ -306,23 +317,7 @@ impl<'a> Tape<'a> {
                 msg: format!("view {shape} exceeds {} elements", b.len),
             });
         }
-        self.bufs.push(BufRec {
-            ptr: b.ptr,
-            bytes: b.bytes(),
-            mem: Mem::External,
-            seq: None,
-            first: 0,
-            last: 0,
-        });
-        let buf = self.bufs.len() - 1;
-        Ok(self.push_tensor(TMeta {
-            shape,
-            dtype: DType::F32,
-            buf,
-            offset: 0,
-            requires_grad: false,
-            param: None,
-        }))
+        Ok(self.external(b, shape, false, None))
     }
 
     /// Uploads host i32 data (token ids, targets) into a planned buffer.

@@ -23,12 +23,13 @@ use crate::tensor::DType;
 use std::path::PathBuf;
 use std::time::Instant;
 
-/// The resolved model architecture and its builder (parameters declared, no memory).
-pub fn build_model(cfg: &JobConfig, vocab: Option<usize>) -> Result<(Llama3, ParamStoreBuilder)> {
+/// The run's model architecture: the model name checked against the registry, then the
+/// flavor, Hugging Face or checkpoint architecture fitted to the run (see `hf::model_config`).
+pub fn model_config(cfg: &JobConfig, vocab: Option<usize>) -> Result<Llama3Config> {
     if cfg.model.name != "llama3" {
         crate::models::find_model(&cfg.model.name)?;
     }
-    build_model_from(cfg, super::hf::model_config(cfg, vocab)?)
+    super::hf::model_config(cfg, vocab)
 }
 
 /// The model of an explicit architecture, with the config's activation checkpointing applied.
@@ -69,13 +70,10 @@ impl MemoryPlan {
     }
 }
 
-/// Traces one micro-batch (forward, backward) of `model` on the meta backend and plans it.
-pub fn trace_plan(
-    cfg: &JobConfig,
-    vocab: Option<usize>,
-    dtype: DType,
-) -> Result<(Plan, MemoryPlan)> {
-    let (model, builder) = build_model(cfg, vocab)?;
+/// Traces one micro-batch (forward, backward) of the architecture `mc` on the meta backend and
+/// plans it.
+pub fn trace_plan(cfg: &JobConfig, mc: Llama3Config, dtype: DType) -> Result<(Plan, MemoryPlan)> {
+    let (model, builder) = build_model_from(cfg, mc)?;
     let meta = MetaBackend::new();
     let store = ParamStore::materialize(builder, &meta, dtype)?;
     let (b, s) = (
@@ -140,7 +138,7 @@ impl Trainer {
     pub fn with_options(cfg: JobConfig, flavor_vocab: bool) -> Result<Trainer> {
         cfg.validate()?;
         // Model problems (unknown flavor, seq_len beyond the model) first: they are cheap to find.
-        build_model(&cfg, None)?;
+        model_config(&cfg, None)?;
         let be = select_backend(&cfg.training.device)?;
         let device = device_name(be.as_ref());
         let dp = 1;
@@ -182,8 +180,10 @@ impl Trainer {
             loader.vocab_size()
         };
         let dtype = compute_dtype(&cfg, be.name())?;
-        let (plan, memory) = trace_plan(&cfg, vocab, dtype)?;
-        let (model, builder) = build_model(&cfg, vocab)?;
+        // One architecture for the traced plan and the real model.
+        let mc = model_config(&cfg, vocab)?;
+        let (plan, memory) = trace_plan(&cfg, mc.clone(), dtype)?;
+        let (model, builder) = build_model_from(&cfg, mc)?;
         let store = ParamStore::materialize(builder, be.as_ref(), dtype)?;
         model.init_weights(&store, be.as_ref(), seed)?;
         let arena = be.alloc(plan.peak.max(256))?;
