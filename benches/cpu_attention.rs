@@ -25,6 +25,17 @@ const SHAPES: &[(&str, AttnShape)] = &[
             head_dim: 16,
         },
     ),
+    // The debugmodel at the short-sequence speed point: batch 8 × seq 256.
+    (
+        "debug_b8_s256_h16_d16",
+        AttnShape {
+            batch: 8,
+            seq: 256,
+            n_heads: 16,
+            n_kv_heads: 16,
+            head_dim: 16,
+        },
+    ),
     // Llama 3 8B head geometry (32 heads, 8 kv heads, head_dim 128), seq 1024.
     (
         "8b_b1_s1024_h32kv8_d128",

@@ -60,7 +60,7 @@ impl<'a> Tape<'a> {
                 let t0 = std::time::Instant::now();
                 self.backward_node(&op, &mut grads)?;
                 self.be.synchronize()?;
-                super::profile::record(format!("{} bwd", op.name()), t0);
+                super::profile::record(format!("{} bwd", self.profile_name(&op)), t0);
             } else {
                 self.backward_node(&op, &mut grads)?;
             }

@@ -420,12 +420,24 @@ impl<'a> Tape<'a> {
         Ok(loss)
     }
 
+    /// The op's row in the profile table: linear layers are told apart by their weight shape
+    /// (in -> out), since their GEMM rates differ with it.
+    pub(crate) fn profile_name(&self, op: &Op) -> String {
+        match op {
+            Op::Linear { w, .. } => {
+                let ws = &self.shape(*w).0;
+                format!("linear {}->{}", ws[1], ws[0])
+            }
+            _ => op.name().to_string(),
+        }
+    }
+
     /// Launches the kernel of node `ni` on its current buffers.
     pub(crate) fn run_forward(&mut self, ni: usize) -> Result<()> {
         if super::profile::enabled() {
             self.be.synchronize()?;
             let t0 = std::time::Instant::now();
-            let name = format!("{} fwd", self.nodes[ni].op.name());
+            let name = format!("{} fwd", self.profile_name(&self.nodes[ni].op));
             self.run_forward_inner(ni)?;
             self.be.synchronize()?;
             super::profile::record(name, t0);

@@ -4,6 +4,38 @@
 use super::vecmath;
 use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub, SubAssign};
 
+/// A tile of causal attention score rows: row i starts at i·ld, sees keys 0..first + i and has
+/// `keys` columns that later products read (the buffer's rows hold at least `keys` rounded up
+/// to 16). Rows are processed up to whole 16-lane vectors with the masked lanes of the last
+/// one set to -inf, whose exponential is exactly 0: a scalar tail per row costs more than the
+/// vector body at attention's row lengths.
+#[derive(Clone, Copy, Debug)]
+pub struct CausalTile {
+    pub ld: usize,
+    pub rows: usize,
+    pub first: usize,
+    pub keys: usize,
+}
+
+impl CausalTile {
+    /// Row i as (its visible keys rounded up to a vector, the masked lanes set to `mask`; the
+    /// rest up to `keys`, for the caller to zero).
+    #[inline(always)]
+    pub fn split_row<'a, T: Float>(
+        &self,
+        buf: &'a mut [T],
+        i: usize,
+        mask: T,
+    ) -> (&'a mut [T], &'a mut [T]) {
+        let valid = self.first + i;
+        let vp = valid.next_multiple_of(16);
+        let end = vp.max(self.keys);
+        let (live, tail) = buf[i * self.ld..i * self.ld + end].split_at_mut(vp);
+        live[valid..].fill(mask);
+        (live, tail)
+    }
+}
+
 /// The scalar type of the math kernels: f32 in the backend, f64 in gradient checks.
 pub trait Float:
     bytemuck::Pod
@@ -52,12 +84,40 @@ pub trait Float:
         }
         s
     }
-    /// The softmax backward of one attention row, fused: p[j] = exp(s[j] − lse) (s given in
-    /// `p`) and ds[j] = p[j]·(dp[j] − delta)·scale (dp given in `ds`).
-    fn softmax_bwd_row(p: &mut [Self], ds: &mut [Self], lse: Self, delta: Self, scale: Self) {
-        for (x, g) in p.iter_mut().zip(ds.iter_mut()) {
-            *x = (*x - lse).exp();
-            *g = *x * (*g - delta) * scale;
+    /// Causal softmax of a tile of attention score rows, in place (see [`CausalTile`]): row i
+    /// becomes exp(s − max) over its visible keys and 0 after them; lse[i] = max + ln Σ and
+    /// inv[i] = 1 / Σ. f32 runs the whole tile in one vectorised call (`vecmath`).
+    fn softmax_fwd_tile(s: &mut [Self], t: CausalTile, lse: &mut [Self], inv: &mut [Self]) {
+        for i in 0..t.rows {
+            let (row, tail) = t.split_row(s, i, Self::NEG_INFINITY);
+            let m = Self::max_slice(row);
+            let sum = Self::exp_sub_sum(row, m);
+            tail.fill(Self::ZERO);
+            lse[i] = m + sum.ln();
+            inv[i] = Self::ONE / sum;
+        }
+    }
+    /// The softmax backward of a tile, fused: p = exp(s − lse[i]) (s given in `p`) and
+    /// ds = p·(dp − delta[i])·scale (dp given in `ds`), both 0 after each row's visible keys.
+    fn softmax_bwd_tile(
+        p: &mut [Self],
+        ds: &mut [Self],
+        t: CausalTile,
+        lse: &[Self],
+        delta: &[Self],
+        scale: Self,
+    ) {
+        for i in 0..t.rows {
+            let ((pr, pt), (gr, gt)) = (
+                t.split_row(p, i, Self::NEG_INFINITY),
+                t.split_row(ds, i, Self::ZERO),
+            );
+            for (x, g) in pr.iter_mut().zip(gr.iter_mut()) {
+                *x = (*x - lse[i]).exp();
+                *g = *x * (*g - delta[i]) * scale;
+            }
+            pt.fill(Self::ZERO);
+            gt.fill(Self::ZERO);
         }
     }
     /// c[m, n] = beta·c + alpha · a · b through a kernel for narrow n (attention's head_dim
@@ -148,8 +208,18 @@ impl Float for f32 {
     fn dot(a: &[f32], b: &[f32]) -> f32 {
         vecmath::dot_f32(a, b)
     }
-    fn softmax_bwd_row(p: &mut [f32], ds: &mut [f32], lse: f32, delta: f32, scale: f32) {
-        vecmath::softmax_bwd_row_f32(p, ds, lse, delta, scale)
+    fn softmax_fwd_tile(s: &mut [f32], t: CausalTile, lse: &mut [f32], inv: &mut [f32]) {
+        vecmath::softmax_fwd_tile_f32(s, t, lse, inv)
+    }
+    fn softmax_bwd_tile(
+        p: &mut [f32],
+        ds: &mut [f32],
+        t: CausalTile,
+        lse: &[f32],
+        delta: &[f32],
+        scale: f32,
+    ) {
+        vecmath::softmax_bwd_tile_f32(p, ds, t, lse, delta, scale)
     }
     unsafe fn matmul_narrow(
         mnk: (usize, usize, usize),

@@ -160,25 +160,116 @@ pub fn gemm_kernel<T: Float>(g: &Gemm, a: &[T], b: &[T], c: &mut [T]) -> Result<
     );
     // SAFETY (both branches): check_gemm proved every matrix lies inside its slice, and distinct
     // batch entries of C are disjoint (stride_c >= m*n), so parallel batches never share output.
-    let one = move |i: usize, par: Parallelism| unsafe {
+    let one = move |i: usize, split: bool| unsafe {
         let (a, b) = (
             a_of(pa.get().add(i * g.stride_a)),
             b_of(pb.get().add(i * g.stride_b)),
         );
         let c = Mat::rows(pc.get().add(i * g.stride_c), n);
-        matmul((m, n, k), c, a, b, alpha, beta, par)
+        if split {
+            matmul_split((m, n, k), c, a, b, alpha, beta)
+        } else {
+            matmul((m, n, k), c, a, b, alpha, beta, Parallelism::None)
+        }
     };
     // Small batched products (attention-like) parallelise better across the batch.
     if g.batch > 1 && m * n * k <= 128 * 128 * 128 {
-        (0..g.batch)
-            .into_par_iter()
-            .for_each(|i| one(i, Parallelism::None));
+        (0..g.batch).into_par_iter().for_each(|i| one(i, false));
     } else {
         for i in 0..g.batch {
-            one(i, Parallelism::Rayon(0));
+            one(i, true);
         }
     }
     Ok(())
+}
+
+/// Runs one product on every rayon thread by cutting `dst` into one contiguous slab per thread
+/// (rows when m >= n, else columns), each a single-threaded crate call. The crate's own
+/// parallel mode synchronises its threads at every k-block; independent slabs do not, which
+/// measured 5-15 % faster on the Llama projection shapes at 2 threads.
+///
+/// # Safety
+/// As [`matmul`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul_split<T: Float>(
+    (m, n, k): (usize, usize, usize),
+    dst: Mat<T>,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+    alpha: T,
+    beta: T,
+) {
+    let threads = rayon::current_num_threads();
+    let by_rows = m >= n;
+    let len = if by_rows { m } else { n };
+    // Slabs narrower than a few micro-tiles waste the kernel; tiny products stay serial.
+    let slabs = threads.min(len / 64).max(1);
+    if slabs == 1 || m * n * k < 1 << 21 {
+        return matmul((m, n, k), dst, lhs, rhs, alpha, beta, Parallelism::None);
+    }
+    let chunk = len.div_ceil(slabs).next_multiple_of(16);
+    let (d, l, r) = (SendPtr(dst.ptr), SendPtr(lhs.ptr), SendPtr(rhs.ptr));
+    (0..slabs).into_par_iter().for_each(|s| {
+        let (start, end) = (s * chunk, ((s + 1) * chunk).min(len));
+        if start >= end {
+            return;
+        }
+        let (dst, lhs, rhs) = (
+            Mat {
+                ptr: d.get(),
+                ..dst
+            },
+            Mat {
+                ptr: l.get(),
+                ..lhs
+            },
+            Mat {
+                ptr: r.get(),
+                ..rhs
+            },
+        );
+        // SAFETY: slab `s` addresses rows (or columns) [start, end) of dst, disjoint from every
+        // other slab's, and a sub-range of what the caller proved valid.
+        unsafe {
+            if by_rows {
+                let dst = Mat {
+                    ptr: dst.ptr.add(start * dst.rs),
+                    ..dst
+                };
+                let lhs = Mat {
+                    ptr: lhs.ptr.add(start * lhs.rs),
+                    ..lhs
+                };
+                matmul(
+                    (end - start, n, k),
+                    dst,
+                    lhs,
+                    rhs,
+                    alpha,
+                    beta,
+                    Parallelism::None,
+                )
+            } else {
+                let dst = Mat {
+                    ptr: dst.ptr.add(start * dst.cs),
+                    ..dst
+                };
+                let rhs = Mat {
+                    ptr: rhs.ptr.add(start * rhs.cs),
+                    ..rhs
+                };
+                matmul(
+                    (m, end - start, k),
+                    dst,
+                    lhs,
+                    rhs,
+                    alpha,
+                    beta,
+                    Parallelism::None,
+                )
+            }
+        }
+    });
 }
 
 pub(super) fn gemm_op(g: &Gemm, a: Buf, b: Buf, c: Buf) -> Result<()> {

@@ -20,6 +20,8 @@
 
 pub mod adamw;
 pub mod attention;
+#[cfg(target_arch = "x86_64")]
+mod attention_x86;
 pub mod cross_entropy;
 pub mod elementwise;
 pub mod embedding;
@@ -85,6 +87,8 @@ impl Drop for HostMem {
 }
 
 pub(crate) const ALIGN: usize = 256;
+/// Allocations from this size up are huge-page aligned (2 MiB).
+const HUGE: usize = 2 << 20;
 
 // ---- views and checks shared by the op files ----------------------------------------------
 
@@ -279,15 +283,35 @@ impl Backend for CpuBackend {
 
     fn alloc(&self, bytes: usize) -> Result<Box<dyn DeviceMem>> {
         self.allocs.fetch_add(1, Ordering::Relaxed);
-        let size = bytes.max(1).div_ceil(ALIGN) * ALIGN;
-        let layout = Layout::from_size_align(size, ALIGN)
+        // Arenas and parameter regions are large: 2 MiB-aligned and marked for transparent huge
+        // pages, so that GEMM packing and the row-strided kernels do not thrash the TLB (4 KiB
+        // pages cover 6 MiB with the whole second-level TLB).
+        let align = if bytes >= HUGE { HUGE } else { ALIGN };
+        let size = bytes.max(1).div_ceil(align) * align;
+        let layout = Layout::from_size_align(size, align)
             .map_err(|e| Error::Backend(format!("cpu alloc of {bytes} bytes: {e}")))?;
         // SAFETY: layout has non-zero size.
-        let ptr = unsafe { alloc_zeroed(layout) };
+        let ptr = unsafe {
+            if align == HUGE {
+                std::alloc::alloc(layout)
+            } else {
+                alloc_zeroed(layout)
+            }
+        };
         if ptr.is_null() {
             return Err(Error::Backend(format!(
                 "cpu alloc of {bytes} bytes failed (out of memory)"
             )));
+        }
+        if align == HUGE {
+            // SAFETY: [ptr, ptr + size) is this allocation. The advice comes before the first
+            // touch (the zeroing), which then faults in huge pages; failing advice (no THP)
+            // leaves ordinary pages, so its result is ignored.
+            unsafe {
+                #[cfg(target_os = "linux")]
+                libc::madvise(ptr as *mut libc::c_void, size, libc::MADV_HUGEPAGE);
+                std::ptr::write_bytes(ptr, 0, size);
+            }
         }
         Ok(Box::new(HostMem { ptr, bytes, layout }))
     }

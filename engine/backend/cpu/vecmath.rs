@@ -4,6 +4,8 @@
 //! are deterministic (they depend on the row length only, never on threads or the CPU).
 //! Each primitive is compiled three times (AVX-512, AVX2+FMA, baseline) and picked at run time.
 
+use super::float::CausalTile;
+
 const LANES: usize = 16;
 
 /// a·b + c, fused when the caller is compiled with FMA (`F`): without the feature `mul_add`
@@ -19,13 +21,15 @@ fn fma<const F: bool>(a: f32, b: f32, c: f32) -> f32 {
 
 /// exp(x) for f32 with ~2 ulp error, branch-free so that it vectorises: x = n·ln2 + r with
 /// |r| <= ln2/2, exp(r) by a degree-7 Taylor polynomial (truncation < 1e-8), 2^n via the
-/// exponent bits. Inputs are clamped to [-87.3, 88.3] (so -inf gives ~1e-38, not 0); NaN stays NaN.
+/// exponent bits. Inputs below -87.3 (where exp underflows f32's normal range) give exactly 0,
+/// so masked scores set to -inf vanish; inputs above 88.3 are clamped; NaN stays NaN.
 #[inline(always)]
 fn exp_f32<const F: bool>(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+    let under = x < -87.3;
     let x = x.clamp(-87.3, 88.3);
     let t = fma::<F>(x, LOG2E, MAGIC);
     let n = t - MAGIC;
@@ -39,7 +43,12 @@ fn exp_f32<const F: bool>(x: f32) -> f32 {
     p = fma::<F>(p, r, 1.0);
     p = fma::<F>(p, r, 1.0);
     let bits = ((t.to_bits() as i32 - MAGIC.to_bits() as i32 + 127) as u32) << 23;
-    p * f32::from_bits(bits)
+    let e = p * f32::from_bits(bits);
+    if under {
+        0.0
+    } else {
+        e
+    }
 }
 
 #[inline(always)]
@@ -117,17 +126,44 @@ fn dot_body<const F: bool>(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[inline(always)]
-fn softmax_bwd_row_body<const F: bool>(
+fn softmax_fwd_tile_body<const F: bool>(
+    s: &mut [f32],
+    t: CausalTile,
+    lse: &mut [f32],
+    inv: &mut [f32],
+) {
+    for i in 0..t.rows {
+        let (row, tail) = t.split_row(s, i, f32::NEG_INFINITY);
+        let m = max_body::<F>(row);
+        let sum = exp_sub_sum_body::<F>(row, m);
+        tail.fill(0.0);
+        lse[i] = m + sum.ln();
+        inv[i] = 1.0 / sum;
+    }
+}
+
+#[inline(always)]
+fn softmax_bwd_tile_body<const F: bool>(
     p: &mut [f32],
     ds: &mut [f32],
-    lse: f32,
-    delta: f32,
+    t: CausalTile,
+    lse: &[f32],
+    delta: &[f32],
     scale: f32,
 ) {
-    for (x, g) in p.iter_mut().zip(ds.iter_mut()) {
-        let e = exp_f32::<F>(*x - lse);
-        *x = e;
-        *g = e * (*g - delta) * scale;
+    for i in 0..t.rows {
+        let ((pr, pt), (gr, gt)) = (
+            t.split_row(p, i, f32::NEG_INFINITY),
+            t.split_row(ds, i, 0.0),
+        );
+        let (l, dl) = (lse[i], delta[i]);
+        for (x, g) in pr.iter_mut().zip(gr.iter_mut()) {
+            let e = exp_f32::<F>(*x - l);
+            *x = e;
+            *g = e * (*g - dl) * scale;
+        }
+        pt.fill(0.0);
+        gt.fill(0.0);
     }
 }
 
@@ -197,8 +233,12 @@ dispatch!(
     exp_sub_sum_f32(xs: &mut [f32], m: f32) -> f32 = exp_sub_sum_body
 );
 dispatch!(
-    /// p[j] = exp(p[j] − lse); ds[j] = p[j]·(ds[j] − delta)·scale (attention backward row).
-    softmax_bwd_row_f32(p: &mut [f32], ds: &mut [f32], lse: f32, delta: f32, scale: f32) -> () = softmax_bwd_row_body
+    /// `Float::softmax_fwd_tile` for f32.
+    softmax_fwd_tile_f32(s: &mut [f32], t: CausalTile, lse: &mut [f32], inv: &mut [f32]) -> () = softmax_fwd_tile_body
+);
+dispatch!(
+    /// `Float::softmax_bwd_tile` for f32.
+    softmax_bwd_tile_f32(p: &mut [f32], ds: &mut [f32], t: CausalTile, lse: &[f32], delta: &[f32], scale: f32) -> () = softmax_bwd_tile_body
 );
 dispatch!(
     /// dst[i] = bf16 bits src[i] widened to f32 (exact).
@@ -265,6 +305,7 @@ unsafe fn narrow_rows<const D: usize, const R: usize>(
     }
 }
 
+#[allow(clippy::int_plus_one)] // `i + r <= m` reads as "r more rows fit"
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn narrow_body<const D: usize, const R: usize>(
@@ -296,21 +337,29 @@ unsafe fn narrow_body<const D: usize, const R: usize>(
         );
         i += R;
     }
-    while i < m {
-        narrow_rows::<D, 1>(
-            k,
-            c.add(i * c_rs),
-            c_rs,
-            a.add(i * a_rs),
-            a_rs,
-            a_cs,
-            b,
-            b_rs,
-            alpha,
-            beta,
-        );
-        i += 1;
+    // Leftover rows in blocks of 4, 2, 1: a lone row is one FMA chain per vector, latency-bound.
+    macro_rules! tail {
+        ($r:literal) => {
+            while R > $r && i + $r <= m {
+                narrow_rows::<D, $r>(
+                    k,
+                    c.add(i * c_rs),
+                    c_rs,
+                    a.add(i * a_rs),
+                    a_rs,
+                    a_cs,
+                    b,
+                    b_rs,
+                    alpha,
+                    beta,
+                );
+                i += $r;
+            }
+        };
     }
+    tail!(4);
+    tail!(2);
+    tail!(1);
 }
 
 macro_rules! narrow_variants {
@@ -416,7 +465,7 @@ mod tests {
         assert!(worst < 5e-7, "fast exp relative error {worst:e}");
         let mut v = [f32::NAN, f32::NEG_INFINITY];
         exp_f32_slice(&mut v);
-        assert!(v[0].is_nan() && v[1] < 1e-37);
+        assert!(v[0].is_nan() && v[1] == 0.0);
     }
 
     #[test]
