@@ -84,6 +84,38 @@ pub trait Float:
         }
         s
     }
+    /// out = silu(g)·u with silu(g) = g·σ(g), σ(g) = 1 / (1 + exp(−g)).
+    fn swiglu_fwd_block(g: &[Self], u: &[Self], out: &mut [Self]) {
+        for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+            let s = Self::ONE / (Self::ONE + (-g).exp());
+            *o = g * s * u;
+        }
+    }
+    /// du = d·silu(g), dg = d·u·σ(g)·(1 + g·(1 − σ(g))).
+    fn swiglu_bwd_block(d: &[Self], g: &[Self], u: &[Self], dg: &mut [Self], du: &mut [Self]) {
+        for (((dg, du), &d), (&g, &u)) in
+            dg.iter_mut().zip(du.iter_mut()).zip(d).zip(g.iter().zip(u))
+        {
+            let s = Self::ONE / (Self::ONE + (-g).exp());
+            *du = d * g * s;
+            *dg = d * u * s * (Self::ONE + g * (Self::ONE - s));
+        }
+    }
+    /// One token's heads rotated by one position's angles (cos/sin hold head_dim/2 entries):
+    /// the halves (x1, x2) of each head become (x1·c − x2·s, x2·c + x1·s); `inverse` negates s.
+    fn rope_row(x: &[Self], out: &mut [Self], cos: &[Self], sin: &[Self], inverse: bool) {
+        let half = cos.len();
+        for (o, x) in out.chunks_exact_mut(2 * half).zip(x.chunks_exact(2 * half)) {
+            let (o1, o2) = o.split_at_mut(half);
+            let (x1, x2) = x.split_at(half);
+            for i in 0..half {
+                let (a, b, c) = (x1[i], x2[i], cos[i]);
+                let s = if inverse { -sin[i] } else { sin[i] };
+                o1[i] = a * c - b * s;
+                o2[i] = b * c + a * s;
+            }
+        }
+    }
     /// Causal softmax of a tile of attention score rows, in place (see [`CausalTile`]): row i
     /// becomes exp(s − max) over its visible keys and 0 after them; lse[i] = max + ln Σ and
     /// inv[i] = 1 / Σ. f32 runs the whole tile in one vectorised call (`vecmath`).
@@ -207,6 +239,15 @@ impl Float for f32 {
     }
     fn dot(a: &[f32], b: &[f32]) -> f32 {
         vecmath::dot_f32(a, b)
+    }
+    fn swiglu_fwd_block(g: &[f32], u: &[f32], out: &mut [f32]) {
+        vecmath::swiglu_fwd_f32(g, u, out)
+    }
+    fn swiglu_bwd_block(d: &[f32], g: &[f32], u: &[f32], dg: &mut [f32], du: &mut [f32]) {
+        vecmath::swiglu_bwd_f32(d, g, u, dg, du)
+    }
+    fn rope_row(x: &[f32], out: &mut [f32], cos: &[f32], sin: &[f32], inverse: bool) {
+        vecmath::rope_row_f32(x, out, cos, sin, inverse)
     }
     fn softmax_fwd_tile(s: &mut [f32], t: CausalTile, lse: &mut [f32], inv: &mut [f32]) {
         vecmath::softmax_fwd_tile_f32(s, t, lse, inv)

@@ -90,7 +90,7 @@ pub fn rmsnorm_bwd<T: Float>(
         .par_chunks_mut(ROWS * dim)
         .enumerate()
         .map(|(c, dxc)| {
-            let mut pw = vec![T::ZERO; dim];
+            let (mut pw, mut gw) = (vec![T::ZERO; dim], vec![T::ZERO; dim]);
             for (i, dxr) in dxc.chunks_mut(dim).enumerate() {
                 let r = c * ROWS + i;
                 let (g, xr, rs) = (
@@ -98,18 +98,18 @@ pub fn rmsnorm_bwd<T: Float>(
                     &x[r * dim..(r + 1) * dim],
                     rstd[r],
                 );
-                let mut dot = T::ZERO;
-                for ((&g, &xv), &wv) in g.iter().zip(xr).zip(w) {
-                    dot += g * wv * xv;
+                for ((o, &g), &wv) in gw.iter_mut().zip(g).zip(w) {
+                    *o = g * wv;
                 }
-                let c = dot * rs * rs / n;
-                for (((d, &g), &xv), (&wv, p)) in dxr
+                // A lane-parallel dot (a running scalar sum is one long latency chain).
+                let c = T::dot(&gw, xr) * rs * rs / n;
+                for (((d, &g), &xv), (&gw, p)) in dxr
                     .iter_mut()
                     .zip(g)
                     .zip(xr)
-                    .zip(w.iter().zip(pw.iter_mut()))
+                    .zip(gw.iter().zip(pw.iter_mut()))
                 {
-                    *d = rs * (g * wv - xv * c);
+                    *d = rs * (gw - xv * c);
                     *p += g * xv * rs;
                 }
             }

@@ -57,22 +57,14 @@ pub fn rope<T: Float>(
     out.par_chunks_mut(row)
         .zip(x.par_chunks(row))
         .enumerate()
-        .with_min_len(4)
+        .with_min_len(16)
         .for_each(|(t, (o, x))| {
             let p = t % s.seq;
             let (c, sn) = (
                 &cos[p * half..(p + 1) * half],
                 &sin[p * half..(p + 1) * half],
             );
-            for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
-                let (o1, o2) = o.split_at_mut(half);
-                let (x1, x2) = x.split_at(half);
-                for i in 0..half {
-                    let (a, b, c, sn) = (x1[i], x2[i], c[i], if inverse { -sn[i] } else { sn[i] });
-                    o1[i] = a * c - b * sn;
-                    o2[i] = b * c + a * sn;
-                }
-            }
+            T::rope_row(x, o, c, sn, inverse);
         });
     Ok(())
 }

@@ -167,6 +167,44 @@ fn softmax_bwd_tile_body<const F: bool>(
     }
 }
 
+#[inline(always)]
+fn swiglu_fwd_body<const F: bool>(g: &[f32], u: &[f32], out: &mut [f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+        let s = 1.0 / (1.0 + exp_f32::<F>(-g));
+        *o = g * s * u;
+    }
+}
+
+#[inline(always)]
+fn swiglu_bwd_body<const F: bool>(d: &[f32], g: &[f32], u: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    for (((dg, du), &d), (&g, &u)) in dg.iter_mut().zip(du.iter_mut()).zip(d).zip(g.iter().zip(u)) {
+        let s = 1.0 / (1.0 + exp_f32::<F>(-g));
+        *du = d * g * s;
+        *dg = d * u * s * (1.0 + g * (1.0 - s));
+    }
+}
+
+#[inline(always)]
+fn rope_row_body<const F: bool>(
+    x: &[f32],
+    out: &mut [f32],
+    cos: &[f32],
+    sin: &[f32],
+    inverse: bool,
+) {
+    let half = cos.len();
+    let sign = if inverse { -1.0 } else { 1.0 };
+    for (o, x) in out.chunks_exact_mut(2 * half).zip(x.chunks_exact(2 * half)) {
+        let (o1, o2) = o.split_at_mut(half);
+        let (x1, x2) = x.split_at(half);
+        for i in 0..half {
+            let (a, b, c, s) = (x1[i], x2[i], cos[i], sign * sin[i]);
+            o1[i] = a * c - b * s;
+            o2[i] = b * c + a * s;
+        }
+    }
+}
+
 /// Round-to-nearest-even f32 -> bf16 bits, branch-free (so slices of it vectorise); a NaN
 /// keeps its sign and top payload bits and is made quiet.
 #[inline(always)]
@@ -239,6 +277,18 @@ dispatch!(
 dispatch!(
     /// `Float::softmax_bwd_tile` for f32.
     softmax_bwd_tile_f32(p: &mut [f32], ds: &mut [f32], t: CausalTile, lse: &[f32], delta: &[f32], scale: f32) -> () = softmax_bwd_tile_body
+);
+dispatch!(
+    /// `Float::swiglu_fwd_block` for f32.
+    swiglu_fwd_f32(g: &[f32], u: &[f32], out: &mut [f32]) -> () = swiglu_fwd_body
+);
+dispatch!(
+    /// `Float::swiglu_bwd_block` for f32.
+    swiglu_bwd_f32(d: &[f32], g: &[f32], u: &[f32], dg: &mut [f32], du: &mut [f32]) -> () = swiglu_bwd_body
+);
+dispatch!(
+    /// `Float::rope_row` for f32.
+    rope_row_f32(x: &[f32], out: &mut [f32], cos: &[f32], sin: &[f32], inverse: bool) -> () = rope_row_body
 );
 dispatch!(
     /// dst[i] = bf16 bits src[i] widened to f32 (exact).
