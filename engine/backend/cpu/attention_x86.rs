@@ -23,8 +23,10 @@ use crate::backend::AttnShape;
 use rayon::prelude::*;
 use std::arch::x86_64::*;
 
-/// Query rows per block.
+/// Query rows per block of the score phases.
 pub const R: usize = 8;
+/// Query rows per block of the backward's dk / dv accumulation (two score blocks).
+const R2: usize = 2 * R;
 /// The largest head dim served here.
 pub const MAX_D: usize = 128;
 
@@ -179,11 +181,11 @@ unsafe fn rows_times<const DC: usize, const RG: usize>(
     o
 }
 
-/// Copies R rows of d elements from `src` (rows `rs` apart, `rows` of them valid) into `dst`
-/// ([R, d]) times `mul`; missing rows are zeros.
+/// Copies the rows of d elements from `src` (rows `rs` apart, `rows` of them valid) into `dst`
+/// ([dst.len() / d, d], at most MAX_D wide) times `mul`; missing rows are zeros.
 #[inline(always)]
 unsafe fn load_block(src: *const f32, rs: usize, rows: usize, d: usize, mul: f32, dst: &mut [f32]) {
-    for r in 0..R {
+    for r in 0..dst.len() / MAX_D {
         let row = &mut dst[r * d..(r + 1) * d];
         if r < rows {
             let s = std::slice::from_raw_parts(src.add(r * rs), d);
@@ -384,7 +386,7 @@ pub struct BwdRows {
 }
 
 /// Backward of one query head: writes its dq rows and adds its share to the kv head's dk, dv.
-/// `buf` holds 2·R·sp floats of scratch.
+/// `buf` holds 4·R·sp floats of scratch.
 ///
 /// # Safety
 /// As [`fwd_head`]: AVX-512F present, every pointer valid for its documented size, dq and the
@@ -397,75 +399,96 @@ pub unsafe fn bwd_head<const DC: usize, const RG: usize>(
     buf: &mut [f32],
 ) {
     let (d, sp, seq) = (16 * DC, h.sp(), h.seq);
-    let (pb, db) = buf.split_at_mut(R * sp);
+    let (pb, db) = buf.split_at_mut(R2 * sp);
     let (pb, db) = (pb.as_mut_ptr(), db.as_mut_ptr());
-    let mut qs = [0f32; R * MAX_D]; // q · scale · log2(e): scores in the base-2 domain
-    let mut qu = [0f32; R * MAX_D]; // q, for dk
-    let mut go = [0f32; R * MAX_D]; // dout
-    for q0 in (0..seq).step_by(R) {
-        let rows = R.min(seq - q0);
+    let mut qs = [0f32; R2 * MAX_D]; // q · scale · log2(e): scores in the base-2 domain
+    let mut qu = [0f32; R2 * MAX_D]; // q, for dk
+    let mut go = [0f32; R2 * MAX_D]; // dout
+    for q0 in (0..seq).step_by(R2) {
+        let rows = R2.min(seq - q0);
         let at = q0 * h.rs;
         load_block(x.q.add(at), h.rs, rows, d, h.scale * LOG2E, &mut qs);
         load_block(x.q.add(at), h.rs, rows, d, 1.0, &mut qu);
         load_block(x.dout.add(at), h.rs, rows, d, 1.0, &mut go);
-        let (mut lse2, mut delta) = ([f32::INFINITY; R], [0f32; R]);
+        let (mut lse2, mut delta) = ([f32::INFINITY; R2], [0f32; R2]);
         for r in 0..rows {
             lse2[r] = *x.lse.add(q0 + r) * LOG2E;
             let o = std::slice::from_raw_parts(x.out.add(at + r * h.rs), d);
             delta[r] = o.iter().zip(&go[r * d..]).map(|(a, b)| a * b).sum();
         }
+        // Both 8-row halves cover the keys of the whole 16-row block (the first half's extra
+        // keys are masked to p = ds = 0), so the dk/dv pass can read 16 full rows.
         let keys = q0 + rows;
         let kp = keys.next_multiple_of(16);
-        let mut mx = [_mm512_setzero_ps(); R];
-        scores_all::<true>(d, &qs, h.kt, sp, kp, q0, pb, &mut mx);
-        scores_all::<false>(d, &go, kv.vt, sp, kp, q0, db, &mut mx);
-        // p = 2^(s − lse·log2 e) (0 where masked), ds = p·(dp − delta)·scale.
         let sc = _mm512_set1_ps(h.scale);
-        for r in 0..R {
-            let (l, dl) = (_mm512_set1_ps(lse2[r]), _mm512_set1_ps(delta[r]));
-            for j in (0..kp).step_by(16) {
-                let (pa, da) = (pb.add(r * sp + j), db.add(r * sp + j));
-                let p = exp2(_mm512_sub_ps(_mm512_loadu_ps(pa), l));
-                let ds =
-                    _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(da), dl)), sc);
-                _mm512_storeu_ps(pa, p);
-                _mm512_storeu_ps(da, ds);
-            }
-        }
-        // dq = ds · k
-        for g in (0..R).step_by(RG) {
-            let o = rows_times::<DC, RG>(db, sp, g, kv.k, keys);
-            for (r, orow) in o.iter().enumerate() {
-                if g + r >= rows {
-                    break;
-                }
-                let dst = x.dq.add(at + (g + r) * h.rs);
-                for (c, &v) in orow.iter().enumerate() {
-                    _mm512_storeu_ps(dst.add(16 * c), v);
+        for half in 0..2 {
+            let (r0, p0, d0) = (half * R, pb.add(half * R * sp), db.add(half * R * sp));
+            let mut mx = [_mm512_setzero_ps(); R];
+            scores_all::<true>(d, &qs[r0 * d..], h.kt, sp, kp, q0 + r0, p0, &mut mx);
+            scores_all::<false>(d, &go[r0 * d..], kv.vt, sp, kp, q0 + r0, d0, &mut mx);
+            // p = 2^(s − lse·log2 e) (0 where masked), ds = p·(dp − delta)·scale.
+            for r in 0..R {
+                let (l, dl) = (_mm512_set1_ps(lse2[r0 + r]), _mm512_set1_ps(delta[r0 + r]));
+                for j in (0..kp).step_by(16) {
+                    let (pa, da) = (p0.add(r * sp + j), d0.add(r * sp + j));
+                    let p = exp2(_mm512_sub_ps(_mm512_loadu_ps(pa), l));
+                    let dp = _mm512_sub_ps(_mm512_loadu_ps(da), dl);
+                    _mm512_storeu_ps(pa, p);
+                    _mm512_storeu_ps(da, _mm512_mul_ps(_mm512_mul_ps(p, dp), sc));
                 }
             }
+            // dq = ds · k, over the keys this half's rows can see
+            let hrows = rows.saturating_sub(r0).min(R);
+            for g in (0..hrows).step_by(RG) {
+                let o = rows_times::<DC, RG>(d0, sp, g, kv.k, (q0 + r0 + hrows).min(seq));
+                for (r, orow) in o.iter().enumerate() {
+                    if g + r >= hrows {
+                        break;
+                    }
+                    let dst = x.dq.add(at + (r0 + g + r) * h.rs);
+                    for (c, &v) in orow.iter().enumerate() {
+                        _mm512_storeu_ps(dst.add(16 * c), v);
+                    }
+                }
+            }
         }
-        // dk[j.., c] += Σ_r q[r, c] · ds[r, j..] and dv[j.., c] += Σ_r dout[r, c] · p[r, j..]:
-        // keys are the lanes, so the block's 8 rows of ds and p for 16 keys stay in registers
-        // and the q / dout elements are broadcasts at fixed offsets.
+        // dk[j.., c] += Σ_r q[r, c] · ds[r, j..], then dv[j.., c] += Σ_r dout[r, c] · p[r, j..]:
+        // keys are the lanes, so the block's 16 rows of ds (then p) for 16 keys stay in
+        // registers, the q (dout) elements are broadcasts at fixed offsets, and each
+        // accumulator vector is read and written once per 16 rows.
         for j in (0..kp).step_by(16) {
-            let dsr: [__m512; R] = std::array::from_fn(|r| _mm512_loadu_ps(db.add(r * sp + j)));
-            let pr: [__m512; R] = std::array::from_fn(|r| _mm512_loadu_ps(pb.add(r * sp + j)));
-            for c in 0..d {
-                let (ka, va) = (kv.dkt.add(j * d + 16 * c), kv.dvt.add(j * d + 16 * c));
-                // Even and odd rows in separate sums: two 4-long FMA chains instead of one of 8.
-                let (mut ak, mut av) = (_mm512_loadu_ps(ka), _mm512_loadu_ps(va));
-                let (mut bk, mut bv) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-                for r in (0..R).step_by(2) {
-                    ak = _mm512_fmadd_ps(_mm512_set1_ps(qu[r * d + c]), dsr[r], ak);
-                    av = _mm512_fmadd_ps(_mm512_set1_ps(go[r * d + c]), pr[r], av);
-                    bk = _mm512_fmadd_ps(_mm512_set1_ps(qu[(r + 1) * d + c]), dsr[r + 1], bk);
-                    bv = _mm512_fmadd_ps(_mm512_set1_ps(go[(r + 1) * d + c]), pr[r + 1], bv);
-                }
-                _mm512_storeu_ps(ka, _mm512_add_ps(ak, bk));
-                _mm512_storeu_ps(va, _mm512_add_ps(av, bv));
-            }
+            accumulate_t::<R2>(db, sp, j, d, &qu, kv.dkt);
+            accumulate_t::<R2>(pb, sp, j, d, &go, kv.dvt);
         }
+    }
+}
+
+/// acc[j.., c] += Σ_r w[r, j..] · a[r, c] for the 16 keys from j (key-chunked `acc`), over
+/// the N rows of `w` (rows `sp` apart) and of `a` (rows d apart).
+#[inline(always)]
+unsafe fn accumulate_t<const N: usize>(
+    w: *const f32,
+    sp: usize,
+    j: usize,
+    d: usize,
+    a: &[f32],
+    acc: *mut f32,
+) {
+    let wr: [__m512; N] = std::array::from_fn(|r| _mm512_loadu_ps(w.add(r * sp + j)));
+    for c in 0..d {
+        let at = acc.add(j * d + 16 * c);
+        // Four interleaved partial sums: short FMA chains, so that several feature columns are
+        // in flight at once (one N-long chain measured 2x slower).
+        // The next key chunk's accumulator line (the buffers outgrow L1 at long sequences).
+        _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(16 * d) as *const i8);
+        let mut s = [_mm512_setzero_ps(); 4];
+        s[0] = _mm512_loadu_ps(at);
+        for r in 0..N {
+            let b = _mm512_set1_ps(*a.get_unchecked(r * d + c));
+            s[r % 4] = _mm512_fmadd_ps(b, wr[r], s[r % 4]);
+        }
+        let t = _mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3]));
+        _mm512_storeu_ps(at, t);
     }
 }
 
@@ -569,7 +592,7 @@ pub(super) fn bwd(
         .for_each(|task| {
             let (b, hk) = (task / s.n_kv_heads, task % s.n_kv_heads);
             let ch = chunked(seq, d);
-            with_scratch(4 * ch + seq * d + 2 * R * sp, |buf: &mut [f32]| {
+            with_scratch(4 * ch + seq * d + 4 * R * sp, |buf: &mut [f32]| {
                 let (kt, rest) = buf.split_at_mut(ch);
                 let (vt, rest) = rest.split_at_mut(ch);
                 let (kb, rest) = rest.split_at_mut(seq * d);
