@@ -101,8 +101,8 @@ fn attention_fwd_bwd_vs_reference() {
         (2, 300, 2, 1, 16),
         // Longer than the short-sequence tile threshold: 64-row tiles, several per head.
         (1, 577, 2, 1, 16),
-        // Head dims 16/32/64/128 take the AVX-512 kernels where the CPU has them; 24 the tile
-        // code at a length with several long tiles.
+        // Head dims 16/32/64 take the AVX-512 kernels where the CPU has them; 128 and 24 the
+        // tile code (24 at a length with several long tiles).
         (1, 150, 4, 2, 32),
         (2, 70, 2, 1, 64),
         (1, 45, 2, 2, 128),

@@ -1,6 +1,6 @@
 //! Causal grouped-query attention on `[batch, seq, heads, head_dim]` tensors.
 //!
-//! f32 at head dims 16/32/64/128 on CPUs with AVX-512 runs the fused kernels of
+//! f32 at head dims 16/32/64 on CPUs with AVX-512 runs the fused kernels of
 //! `attention_x86.rs`. This file is the general path (f64 gradient checks, other head dims,
 //! other CPUs) and the reference those kernels are tested against.
 //!
