@@ -144,7 +144,13 @@ fn take_flag(overrides: &mut Vec<String>, flag: &str) -> bool {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    // Run on a worker of the compute pool: every parallel kernel is then forked from a pool
+    // thread that joins the work, instead of being injected from outside and waited on.
+    let res = match rayon::ThreadPoolBuilder::new().build() {
+        Ok(pool) => pool.install(|| run(cli)),
+        Err(_) => run(cli),
+    };
+    match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
