@@ -8,11 +8,11 @@
 //! (B) the exponentials in place, with row sums; (C) the products with v (forward) or the five
 //! products of the backward, each reading the block's scratch rows with broadcasts. Per block
 //! and 16 keys the forward does d FMAs for the scores, d for p·v and ~12 vector ops for the
-//! exponential; no `[seq, seq]` matrix exists. Memory traffic: q and out once, k/v (kept
-//! transposed / contiguous by the caller) re-read from cache once per block.
+//! exponential; no `[seq, seq]` matrix exists. Memory traffic: q and out once; k and v (copied
+//! once per task into the key-chunked layout, see [`chunked`]) re-read from cache per block.
 //!
-//! The backward accumulates dk and dv into the caller's per-kv-head buffers in a fixed order
-//! (blocks, then rows), so results do not depend on the thread count.
+//! The backward accumulates dk and dv (key-chunked) into per-kv-head buffers, 16 query rows at a
+//! time, in a fixed order (blocks, then rows), so results do not depend on the thread count.
 
 // Register-blocked kernels index several arrays with one row / chunk counter.
 #![allow(clippy::needless_range_loop)]
@@ -642,6 +642,39 @@ pub(super) fn bwd(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exp2_accuracy_and_edges() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return; // nothing to test on this CPU
+        }
+        #[target_feature(enable = "avx512f")]
+        unsafe fn run(xs: &[f32; 16]) -> [f32; 16] {
+            let mut out = [0f32; 16];
+            _mm512_storeu_ps(out.as_mut_ptr(), exp2(_mm512_loadu_ps(xs.as_ptr())));
+            out
+        }
+        let mut worst = 0f64;
+        let mut x = -125.9f32;
+        while x < 127.0 {
+            let xs: [f32; 16] = std::array::from_fn(|i| x + i as f32 * 0.0071);
+            // SAFETY: AVX-512F checked above.
+            let got = unsafe { run(&xs) };
+            for (g, &x) in got.iter().zip(&xs) {
+                let want = 2f64.powf(x as f64);
+                worst = worst.max(((*g as f64 - want) / want).abs());
+            }
+            x += 0.173;
+        }
+        assert!(worst < 3e-7, "exp2 relative error {worst:e}");
+        let mut edge = [0f32; 16];
+        edge[..4].copy_from_slice(&[f32::NEG_INFINITY, -200.0, f32::NAN, 0.0]);
+        // SAFETY: as above.
+        let got = unsafe { run(&edge) };
+        assert_eq!(&got[..2], &[0.0, 0.0], "masked lanes must be exactly 0");
+        assert!(got[2].is_nan(), "NaN must propagate");
+        assert_eq!(got[3], 1.0);
+    }
 
     #[test]
     fn chunked_round_trip_transposes() {
