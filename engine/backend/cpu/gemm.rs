@@ -35,6 +35,20 @@ impl<T> Mat<T> {
             cs: ld,
         }
     }
+    /// The matrix from row `r` on. SAFETY (caller): row r lies inside the same allocation.
+    unsafe fn skip_rows(self, r: usize) -> Mat<T> {
+        Mat {
+            ptr: self.ptr.add(r * self.rs),
+            ..self
+        }
+    }
+    /// The matrix from column `c` on. SAFETY (caller): as `skip_rows`.
+    unsafe fn skip_cols(self, c: usize) -> Mat<T> {
+        Mat {
+            ptr: self.ptr.add(c * self.cs),
+            ..self
+        }
+    }
 }
 
 /// One strided matrix product: dst[m,n] = beta·dst + alpha·lhs[m,k]·rhs[k,n] (BLAS roles).
@@ -231,43 +245,14 @@ pub unsafe fn matmul_split<T: Float>(
         // SAFETY: slab `s` addresses rows (or columns) [start, end) of dst, disjoint from every
         // other slab's, and a sub-range of what the caller proved valid.
         unsafe {
-            if by_rows {
-                let dst = Mat {
-                    ptr: dst.ptr.add(start * dst.rs),
-                    ..dst
-                };
-                let lhs = Mat {
-                    ptr: lhs.ptr.add(start * lhs.rs),
-                    ..lhs
-                };
-                matmul(
-                    (end - start, n, k),
-                    dst,
-                    lhs,
-                    rhs,
-                    alpha,
-                    beta,
-                    Parallelism::None,
-                )
+            let (mnk, dst, lhs, rhs) = if by_rows {
+                let (dst, lhs) = (dst.skip_rows(start), lhs.skip_rows(start));
+                ((end - start, n, k), dst, lhs, rhs)
             } else {
-                let dst = Mat {
-                    ptr: dst.ptr.add(start * dst.cs),
-                    ..dst
-                };
-                let rhs = Mat {
-                    ptr: rhs.ptr.add(start * rhs.cs),
-                    ..rhs
-                };
-                matmul(
-                    (m, end - start, k),
-                    dst,
-                    lhs,
-                    rhs,
-                    alpha,
-                    beta,
-                    Parallelism::None,
-                )
-            }
+                let (dst, rhs) = (dst.skip_cols(start), rhs.skip_cols(start));
+                ((m, end - start, k), dst, lhs, rhs)
+            };
+            matmul(mnk, dst, lhs, rhs, alpha, beta, Parallelism::None)
         }
     });
 }

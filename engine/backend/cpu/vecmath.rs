@@ -372,25 +372,11 @@ unsafe fn narrow_body<const D: usize, const R: usize>(
     beta: f32,
 ) {
     let mut i = 0;
-    while i + R <= m {
-        narrow_rows::<D, R>(
-            k,
-            c.add(i * c_rs),
-            c_rs,
-            a.add(i * a_rs),
-            a_rs,
-            a_cs,
-            b,
-            b_rs,
-            alpha,
-            beta,
-        );
-        i += R;
-    }
-    // Leftover rows in blocks of 4, 2, 1: a lone row is one FMA chain per vector, latency-bound.
-    macro_rules! tail {
-        ($r:literal) => {
-            while R > $r && i + $r <= m {
+    // Blocks of R rows, then the leftover rows in blocks of 4, 2, 1 (a lone row is one FMA
+    // chain per vector, latency-bound).
+    macro_rules! blocks {
+        ($r:tt, $wanted:expr) => {
+            while $wanted && i + $r <= m {
                 narrow_rows::<D, $r>(
                     k,
                     c.add(i * c_rs),
@@ -407,9 +393,10 @@ unsafe fn narrow_body<const D: usize, const R: usize>(
             }
         };
     }
-    tail!(4);
-    tail!(2);
-    tail!(1);
+    blocks!(R, true);
+    blocks!(4, R > 4);
+    blocks!(2, R > 2);
+    blocks!(1, R > 1);
 }
 
 macro_rules! narrow_variants {
