@@ -86,35 +86,16 @@ pub trait Float:
     }
     /// out = silu(g)·u with silu(g) = g·σ(g), σ(g) = 1 / (1 + exp(−g)).
     fn swiglu_fwd_block(g: &[Self], u: &[Self], out: &mut [Self]) {
-        for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
-            let s = Self::ONE / (Self::ONE + (-g).exp());
-            *o = g * s * u;
-        }
+        swiglu_fwd_rows(g, u, out, Self::exp)
     }
     /// du = d·silu(g), dg = d·u·σ(g)·(1 + g·(1 − σ(g))).
     fn swiglu_bwd_block(d: &[Self], g: &[Self], u: &[Self], dg: &mut [Self], du: &mut [Self]) {
-        for (((dg, du), &d), (&g, &u)) in
-            dg.iter_mut().zip(du.iter_mut()).zip(d).zip(g.iter().zip(u))
-        {
-            let s = Self::ONE / (Self::ONE + (-g).exp());
-            *du = d * g * s;
-            *dg = d * u * s * (Self::ONE + g * (Self::ONE - s));
-        }
+        swiglu_bwd_rows(d, g, u, dg, du, Self::exp)
     }
     /// One token's heads rotated by one position's angles (cos/sin hold head_dim/2 entries):
     /// the halves (x1, x2) of each head become (x1·c − x2·s, x2·c + x1·s); `inverse` negates s.
     fn rope_row(x: &[Self], out: &mut [Self], cos: &[Self], sin: &[Self], inverse: bool) {
-        let half = cos.len();
-        for (o, x) in out.chunks_exact_mut(2 * half).zip(x.chunks_exact(2 * half)) {
-            let (o1, o2) = o.split_at_mut(half);
-            let (x1, x2) = x.split_at(half);
-            for i in 0..half {
-                let (a, b, c) = (x1[i], x2[i], cos[i]);
-                let s = if inverse { -sin[i] } else { sin[i] };
-                o1[i] = a * c - b * s;
-                o2[i] = b * c + a * s;
-            }
-        }
+        rope_row(x, out, cos, sin, inverse)
     }
     /// Causal softmax of a tile of attention score rows, in place (see [`CausalTile`]): row i
     /// becomes exp(s − max) over its visible keys and 0 after them; lse[i] = max + ln Σ and
@@ -139,18 +120,7 @@ pub trait Float:
         delta: &[Self],
         scale: Self,
     ) {
-        for i in 0..t.rows {
-            let ((pr, pt), (gr, gt)) = (
-                t.split_row(p, i, Self::NEG_INFINITY),
-                t.split_row(ds, i, Self::ZERO),
-            );
-            for (x, g) in pr.iter_mut().zip(gr.iter_mut()) {
-                *x = (*x - lse[i]).exp();
-                *g = *x * (*g - delta[i]) * scale;
-            }
-            pt.fill(Self::ZERO);
-            gt.fill(Self::ZERO);
-        }
+        softmax_bwd_rows(p, ds, t, lse, delta, scale, Self::exp)
     }
     /// c[m, n] = beta·c + alpha · a · b through a kernel for narrow n (attention's head_dim
     /// wide products), see `vecmath::matmul_narrow_f32`; returns false when there is none and
@@ -179,6 +149,78 @@ pub trait Float:
             s += x * y;
         }
         s
+    }
+}
+
+/// The row formulas behind the trait's softmax backward, swiglu and rope methods, written once:
+/// the generic defaults pass `Float::exp`, `vecmath`'s f32 versions their vectorisable exp and
+/// are compiled per instruction set (hence `inline(always)`; the disassembly shows that exp
+/// inlined and vectorised there, as before the sharing).
+#[inline(always)]
+pub(super) fn softmax_bwd_rows<T: Float>(
+    p: &mut [T],
+    ds: &mut [T],
+    t: CausalTile,
+    lse: &[T],
+    delta: &[T],
+    scale: T,
+    exp: impl Fn(T) -> T,
+) {
+    for i in 0..t.rows {
+        let ((pr, pt), (gr, gt)) = (
+            t.split_row(p, i, T::NEG_INFINITY),
+            t.split_row(ds, i, T::ZERO),
+        );
+        let (l, dl) = (lse[i], delta[i]);
+        for (x, g) in pr.iter_mut().zip(gr.iter_mut()) {
+            let e = exp(*x - l);
+            *x = e;
+            *g = e * (*g - dl) * scale;
+        }
+        pt.fill(T::ZERO);
+        gt.fill(T::ZERO);
+    }
+}
+
+/// See [`softmax_bwd_rows`].
+#[inline(always)]
+pub(super) fn swiglu_fwd_rows<T: Float>(g: &[T], u: &[T], out: &mut [T], exp: impl Fn(T) -> T) {
+    for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+        let s = T::ONE / (T::ONE + exp(-g));
+        *o = g * s * u;
+    }
+}
+
+/// See [`softmax_bwd_rows`].
+#[inline(always)]
+pub(super) fn swiglu_bwd_rows<T: Float>(
+    d: &[T],
+    g: &[T],
+    u: &[T],
+    dg: &mut [T],
+    du: &mut [T],
+    exp: impl Fn(T) -> T,
+) {
+    for (((dg, du), &d), (&g, &u)) in dg.iter_mut().zip(du.iter_mut()).zip(d).zip(g.iter().zip(u)) {
+        let s = T::ONE / (T::ONE + exp(-g));
+        *du = d * g * s;
+        *dg = d * u * s * (T::ONE + g * (T::ONE - s));
+    }
+}
+
+/// See [`softmax_bwd_rows`]; `inverse` negates the sines (the backward).
+#[inline(always)]
+pub(super) fn rope_row<T: Float>(x: &[T], out: &mut [T], cos: &[T], sin: &[T], inverse: bool) {
+    let half = cos.len();
+    let sign = if inverse { -T::ONE } else { T::ONE };
+    for (o, x) in out.chunks_exact_mut(2 * half).zip(x.chunks_exact(2 * half)) {
+        let (o1, o2) = o.split_at_mut(half);
+        let (x1, x2) = x.split_at(half);
+        for i in 0..half {
+            let (a, b, c, s) = (x1[i], x2[i], cos[i], sign * sin[i]);
+            o1[i] = a * c - b * s;
+            o2[i] = b * c + a * s;
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 //! are deterministic (they depend on the row length only, never on threads or the CPU).
 //! Each primitive is compiled three times (AVX-512, AVX2+FMA, baseline) and picked at run time.
 
-use super::float::CausalTile;
+use super::float::{self, CausalTile};
 
 const LANES: usize = 16;
 
@@ -132,6 +132,9 @@ fn softmax_fwd_tile_body<const F: bool>(
     lse: &mut [f32],
     inv: &mut [f32],
 ) {
+    // The f32 twin of the trait's generic default, written out rather than shared through
+    // closures: passed as closures, the two reductions were compiled out of line for the
+    // baseline CPU instead of inlined here with AVX-512 (checked in the disassembly).
     for i in 0..t.rows {
         let (row, tail) = t.split_row(s, i, f32::NEG_INFINITY);
         let m = max_body::<F>(row);
@@ -151,37 +154,17 @@ fn softmax_bwd_tile_body<const F: bool>(
     delta: &[f32],
     scale: f32,
 ) {
-    for i in 0..t.rows {
-        let ((pr, pt), (gr, gt)) = (
-            t.split_row(p, i, f32::NEG_INFINITY),
-            t.split_row(ds, i, 0.0),
-        );
-        let (l, dl) = (lse[i], delta[i]);
-        for (x, g) in pr.iter_mut().zip(gr.iter_mut()) {
-            let e = exp_f32::<F>(*x - l);
-            *x = e;
-            *g = e * (*g - dl) * scale;
-        }
-        pt.fill(0.0);
-        gt.fill(0.0);
-    }
+    float::softmax_bwd_rows(p, ds, t, lse, delta, scale, exp_f32::<F>)
 }
 
 #[inline(always)]
 fn swiglu_fwd_body<const F: bool>(g: &[f32], u: &[f32], out: &mut [f32]) {
-    for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
-        let s = 1.0 / (1.0 + exp_f32::<F>(-g));
-        *o = g * s * u;
-    }
+    float::swiglu_fwd_rows(g, u, out, exp_f32::<F>)
 }
 
 #[inline(always)]
 fn swiglu_bwd_body<const F: bool>(d: &[f32], g: &[f32], u: &[f32], dg: &mut [f32], du: &mut [f32]) {
-    for (((dg, du), &d), (&g, &u)) in dg.iter_mut().zip(du.iter_mut()).zip(d).zip(g.iter().zip(u)) {
-        let s = 1.0 / (1.0 + exp_f32::<F>(-g));
-        *du = d * g * s;
-        *dg = d * u * s * (1.0 + g * (1.0 - s));
-    }
+    float::swiglu_bwd_rows(d, g, u, dg, du, exp_f32::<F>)
 }
 
 #[inline(always)]
@@ -192,17 +175,7 @@ fn rope_row_body<const F: bool>(
     sin: &[f32],
     inverse: bool,
 ) {
-    let half = cos.len();
-    let sign = if inverse { -1.0 } else { 1.0 };
-    for (o, x) in out.chunks_exact_mut(2 * half).zip(x.chunks_exact(2 * half)) {
-        let (o1, o2) = o.split_at_mut(half);
-        let (x1, x2) = x.split_at(half);
-        for i in 0..half {
-            let (a, b, c, s) = (x1[i], x2[i], cos[i], sign * sin[i]);
-            o1[i] = a * c - b * s;
-            o2[i] = b * c + a * s;
-        }
-    }
+    float::rope_row(x, out, cos, sin, inverse)
 }
 
 /// Round-to-nearest-even f32 -> bf16 bits, branch-free (so slices of it vectorise); a NaN
