@@ -64,6 +64,50 @@ fn filled(be: &CpuBackend, len: usize, seed: u32) -> (Box<dyn DeviceMem>, Buf) {
     (mem, b)
 }
 
+/// One shape's inputs, outputs and gradients (the memory lives as long as the case).
+struct Case {
+    _mem: Vec<Box<dyn DeviceMem>>,
+    s: AttnShape,
+    scale: f32,
+    /// q, k, v, out, lse, dout, dq, dk, dv
+    b: [Buf; 9],
+}
+
+impl Case {
+    fn new(be: &CpuBackend, s: AttnShape) -> Case {
+        let lens = [
+            s.q_len(),
+            s.kv_len(),
+            s.kv_len(),
+            s.q_len(),
+            s.lse_len(),
+            s.q_len(),
+            s.q_len(),
+            s.kv_len(),
+            s.kv_len(),
+        ];
+        let (mem, bufs): (Vec<_>, Vec<_>) = (1u32..)
+            .zip(lens)
+            .map(|(seed, len)| filled(be, len, seed))
+            .unzip();
+        Case {
+            _mem: mem,
+            s,
+            scale: 1.0 / (s.head_dim as f32).sqrt(),
+            b: bufs.try_into().unwrap(),
+        }
+    }
+    fn fwd(&self, be: &CpuBackend) {
+        let [q, k, v, o, l, ..] = self.b;
+        be.attention_fwd(q, k, v, o, l, self.s, self.scale).unwrap()
+    }
+    fn bwd(&self, be: &CpuBackend) {
+        let [q, k, v, o, l, g, dq, dk, dv] = self.b;
+        be.attention_bwd(q, k, v, o, g, l, dq, dk, dv, self.s, self.scale)
+            .unwrap()
+    }
+}
+
 fn bench_attention(c: &mut Criterion) {
     let be = CpuBackend::new();
     let mut group = c.benchmark_group("cpu_attention");
@@ -72,27 +116,15 @@ fn bench_attention(c: &mut Criterion) {
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(4));
     for &(name, s) in SHAPES {
-        let scale = 1.0 / (s.head_dim as f32).sqrt();
-        let (_q, q) = filled(&be, s.q_len(), 1);
-        let (_k, k) = filled(&be, s.kv_len(), 2);
-        let (_v, v) = filled(&be, s.kv_len(), 3);
-        let (_o, o) = filled(&be, s.q_len(), 4);
-        let (_l, l) = filled(&be, s.lse_len(), 5);
-        let (_g, g) = filled(&be, s.q_len(), 6);
-        let (_dq, dq) = filled(&be, s.q_len(), 7);
-        let (_dk, dk) = filled(&be, s.kv_len(), 8);
-        let (_dv, dv) = filled(&be, s.kv_len(), 9);
+        let case = Case::new(&be, s);
         group.throughput(Throughput::Elements(s.fwd_flops() as u64));
-        group.bench_with_input(BenchmarkId::new("fwd", name), &s, |bench, &s| {
-            bench.iter(|| be.attention_fwd(q, k, v, o, l, s, scale).unwrap())
+        group.bench_function(BenchmarkId::new("fwd", name), |bench| {
+            bench.iter(|| case.fwd(&be))
         });
-        be.attention_fwd(q, k, v, o, l, s, scale).unwrap();
+        case.fwd(&be);
         group.throughput(Throughput::Elements((2.5 * s.fwd_flops()) as u64));
-        group.bench_with_input(BenchmarkId::new("bwd", name), &s, |bench, &s| {
-            bench.iter(|| {
-                be.attention_bwd(q, k, v, o, g, l, dq, dk, dv, s, scale)
-                    .unwrap()
-            })
+        group.bench_function(BenchmarkId::new("bwd", name), |bench| {
+            bench.iter(|| case.bwd(&be))
         });
     }
     group.finish();
@@ -125,21 +157,9 @@ fn min_times(n: usize, mut f: impl FnMut()) -> (f64, f64) {
 fn cpu_time_report() {
     let be = CpuBackend::new();
     for &(name, s) in SHAPES {
-        let scale = 1.0 / (s.head_dim as f32).sqrt();
-        let (_q, q) = filled(&be, s.q_len(), 1);
-        let (_k, k) = filled(&be, s.kv_len(), 2);
-        let (_v, v) = filled(&be, s.kv_len(), 3);
-        let (_o, o) = filled(&be, s.q_len(), 4);
-        let (_l, l) = filled(&be, s.lse_len(), 5);
-        let (_g, g) = filled(&be, s.q_len(), 6);
-        let (_dq, dq) = filled(&be, s.q_len(), 7);
-        let (_dk, dk) = filled(&be, s.kv_len(), 8);
-        let (_dv, dv) = filled(&be, s.kv_len(), 9);
-        let (fw, fc) = min_times(5, || be.attention_fwd(q, k, v, o, l, s, scale).unwrap());
-        let (bw, bc) = min_times(5, || {
-            be.attention_bwd(q, k, v, o, g, l, dq, dk, dv, s, scale)
-                .unwrap()
-        });
+        let case = Case::new(&be, s);
+        let (fw, fc) = min_times(5, || case.fwd(&be));
+        let (bw, bc) = min_times(5, || case.bwd(&be));
         let f = s.fwd_flops();
         println!(
             "{name}: fwd cpu {:.1} ms ({:.1} GFLOP/s), wall {:.1} ms | bwd cpu {:.1} ms ({:.1} GFLOP/s), wall {:.1} ms",

@@ -350,33 +350,30 @@ impl<'a> Tape<'a> {
 
     /// silu(gate) * up.
     pub fn swiglu(&mut self, gate: Tensor, up: Tensor) -> Result<Tensor> {
-        self.float_check("swiglu", gate)?;
-        self.same_dtype("swiglu", gate, up)?;
-        if self.shape(gate) != self.shape(up) {
-            return Err(shape_err(
-                "swiglu",
-                format!("{} vs {}", self.shape(gate), self.shape(up)),
-            ));
-        }
-        let rg = self.any_grad(&[gate, up]);
-        let out = self.alloc(self.shape(gate).clone(), self.dtype(gate), rg)?;
+        let out = self.elementwise_out("swiglu", gate, up)?;
         self.record(Op::SwiGlu { gate, up, out })?;
         Ok(out)
     }
 
     pub fn add(&mut self, a: Tensor, b: Tensor) -> Result<Tensor> {
-        self.float_check("add", a)?;
-        self.same_dtype("add", a, b)?;
+        let out = self.elementwise_out("add", a, b)?;
+        self.record(Op::Add { a, b, out })?;
+        Ok(out)
+    }
+
+    /// Checks the two float operands of an elementwise op (one dtype, one shape) and allocates
+    /// their output.
+    fn elementwise_out(&mut self, op: &'static str, a: Tensor, b: Tensor) -> Result<Tensor> {
+        self.float_check(op, a)?;
+        self.same_dtype(op, a, b)?;
         if self.shape(a) != self.shape(b) {
             return Err(shape_err(
-                "add",
+                op,
                 format!("{} vs {}", self.shape(a), self.shape(b)),
             ));
         }
         let rg = self.any_grad(&[a, b]);
-        let out = self.alloc(self.shape(a).clone(), self.dtype(a), rg)?;
-        self.record(Op::Add { a, b, out })?;
-        Ok(out)
+        self.alloc(self.shape(a).clone(), self.dtype(a), rg)
     }
 
     /// Summed next-token cross-entropy of logits [.., vocab] against i32 targets [..]; returns a

@@ -21,7 +21,6 @@ use crate::models::llama3::model::state_dict_adapter::{
 };
 use crate::models::llama3::{self, Llama3Config};
 use crate::models::state_dict::{export_hf, load_hf};
-use crate::tensor::DType;
 use std::path::{Path, PathBuf};
 
 /// Hugging Face exports at the end of training go to `<checkpoint root>/hf-step-N`.
@@ -137,17 +136,7 @@ impl Trainer {
             let ck = checkpoint::load_dir(&dir)?;
             for id in self.store.ids() {
                 let key = format!("model.{}", self.store.name(id));
-                let e = ck.entry(&key)?;
-                if e.dtype != DType::F32 || e.shape != self.store.shape(id).0 {
-                    return Err(Error::Checkpoint(format!(
-                        "{}: tensor {key} is {} {:?}, the model expects f32 {}",
-                        ck.dir.display(),
-                        e.dtype,
-                        e.shape,
-                        self.store.shape(id)
-                    )));
-                }
-                be.upload(self.store.master(id), &ck.read_global(&key)?)?;
+                self.upload_param_state(&ck, &key, id, self.store.master(id))?;
             }
             self.store.sync_compute(be)?;
         }

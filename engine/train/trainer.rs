@@ -16,7 +16,7 @@ use crate::data::{build_loader, DataConfig, DataLoader};
 use crate::error::{Error, Result};
 use crate::metrics::{self, MetricsWriter, Peak, StepMetrics, GIB};
 use crate::models::llama3::{infra::parallelize::apply_ac, Llama3, Llama3Config};
-use crate::params::{ParamStore, ParamStoreBuilder, StateBytes};
+use crate::params::{ParamId, ParamStore, ParamStoreBuilder, StateBytes};
 use crate::planner::Plan;
 use crate::tape::{Placement, Tape};
 use crate::tensor::DType;
@@ -414,6 +414,29 @@ impl Trainer {
         checkpoint::save(&self.checkpoint_root(), self.step, &[tensors], &meta, keep)
     }
 
+    /// Uploads checkpoint tensor `key` into `buf` (parameter `id`'s weights or one of its
+    /// moments) after checking that it is f32 of that parameter's shape; errors name the folder
+    /// and the tensor.
+    pub(super) fn upload_param_state(
+        &self,
+        ck: &checkpoint::LoadedCheckpoint,
+        key: &str,
+        id: ParamId,
+        buf: Buf,
+    ) -> Result<()> {
+        let e = ck.entry(key)?;
+        if e.dtype != DType::F32 || e.shape != self.store.shape(id).0 {
+            return Err(Error::Checkpoint(format!(
+                "{}: tensor {key} is {} {:?}, the model expects f32 {}",
+                ck.dir.display(),
+                e.dtype,
+                e.shape,
+                self.store.shape(id)
+            )));
+        }
+        self.be.upload(buf, &ck.read_global(key)?)
+    }
+
     /// Restores `step-N` (or the newest) from the checkpoint folder: weights, moments, step,
     /// data position. Errors name the folder and tensor.
     pub fn load_checkpoint(&mut self, step: Option<u64>) -> Result<u64> {
@@ -425,18 +448,7 @@ impl Trainer {
                 (format!("optim.exp_avg.{name}"), self.store.moment1(id)),
                 (format!("optim.exp_avg_sq.{name}"), self.store.moment2(id)),
             ] {
-                let e = ck.entry(&key)?;
-                if e.dtype != DType::F32 || e.shape != self.store.shape(id).0 {
-                    return Err(Error::Checkpoint(format!(
-                        "{}: tensor {key} is {} {:?}, the model expects f32 {}",
-                        ck.dir.display(),
-                        e.dtype,
-                        e.shape,
-                        self.store.shape(id)
-                    )));
-                }
-                let bytes = ck.read_global(&key)?;
-                be.upload(buf, &bytes)?;
+                self.upload_param_state(&ck, &key, id, buf)?;
             }
         }
         self.store.sync_compute(be)?;
