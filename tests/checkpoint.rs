@@ -387,66 +387,32 @@ fn bad_saves_fail_and_leave_previous_checkpoint() {
     let root = scratch("badsave");
     save_three_ranks(&root, 1, 0);
     let v = bytes(&values(12, 0.0));
+    // Two ranks, each holding one dim-0 shard (rows, global rows, first row) of the f32
+    // tensor "w" with 3 columns.
+    let w_shards = |a: (usize, usize, usize), b: (usize, usize, usize)| {
+        [a, b]
+            .map(|(rows, global, start)| {
+                let data = &v[..rows * 12];
+                vec![NamedTensor::dim0_shard(
+                    "w",
+                    DType::F32,
+                    &[rows, 3],
+                    global,
+                    start,
+                    data,
+                )]
+            })
+            .to_vec()
+    };
     // Rows 0..2 and 3..4 of a 4-row tensor: row 2 is held by nobody.
-    let gap = vec![
-        vec![NamedTensor::dim0_shard(
-            "w",
-            DType::F32,
-            &[2, 3],
-            4,
-            0,
-            &v[..24],
-        )],
-        vec![NamedTensor::dim0_shard(
-            "w",
-            DType::F32,
-            &[1, 3],
-            4,
-            3,
-            &v[..12],
-        )],
-    ];
+    let gap = w_shards((2, 4, 0), (1, 4, 3));
     let m = ckpt_err(save(&root, 2, &gap, &meta(2), 0));
     assert!(m.contains("'w'") && m.contains("cover 9 of its 12"), "{m}");
     // Overlapping, non-identical boxes.
-    let overlap = vec![
-        vec![NamedTensor::dim0_shard(
-            "w",
-            DType::F32,
-            &[3, 3],
-            4,
-            0,
-            &v[..36],
-        )],
-        vec![NamedTensor::dim0_shard(
-            "w",
-            DType::F32,
-            &[2, 3],
-            4,
-            2,
-            &v[..24],
-        )],
-    ];
+    let overlap = w_shards((3, 4, 0), (2, 4, 2));
     assert!(ckpt_err(save(&root, 2, &overlap, &meta(2), 0)).contains("overlap"));
     // Ranks disagree on the global shape.
-    let disagree = vec![
-        vec![NamedTensor::dim0_shard(
-            "w",
-            DType::F32,
-            &[2, 3],
-            4,
-            0,
-            &v[..24],
-        )],
-        vec![NamedTensor::dim0_shard(
-            "w",
-            DType::F32,
-            &[2, 3],
-            5,
-            2,
-            &v[..24],
-        )],
-    ];
+    let disagree = w_shards((2, 4, 0), (2, 5, 2));
     let m = ckpt_err(save(&root, 2, &disagree, &meta(2), 0));
     assert!(
         m.contains("rank-00001.safetensors") && m.contains("another rank"),
