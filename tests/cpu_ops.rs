@@ -199,6 +199,10 @@ fn gemm_all_transposes_sizes_and_dtypes() {
         (1, 29, 3),
         (67, 5, 1),
         (131, 97, 53),
+        // Aᵀ·B's AVX-512 kernel: partial row tiles and strips, column tails (64 + 19, and
+        // 3·64 + 8), several k-blocks, slabs split by rows and by columns.
+        (301, 83, 517),
+        (40, 200, 300),
     ] {
         for ta in [false, true] {
             for tb in [false, true] {
@@ -546,6 +550,19 @@ fn rope_fwd_bwd() {
             seq: 7,
             heads: 5,
             head_dim: 16,
+        },
+        // The AVX-512 paths: head dim 16 above (both halves in one vector), 32 and 64 here.
+        RopeShape {
+            batch: 2,
+            seq: 9,
+            heads: 3,
+            head_dim: 32,
+        },
+        RopeShape {
+            batch: 1,
+            seq: 5,
+            heads: 2,
+            head_dim: 64,
         },
     ] {
         let n = sh.batch * sh.seq * sh.heads * sh.head_dim;

@@ -597,8 +597,17 @@ fn reductions_and_backwards_are_bitwise_identical_for_any_thread_count() {
             ct.buf,
         )
         .unwrap();
+        // Aᵀ·B, the weight-gradient product (its own AVX-512 kernel, slabs of C per thread).
+        let ctn = poisoned(&b, 257 * 300, DType::F32);
+        b.gemm(
+            &Gemm::new(257, 300, 129, true, false, 0.0),
+            at.buf,
+            btt.buf,
+            ctn.buf,
+        )
+        .unwrap();
         [
-            o.buf, l.buf, dq.buf, dk.buf, dv.buf, dx.buf, dw.buf, dtab.buf, sq.buf, ct.buf,
+            o.buf, l.buf, dq.buf, dk.buf, dv.buf, dx.buf, dw.buf, dtab.buf, sq.buf, ct.buf, ctn.buf,
         ]
         .iter()
         .map(|x| download(&b, *x))

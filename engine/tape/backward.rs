@@ -55,15 +55,12 @@ impl<'a> Tape<'a> {
             if op.outputs().iter().all(|&o| grads.get(o).is_none()) {
                 continue;
             }
-            if super::profile::enabled() {
-                self.be.synchronize()?;
-                let t0 = std::time::Instant::now();
-                self.backward_node(&op, &mut grads)?;
-                self.be.synchronize()?;
-                super::profile::record(format!("{} bwd", self.profile_name(&op)), t0);
-            } else {
-                self.backward_node(&op, &mut grads)?;
-            }
+            let name = super::profile::enabled().then(|| self.profile_name(&op) + " bwd");
+            super::profile::timed(
+                self.be,
+                || name.unwrap_or_default(),
+                || self.backward_node(&op, &mut grads),
+            )?;
         }
         Ok(())
     }

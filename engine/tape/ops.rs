@@ -431,16 +431,13 @@ impl<'a> Tape<'a> {
 
     /// Launches the kernel of node `ni` on its current buffers.
     pub(crate) fn run_forward(&mut self, ni: usize) -> Result<()> {
-        if super::profile::enabled() {
-            self.be.synchronize()?;
-            let t0 = std::time::Instant::now();
-            let name = format!("{} fwd", self.profile_name(&self.nodes[ni].op));
-            self.run_forward_inner(ni)?;
-            self.be.synchronize()?;
-            super::profile::record(name, t0);
-            return Ok(());
-        }
-        self.run_forward_inner(ni)
+        let name =
+            super::profile::enabled().then(|| self.profile_name(&self.nodes[ni].op) + " fwd");
+        super::profile::timed(
+            self.be,
+            || name.unwrap_or_default(),
+            || self.run_forward_inner(ni),
+        )
     }
 
     fn run_forward_inner(&mut self, ni: usize) -> Result<()> {

@@ -2,6 +2,8 @@
 //! synchronises the backend before and after its kernels (so device times are attributed to the
 //! op that launched them) and adds its time to a process-wide table.
 
+use crate::backend::Backend;
+use crate::error::Result;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -24,6 +26,24 @@ pub fn record(name: String, start: Instant) {
     let e = t.entry(name).or_insert((0, 0.0));
     e.0 += 1;
     e.1 += dt;
+}
+
+/// Runs `f`; while profiling, synchronises `be` around it and adds its time to row `name()`
+/// (a closure, so the row's name is only formatted when profiling).
+pub fn timed<T>(
+    be: &dyn Backend,
+    name: impl FnOnce() -> String,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    if !enabled() {
+        return f();
+    }
+    be.synchronize()?;
+    let t0 = Instant::now();
+    let out = f()?;
+    be.synchronize()?;
+    record(name(), t0);
+    Ok(out)
 }
 
 pub fn reset() {

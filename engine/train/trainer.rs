@@ -18,6 +18,7 @@ use crate::metrics::{self, MetricsWriter, Peak, StepMetrics, GIB};
 use crate::models::llama3::{infra::parallelize::apply_ac, Llama3, Llama3Config};
 use crate::params::{ParamId, ParamStore, ParamStoreBuilder, StateBytes};
 use crate::planner::Plan;
+use crate::tape::profile::timed;
 use crate::tape::{Placement, Tape};
 use crate::tensor::DType;
 use std::path::PathBuf;
@@ -239,7 +240,11 @@ impl Trainer {
             .map(|b| b.labels.iter().filter(|&&l| l >= 0).count())
             .sum();
         let grad_scale = 1.0 / valid.max(1) as f32;
-        self.store.zero_grads(be)?;
+        timed(
+            be,
+            || "optimizer zero_grads".into(),
+            || self.store.zero_grads(be),
+        )?;
         let mut loss_sum = 0f64;
         let mut tokens = 0;
         for batch in &batches {
@@ -258,7 +263,11 @@ impl Trainer {
         let loss = loss_sum / valid.max(1) as f64;
         let norm_sq = self.scalars.slice(0, 1);
         let coef = self.scalars.slice(1, 1);
-        be.sum_squares(&[self.store.flat_grad()], norm_sq)?;
+        timed(
+            be,
+            || "optimizer grad_norm".into(),
+            || be.sum_squares(&[self.store.flat_grad()], norm_sq),
+        )?;
         let max_norm = if self.cfg.training.max_norm > 0.0 {
             self.cfg.training.max_norm as f32
         } else {
@@ -284,14 +293,20 @@ impl Trainer {
             step,
         };
         let (m, v) = self.store.flat_moments();
-        be.adamw(
-            self.store.flat_master(),
-            self.store.flat_grad(),
-            m,
-            v,
-            self.store.flat_compute(),
-            coef,
-            &hp,
+        timed(
+            be,
+            || "optimizer adamw".into(),
+            || {
+                be.adamw(
+                    self.store.flat_master(),
+                    self.store.flat_grad(),
+                    m,
+                    v,
+                    self.store.flat_compute(),
+                    coef,
+                    &hp,
+                )
+            },
         )?;
         self.step = step;
         Ok(StepResult {

@@ -92,6 +92,25 @@ pub trait Float:
     fn swiglu_bwd_block(d: &[Self], g: &[Self], u: &[Self], dg: &mut [Self], du: &mut [Self]) {
         swiglu_bwd_rows(d, g, u, dg, du, Self::exp)
     }
+    /// RMSNorm forward of whole rows (`rstd.len()` rows of `w.len()`): out = x·rstd·w with
+    /// rstd = 1/sqrt(mean(x²) + eps), rstd saved.
+    fn rmsnorm_fwd_block(x: &[Self], w: &[Self], out: &mut [Self], rstd: &mut [Self], eps: Self) {
+        rmsnorm_fwd_rows(x, w, out, rstd, eps)
+    }
+    /// RMSNorm backward of whole rows: dx = rstd·(g·w − x̂·mean(g·w·x̂)) with x̂ = x·rstd, and
+    /// pw += Σ_rows g·x̂; `gw` is a row of scratch.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_bwd_block(
+        g: &[Self],
+        x: &[Self],
+        w: &[Self],
+        rstd: &[Self],
+        dx: &mut [Self],
+        pw: &mut [Self],
+        gw: &mut [Self],
+    ) {
+        rmsnorm_bwd_rows(g, x, w, rstd, dx, pw, gw)
+    }
     /// One token's heads rotated by one position's angles (cos/sin hold head_dim/2 entries):
     /// the halves (x1, x2) of each head become (x1·c − x2·s, x2·c + x1·s); `inverse` negates s.
     fn rope_row(x: &[Self], out: &mut [Self], cos: &[Self], sin: &[Self], inverse: bool) {
@@ -208,6 +227,75 @@ pub(super) fn swiglu_bwd_rows<T: Float>(
     }
 }
 
+/// Σ a·b in 16 lanes (a fixed order; one running sum would be a long latency chain). Inlined,
+/// not passed as a closure: a closure's body was compiled out of line for the baseline CPU.
+#[inline(always)]
+fn dot_lanes<T: Float>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::ZERO; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    for (l, (&x, &y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
+        acc[l] = x * y;
+    }
+    for (x, y) in ca.zip(cb) {
+        for l in 0..16 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut w = 8;
+    while w > 0 {
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+        w /= 2;
+    }
+    acc[0]
+}
+
+/// See [`softmax_bwd_rows`].
+#[inline(always)]
+pub(super) fn rmsnorm_fwd_rows<T: Float>(x: &[T], w: &[T], out: &mut [T], rstd: &mut [T], eps: T) {
+    let dim = w.len();
+    let n = T::from_f64(dim as f64);
+    for ((o, x), r) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)).zip(rstd) {
+        let rs = T::ONE / (dot_lanes(x, x) / n + eps).sqrt();
+        *r = rs;
+        for ((o, &v), &w) in o.iter_mut().zip(x).zip(w) {
+            *o = v * rs * w;
+        }
+    }
+}
+
+/// See [`softmax_bwd_rows`].
+#[inline(always)]
+pub(super) fn rmsnorm_bwd_rows<T: Float>(
+    g: &[T],
+    x: &[T],
+    w: &[T],
+    rstd: &[T],
+    dx: &mut [T],
+    pw: &mut [T],
+    gw: &mut [T],
+) {
+    let dim = w.len();
+    let n = T::from_f64(dim as f64);
+    let rows = dx.chunks_exact_mut(dim).zip(g.chunks_exact(dim));
+    for ((dxr, g), (xr, &rs)) in rows.zip(x.chunks_exact(dim).zip(rstd)) {
+        for ((o, &g), &wv) in gw.iter_mut().zip(g).zip(w) {
+            *o = g * wv;
+        }
+        let c = dot_lanes(gw, xr) * rs * rs / n;
+        for (((d, &g), &xv), (&gw, p)) in dxr
+            .iter_mut()
+            .zip(g)
+            .zip(xr)
+            .zip(gw.iter().zip(pw.iter_mut()))
+        {
+            *d = rs * (gw - xv * c);
+            *p += g * xv * rs;
+        }
+    }
+}
+
 /// See [`softmax_bwd_rows`]; `inverse` negates the sines (the backward).
 #[inline(always)]
 pub(super) fn rope_row<T: Float>(x: &[T], out: &mut [T], cos: &[T], sin: &[T], inverse: bool) {
@@ -290,6 +378,20 @@ impl Float for f32 {
     }
     fn rope_row(x: &[f32], out: &mut [f32], cos: &[f32], sin: &[f32], inverse: bool) {
         vecmath::rope_row_f32(x, out, cos, sin, inverse)
+    }
+    fn rmsnorm_fwd_block(x: &[f32], w: &[f32], out: &mut [f32], rstd: &mut [f32], eps: f32) {
+        vecmath::rmsnorm_fwd_f32(x, w, out, rstd, eps)
+    }
+    fn rmsnorm_bwd_block(
+        g: &[f32],
+        x: &[f32],
+        w: &[f32],
+        rstd: &[f32],
+        dx: &mut [f32],
+        pw: &mut [f32],
+        gw: &mut [f32],
+    ) {
+        vecmath::rmsnorm_bwd_f32(g, x, w, rstd, dx, pw, gw)
     }
     fn softmax_fwd_tile(s: &mut [f32], t: CausalTile, lse: &mut [f32], inv: &mut [f32]) {
         vecmath::softmax_fwd_tile_f32(s, t, lse, inv)

@@ -174,6 +174,43 @@ pub fn gemm_kernel<T: Float>(g: &Gemm, a: &[T], b: &[T], c: &mut [T]) -> Result<
     );
     // SAFETY (both branches): check_gemm proved every matrix lies inside its slice, and distinct
     // batch entries of C are disjoint (stride_c >= m*n), so parallel batches never share output.
+    #[cfg(target_arch = "x86_64")]
+    if g.trans_a
+        && !g.trans_b
+        && k > 0
+        && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+        && super::gemm_x86::supported(m, n)
+    {
+        // Aᵀ·B (weight gradients): the crate repacks A with a transposing gather per k-block.
+        let cf = bytemuck::cast_slice_mut::<T, f32>(c);
+        let (a, b) = (
+            bytemuck::cast_slice::<T, f32>(a),
+            bytemuck::cast_slice::<T, f32>(b),
+        );
+        let small = g.batch > 1 && m * n * k <= 128 * 128 * 128;
+        let one = |i: usize, c: &mut [f32]| {
+            super::gemm_x86::gemm_tn(
+                (m, n, k),
+                &a[i * g.stride_a..],
+                &b[i * g.stride_b..],
+                c,
+                g.alpha,
+                g.beta,
+                !small,
+            )
+        };
+        if small {
+            cf.par_chunks_mut(g.stride_c)
+                .take(g.batch)
+                .enumerate()
+                .for_each(|(i, c)| one(i, c));
+        } else {
+            for i in 0..g.batch {
+                one(i, &mut cf[i * g.stride_c..]);
+            }
+        }
+        return Ok(());
+    }
     let one = move |i: usize, split: bool| unsafe {
         let (a, b) = (
             a_of(pa.get().add(i * g.stride_a)),

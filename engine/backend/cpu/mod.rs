@@ -27,6 +27,8 @@ pub mod elementwise;
 pub mod embedding;
 mod float;
 pub mod gemm;
+#[cfg(target_arch = "x86_64")]
+mod gemm_x86;
 pub mod reduce;
 pub mod rmsnorm;
 pub mod rope;

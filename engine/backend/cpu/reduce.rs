@@ -1,7 +1,7 @@
 //! Deterministic reductions: fixed chunks (independent of the thread count), f64 partials summed
 //! in chunk order, so the result is bitwise reproducible on any machine.
 
-use super::{check_dtype, check_len, overlaps, shape_err, view, view_mut, CHUNK, FLOATS};
+use super::{check_dtype, check_len, overlaps, shape_err, vecmath, view, view_mut, CHUNK, FLOATS};
 use crate::backend::Buf;
 use crate::error::Result;
 use crate::tensor::DType;
@@ -9,8 +9,8 @@ use half::bf16;
 use rayon::prelude::*;
 
 /// Σ f(x) over a chunk with 8 f64 lanes (a fixed order the compiler can vectorise).
-#[inline]
-fn chunk_sum<T: Copy>(xs: &[T], f: impl Fn(T) -> f64) -> f64 {
+#[inline(always)]
+pub(super) fn chunk_sum<T: Copy>(xs: &[T], f: impl Fn(T) -> f64) -> f64 {
     let mut acc = [0f64; 8];
     let mut it = xs.chunks_exact(8);
     for c in &mut it {
@@ -25,7 +25,12 @@ fn chunk_sum<T: Copy>(xs: &[T], f: impl Fn(T) -> f64) -> f64 {
 }
 
 fn total<T: Copy + Sync>(xs: &[T], f: impl Fn(T) -> f64 + Sync) -> f64 {
-    let parts: Vec<f64> = xs.par_chunks(CHUNK).map(|c| chunk_sum(c, &f)).collect();
+    total_by(xs, |c| chunk_sum(c, &f))
+}
+
+/// Σ of `chunk(c)` over fixed chunks, in chunk order.
+fn total_by<T: Sync>(xs: &[T], chunk: impl Fn(&[T]) -> f64 + Sync) -> f64 {
+    let parts: Vec<f64> = xs.par_chunks(CHUNK).map(&chunk).collect();
     parts.iter().sum()
 }
 
@@ -33,8 +38,8 @@ fn total<T: Copy + Sync>(xs: &[T], f: impl Fn(T) -> f64 + Sync) -> f64 {
 unsafe fn reduce_buf(op: &'static str, what: &str, b: Buf, square: bool) -> Result<f64> {
     check_dtype(op, what, b, FLOATS)?;
     Ok(match (b.dtype, square) {
-        (DType::F32, false) => total(view::<f32>(b), |x| x as f64),
-        (DType::F32, true) => total(view::<f32>(b), |x| (x as f64) * (x as f64)),
+        // f32 through `vecmath` (compiled for the vector unit present), same lane order.
+        (DType::F32, sq) => total_by(view::<f32>(b), |c| vecmath::sum_f64_f32(c, sq)),
         (_, false) => total(view::<bf16>(b), |x| x.to_f64()),
         (_, true) => total(view::<bf16>(b), |x| x.to_f64() * x.to_f64()),
     })

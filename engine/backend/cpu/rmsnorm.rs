@@ -6,7 +6,7 @@ use crate::error::Result;
 use crate::tensor::DType;
 use rayon::prelude::*;
 
-/// Rows per backward task. Fixed (not derived from the thread count) so that the partial dw
+/// Rows per task. Fixed (not derived from the thread count) so that the backward's partial dw
 /// sums, and therefore dw itself, are bitwise identical on any machine.
 const ROWS: usize = 32;
 
@@ -46,19 +46,10 @@ pub fn rmsnorm_fwd<T: Float>(
     if dim == 0 {
         return Ok(());
     }
-    let n = T::from_f64(dim as f64);
-    out.par_chunks_mut(dim)
-        .zip(x.par_chunks(dim))
-        .zip(rstd.par_iter_mut())
-        .with_min_len(8)
-        .for_each(|((o, x), r)| {
-            let ss = T::dot(x, x);
-            let rs = T::ONE / (ss / n + eps).sqrt();
-            *r = rs;
-            for ((o, &v), &w) in o.iter_mut().zip(x).zip(w) {
-                *o = v * rs * w;
-            }
-        });
+    out.par_chunks_mut(ROWS * dim)
+        .zip(x.par_chunks(ROWS * dim))
+        .zip(rstd.par_chunks_mut(ROWS))
+        .for_each(|((o, x), r)| T::rmsnorm_fwd_block(x, w, o, r, eps));
     Ok(())
 }
 
@@ -85,34 +76,13 @@ pub fn rmsnorm_bwd<T: Float>(
     if dim == 0 || rows == 0 {
         return Ok(());
     }
-    let n = T::from_f64(dim as f64);
     let partials: Vec<Vec<T>> = dx
         .par_chunks_mut(ROWS * dim)
-        .enumerate()
-        .map(|(c, dxc)| {
+        .zip(dout.par_chunks(ROWS * dim))
+        .zip(x.par_chunks(ROWS * dim).zip(rstd.par_chunks(ROWS)))
+        .map(|((dxc, g), (xc, rs))| {
             let (mut pw, mut gw) = (vec![T::ZERO; dim], vec![T::ZERO; dim]);
-            for (i, dxr) in dxc.chunks_mut(dim).enumerate() {
-                let r = c * ROWS + i;
-                let (g, xr, rs) = (
-                    &dout[r * dim..(r + 1) * dim],
-                    &x[r * dim..(r + 1) * dim],
-                    rstd[r],
-                );
-                for ((o, &g), &wv) in gw.iter_mut().zip(g).zip(w) {
-                    *o = g * wv;
-                }
-                // A lane-parallel dot (a running scalar sum is one long latency chain).
-                let c = T::dot(&gw, xr) * rs * rs / n;
-                for (((d, &g), &xv), (&gw, p)) in dxr
-                    .iter_mut()
-                    .zip(g)
-                    .zip(xr)
-                    .zip(gw.iter().zip(pw.iter_mut()))
-                {
-                    *d = rs * (gw - xv * c);
-                    *p += g * xv * rs;
-                }
-            }
+            T::rmsnorm_bwd_block(g, xc, w, rs, dxc, &mut pw, &mut gw);
             pw
         })
         .collect();

@@ -54,6 +54,10 @@ pub fn rope<T: Float>(
     if row == 0 {
         return Ok(());
     }
+    #[cfg(target_arch = "x86_64")]
+    let fast = std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+        && (half == 8 || half % 16 == 0)
+        && std::arch::is_x86_feature_detected!("avx512f");
     out.par_chunks_mut(row)
         .zip(x.par_chunks(row))
         .enumerate()
@@ -64,9 +68,62 @@ pub fn rope<T: Float>(
                 &cos[p * half..(p + 1) * half],
                 &sin[p * half..(p + 1) * half],
             );
+            #[cfg(target_arch = "x86_64")]
+            if fast {
+                let f = bytemuck::cast_slice::<T, f32>;
+                // SAFETY: AVX-512F was detected; T is f32; the slices hold whole heads.
+                unsafe { x86::rope_row(f(x), bytemuck::cast_slice_mut(o), f(c), f(sn), inverse) };
+                return;
+            }
             T::rope_row(x, o, c, sn, inverse);
         });
     Ok(())
+}
+
+/// `Float::rope_row` for f32 on AVX-512 at head dims 16 and 32k: the generic loop runs over a
+/// head's half, and at head dim 16 (8 pairs, half a vector) it compiles to scalar code.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// out = x·c + swap(x)·s per head, with c = (cos, cos) and s = (−sin, sin) (signs flipped
+    /// for the inverse), swap exchanging the halves of the head. Half 8 or a multiple of 16.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn rope_row(x: &[f32], out: &mut [f32], cos: &[f32], sin: &[f32], inverse: bool) {
+        let half = cos.len();
+        let (xp, op) = (x.as_ptr(), out.as_mut_ptr());
+        let heads = x.len() / (2 * half);
+        if half == 8 {
+            // Both halves of a head in one vector: lanes 0-7 are x1, 8-15 are x2.
+            let low = _mm512_maskz_loadu_ps(0xff, cos.as_ptr());
+            let c = _mm512_shuffle_f32x4::<0b01_00_01_00>(low, low);
+            let sl = _mm512_maskz_loadu_ps(0xff, sin.as_ptr());
+            let s = _mm512_shuffle_f32x4::<0b01_00_01_00>(sl, sl);
+            let neg: __mmask16 = if inverse { 0xff00 } else { 0x00ff };
+            let s = _mm512_mask_sub_ps(s, neg, _mm512_setzero_ps(), s);
+            for h in 0..heads {
+                let v = _mm512_loadu_ps(xp.add(16 * h));
+                let sw = _mm512_shuffle_f32x4::<0b01_00_11_10>(v, v);
+                let r = _mm512_fmadd_ps(sw, s, _mm512_mul_ps(v, c));
+                _mm512_storeu_ps(op.add(16 * h), r);
+            }
+            return;
+        }
+        for h in 0..heads {
+            let (x1, o1) = (xp.add(2 * half * h), op.add(2 * half * h));
+            let (x2, o2) = (x1.add(half), o1.add(half));
+            for i in (0..half).step_by(16) {
+                let (a, b) = (_mm512_loadu_ps(x1.add(i)), _mm512_loadu_ps(x2.add(i)));
+                let c = _mm512_loadu_ps(cos.as_ptr().add(i));
+                let mut s = _mm512_loadu_ps(sin.as_ptr().add(i));
+                if inverse {
+                    s = _mm512_sub_ps(_mm512_setzero_ps(), s);
+                }
+                _mm512_storeu_ps(o1.add(i), _mm512_fnmadd_ps(b, s, _mm512_mul_ps(a, c)));
+                _mm512_storeu_ps(o2.add(i), _mm512_fmadd_ps(a, s, _mm512_mul_ps(b, c)));
+            }
+        }
+    }
 }
 
 pub(super) fn rope_op(
