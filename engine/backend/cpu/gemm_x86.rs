@@ -217,6 +217,12 @@ unsafe fn tile(
     alpha: f32,
     beta: f32,
 ) {
+    // C's lines are only needed after the k loop: ask for them (for writing) now.
+    for r in 0..mr {
+        for v in 0..NV.min(nc.div_ceil(16)) {
+            _mm_prefetch::<_MM_HINT_ET0>(c.add(r * ldc + 16 * v) as *const i8);
+        }
+    }
     let mut acc = [[_mm512_setzero_ps(); NV]; MR];
     for t in 0..kc {
         let bv: [__m512; NV] = std::array::from_fn(|v| _mm512_load_ps(bp.add(t * NR + 16 * v)));
