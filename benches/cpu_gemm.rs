@@ -1,5 +1,5 @@
 //! CPU GEMM throughput through `Backend::gemm` (f32, and bf16 storage), on the shapes that
-//! dominate CPU training: a square reference and the Llama projections. Criterion reports
+//! dominate CPU training: a square reference, the Llama projections and their weight gradients. Criterion reports
 //! "elem/s" with one element = one FLOP, i.e. Gelem/s = GFLOP/s.
 //! Run: `cargo bench --bench cpu_gemm` (compare with `benches/torch_matmul.py`).
 
@@ -9,13 +9,16 @@ use titan::backend::cpu::CpuBackend;
 use titan::backend::{Backend, Buf, DeviceMem, Gemm};
 use titan::DType;
 
-/// (name, M, N, K, b stored [N, K] as a Linear weight)
-const SHAPES: &[(&str, usize, usize, usize, bool)] = &[
-    ("square_1024", 1024, 1024, 1024, false),
-    ("square_2048", 2048, 2048, 2048, false),
-    ("debug_qkv_16384x768x256", 16384, 768, 256, true),
-    ("debug_w1_16384x768x256_nn", 16384, 768, 256, false),
-    ("proj_4096x8192x2048", 4096, 8192, 2048, true),
+/// (name, M, N, K, a stored [K, M] (Aᵀ·B, a weight gradient), b stored [N, K] as a Linear weight)
+const SHAPES: &[(&str, usize, usize, usize, bool, bool)] = &[
+    ("square_1024", 1024, 1024, 1024, false, false),
+    ("square_2048", 2048, 2048, 2048, false, false),
+    ("debug_qkv_16384x768x256", 16384, 768, 256, false, true),
+    ("debug_w1_16384x768x256_nn", 16384, 768, 256, false, false),
+    // Weight gradients of the debugmodel at batch 8 × seq 256 (2048 tokens): w1 and wq.
+    ("debug_dw1_768x256x2048_tn", 768, 256, 2048, true, false),
+    ("debug_dwq_256x256x2048_tn", 256, 256, 2048, true, false),
+    ("proj_4096x8192x2048", 4096, 8192, 2048, false, true),
 ];
 
 fn buf(be: &CpuBackend, len: usize, dt: DType, seed: u32) -> (Box<dyn DeviceMem>, Buf) {
@@ -46,8 +49,8 @@ fn bench_gemm(c: &mut Criterion) {
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(3));
-    for &(name, m, n, k, bt) in SHAPES {
-        let g = Gemm::new(m, n, k, false, bt, 0.0);
+    for &(name, m, n, k, ta, tb) in SHAPES {
+        let g = Gemm::new(m, n, k, ta, tb, 0.0);
         group.throughput(Throughput::Elements(g.flops() as u64));
         for dt in [DType::F32, DType::BF16] {
             if dt == DType::BF16 && m * n * k > 1 << 33 {
