@@ -203,15 +203,6 @@ fn rmsnorm_bwd_body<const F: bool>(
     float::rmsnorm_bwd_rows(g, x, w, rstd, dx, pw, gw)
 }
 
-#[inline(always)]
-fn sum_f64_body<const F: bool>(xs: &[f32], square: bool) -> f64 {
-    if square {
-        super::reduce::chunk_sum(xs, |x| (x as f64) * (x as f64))
-    } else {
-        super::reduce::chunk_sum(xs, |x| x as f64)
-    }
-}
-
 /// Round-to-nearest-even f32 -> bf16 bits, branch-free (so slices of it vectorise); a NaN
 /// keeps its sign and top payload bits and is made quiet.
 #[inline(always)]
@@ -304,10 +295,6 @@ dispatch!(
 dispatch!(
     /// `Float::rmsnorm_bwd_block` for f32.
     rmsnorm_bwd_f32(g: &[f32], x: &[f32], w: &[f32], rstd: &[f32], dx: &mut [f32], pw: &mut [f32], gw: &mut [f32]) -> () = rmsnorm_bwd_body
-);
-dispatch!(
-    /// Σ x (or Σ x² with `square`) in f64, in the fixed lane order of `reduce::chunk_sum`.
-    sum_f64_f32(xs: &[f32], square: bool) -> f64 = sum_f64_body
 );
 dispatch!(
     /// dst[i] = bf16 bits src[i] widened to f32 (exact).
