@@ -135,7 +135,7 @@ fn gradcheck_rmsnorm() {
         };
         let rstd = fwd(&x, &w).1;
         let (mut dx, mut dw) = (vec![f64::NAN; rows * dim], vec![0.0; dim]);
-        rmsnorm::rmsnorm_bwd(&rr, &x, &w, &rstd, &mut dx, &mut dw, dim).unwrap();
+        rmsnorm::rmsnorm_bwd(&rr, &x, &w, &rstd, None, &mut dx, &mut dw, dim).unwrap();
         fd_check(&format!("rmsnorm dx {rows}x{dim}"), &x, &dx, 500, |x| {
             fwd(x, &w).0
         });
@@ -148,7 +148,8 @@ fn gradcheck_rmsnorm() {
 #[test]
 fn gradcheck_rmsnorm_residual() {
     // The fused forward has no backward op of its own: the tape sends the gradient of `out`
-    // through rmsnorm_bwd (with x = h) and adds the gradient arriving at `h`; dx = dresidual.
+    // through rmsnorm_bwd (with x = h) plus the gradient arriving at `h` (rmsnorm_bwd_add);
+    // dx = dresidual.
     let mut r = Rng::new(4);
     let (rows, dim, eps) = (5, 13, 1e-5);
     let (x, res, w) = (
@@ -166,10 +167,7 @@ fn gradcheck_rmsnorm_residual() {
     };
     let (_, h, rstd) = fwd(&x, &res);
     let (mut dh, mut dw) = (vec![f64::NAN; rows * dim], vec![0.0; dim]);
-    rmsnorm::rmsnorm_bwd(&r_out, &h, &w, &rstd, &mut dh, &mut dw, dim).unwrap();
-    for (d, g) in dh.iter_mut().zip(&r_h) {
-        *d += g;
-    }
+    rmsnorm::rmsnorm_bwd(&r_out, &h, &w, &rstd, Some(&r_h), &mut dh, &mut dw, dim).unwrap();
     fd_check("rmsnorm_residual dx", &x, &dh, 500, |x| fwd(x, &res).0);
     fd_check("rmsnorm_residual dresidual", &res, &dh, 500, |res| {
         fwd(&x, res).0

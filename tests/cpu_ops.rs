@@ -445,6 +445,19 @@ fn rmsnorm_fwd_bwd_and_residual() {
             }
             let e = rel_l2(&download(&b, dw.buf), &want_dw);
             assert!(e < tol(dt), "rmsnorm_bwd dw {dt}: {e:e}");
+            // With the residual stream's gradient added in the same pass.
+            let (dx2, dw2) = (poisoned(&b, rows * dim, dt), upload(&b, &dw0, DType::F32));
+            let rest = upload(&b, &res, dt);
+            b.rmsnorm_bwd_add(
+                gt.buf, xt.buf, wt.buf, rs_ref.buf, rest.buf, dx2.buf, dw2.buf, rows, dim,
+            )
+            .unwrap();
+            if dim > 1 {
+                let want: Vec<f64> = want_dx.iter().zip(&res).map(|(a, c)| a + c).collect();
+                check("rmsnorm_bwd_add dx", dt, &download(&b, dx2.buf), &want);
+            }
+            let e = rel_l2(&download(&b, dw2.buf), &want_dw);
+            assert!(e < tol(dt), "rmsnorm_bwd_add dw {dt}: {e:e}");
 
             // Fused residual: h = x + res, out = rmsnorm(h).
             let hx: Vec<f64> = x.iter().zip(&res).map(|(a, c)| a + c).collect();

@@ -238,6 +238,25 @@ pub trait Backend: Send + Sync {
         rows: usize,
         dim: usize,
     ) -> Result<()>;
+    /// `rmsnorm_bwd` with `dres` added to dx (dx = dL/dx + dres; dres like dx, disjoint from
+    /// it): the backward of `rmsnorm_residual_fwd` when h also has a gradient of its own (the
+    /// residual stream). The default runs the two kernels; a backend may fuse them.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_bwd_add(
+        &self,
+        dout: Buf,
+        x: Buf,
+        w: Buf,
+        rstd: Buf,
+        dres: Buf,
+        dx: Buf,
+        dw: Buf,
+        rows: usize,
+        dim: usize,
+    ) -> Result<()> {
+        self.rmsnorm_bwd(dout, x, w, rstd, dx, dw, rows, dim)?;
+        self.add(dx, dres, dx)
+    }
 
     // ---- rotary ------------------------------------------------------------------------
     /// Rotates pairs (i, i + d/2) of every head by the angle in (cos, sin) [seq, d/2] f32.

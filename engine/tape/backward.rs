@@ -208,13 +208,15 @@ impl<'a> Tape<'a> {
                     let dh = self.grad_buf_like(h)?;
                     let dw = self.weight_grad(w, "add_rmsnorm")?;
                     let [gb, hb, wb, rb, dhb, dwb] = self.touch_all([g, h, w, rstd, dh, dw])?;
-                    be.rmsnorm_bwd(gb, hb, wb, rb, dhb, dwb, rows, dim)?;
-                    self.tick();
-                    if let Some(gh) = total {
-                        let (dhb, ghb) = (self.touch(dh)?, self.touch(gh)?);
-                        be.add(dhb, ghb, dhb)?;
-                        self.tick();
+                    match total {
+                        // h's own gradient (the residual stream) is added in the same pass.
+                        Some(gh) => {
+                            let ghb = self.touch(gh)?;
+                            be.rmsnorm_bwd_add(gb, hb, wb, rb, ghb, dhb, dwb, rows, dim)?
+                        }
+                        None => be.rmsnorm_bwd(gb, hb, wb, rb, dhb, dwb, rows, dim)?,
                     }
+                    self.tick();
                     total = Some(dh);
                 }
                 if let Some(t) = total {

@@ -97,19 +97,20 @@ pub trait Float:
     fn rmsnorm_fwd_block(x: &[Self], w: &[Self], out: &mut [Self], rstd: &mut [Self], eps: Self) {
         rmsnorm_fwd_rows(x, w, out, rstd, eps)
     }
-    /// RMSNorm backward of whole rows: dx = rstd·(g·w − x̂·mean(g·w·x̂)) with x̂ = x·rstd, and
-    /// pw += Σ_rows g·x̂; `gw` is a row of scratch.
+    /// RMSNorm backward of whole rows: dx = rstd·(g·w − x̂·mean(g·w·x̂)) (+ dres) with
+    /// x̂ = x·rstd, and pw += Σ_rows g·x̂; `gw` is a row of scratch.
     #[allow(clippy::too_many_arguments)]
     fn rmsnorm_bwd_block(
         g: &[Self],
         x: &[Self],
         w: &[Self],
         rstd: &[Self],
+        dres: Option<&[Self]>,
         dx: &mut [Self],
         pw: &mut [Self],
         gw: &mut [Self],
     ) {
-        rmsnorm_bwd_rows(g, x, w, rstd, dx, pw, gw)
+        rmsnorm_bwd_rows(g, x, w, rstd, dres, dx, pw, gw)
     }
     /// One token's heads rotated by one position's angles (cos/sin hold head_dim/2 entries):
     /// the halves (x1, x2) of each head become (x1·c − x2·s, x2·c + x1·s); `inverse` negates s.
@@ -267,11 +268,13 @@ pub(super) fn rmsnorm_fwd_rows<T: Float>(x: &[T], w: &[T], out: &mut [T], rstd: 
 
 /// See [`softmax_bwd_rows`].
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub(super) fn rmsnorm_bwd_rows<T: Float>(
     g: &[T],
     x: &[T],
     w: &[T],
     rstd: &[T],
+    dres: Option<&[T]>,
     dx: &mut [T],
     pw: &mut [T],
     gw: &mut [T],
@@ -279,7 +282,7 @@ pub(super) fn rmsnorm_bwd_rows<T: Float>(
     let dim = w.len();
     let n = T::from_f64(dim as f64);
     let rows = dx.chunks_exact_mut(dim).zip(g.chunks_exact(dim));
-    for ((dxr, g), (xr, &rs)) in rows.zip(x.chunks_exact(dim).zip(rstd)) {
+    for (i, ((dxr, g), (xr, &rs))) in rows.zip(x.chunks_exact(dim).zip(rstd)).enumerate() {
         for ((o, &g), &wv) in gw.iter_mut().zip(g).zip(w) {
             *o = g * wv;
         }
@@ -292,6 +295,11 @@ pub(super) fn rmsnorm_bwd_rows<T: Float>(
         {
             *d = rs * (gw - xv * c);
             *p += g * xv * rs;
+        }
+        if let Some(dr) = dres {
+            for (d, &r) in dxr.iter_mut().zip(&dr[i * dim..(i + 1) * dim]) {
+                *d += r;
+            }
         }
     }
 }
@@ -387,11 +395,12 @@ impl Float for f32 {
         x: &[f32],
         w: &[f32],
         rstd: &[f32],
+        dres: Option<&[f32]>,
         dx: &mut [f32],
         pw: &mut [f32],
         gw: &mut [f32],
     ) {
-        vecmath::rmsnorm_bwd_f32(g, x, w, rstd, dx, pw, gw)
+        vecmath::rmsnorm_bwd_f32(g, x, w, rstd, dres, dx, pw, gw)
     }
     fn softmax_fwd_tile(s: &mut [f32], t: CausalTile, lse: &mut [f32], inv: &mut [f32]) {
         vecmath::softmax_fwd_tile_f32(s, t, lse, inv)

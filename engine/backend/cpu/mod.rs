@@ -416,7 +416,21 @@ impl Backend for CpuBackend {
         rows: usize,
         dim: usize,
     ) -> Result<()> {
-        rmsnorm::rmsnorm_bwd_op(dout, x, w, rstd, dx, dw, rows, dim)
+        rmsnorm::rmsnorm_bwd_op(dout, x, w, rstd, None, dx, dw, rows, dim)
+    }
+    fn rmsnorm_bwd_add(
+        &self,
+        dout: Buf,
+        x: Buf,
+        w: Buf,
+        rstd: Buf,
+        dres: Buf,
+        dx: Buf,
+        dw: Buf,
+        rows: usize,
+        dim: usize,
+    ) -> Result<()> {
+        rmsnorm::rmsnorm_bwd_op(dout, x, w, rstd, Some(dres), dx, dw, rows, dim)
     }
 
     fn rope_fwd(&self, x: Buf, out: Buf, cos: Buf, sin: Buf, s: RopeShape) -> Result<()> {

@@ -53,13 +53,15 @@ pub fn rmsnorm_fwd<T: Float>(
     Ok(())
 }
 
-/// dx = rstd · (g·w − x̂ · mean(g·w·x̂)) with x̂ = x · rstd; dw += Σ_rows g · x̂ (deterministic).
+/// dx = rstd · (g·w − x̂ · mean(g·w·x̂)) (+ dres) with x̂ = x · rstd; dw += Σ_rows g · x̂
+/// (deterministic).
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_bwd<T: Float>(
     dout: &[T],
     x: &[T],
     w: &[T],
     rstd: &[T],
+    dres: Option<&[T]>,
     dx: &mut [T],
     dw: &mut [T],
     dim: usize,
@@ -71,6 +73,7 @@ pub fn rmsnorm_bwd<T: Float>(
         ("w", w.len()),
         ("dx", dx.len()),
         ("dw", dw.len()),
+        ("dres", dres.map_or(rows * dim, |d| d.len())),
     ];
     check("rmsnorm_bwd", &lens, rows, dim)?;
     if dim == 0 || rows == 0 {
@@ -80,9 +83,11 @@ pub fn rmsnorm_bwd<T: Float>(
         .par_chunks_mut(ROWS * dim)
         .zip(dout.par_chunks(ROWS * dim))
         .zip(x.par_chunks(ROWS * dim).zip(rstd.par_chunks(ROWS)))
-        .map(|((dxc, g), (xc, rs))| {
+        .enumerate()
+        .map(|(c, ((dxc, g), (xc, rs)))| {
             let (mut pw, mut gw) = (vec![T::ZERO; dim], vec![T::ZERO; dim]);
-            T::rmsnorm_bwd_block(g, xc, w, rs, dxc, &mut pw, &mut gw);
+            let dr = dres.map(|d| &d[c * ROWS * dim..c * ROWS * dim + dxc.len()]);
+            T::rmsnorm_bwd_block(g, xc, w, rs, dr, dxc, &mut pw, &mut gw);
             pw
         })
         .collect();
@@ -180,23 +185,34 @@ pub(super) fn rmsnorm_fwd_op(
     }
 }
 
+/// The `Backend` entry for rmsnorm_bwd and (with `dres`) rmsnorm_bwd_add.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn rmsnorm_bwd_op(
     dout: Buf,
     x: Buf,
     w: Buf,
     rstd: Buf,
+    dres: Option<Buf>,
     dx: Buf,
     dw: Buf,
     rows: usize,
     dim: usize,
 ) -> Result<()> {
-    const OP: &str = "rmsnorm_bwd";
+    let op = if dres.is_some() {
+        "rmsnorm_bwd_add"
+    } else {
+        "rmsnorm_bwd"
+    };
     for (what, b) in [("dout", dout), ("x", x), ("w", w), ("dx", dx)] {
-        check_dtype(OP, what, b, FLOATS)?;
+        check_dtype(op, what, b, FLOATS)?;
     }
-    check_dtype(OP, "rstd", rstd, &[DType::F32])?;
-    check_dtype(OP, "dw", dw, &[DType::F32])?;
+    if let Some(d) = dres {
+        check_dtype(op, "dres", d, FLOATS)?;
+        check(op, &[("dres", d.len)], rows, dim)?;
+        check_disjoint(op, "dx", dx, &[("dres", d)])?;
+    }
+    check_dtype(op, "rstd", rstd, &[DType::F32])?;
+    check_dtype(op, "dw", dw, &[DType::F32])?;
     let lens = [
         ("dout", dout.len),
         ("x", x.len),
@@ -205,22 +221,26 @@ pub(super) fn rmsnorm_bwd_op(
         ("dw", dw.len),
         ("rstd", rstd.len),
     ];
-    check(OP, &lens, rows, dim)?;
+    check(op, &lens, rows, dim)?;
     let ins = [("dout", dout), ("x", x), ("w", w), ("rstd", rstd)];
-    check_disjoint(OP, "dx", dx, &ins)?;
-    check_disjoint(OP, "dw", dw, &ins)?;
-    check_disjoint(OP, "dw", dw, &[("dx", dx)])?;
-    check_len(OP, "rstd", rstd, rows)?;
+    check_disjoint(op, "dx", dx, &ins)?;
+    check_disjoint(op, "dw", dw, &ins)?;
+    check_disjoint(op, "dw", dw, &[("dx", dx)])?;
+    if let Some(d) = dres {
+        check_disjoint(op, "dw", dw, &[("dres", d)])?;
+    }
+    check_len(op, "rstd", rstd, rows)?;
     // SAFETY: live buffers of checked dtypes and lengths; outputs overlap no input or each other.
     unsafe {
         let (g, xs, ws) = (
-            load(OP, "dout", dout)?,
-            load(OP, "x", x)?,
-            load(OP, "w", w)?,
+            load(op, "dout", dout)?,
+            load(op, "x", x)?,
+            load(op, "w", w)?,
         );
         let rs = view::<f32>(rstd);
-        store(OP, "dx", dx, false, |d| {
-            rmsnorm_bwd(&g, &xs, &ws, rs, d, view_mut::<f32>(dw), dim)
+        let dr = dres.map(|d| load(op, "dres", d)).transpose()?;
+        store(op, "dx", dx, false, |d| {
+            rmsnorm_bwd(&g, &xs, &ws, rs, dr.as_deref(), d, view_mut::<f32>(dw), dim)
         })?
     }
 }

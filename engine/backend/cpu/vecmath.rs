@@ -196,11 +196,12 @@ fn rmsnorm_bwd_body<const F: bool>(
     x: &[f32],
     w: &[f32],
     rstd: &[f32],
+    dres: Option<&[f32]>,
     dx: &mut [f32],
     pw: &mut [f32],
     gw: &mut [f32],
 ) {
-    float::rmsnorm_bwd_rows(g, x, w, rstd, dx, pw, gw)
+    float::rmsnorm_bwd_rows(g, x, w, rstd, dres, dx, pw, gw)
 }
 
 /// Round-to-nearest-even f32 -> bf16 bits, branch-free (so slices of it vectorise); a NaN
@@ -294,7 +295,7 @@ dispatch!(
 );
 dispatch!(
     /// `Float::rmsnorm_bwd_block` for f32.
-    rmsnorm_bwd_f32(g: &[f32], x: &[f32], w: &[f32], rstd: &[f32], dx: &mut [f32], pw: &mut [f32], gw: &mut [f32]) -> () = rmsnorm_bwd_body
+    rmsnorm_bwd_f32(g: &[f32], x: &[f32], w: &[f32], rstd: &[f32], dres: Option<&[f32]>, dx: &mut [f32], pw: &mut [f32], gw: &mut [f32]) -> () = rmsnorm_bwd_body
 );
 dispatch!(
     /// dst[i] = bf16 bits src[i] widened to f32 (exact).
