@@ -232,13 +232,16 @@ fn round_body<const F: bool>(src: &[f32], dst: &mut [u16]) {
 macro_rules! dispatch {
     ($(#[$doc:meta])* $name:ident ($($arg:ident : $ty:ty),*) -> $ret:ty = $body:ident) => {
         $(#[$doc])*
+        #[allow(clippy::too_many_arguments)]
         pub fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
+                #[allow(clippy::too_many_arguments)]
                 #[target_feature(enable = "avx512f,fma")]
                 unsafe fn v4($($arg: $ty),*) -> $ret {
                     $body::<true>($($arg),*)
                 }
+                #[allow(clippy::too_many_arguments)]
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn v3($($arg: $ty),*) -> $ret {
                     $body::<true>($($arg),*)
