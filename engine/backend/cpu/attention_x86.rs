@@ -331,20 +331,19 @@ pub unsafe fn fwd_head<const DC: usize, const RG: usize>(
         let kp = keys.next_multiple_of(16);
         let mut mx = [_mm512_set1_ps(f32::NEG_INFINITY); R];
         scores_all::<true>(d, &qb, h.kt, sp, kp, q0, s, &mut mx);
-        let mut sum = [0f32; R];
-        let mut m2 = [0f32; R];
+        // Key 0 is visible to every row, so the maxima are finite (unless inputs are not).
+        let m2 = reduce8(mx, |a, b| _mm512_max_ps(a, b));
+        let mut sv = [_mm512_setzero_ps(); R];
         for r in 0..R {
-            // Key 0 is visible to every row, so the maximum is finite (unless inputs are not).
-            m2[r] = _mm512_reduce_max_ps(mx[r]);
-            let (mv, mut sv) = (_mm512_set1_ps(m2[r]), _mm512_setzero_ps());
+            let mv = _mm512_set1_ps(m2[r]);
             for j in (0..kp).step_by(16) {
                 let at = s.add(r * sp + j);
                 let p = exp2(_mm512_sub_ps(_mm512_loadu_ps(at), mv));
-                sv = _mm512_add_ps(sv, p);
+                sv[r] = _mm512_add_ps(sv[r], p);
                 _mm512_storeu_ps(at, p);
             }
-            sum[r] = _mm512_reduce_add_ps(sv);
         }
+        let sum = reduce8(sv, |a, b| _mm512_add_ps(a, b));
         for g in (0..R).step_by(RG) {
             let o = rows_times::<DC, RG>(s, sp, g, v, keys);
             for (r, orow) in o.iter().enumerate() {
@@ -361,6 +360,40 @@ pub unsafe fn fwd_head<const DC: usize, const RG: usize>(
             }
         }
     }
+}
+
+/// The 16 lanes of each of eight vectors combined by `op` (max or add; a fixed tree): the rows
+/// of a block reduced together, 26 shuffles and ops with short dependency chains instead of
+/// eight separate reductions that each hold up their row's next phase.
+#[inline(always)]
+unsafe fn reduce8(v: [__m512; R], op: impl Fn(__m512, __m512) -> __m512) -> [f32; R] {
+    // Pairs (2i, 2i + 1): 128-bit quarters q0..q3 of each folded to two, side by side.
+    let h: [__m512; 4] = std::array::from_fn(|i| {
+        let (a, b) = (v[2 * i], v[2 * i + 1]);
+        op(
+            _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b),
+            _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b),
+        )
+    });
+    // Quads: each quarter now holds one row's four partial lanes (rows 4i..4i + 4).
+    let q: [__m512; 2] = std::array::from_fn(|i| {
+        let (a, b) = (h[2 * i], h[2 * i + 1]);
+        op(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
+        )
+    });
+    let mut out = [0f32; R];
+    for (i, x) in q.into_iter().enumerate() {
+        let x = op(x, _mm512_permute_ps::<0b01_00_11_10>(x));
+        let x = op(x, _mm512_permute_ps::<0b10_11_00_01>(x));
+        let mut lanes = [0f32; 16];
+        _mm512_storeu_ps(lanes.as_mut_ptr(), x);
+        for k in 0..4 {
+            out[4 * i + k] = lanes[4 * k];
+        }
+    }
+    out
 }
 
 /// Per-kv-head inputs and accumulators of the backward.
