@@ -172,51 +172,30 @@ pub fn gemm_kernel<T: Float>(g: &Gemm, a: &[T], b: &[T], c: &mut [T]) -> Result<
         SendPtr(b.as_ptr() as *mut T),
         SendPtr(c.as_mut_ptr()),
     );
-    // SAFETY (both branches): check_gemm proved every matrix lies inside its slice, and distinct
-    // batch entries of C are disjoint (stride_c >= m*n), so parallel batches never share output.
+    // Aᵀ·B in f32 (weight gradients) has its own kernel: the crate would repack A with a
+    // transposing gather for every k-block.
     #[cfg(target_arch = "x86_64")]
-    if g.trans_a
+    let tn = g.trans_a
         && !g.trans_b
         && k > 0
         && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
-        && super::gemm_x86::supported(m, n)
-    {
-        // Aᵀ·B (weight gradients): the crate repacks A with a transposing gather per k-block.
-        let cf = bytemuck::cast_slice_mut::<T, f32>(c);
-        let (a, b) = (
-            bytemuck::cast_slice::<T, f32>(a),
-            bytemuck::cast_slice::<T, f32>(b),
-        );
-        let small = g.batch > 1 && m * n * k <= 128 * 128 * 128;
-        let one = |i: usize, c: &mut [f32]| {
-            super::gemm_x86::gemm_tn(
-                (m, n, k),
-                &a[i * g.stride_a..],
-                &b[i * g.stride_b..],
-                c,
-                g.alpha,
-                g.beta,
-                !small,
-            )
-        };
-        if small {
-            cf.par_chunks_mut(g.stride_c)
-                .take(g.batch)
-                .enumerate()
-                .for_each(|(i, c)| one(i, c));
-        } else {
-            for i in 0..g.batch {
-                one(i, &mut cf[i * g.stride_c..]);
-            }
-        }
-        return Ok(());
-    }
+        && super::gemm_x86::supported(m, n);
+    // SAFETY (every branch): check_gemm proved every matrix lies inside its slice, and distinct
+    // batch entries of C are disjoint (stride_c >= m*n), so parallel batches never share output.
     let one = move |i: usize, split: bool| unsafe {
         let (a, b) = (
             a_of(pa.get().add(i * g.stride_a)),
             b_of(pb.get().add(i * g.stride_b)),
         );
         let c = Mat::rows(pc.get().add(i * g.stride_c), n);
+        #[cfg(target_arch = "x86_64")]
+        if tn {
+            // T is f32 (checked above); the slices are the ranges check_gemm validated.
+            let f = |p: *mut T, len: usize| std::slice::from_raw_parts(p as *const f32, len);
+            let (a, b) = (f(a.ptr, k * m), f(b.ptr, k * n));
+            let c = std::slice::from_raw_parts_mut(c.ptr as *mut f32, m * n);
+            return super::gemm_x86::gemm_tn((m, n, k), a, b, c, g.alpha, g.beta, split);
+        }
         if split {
             matmul_split((m, n, k), c, a, b, alpha, beta)
         } else {
