@@ -16,258 +16,45 @@
 use criterion::{Criterion, Throughput};
 use std::time::Duration;
 use titan::backend::cuda::CudaBackend;
-use titan::backend::{AdamW, Backend, Buf, DeviceMem, Gemm, RopeShape};
+use titan::backend::{Backend, Gemm, RopeShape};
 use titan::DType;
 
-struct Bench {
-    name: String,
-    /// Compulsory bytes moved per call (memory-bound ops) or 0.
-    bytes: u64,
-    /// FLOPs per call (GEMMs) or 0.
-    flops: f64,
-    run: Box<dyn Fn(&CudaBackend)>,
-}
+#[path = "common/kernels.rs"]
+mod kernels;
+use kernels::{memory_bound, ok, Bench, Mem, Sizes};
 
-struct Mem<'a> {
-    be: &'a CudaBackend,
-    keep: Vec<Box<dyn DeviceMem>>,
-}
-
-impl Mem<'_> {
-    /// A buffer filled with `value`.
-    fn buf(&mut self, len: usize, dtype: DType, value: f32) -> Buf {
-        let m = self.be.alloc(len * dtype.size()).expect("alloc");
-        let b = Buf::new(m.ptr(), len, dtype);
-        self.keep.push(m);
-        self.be.fill(b, value).expect("fill");
-        b
-    }
-    /// I32 ids uniformly spread over [0, below) (a fixed LCG).
-    fn ids(&mut self, len: usize, below: usize) -> Buf {
-        let b = self.buf(len, DType::I32, 0.0);
-        let mut s = 0x1234_5678_9abc_def1u64;
-        let bytes: Vec<u8> = (0..len)
-            .flat_map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (((s >> 33) % below as u64) as i32).to_le_bytes()
-            })
-            .collect();
-        self.be.upload(b, &bytes).expect("upload ids");
-        b
-    }
-}
-
-fn ok(r: titan::Result<()>, what: &str) {
-    if let Err(e) = r {
-        panic!("{what}: {e}");
-    }
-}
-
-fn benches(mem: &mut Mem) -> Vec<Bench> {
+fn benches<'a>(be: &'a CudaBackend, mem: &mut Mem) -> Vec<Bench<'a>> {
     let mut v: Vec<Bench> = Vec::new();
-    let mut add = |name: &str, bytes: u64, flops: f64, run: Box<dyn Fn(&CudaBackend)>| {
-        v.push(Bench {
-            name: name.to_string(),
-            bytes,
-            flops,
-            run,
-        })
-    };
-
     // Baseline: cuMemcpyDtoD of 1 GiB (read + write).
     let copy_bytes = 1usize << 30;
     let (src, dst) = (
         mem.buf(copy_bytes / 2, DType::BF16, 1.0),
         mem.buf(copy_bytes / 2, DType::BF16, 0.0),
     );
-    add(
+    v.push(Bench::new(
         "memcpy_dtod 1GiB",
         2 * copy_bytes as u64,
         0.0,
-        Box::new(move |b| ok(b.memcpy_dtod(src.ptr, dst.ptr, copy_bytes), "memcpy")),
-    );
-
-    let n = 1usize << 28; // 256 Mi elements: 512 MiB in bf16
-    let a = mem.buf(n, DType::BF16, 0.5);
-    let bb = mem.buf(n, DType::BF16, 0.25);
-    let o = mem.buf(n, DType::BF16, 0.0);
-    let o2 = mem.buf(n, DType::BF16, 0.0);
-    let f = mem.buf(n, DType::F32, 0.5);
-    let nb = n as u64;
-    add(
-        "fill bf16",
-        2 * nb,
-        0.0,
-        Box::new(move |b| ok(b.fill(o, 1.0), "fill")),
-    );
-    add(
-        "add bf16",
-        6 * nb,
-        0.0,
-        Box::new(move |b| ok(b.add(a, bb, o), "add")),
-    );
-    add(
-        "scale bf16",
-        4 * nb,
-        0.0,
-        Box::new(move |b| ok(b.scale(o, 1.0), "scale")),
-    );
-    add(
-        "cast f32->bf16",
-        6 * nb,
-        0.0,
-        Box::new(move |b| ok(b.cast(f, o), "cast")),
-    );
-    add(
-        "swiglu_fwd bf16",
-        6 * nb,
-        0.0,
-        Box::new(move |b| ok(b.swiglu_fwd(a, bb, o), "swiglu_fwd")),
-    );
-    add(
-        "swiglu_bwd bf16",
-        10 * nb,
-        0.0,
-        Box::new(move |b| {
-            ok(
-                b.swiglu_bwd(o2, a, bb, o, f.reinterpret(DType::BF16).slice(0, n)),
-                "swiglu_bwd",
-            )
-        }),
-    );
-
-    // RMSNorm over 32768 rows x 2048 (batch 8 x seq 4096 of Llama 1B).
-    let (rows, dim) = (32768usize, 2048usize);
-    let rd = (rows * dim) as u64;
-    let x = a.slice(0, rows * dim);
-    let r = bb.slice(0, rows * dim);
-    let h = o2.slice(0, rows * dim);
-    let out = o.slice(0, rows * dim);
-    let w = mem.buf(dim, DType::BF16, 1.0);
-    let rstd = mem.buf(rows, DType::F32, 1.0);
-    let dw = mem.buf(dim, DType::F32, 0.0);
-    add(
-        "rmsnorm_fwd bf16 32768x2048",
-        4 * rd,
-        0.0,
-        Box::new(move |b| {
-            ok(
-                b.rmsnorm_fwd(x, w, out, rstd, rows, dim, 1e-5),
-                "rmsnorm_fwd",
-            )
-        }),
-    );
-    add(
-        "rmsnorm_residual_fwd bf16 32768x2048",
-        8 * rd,
-        0.0,
-        Box::new(move |b| {
-            ok(
-                b.rmsnorm_residual_fwd(x, r, w, h, out, rstd, rows, dim, 1e-5),
-                "rmsnorm_residual_fwd",
-            )
-        }),
-    );
-    add(
-        "rmsnorm_bwd bf16 32768x2048",
-        6 * rd,
-        0.0,
-        Box::new(move |b| {
-            ok(
-                b.rmsnorm_bwd(r, x, w, rstd, out, dw, rows, dim),
-                "rmsnorm_bwd",
-            )
-        }),
-    );
-
-    // RoPE on q of [8, 4096, 32, 64].
-    let s = RopeShape {
-        batch: 8,
-        seq: 4096,
-        heads: 32,
-        head_dim: 64,
+        Box::new(move |_| ok(be.memcpy_dtod(src.ptr, dst.ptr, copy_bytes), "memcpy")),
+    ));
+    // 256 Mi elements (512 MiB in bf16); rmsnorm / embedding over batch 8 x seq 4096 of Llama
+    // 1B (dim 2048, vocab 128256); rope on q [8, 4096, 32, 64]; AdamW on 64 Mi parameters.
+    let sizes = Sizes {
+        n: 1 << 28,
+        rows: 32768,
+        dim: 2048,
+        rope: RopeShape {
+            batch: 8,
+            seq: 4096,
+            heads: 32,
+            head_dim: 64,
+        },
+        vocab: 128256,
+        ce_rows: 2048,
+        params: 1 << 26,
     };
-    let qn = 8 * 4096 * 32 * 64;
-    let cos = mem.buf(4096 * 32, DType::F32, 1.0);
-    let sin = mem.buf(4096 * 32, DType::F32, 0.0);
-    let (q, qo) = (a.slice(0, qn), o.slice(0, qn));
-    add(
-        "rope_fwd bf16 8x4096x32x64",
-        4 * qn as u64,
-        0.0,
-        Box::new(move |b| ok(b.rope_fwd(q, qo, cos, sin, s), "rope_fwd")),
-    );
-
-    // Embedding: 32768 tokens, vocab 128256, dim 2048.
-    let vocab = 128256usize;
-    let table = mem.buf(vocab * dim, DType::BF16, 0.5);
-    let dtable = mem.buf(vocab * dim, DType::F32, 0.0);
-    let ids = mem.ids(rows, vocab);
-    add(
-        "embedding_fwd bf16 32768x2048",
-        4 * rd + 4 * rows as u64,
-        0.0,
-        Box::new(move |b| ok(b.embedding_fwd(table, ids, out, dim), "embedding_fwd")),
-    );
-    // dout read once (bf16) + each touched dtable row read and written once (f32).
-    add(
-        "embedding_bwd bf16 32768x2048",
-        2 * rd + 8 * rd,
-        0.0,
-        Box::new(move |b| ok(b.embedding_bwd(out, ids, dtable, dim), "embedding_bwd")),
-    );
-
-    // Cross-entropy: 2048 rows x 128256 (bf16 logits, dlogits in place).
-    let ce_rows = 2048usize;
-    let logits = a.slice(0, ce_rows * vocab);
-    let targets = mem.ids(ce_rows, vocab);
-    let losses = mem.buf(ce_rows, DType::F32, 0.0);
-    let cb = (ce_rows * vocab) as u64;
-    add(
-        "cross_entropy bf16 2048x128256 (in place)",
-        4 * cb,
-        0.0,
-        Box::new(move |b| {
-            ok(
-                b.cross_entropy(logits, targets, losses, logits, ce_rows, vocab, -100, 1.0),
-                "cross_entropy",
-            )
-        }),
-    );
-
-    // AdamW on 64 Mi f32 params with a bf16 compute copy.
-    let pn = 1usize << 26;
-    let (p, g, m1, m2) = (
-        mem.buf(pn, DType::F32, 0.1),
-        mem.buf(pn, DType::F32, 0.01),
-        mem.buf(pn, DType::F32, 0.0),
-        mem.buf(pn, DType::F32, 0.0),
-    );
-    let copy = mem.buf(pn, DType::BF16, 0.0);
-    let gs = mem.buf(1, DType::F32, 1.0);
-    let hp = AdamW {
-        lr: 1e-4,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-        step: 10,
-    };
-    add(
-        "adamw f32 64Mi (+bf16 copy)",
-        30 * pn as u64,
-        0.0,
-        Box::new(move |b| ok(b.adamw(p, g, m1, m2, Some(copy), gs, &hp), "adamw")),
-    );
-    let sq = mem.buf(1, DType::F32, 0.0);
-    add(
-        "sum_squares f32 64Mi",
-        4 * pn as u64,
-        0.0,
-        Box::new(move |b| ok(b.sum_squares(&[p], sq), "sum_squares")),
-    );
+    let (list, [a, bb, o, _, f]) = memory_bound(mem, &sizes, DType::BF16);
+    v.extend(list);
 
     // GEMMs (bf16 in, f32 accumulate), y = x · Wᵀ.
     for (mm, nn, kk, out_dt) in [
@@ -297,12 +84,12 @@ fn benches(mem: &mut Mem) -> Vec<Bench> {
                 ""
             }
         );
-        add(
+        v.push(Bench::new(
             &name,
             0,
             gm.flops(),
             Box::new(move |b| ok(b.gemm(&gm, ga, gb, gc), "gemm")),
-        );
+        ));
     }
     v
 }
@@ -320,7 +107,7 @@ fn main() {
         be: &be,
         keep: Vec::new(),
     };
-    let list = benches(&mut mem);
+    let list = benches(&be, &mut mem);
     ok(be.synchronize(), "setup");
 
     let mut c = Criterion::default().configure_from_args();

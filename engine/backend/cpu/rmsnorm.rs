@@ -53,6 +53,34 @@ pub fn rmsnorm_fwd<T: Float>(
     Ok(())
 }
 
+/// h = x + residual and out = rmsnorm(h), rstd saved, block by block of rows.
+#[allow(clippy::too_many_arguments)]
+fn residual_fwd<T: Float>(
+    x: &[T],
+    residual: &[T],
+    w: &[T],
+    h: &mut [T],
+    out: &mut [T],
+    rstd: &mut [T],
+    dim: usize,
+    eps: T,
+) {
+    if dim == 0 {
+        return;
+    }
+    h.par_chunks_mut(ROWS * dim)
+        .zip(out.par_chunks_mut(ROWS * dim))
+        .zip(rstd.par_chunks_mut(ROWS))
+        .enumerate()
+        .for_each(|(c, ((hc, oc), rc))| {
+            let at = c * ROWS * dim;
+            for ((h, &a), &b) in hc.iter_mut().zip(&x[at..]).zip(&residual[at..]) {
+                *h = a + b;
+            }
+            T::rmsnorm_fwd_block(hc, w, oc, rc, eps);
+        });
+}
+
 /// dx = rstd · (g·w − x̂ · mean(g·w·x̂)) (+ dres) with x̂ = x · rstd; dw += Σ_rows g · x̂
 /// (deterministic).
 #[allow(clippy::too_many_arguments)]
@@ -139,24 +167,46 @@ pub(super) fn rmsnorm_fwd_op(
         dim,
     )?;
     let mut ins = vec![("x", x), ("w", w)];
+    if let Some((residual, h)) = res {
+        check_dtype(op, "residual", residual, FLOATS)?;
+        check_dtype(op, "h", h, FLOATS)?;
+        check(op, &[("residual", residual.len), ("h", h.len)], rows, dim)?;
+        check_disjoint(
+            op,
+            "h",
+            h,
+            &[
+                ("x", x),
+                ("residual", residual),
+                ("w", w),
+                ("out", out),
+                ("rstd", rstd),
+            ],
+        )?;
+        ins.push(("residual", residual));
+        ins.push(("h", h));
+    }
+    check_disjoint(op, "out", out, &ins)?;
+    check_disjoint(op, "rstd", rstd, &ins)?;
+    check_disjoint(op, "rstd", rstd, &[("out", out)])?;
     let src = match res {
+        // All f32: h and the norm in one pass over each block of rows (h is still in cache
+        // when the norm reads it).
+        Some((residual, h))
+            if [x, residual, h, w, out]
+                .iter()
+                .all(|b| b.dtype == DType::F32) =>
+        {
+            // SAFETY: live f32 buffers of checked lengths; outputs overlap no input or each
+            // other (checked above).
+            unsafe {
+                let (hs, os) = (view_mut::<f32>(h), view_mut::<f32>(out));
+                let (xs, rs, ws) = (view::<f32>(x), view::<f32>(residual), view::<f32>(w));
+                residual_fwd(xs, rs, ws, hs, os, view_mut::<f32>(rstd), dim, eps);
+            }
+            return Ok(());
+        }
         Some((residual, h)) => {
-            check_dtype(op, "residual", residual, FLOATS)?;
-            check_dtype(op, "h", h, FLOATS)?;
-            check(op, &[("residual", residual.len), ("h", h.len)], rows, dim)?;
-            check_disjoint(
-                op,
-                "h",
-                h,
-                &[
-                    ("x", x),
-                    ("residual", residual),
-                    ("w", w),
-                    ("out", out),
-                    ("rstd", rstd),
-                ],
-            )?;
-            ins.push(("residual", residual));
             // SAFETY: live buffers of checked dtypes; h overlaps nothing else.
             unsafe {
                 let (xs, rs) = (load(op, "x", x)?, load(op, "residual", residual)?);
@@ -168,14 +218,10 @@ pub(super) fn rmsnorm_fwd_op(
                         .for_each(|((h, a), b)| *h = a + b)
                 })?;
             }
-            ins.push(("h", h));
             h
         }
         None => x,
     };
-    check_disjoint(op, "out", out, &ins)?;
-    check_disjoint(op, "rstd", rstd, &ins)?;
-    check_disjoint(op, "rstd", rstd, &[("out", out)])?;
     // SAFETY: live buffers of checked dtypes and lengths; outputs overlap no input.
     unsafe {
         let (xs, ws) = (load(op, "x", src)?, load(op, "w", w)?);
