@@ -15,10 +15,7 @@ pub fn cross_entropy_row<T: Float>(x: &mut [T], target: usize, grad_scale: T) ->
     let mx = T::max_slice(x);
     let xt = x[target] - mx;
     let sum = T::exp_sub_sum(x, mx);
-    let k = grad_scale / sum;
-    for v in x.iter_mut() {
-        *v = *v * k;
-    }
+    T::scale_slice(x, grad_scale / sum);
     x[target] -= grad_scale;
     sum.ln() - xt
 }
@@ -122,8 +119,30 @@ pub(super) fn cross_entropy_op(
     );
     let (src_bf16, dst_bf16) = (logits.dtype == DType::BF16, dlogits.dtype == DType::BF16);
     ls.par_iter_mut().enumerate().for_each(|(r, loss)| {
+        let t = tg[r];
+        if !src_bf16 && !dst_bf16 {
+            // f32: the row is worked on in dlogits itself (copied there first unless the op
+            // runs in place), no scratch round trip.
+            // SAFETY: only this task touches row r of either buffer; when they are distinct
+            // they do not overlap (checked above).
+            unsafe {
+                let d =
+                    std::slice::from_raw_parts_mut(dst.get().cast::<f32>().add(r * vocab), vocab);
+                if t == ignore_index {
+                    d.fill(0.0);
+                    *loss = 0.0;
+                    return;
+                }
+                if src.get() != dst.get() {
+                    let s =
+                        std::slice::from_raw_parts(src.get().cast::<f32>().add(r * vocab), vocab);
+                    d.copy_from_slice(s);
+                }
+                *loss = cross_entropy_row(d, t as usize, grad_scale);
+            }
+            return;
+        }
         with_scratch::<f32, _>(vocab, |row| {
-            let t = tg[r];
             // SAFETY: row r of logits is read completely into `row` before row r of dlogits is
             // written, and no other task touches row r, so aliasing logits == dlogits is fine.
             unsafe {

@@ -84,6 +84,12 @@ pub trait Float:
         }
         s
     }
+    /// xs[i] *= k.
+    fn scale_slice(xs: &mut [Self], k: Self) {
+        for x in xs {
+            *x = *x * k;
+        }
+    }
     /// out = silu(g)·u with silu(g) = g·σ(g), σ(g) = 1 / (1 + exp(−g)).
     fn swiglu_fwd_block(g: &[Self], u: &[Self], out: &mut [Self]) {
         swiglu_fwd_rows(g, u, out, Self::exp)
@@ -377,6 +383,9 @@ impl Float for f32 {
     }
     fn dot(a: &[f32], b: &[f32]) -> f32 {
         vecmath::dot_f32(a, b)
+    }
+    fn scale_slice(xs: &mut [f32], k: f32) {
+        vecmath::scale_f32(xs, k)
     }
     fn swiglu_fwd_block(g: &[f32], u: &[f32], out: &mut [f32]) {
         vecmath::swiglu_fwd_f32(g, u, out)

@@ -89,6 +89,13 @@ fn max_body<const F: bool>(xs: &[f32]) -> f32 {
 }
 
 #[inline(always)]
+fn scale_body<const F: bool>(xs: &mut [f32], k: f32) {
+    for x in xs {
+        *x *= k;
+    }
+}
+
+#[inline(always)]
 fn exp_sub_sum_body<const F: bool>(xs: &mut [f32], m: f32) -> f32 {
     let mut acc = [0f32; LANES];
     let mut it = xs.chunks_exact_mut(LANES);
@@ -267,6 +274,10 @@ dispatch!(
 dispatch!(
     /// The largest element (-inf for an empty slice).
     max_f32(xs: &[f32]) -> f32 = max_body
+);
+dispatch!(
+    /// xs[i] *= k.
+    scale_f32(xs: &mut [f32], k: f32) -> () = scale_body
 );
 dispatch!(
     /// xs[i] = exp(xs[i] − m); returns Σ xs[i].
