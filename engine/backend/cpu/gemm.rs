@@ -213,10 +213,47 @@ pub fn gemm_kernel<T: Float>(g: &Gemm, a: &[T], b: &[T], c: &mut [T]) -> Result<
     Ok(())
 }
 
-/// Runs one product on every rayon thread by cutting `dst` into one contiguous slab per thread
-/// (rows when m >= n, else columns), each a single-threaded crate call. The crate's own
-/// parallel mode synchronises its threads at every k-block; independent slabs do not, which
-/// measured 5-15 % faster on the Llama projection shapes at 2 threads.
+/// Cuts C [m, n] along its longer side (rows when m >= n) into one contiguous slab per rayon
+/// thread, each a whole number of `unit`s along that side (rows, columns) and at least
+/// `min_units` of them, and runs `f(by_rows, slab)` on every slab in parallel. A product under
+/// 2^21 multiply-adds, or too narrow to cut, is one slab on this thread. Slabs are disjoint
+/// parts of C and no kernel sums across them, so results do not depend on the cut.
+pub(super) fn for_each_slab(
+    (m, n, k): (usize, usize, usize),
+    (row_unit, col_unit): (usize, usize),
+    min_units: usize,
+    f: impl Fn(bool, std::ops::Range<usize>) + Sync,
+) {
+    let by_rows = m >= n;
+    let (len, unit) = if by_rows {
+        (m, row_unit)
+    } else {
+        (n, col_unit)
+    };
+    let slabs = if m * n * k < 1 << 21 {
+        1
+    } else {
+        rayon::current_num_threads()
+            .min(len / (min_units * unit))
+            .max(1)
+    };
+    if slabs == 1 {
+        return f(by_rows, 0..len);
+    }
+    let per = len.div_ceil(slabs).next_multiple_of(unit);
+    (0..slabs).into_par_iter().for_each(|s| {
+        let (lo, hi) = (s * per, ((s + 1) * per).min(len));
+        if lo < hi {
+            f(by_rows, lo..hi)
+        }
+    });
+}
+
+/// Runs one product on every rayon thread (see [`for_each_slab`]: slabs of 16-row or
+/// 16-column multiples, at least 64 wide, since narrower ones waste the micro-kernel), each a
+/// single-threaded crate call. The crate's own parallel mode synchronises its threads at every
+/// k-block; independent slabs do not, which measured 5-15 % faster on the Llama projection
+/// shapes at 2 threads.
 ///
 /// # Safety
 /// As [`matmul`].
@@ -229,21 +266,8 @@ pub unsafe fn matmul_split<T: Float>(
     alpha: T,
     beta: T,
 ) {
-    let threads = rayon::current_num_threads();
-    let by_rows = m >= n;
-    let len = if by_rows { m } else { n };
-    // Slabs narrower than a few micro-tiles waste the kernel; tiny products stay serial.
-    let slabs = threads.min(len / 64).max(1);
-    if slabs == 1 || m * n * k < 1 << 21 {
-        return matmul((m, n, k), dst, lhs, rhs, alpha, beta, Parallelism::None);
-    }
-    let chunk = len.div_ceil(slabs).next_multiple_of(16);
     let (d, l, r) = (SendPtr(dst.ptr), SendPtr(lhs.ptr), SendPtr(rhs.ptr));
-    (0..slabs).into_par_iter().for_each(|s| {
-        let (start, end) = (s * chunk, ((s + 1) * chunk).min(len));
-        if start >= end {
-            return;
-        }
+    for_each_slab((m, n, k), (16, 16), 4, |by_rows, slab| {
         let (dst, lhs, rhs) = (
             Mat {
                 ptr: d.get(),
@@ -258,15 +282,15 @@ pub unsafe fn matmul_split<T: Float>(
                 ..rhs
             },
         );
-        // SAFETY: slab `s` addresses rows (or columns) [start, end) of dst, disjoint from every
-        // other slab's, and a sub-range of what the caller proved valid.
+        // SAFETY: the slab addresses rows (or columns) `slab` of dst, disjoint from every other
+        // slab's, and a sub-range of what the caller proved valid.
         unsafe {
             let (mnk, dst, lhs, rhs) = if by_rows {
-                let (dst, lhs) = (dst.skip_rows(start), lhs.skip_rows(start));
-                ((end - start, n, k), dst, lhs, rhs)
+                let (dst, lhs) = (dst.skip_rows(slab.start), lhs.skip_rows(slab.start));
+                ((slab.len(), n, k), dst, lhs, rhs)
             } else {
-                let (dst, rhs) = (dst.skip_cols(start), rhs.skip_cols(start));
-                ((m, end - start, k), dst, lhs, rhs)
+                let (dst, rhs) = (dst.skip_cols(slab.start), rhs.skip_cols(slab.start));
+                ((m, slab.len(), k), dst, lhs, rhs)
             };
             matmul(mnk, dst, lhs, rhs, alpha, beta, Parallelism::None)
         }

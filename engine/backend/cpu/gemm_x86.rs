@@ -18,7 +18,6 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::{with_scratch, SendPtr};
-use rayon::prelude::*;
 use std::arch::x86_64::*;
 
 /// Rows of C per tile (broadcast from A).
@@ -51,32 +50,13 @@ pub fn gemm_tn(
     split: bool,
 ) {
     assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n && k > 0);
-    // Slabs along the longer side of C, whole tiles each.
-    let by_rows = m >= n;
-    let (len, unit) = if by_rows { (m, MR) } else { (n, NR) };
-    let units = len.div_ceil(unit);
-    let threads = if split && m * n * k >= 1 << 21 {
-        rayon::current_num_threads()
-    } else {
-        1
-    };
-    let slabs = threads.min(units).max(1);
-    let per = units.div_ceil(slabs) * unit;
     let (pa, pb, pc) = (
         SendPtr(a.as_ptr() as *mut f32),
         SendPtr(b.as_ptr() as *mut f32),
         SendPtr(c.as_mut_ptr()),
     );
-    let run = |s: usize| {
-        let (lo, hi) = (s * per, ((s + 1) * per).min(len));
-        if lo >= hi {
-            return;
-        }
-        let (rows, cols) = if by_rows {
-            (lo..hi, 0..n)
-        } else {
-            (0..m, lo..hi)
-        };
+    let run = |by_rows: bool, part: std::ops::Range<usize>| {
+        let (rows, cols) = if by_rows { (part, 0..n) } else { (0..m, part) };
         let op = Operands {
             a: pa.get(),
             b: pb.get(),
@@ -89,10 +69,11 @@ pub fn gemm_tn(
         // rectangles of C; the caller checked AVX-512 through `supported`.
         unsafe { slab(&op, rows, cols, alpha, beta) }
     };
-    if slabs == 1 {
-        run(0);
+    if split {
+        // Slabs of whole tiles along the longer side of C.
+        super::gemm::for_each_slab((m, n, k), (MR, NR), 1, run);
     } else {
-        (0..slabs).into_par_iter().for_each(run);
+        run(true, 0..m);
     }
 }
 
