@@ -394,6 +394,11 @@ impl Float for f32 {
         vecmath::swiglu_bwd_f32(d, g, u, dg, du)
     }
     fn rope_row(x: &[f32], out: &mut [f32], cos: &[f32], sin: &[f32], inverse: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if super::rope::x86::supported(cos.len()) {
+            // SAFETY: AVX-512F is present and the head size fits (`supported`).
+            return unsafe { super::rope::x86::rope_row(x, out, cos, sin, inverse) };
+        }
         vecmath::rope_row_f32(x, out, cos, sin, inverse)
     }
     fn rmsnorm_fwd_block(x: &[f32], w: &[f32], out: &mut [f32], rstd: &mut [f32], eps: f32) {

@@ -54,10 +54,6 @@ pub fn rope<T: Float>(
     if row == 0 {
         return Ok(());
     }
-    #[cfg(target_arch = "x86_64")]
-    let fast = std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
-        && (half == 8 || half % 16 == 0)
-        && std::arch::is_x86_feature_detected!("avx512f");
     out.par_chunks_mut(row)
         .zip(x.par_chunks(row))
         .enumerate()
@@ -68,23 +64,23 @@ pub fn rope<T: Float>(
                 &cos[p * half..(p + 1) * half],
                 &sin[p * half..(p + 1) * half],
             );
-            #[cfg(target_arch = "x86_64")]
-            if fast {
-                let f = bytemuck::cast_slice::<T, f32>;
-                // SAFETY: AVX-512F was detected; T is f32; the slices hold whole heads.
-                unsafe { x86::rope_row(f(x), bytemuck::cast_slice_mut(o), f(c), f(sn), inverse) };
-                return;
-            }
             T::rope_row(x, o, c, sn, inverse);
         });
     Ok(())
 }
 
-/// `Float::rope_row` for f32 on AVX-512 at head dims 16 and 32k: the generic loop runs over a
-/// head's half, and at head dim 16 (8 pairs, half a vector) it compiles to scalar code.
+/// `Float::rope_row` for f32 on AVX-512 at head dims 16 and 32k (f32's `Float` impl picks it):
+/// the generic loop runs over a head's half, and at head dim 16 (8 pairs, half a vector) it
+/// compiles to scalar code.
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use std::arch::x86_64::*;
+
+    /// Whether this CPU and a head of `half` pairs take [`rope_row`].
+    pub fn supported(half: usize) -> bool {
+        (half == 8 || (half > 0 && half.is_multiple_of(16)))
+            && std::arch::is_x86_feature_detected!("avx512f")
+    }
 
     /// out = x·c + swap(x)·s per head, with c = (cos, cos) and s = (−sin, sin) (signs flipped
     /// for the inverse), swap exchanging the halves of the head. Half 8 or a multiple of 16.
