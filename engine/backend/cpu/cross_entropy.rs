@@ -120,6 +120,16 @@ pub(super) fn cross_entropy_op(
     let (src_bf16, dst_bf16) = (logits.dtype == DType::BF16, dlogits.dtype == DType::BF16);
     ls.par_iter_mut().enumerate().for_each(|(r, loss)| {
         let t = tg[r];
+        let live = t != ignore_index;
+        // The row's loss, its logits turned into dlogits in place (zeros for an ignored row).
+        let finish = |row: &mut [f32]| {
+            if live {
+                cross_entropy_row(row, t as usize, grad_scale)
+            } else {
+                row.fill(0.0);
+                0.0
+            }
+        };
         if !src_bf16 && !dst_bf16 {
             // f32: the row is worked on in dlogits itself (copied there first unless the op
             // runs in place), no scratch round trip.
@@ -128,17 +138,12 @@ pub(super) fn cross_entropy_op(
             unsafe {
                 let d =
                     std::slice::from_raw_parts_mut(dst.get().cast::<f32>().add(r * vocab), vocab);
-                if t == ignore_index {
-                    d.fill(0.0);
-                    *loss = 0.0;
-                    return;
-                }
-                if src.get() != dst.get() {
+                if live && src.get() != dst.get() {
                     let s =
                         std::slice::from_raw_parts(src.get().cast::<f32>().add(r * vocab), vocab);
                     d.copy_from_slice(s);
                 }
-                *loss = cross_entropy_row(d, t as usize, grad_scale);
+                *loss = finish(d);
             }
             return;
         }
@@ -146,27 +151,18 @@ pub(super) fn cross_entropy_op(
             // SAFETY: row r of logits is read completely into `row` before row r of dlogits is
             // written, and no other task touches row r, so aliasing logits == dlogits is fine.
             unsafe {
-                if t == ignore_index {
-                    row.fill(0.0);
-                    *loss = 0.0;
-                } else {
-                    if src_bf16 {
-                        let s = std::slice::from_raw_parts(
-                            src.get().cast::<u16>().add(r * vocab),
-                            vocab,
-                        );
-                        row.iter_mut()
-                            .zip(s)
-                            .for_each(|(d, &b)| *d = f32::from_bits((b as u32) << 16));
-                    } else {
-                        let s = std::slice::from_raw_parts(
-                            src.get().cast::<f32>().add(r * vocab),
-                            vocab,
-                        );
-                        row.copy_from_slice(s);
-                    }
-                    *loss = cross_entropy_row(row, t as usize, grad_scale);
+                if live && src_bf16 {
+                    let s =
+                        std::slice::from_raw_parts(src.get().cast::<u16>().add(r * vocab), vocab);
+                    row.iter_mut()
+                        .zip(s)
+                        .for_each(|(d, &b)| *d = f32::from_bits((b as u32) << 16));
+                } else if live {
+                    let s =
+                        std::slice::from_raw_parts(src.get().cast::<f32>().add(r * vocab), vocab);
+                    row.copy_from_slice(s);
                 }
+                *loss = finish(row);
                 if dst_bf16 {
                     let d = std::slice::from_raw_parts_mut(
                         dst.get().cast::<u16>().add(r * vocab),
