@@ -71,6 +71,12 @@ fn fill_copy_cast_scale() {
         let want: Vec<f64> = src.iter().map(|x| x * -0.5).collect();
         check("scale", dt, &download(&b, d.buf), &want);
     }
+    // Large enough for the parallel copy (pieces of 256 KiB and a ragged last one).
+    let src = r.vec(300_007, 3.0);
+    let s = upload(&b, &src, DType::F32);
+    let d = poisoned(&b, 300_007, DType::F32);
+    b.copy(s.buf, d.buf).unwrap();
+    assert_eq!(download(&b, d.buf), download(&b, s.buf));
     let ids = poisoned(&b, 11, DType::I32);
     b.fill(ids.buf, 7.0).unwrap();
     assert!(download(&b, ids.buf).iter().all(|&x| x == 7.0));
