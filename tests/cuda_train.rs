@@ -1,6 +1,7 @@
 //! A whole Llama 3 debugmodel training step on CUDA (bf16 compute) against the CPU reference
-//! (f32) from the same master weights: the loss and every parameter gradient, then a few
-//! optimizer steps through the planned trainer path. Run on a GPU machine with `--ignored`.
+//! (f32) from the same master weights: the loss and every parameter gradient. Then several
+//! optimizer steps through the trainer's planned path (one arena per plan, fused AdamW, grad
+//! clipping) on both backends. Run on a GPU machine with `--ignored`.
 #![cfg(feature = "cuda")]
 
 use titan::backend::cpu::CpuBackend;
@@ -11,6 +12,8 @@ use titan::params::{ParamStore, ParamStoreBuilder};
 use titan::rng::Rng;
 use titan::tape::{Placement, Tape};
 use titan::tensor::DType;
+use titan::train::config::JobConfig;
+use titan::train::trainer::Trainer;
 
 /// (parameter name, element offset in the flat region, numel).
 type Spans = Vec<(String, usize, usize)>;
@@ -112,4 +115,98 @@ fn debugmodel_step_on_cuda_matches_cpu() {
     let all = rel_l2(&g_gpu, &g_cpu);
     println!("all grads rel_l2 {all:.2e} (worst tensor {worst:.2e})");
     assert!(all < 2e-2, "whole gradient rel L2 {all}");
+}
+
+/// The README's debugmodel job (embedded, so the test runs from a bundle without the repo),
+/// shortened to `steps` steps of batch 4 x seq 128 on `device`.
+fn debug_trainer(device: &str, steps: usize) -> Trainer {
+    let dir =
+        std::env::temp_dir().join(format!("titan-cuda-train-{device}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let toml = dir.join("llama3_debugmodel.toml");
+    std::fs::write(&toml, include_str!("../configs/llama3_debugmodel.toml")).unwrap();
+    let overrides: Vec<String> = [
+        "--training.device",
+        device,
+        "--training.steps",
+        &steps.to_string(),
+        "--training.seq_len",
+        "128",
+        "--training.local_batch_size",
+        "4",
+        "--job.dump_folder",
+        dir.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let cfg = JobConfig::load(Some(&toml), &overrides).unwrap();
+    Trainer::new(cfg).unwrap()
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn trainer_steps_on_cuda_track_cpu_and_allocate_nothing_after_the_first() {
+    let steps = 8;
+    let mut cpu = debug_trainer("cpu", steps);
+    let mut gpu = debug_trainer("cuda", steps);
+    assert_eq!(gpu.be.name(), "cuda");
+    // Same seed, same host-side init: the masters start identical.
+    let m_cpu = cpu
+        .store
+        .read_f32(cpu.be.as_ref(), cpu.store.flat_master())
+        .unwrap();
+    let m_gpu = gpu
+        .store
+        .read_f32(gpu.be.as_ref(), gpu.store.flat_master())
+        .unwrap();
+    assert_eq!(m_cpu, m_gpu, "initial masters differ");
+    let mut allocs_after_first = 0;
+    let (mut first, mut last) = (0.0, 0.0);
+    for step in 1..=steps {
+        let c = cpu.train_step().unwrap();
+        let g = gpu.train_step().unwrap();
+        let dl = ((g.loss - c.loss) / c.loss).abs();
+        let dn = ((g.grad_norm - c.grad_norm) / c.grad_norm).abs();
+        println!(
+            "step {step}: loss cpu {:.5} cuda {:.5} (rel {dl:.1e}) | grad norm cpu {:.4} cuda {:.4} (rel {dn:.1e})",
+            c.loss, g.loss, c.grad_norm, g.grad_norm
+        );
+        assert!(
+            g.loss.is_finite() && dl < 2e-2,
+            "step {step}: loss {} vs {}",
+            g.loss,
+            c.loss
+        );
+        assert!(
+            dn < 5e-2,
+            "step {step}: grad norm {} vs {}",
+            g.grad_norm,
+            c.grad_norm
+        );
+        if step == 1 {
+            allocs_after_first = gpu.be.alloc_count();
+            first = g.loss;
+        }
+        last = g.loss;
+    }
+    assert!(last < first, "CUDA loss did not fall: {first} -> {last}");
+    assert_eq!(
+        gpu.be.alloc_count(),
+        allocs_after_first,
+        "steps after the first allocated device memory (the plan's arena should serve them)"
+    );
+    // Masters after the updates: AdamW's first steps move every weight by about lr, so
+    // bf16-compute noise in small gradients shows up here more than in the loss.
+    let m_cpu = cpu
+        .store
+        .read_f32(cpu.be.as_ref(), cpu.store.flat_master())
+        .unwrap();
+    let m_gpu = gpu
+        .store
+        .read_f32(gpu.be.as_ref(), gpu.store.flat_master())
+        .unwrap();
+    let e = rel_l2(&m_gpu, &m_cpu);
+    println!("masters after {steps} steps: rel_l2 {e:.2e}");
+    assert!(e < 5e-2, "masters after {steps} steps: rel L2 {e}");
 }
