@@ -45,8 +45,8 @@ fn attention(c: &mut Criterion) {
     let be = match CudaBackend::new(0) {
         Ok(b) => b,
         Err(e) => {
-            eprintln!("cuda_attention: no CUDA device, nothing measured: {e}");
-            return;
+            eprintln!("cuda_attention bench needs a CUDA device: {e}");
+            std::process::exit(1);
         }
     };
     println!("device: {}", be.device_name());

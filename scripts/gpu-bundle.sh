@@ -3,7 +3,9 @@
 #   bundle/bin/titan            release binary (--features cuda)
 #   bundle/tests/<name>         every test executable (lib unit tests + tests/*.rs), release
 #   bundle/benches/<name>       every bench executable
-#   bundle/run-gpu.sh           runs them there, output to $OUT/results.txt (or ./results.txt)
+#   bundle/configs/, bundle/torch_llama_ref.py   what the end-to-end benchmark and its PyTorch
+#                               reference read there
+#   bundle/run-gpu.sh           runs all of it there, output to $OUT/results.txt (or ./results.txt)
 #   bundle/ptxas-report.txt     registers / shared memory / spills per kernel
 # Binaries are stripped. The same tree is packed as ./bundle.tar.xz (git-ignored: name it in the
 # device call's carry list); it must stay under 64 MiB, the device tool's carry limit.
@@ -26,7 +28,8 @@ for line in sys.stdin:
         m = json.loads(line)
     except ValueError:
         continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+    # Test harnesses only (profile.test): not the plain binaries or examples cargo also builds.
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
         kinds = m["target"]["kind"]
         print(m["target"]["name"], ",".join(kinds), m["executable"])
 '
@@ -66,6 +69,8 @@ report=$(ls -t "${CARGO_TARGET_DIR:-$root/target}"/release/build/titan-*/out/ptx
 if [ -n "$report" ]; then cp "$report" "$stage/ptxas-report.txt"; fi
 cp "$root/scripts/run-gpu.sh" "$bundle/run-gpu.sh"
 chmod +x "$bundle/run-gpu.sh"
+cp -r "$root/configs" "$bundle/configs"
+cp "$root/benches/torch_llama_ref.py" "$bundle/torch_llama_ref.py"
 ( cd "$bundle" && find . -type f | sort | xargs ls -la ) > "$root/bundle.manifest.tmp"
 mv "$root/bundle.manifest.tmp" "$bundle/MANIFEST.txt"
 tar -C "$bundle" -cJf "$root/bundle.tar.xz" .
@@ -77,3 +82,6 @@ if [ "$size" -gt $((64 * 1024 * 1024)) ]; then
   echo "bundle.tar.xz is over 64 MiB: drop test executables that need no GPU" >&2
   exit 1
 fi
+echo "== on the GPU machine, with bundle.tar.xz in the current folder, this runs everything and"
+echo "   writes \$OUT/results.txt (./results.txt without OUT) and summary.txt:"
+echo "mkdir -p /tmp/titan-bundle && tar xJf bundle.tar.xz -C /tmp/titan-bundle && TITAN_DEADLINE=900 /tmp/titan-bundle/run-gpu.sh"
