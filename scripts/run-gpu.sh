@@ -5,7 +5,7 @@
 #      every kernel against its CPU twin, flash attention against an f64 reference;
 #   2. the end-to-end benchmark (`titan bench`, Llama 3 1B, seq 4096) and, right after it on the
 #      same GPU, the PyTorch reference (torch_llama_ref.py) when python3 has torch;
-#   3. the CUDA kernel benches (criterion, short times);
+#   3. the CUDA kernel benches (criterion, short times), then the reference with torch.compile;
 #   4. every other test executable (the CPU suite), as time allows.
 # Output: $OUT/results.txt (./results.txt when OUT is unset), a summary at its end and in
 # $OUT/summary.txt. CUDA libraries come from python3's nvidia wheels (cuBLAS, NCCL; a libnccl.so
@@ -79,6 +79,12 @@ for b in "$here"/benches/cuda_*; do
   [ -x "$b" ] || continue
   run "bench $(basename "$b")" 150 "$b" --bench --warm-up-time 0.5 --measurement-time 1 --noplot
 done
+
+# ---- 3b. the PyTorch reference again with torch.compile (slower to start) -------------------
+if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
+  run "bench torch-ref 1B compile" 240 env PYTHONUNBUFFERED=1 python3 torch_llama_ref.py --flavor 1B \
+    --seq 4096 --batch 2 --steps "$steps" --warmup 2 --compile
+fi
 
 # ---- 4. everything else -----------------------------------------------------------------------
 for t in "$here"/tests/*; do
