@@ -144,6 +144,12 @@ fn debug_trainer(device: &str, steps: usize) -> Trainer {
     Trainer::new(cfg).unwrap()
 }
 
+fn masters(tr: &Trainer) -> Vec<f32> {
+    tr.store
+        .read_f32(tr.be.as_ref(), tr.store.flat_master())
+        .unwrap()
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn trainer_steps_on_cuda_track_cpu_and_allocate_nothing_after_the_first() {
@@ -152,14 +158,7 @@ fn trainer_steps_on_cuda_track_cpu_and_allocate_nothing_after_the_first() {
     let mut gpu = debug_trainer("cuda", steps);
     assert_eq!(gpu.be.name(), "cuda");
     // Same seed, same host-side init: the masters start identical.
-    let m_cpu = cpu
-        .store
-        .read_f32(cpu.be.as_ref(), cpu.store.flat_master())
-        .unwrap();
-    let m_gpu = gpu
-        .store
-        .read_f32(gpu.be.as_ref(), gpu.store.flat_master())
-        .unwrap();
+    let (m_cpu, m_gpu) = (masters(&cpu), masters(&gpu));
     assert_eq!(m_cpu, m_gpu, "initial masters differ");
     let mut allocs_after_first = 0;
     let (mut first, mut last) = (0.0, 0.0);
@@ -198,14 +197,7 @@ fn trainer_steps_on_cuda_track_cpu_and_allocate_nothing_after_the_first() {
     );
     // Masters after the updates: AdamW's first steps move every weight by about lr, so
     // bf16-compute noise in small gradients shows up here more than in the loss.
-    let m_cpu = cpu
-        .store
-        .read_f32(cpu.be.as_ref(), cpu.store.flat_master())
-        .unwrap();
-    let m_gpu = gpu
-        .store
-        .read_f32(gpu.be.as_ref(), gpu.store.flat_master())
-        .unwrap();
+    let (m_cpu, m_gpu) = (masters(&cpu), masters(&gpu));
     let e = rel_l2(&m_gpu, &m_cpu);
     println!("masters after {steps} steps: rel_l2 {e:.2e}");
     assert!(e < 5e-2, "masters after {steps} steps: rel L2 {e}");
