@@ -129,6 +129,12 @@ pub fn plan(config: Option<&Path>, overrides: &[String], dtype: &str, json: bool
         mp.buffers,
         mp.ops
     );
+    if mp.validation_activations > 0 {
+        println!(
+            "  validation (own arena)    {}   (its forward pass does not fit in the training arena)",
+            gib(mp.validation_activations)
+        );
+    }
     println!("  peak, one device          {}", gib(mp.total()));
     let shard = cfg.parallelism.data_parallel_shard_degree;
     if shard > 1 {

@@ -136,10 +136,14 @@ impl MetricsWriter {
         })
     }
     pub fn write(&mut self, m: &StepMetrics) -> Result<()> {
-        let line = serde_json::to_string(m).map_err(|e| Error::Other(e.to_string()))?;
-        writeln!(self.file, "{line}").map_err(|e| Error::io(&self.path, e))?;
+        self.write_json(m)?;
         self.history.push(m.clone());
         Ok(())
+    }
+    /// Appends any other record (validation results) as one JSON line.
+    pub fn write_json(&mut self, record: &impl serde::Serialize) -> Result<()> {
+        let line = serde_json::to_string(record).map_err(|e| Error::Other(e.to_string()))?;
+        writeln!(self.file, "{line}").map_err(|e| Error::io(&self.path, e))
     }
     pub fn path(&self) -> &Path {
         &self.path

@@ -36,6 +36,11 @@ use source::{Resolved, TokenFiles};
 /// Built-in dataset names and what they mean.
 pub const BUILTIN_DATASETS: &[&str] = &["synthetic", "c4_test"];
 
+/// torchtitan's dataset names that are Hugging Face downloads (titan reads local files only).
+pub fn needs_download(name: &str) -> bool {
+    matches!(name, "c4" | "c4_mini" | "c4_validation" | "fineweb")
+}
+
 /// Everything `build_loader` needs; the trainer maps its TOML config onto this.
 #[derive(Debug, Clone)]
 pub struct DataConfig {
@@ -97,7 +102,7 @@ pub fn build_loader(cfg: &DataConfig) -> Result<DataLoader> {
     let path = match (&cfg.dataset_path, name) {
         (Some(p), _) => Some(p.clone()),
         (None, "synthetic" | "c4_test") => None,
-        (None, "c4" | "c4_mini" | "fineweb") => {
+        (None, n) if needs_download(n) => {
             return Err(Error::Data(format!(
                 "dataset {name:?} must be downloaded: titan reads local files only; set \
                  training.dataset_path to .txt/.jsonl/.bin files, or use \"synthetic\""

@@ -5,3 +5,4 @@ pub mod device;
 pub mod hf;
 pub mod lr;
 pub mod trainer;
+pub mod validate;

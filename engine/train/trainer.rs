@@ -9,6 +9,7 @@
 use super::config::JobConfig;
 use super::device::{device_name, select_backend};
 use super::lr::LrSchedule;
+use super::validate::{validation_arena_bytes, ValMetrics, Validator};
 use crate::backend::meta::MetaBackend;
 use crate::backend::{AdamW, Backend, Buf, DeviceMem};
 use crate::checkpoint::{self, CheckpointMeta, NamedTensor};
@@ -60,6 +61,8 @@ pub struct MemoryPlan {
     pub state: StateBytes,
     pub activations_peak: usize,
     pub activations_unplanned: usize,
+    /// Validation's own arena, when its forward pass does not fit in the training arena.
+    pub validation_activations: usize,
     pub buffers: usize,
     pub ops: usize,
     pub num_params: usize,
@@ -67,35 +70,80 @@ pub struct MemoryPlan {
 
 impl MemoryPlan {
     pub fn total(&self) -> usize {
-        self.state.total() + self.activations_peak
+        self.state.total() + self.activations_peak + self.validation_activations
     }
 }
 
-/// Traces one micro-batch (forward, backward) of the architecture `mc` on the meta backend and
-/// plans it.
-pub fn trace_plan(cfg: &JobConfig, mc: Llama3Config, dtype: DType) -> Result<(Plan, MemoryPlan)> {
+/// Traces one micro-batch of `batch x seq` tokens (forward, and backward when `backward`) of the
+/// architecture `mc` on the meta backend and plans it. Returns the plan, the number of ops and
+/// the store's sizes.
+fn trace(
+    cfg: &JobConfig,
+    mc: Llama3Config,
+    dtype: DType,
+    (b, s): (usize, usize),
+    backward: bool,
+) -> Result<(Plan, usize, StateBytes, usize)> {
     let (model, builder) = build_model_from(cfg, mc)?;
     let meta = MetaBackend::new();
     let store = ParamStore::materialize(builder, &meta, dtype)?;
-    let (b, s) = (
-        cfg.training.local_batch_size as usize,
-        cfg.training.seq_len as usize,
-    );
     let zeros = vec![0i32; b * s];
     let mut tape = Tape::new(&meta, &store, Placement::Owned);
     let tokens = tape.input_i32(&zeros, [b, s])?;
     let labels = tape.input_i32(&zeros, [b * s])?;
     let loss = model.loss(&mut tape, tokens, labels, 1.0)?;
-    tape.backward(loss)?;
+    if backward {
+        tape.backward(loss)?;
+    }
     tape.to_vec_f32(loss)?;
-    let plan = tape.plan();
+    Ok((
+        tape.plan(),
+        tape.num_nodes(),
+        store.state_bytes(),
+        store.num_params(),
+    ))
+}
+
+/// The plan of a forward pass alone (validation, evaluation) on `batch x seq` tokens.
+pub fn trace_forward_plan(
+    cfg: &JobConfig,
+    mc: Llama3Config,
+    dtype: DType,
+    batch: usize,
+    seq: usize,
+) -> Result<Plan> {
+    Ok(trace(cfg, mc, dtype, (batch, seq), false)?.0)
+}
+
+/// Traces one training micro-batch (forward, backward) of the architecture `mc` on the meta
+/// backend and plans it; with validation enabled, also its forward pass.
+pub fn trace_plan(cfg: &JobConfig, mc: Llama3Config, dtype: DType) -> Result<(Plan, MemoryPlan)> {
+    let shape = (
+        cfg.training.local_batch_size as usize,
+        cfg.training.seq_len as usize,
+    );
+    let (plan, ops, state, num_params) = trace(cfg, mc.clone(), dtype, shape, true)?;
+    let v = &cfg.validation;
+    let validation_activations = if v.enable {
+        let vp = trace_forward_plan(
+            cfg,
+            mc,
+            dtype,
+            v.local_batch_size as usize,
+            v.seq_len as usize,
+        )?;
+        validation_arena_bytes(plan.peak, vp.peak)
+    } else {
+        0
+    };
     let mp = MemoryPlan {
-        state: store.state_bytes(),
+        state,
         activations_peak: plan.peak,
         activations_unplanned: plan.unplanned,
+        validation_activations,
         buffers: plan.requests.len(),
-        ops: tape.num_nodes(),
-        num_params: store.num_params(),
+        ops,
+        num_params,
     };
     Ok((plan, mp))
 }
@@ -117,6 +165,9 @@ pub struct Trainer {
     pub peak: Peak,
     pub flops_per_token: f64,
     pub device: String,
+    /// Held-out loss every `validation.freq` steps, when `validation.enable`.
+    pub validator: Option<Validator>,
+    pub validation_history: Vec<ValMetrics>,
     dump: PathBuf,
 }
 
@@ -164,7 +215,7 @@ impl Trainer {
                 .as_deref()
                 .and_then(non_empty)
                 .map(PathBuf::from),
-            tokenizer,
+            tokenizer: tokenizer.clone(),
             seq_len: cfg.training.seq_len as usize,
             batch: cfg.training.local_batch_size as usize,
             seed,
@@ -188,6 +239,18 @@ impl Trainer {
         let store = ParamStore::materialize(builder, be.as_ref(), dtype)?;
         model.init_weights(&store, be.as_ref(), seed)?;
         let arena = be.alloc(plan.peak.max(256))?;
+        let validator = if cfg.validation.enable {
+            Some(Validator::new(
+                &cfg,
+                &model.config,
+                dtype,
+                tokenizer,
+                be.as_ref(),
+                arena.bytes(),
+            )?)
+        } else {
+            None
+        };
         let scalar_mem = be.alloc(256)?;
         let scalars = Buf::new(scalar_mem.ptr(), 2, DType::F32);
         let lr = LrSchedule::from_config(&cfg)?;
@@ -219,6 +282,8 @@ impl Trainer {
             peak,
             flops_per_token,
             device,
+            validator,
+            validation_history: Vec::new(),
             dump,
         })
     }
@@ -324,7 +389,7 @@ impl Trainer {
         let log_freq = self.cfg.metrics.log_freq.max(1) as u64;
         let mut writer = MetricsWriter::create(&self.dump)?;
         let planned = (self.memory.total()) as f64 / GIB;
-        let started = Instant::now();
+        let mut started = Instant::now();
         let first_step = self.step;
         let mut window_tokens = 0usize;
         let mut window_start = Instant::now();
@@ -361,6 +426,24 @@ impl Trainer {
                 window_steps = 0;
                 window_start = Instant::now();
             }
+            if let Some(v) = self.validator.as_mut().filter(|v| v.should_run(done)) {
+                let m = v.run(
+                    done,
+                    &self.model,
+                    &self.store,
+                    self.be.as_ref(),
+                    self.arena.ptr(),
+                )?;
+                if !quiet {
+                    println!("{}", m.log_line());
+                }
+                writer.write_json(&m)?;
+                self.validation_history.push(m);
+                // Throughput and ETA count training steps only.
+                let spent = std::time::Duration::from_secs_f64(m.validation_time_s);
+                window_start += spent;
+                started += spent;
+            }
             let interval = self.cfg.checkpoint.interval.max(1) as u64;
             if self.cfg.checkpoint.enable && (done.is_multiple_of(interval) || done == steps) {
                 self.save_checkpoint()?;
@@ -380,7 +463,8 @@ impl Trainer {
 
     /// Bytes this trainer holds on its backend: the flat state, constants and the arena.
     pub fn actual_memory(&self) -> usize {
-        self.store.state_bytes().total() + self.arena.bytes() + 256
+        let validation = self.validator.as_ref().map_or(0, Validator::own_bytes);
+        self.store.state_bytes().total() + self.arena.bytes() + validation + 256
     }
 
     fn param_tensor_names(&self) -> Vec<(String, crate::params::ParamId)> {

@@ -213,6 +213,14 @@ impl JobConfig {
         if v.steps != -1 && v.steps <= 0 {
             return bad("validation.steps", v.steps, "a positive integer or -1");
         }
+        // The model's rotary tables are built for training.seq_len (as torchtitan's).
+        if v.enable && v.seq_len > t.seq_len {
+            return Err(Error::Config(format!(
+                "validation.seq_len = {} is longer than training.seq_len = {}: the model is built \
+                 for sequences up to training.seq_len",
+                v.seq_len, t.seq_len
+            )));
+        }
         positive("comm.init_timeout_seconds", self.comm.init_timeout_seconds)?;
         positive(
             "comm.train_timeout_seconds",

@@ -1,0 +1,197 @@
+//! Validation during training (torchtitan's `components/validate.py`): after the first step and
+//! every `validation.freq` steps, the mean next-token loss of the current weights on a held-out
+//! dataset, forward only. Each run starts from the beginning of that dataset, so the numbers of
+//! different steps are over the same tokens and compare directly.
+//!
+//! The held-out data: `validation.dataset_path`, or `validation.dataset`; the built-in synthetic
+//! corpus is drawn with another seed than training's (same grammar and tasks, other documents).
+//! `validation.steps = -1` means one pass over the whole set, which needs a finite one (a file).
+//!
+//! Memory: the forward pass is traced and planned on the meta backend like the training step.
+//! When its peak fits in the training arena (idle between steps) it runs there; otherwise it gets
+//! an arena of its own, which the memory plan counts (`MemoryPlan::validation_activations`).
+
+use super::config::JobConfig;
+use crate::backend::{Backend, DeviceMem};
+use crate::data::{build_loader, needs_download, DataConfig, DataLoader};
+use crate::error::{Error, Result};
+use crate::models::llama3::{Llama3, Llama3Config};
+use crate::params::ParamStore;
+use crate::planner::Plan;
+use crate::tape::{Placement, Tape};
+use crate::tensor::DType;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Mixed into the training seed for the synthetic validation corpus: other documents, same kind.
+pub const VALIDATION_SEED_SALT: u64 = 0x7661_6C69_6461_7465; // "validate"
+
+/// One validation run's numbers (a line of metrics.jsonl).
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct ValMetrics {
+    pub step: u64,
+    pub validation_loss: f64,
+    pub validation_tokens: usize,
+    pub validation_batches: usize,
+    pub validation_time_s: f64,
+}
+
+impl ValMetrics {
+    pub fn log_line(&self) -> String {
+        format!(
+            "validate step {:>5}  loss {:>8.4}  over {} tokens ({} batches, {:.2}s)",
+            self.step,
+            self.validation_loss,
+            self.validation_tokens,
+            self.validation_batches,
+            self.validation_time_s
+        )
+    }
+}
+
+/// Arena bytes validation needs beyond the training arena: none when its forward pass fits there.
+pub fn validation_arena_bytes(train_peak: usize, validation_peak: usize) -> usize {
+    if validation_peak <= train_peak {
+        0
+    } else {
+        validation_peak
+    }
+}
+
+pub struct Validator {
+    loader: DataLoader,
+    /// The loader's position before its first batch: every run restarts there.
+    start: serde_json::Value,
+    batches: usize,
+    freq: u64,
+    plan: Plan,
+    own_arena: Option<Box<dyn DeviceMem>>,
+}
+
+impl Validator {
+    /// The validator of `cfg.validation` for a model of architecture `mc` (whose vocabulary every
+    /// validation id must fit), with `train_arena_bytes` of training arena to borrow.
+    pub fn new(
+        cfg: &JobConfig,
+        mc: &Llama3Config,
+        dtype: DType,
+        tokenizer: Option<PathBuf>,
+        be: &dyn Backend,
+        train_arena_bytes: usize,
+    ) -> Result<Validator> {
+        let v = &cfg.validation;
+        let (batch, seq) = (v.local_batch_size as usize, v.seq_len as usize);
+        let seed = cfg.training.seed.unwrap_or(0).max(0) as u64 ^ VALIDATION_SEED_SALT;
+        let dcfg = DataConfig {
+            dataset: v.dataset.clone(),
+            dataset_path: v
+                .dataset_path
+                .as_deref()
+                .filter(|p| !p.trim().is_empty())
+                .map(PathBuf::from),
+            tokenizer,
+            seq_len: seq,
+            batch,
+            seed,
+            dp_rank: 0,
+            dp_world: 1,
+            token_dtype: None,
+            vocab_size: Some(mc.vocab_size),
+            progress: true,
+        };
+        if dcfg.dataset_path.is_none() && needs_download(v.dataset.trim()) {
+            return Err(Error::Data(format!(
+                "validation.dataset = {:?} must be downloaded: titan reads local files only; set \
+                 validation.dataset_path to .txt/.jsonl/.bin files, or use \"synthetic\" \
+                 (held-out documents of the built-in corpus)",
+                v.dataset
+            )));
+        }
+        let loader = build_loader(&dcfg).map_err(|e| match e {
+            Error::Data(m) => Error::Data(format!("validation dataset: {m}")),
+            Error::Config(m) => Error::Config(format!("validation dataset: {m}")),
+            other => other,
+        })?;
+        let batches = if v.steps > 0 {
+            v.steps as usize
+        } else {
+            let Some(tokens) = loader.slice_tokens() else {
+                return Err(Error::Config(format!(
+                    "validation.steps = -1 (one pass over the whole set) needs a finite dataset, \
+                     but {} is endless: set validation.steps to a number of batches",
+                    loader.name()
+                )));
+            };
+            let per_batch = (batch * (seq + 1)) as u64;
+            let n = (tokens / per_batch) as usize;
+            if n == 0 {
+                return Err(Error::Data(format!(
+                    "validation dataset {} has {tokens} tokens, fewer than one batch of \
+                     {batch} x (seq_len {seq} + 1)",
+                    loader.name()
+                )));
+            }
+            n
+        };
+        let plan = super::trainer::trace_forward_plan(cfg, mc.clone(), dtype, batch, seq)?;
+        let own_arena = match validation_arena_bytes(train_arena_bytes, plan.peak) {
+            0 => None,
+            bytes => Some(be.alloc(bytes)?),
+        };
+        let start = loader.state();
+        Ok(Validator {
+            loader,
+            start,
+            batches,
+            freq: v.freq.max(1) as u64,
+            plan,
+            own_arena,
+        })
+    }
+
+    /// torchtitan's cadence: after the first step, then every `freq` steps.
+    pub fn should_run(&self, step: u64) -> bool {
+        step == 1 || step.is_multiple_of(self.freq)
+    }
+
+    /// Bytes of the validator's own arena (0 when it borrows the training arena).
+    pub fn own_bytes(&self) -> usize {
+        self.own_arena.as_ref().map_or(0, |m| m.bytes())
+    }
+
+    /// Mean loss over the validation batches of the weights in `store`. `train_arena` is the
+    /// training step's arena, free while no step runs.
+    pub fn run(
+        &mut self,
+        step: u64,
+        model: &Llama3,
+        store: &ParamStore,
+        be: &dyn Backend,
+        train_arena: u64,
+    ) -> Result<ValMetrics> {
+        let t0 = Instant::now();
+        self.loader.restore(&self.start)?;
+        let base = self.own_arena.as_ref().map_or(train_arena, |m| m.ptr());
+        let (mut total, mut tokens) = (0f64, 0usize);
+        for _ in 0..self.batches {
+            let b = self.loader.next_batch()?;
+            let placement = Placement::Planned {
+                base,
+                plan: &self.plan,
+            };
+            let mut tape = Tape::new(be, store, placement);
+            let inputs = tape.input_i32(&b.inputs, [b.batch, b.seq])?;
+            let labels = tape.input_i32(&b.labels, [b.batch * b.seq])?;
+            let loss = model.loss(&mut tape, inputs, labels, 1.0)?;
+            total += tape.to_vec_f32(loss)?[0] as f64;
+            tokens += b.labels.iter().filter(|&&l| l >= 0).count();
+        }
+        Ok(ValMetrics {
+            step,
+            validation_loss: total / tokens.max(1) as f64,
+            validation_tokens: tokens,
+            validation_batches: self.batches,
+            validation_time_s: t0.elapsed().as_secs_f64(),
+        })
+    }
+}
