@@ -18,8 +18,20 @@ use std::time::Instant;
 
 pub fn train(config: Option<&Path>, overrides: &[String], quiet: bool) -> Result<()> {
     let cfg = JobConfig::load(config, overrides)?;
+    if cfg.job.print_config {
+        println!("titan: job config\n{}", cfg.to_toml_string()?);
+    }
     let t0 = Instant::now();
     let mut tr = Trainer::new(cfg)?;
+    if tr.cfg.checkpoint.create_seed_checkpoint {
+        // torchtitan's seed checkpoint: the initialised weights as step-0, then stop.
+        let dir = tr.save(crate::train::state::SaveKind::ModelOnly)?;
+        println!(
+            "titan: seed checkpoint (initial weights, step 0) in {}",
+            dir.display()
+        );
+        return Ok(());
+    }
     let c = &tr.model.config;
     println!(
         "titan: {} {} ({:.2}M params, dim {} layers {} heads {}/{} vocab {}) on {} | {} dtype | seq {} x batch {} x accum {}",

@@ -298,7 +298,7 @@ fn cli_overrides_in_torchtitan_style() {
             "--optimizer.lr=3e-4",
             "--checkpoint.enable",
             "--checkpoint.no_initial_load_model_only",
-            "--metrics.disable_color_printing",
+            "--job.print_config",
             "false",
             "--training.seed",
             "11",
@@ -317,7 +317,7 @@ fn cli_overrides_in_torchtitan_style() {
         "override must win over the file's old spelling"
     );
     assert!(!cfg.checkpoint.initial_load_model_only);
-    assert!(!cfg.metrics.disable_color_printing);
+    assert!(!cfg.job.print_config);
     assert_eq!(cfg.training.seed, Some(11));
     assert_eq!(cfg.lr_scheduler.decay_ratio, None);
     assert_eq!(

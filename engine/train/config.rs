@@ -72,14 +72,10 @@ impl Default for Job {
 pub struct Metrics {
     /// Log every this many steps.
     pub log_freq: i64,
-    pub disable_color_printing: bool,
 }
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics {
-            log_freq: 10,
-            disable_color_printing: false,
-        }
+        Metrics { log_freq: 10 }
     }
 }
 

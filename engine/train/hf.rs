@@ -132,6 +132,10 @@ impl Trainer {
                 &self.store,
                 be,
             )?;
+        } else if !self.cfg.checkpoint.initial_load_model_only {
+            // The whole state (moments, step, data position, schedule) as the starting point.
+            let ck = checkpoint::load_dir(&dir)?;
+            self.load_state(&ck)?;
         } else {
             let ck = checkpoint::load_dir(&dir)?;
             for id in self.store.ids() {

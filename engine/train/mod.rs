@@ -4,5 +4,6 @@ pub mod config;
 pub mod device;
 pub mod hf;
 pub mod lr;
+pub mod state;
 pub mod trainer;
 pub mod validate;

@@ -9,15 +9,15 @@
 use super::config::JobConfig;
 use super::device::{device_name, select_backend};
 use super::lr::LrSchedule;
+use super::state::SaveKind;
 use super::validate::{validation_arena_bytes, ValMetrics, Validator};
 use crate::backend::meta::MetaBackend;
 use crate::backend::{AdamW, Backend, Buf, DeviceMem};
-use crate::checkpoint::{self, CheckpointMeta, NamedTensor};
 use crate::data::{build_loader, DataConfig, DataLoader};
 use crate::error::{Error, Result};
 use crate::metrics::{self, MetricsWriter, Peak, StepMetrics, GIB};
 use crate::models::llama3::{infra::parallelize::apply_ac, Llama3, Llama3Config};
-use crate::params::{ParamId, ParamStore, ParamStoreBuilder, StateBytes};
+use crate::params::{ParamStore, ParamStoreBuilder, StateBytes};
 use crate::planner::Plan;
 use crate::tape::profile::timed;
 use crate::tape::{Placement, Tape};
@@ -168,6 +168,8 @@ pub struct Trainer {
     /// Held-out loss every `validation.freq` steps, when `validation.enable`.
     pub validator: Option<Validator>,
     pub validation_history: Vec<ValMetrics>,
+    /// The training step at which the LR schedule's counter was zero (see state.rs).
+    pub(super) lr_origin: i64,
     dump: PathBuf,
 }
 
@@ -284,6 +286,7 @@ impl Trainer {
             device,
             validator,
             validation_history: Vec::new(),
+            lr_origin: 0,
             dump,
         })
     }
@@ -347,7 +350,7 @@ impl Trainer {
                 "step {step}: loss {loss}, grad_norm {grad_norm}; the weights were not updated (last good checkpoint kept)"
             )));
         }
-        let lr = self.lr.lr_at(step);
+        let lr = self.lr.lr_at(self.schedule_step(step));
         let o = &self.cfg.optimizer;
         let hp = AdamW {
             lr,
@@ -444,11 +447,23 @@ impl Trainer {
                 window_start += spent;
                 started += spent;
             }
-            let interval = self.cfg.checkpoint.interval.max(1) as u64;
-            if self.cfg.checkpoint.enable && (done.is_multiple_of(interval) || done == steps) {
-                self.save_checkpoint()?;
+            let c = &self.cfg.checkpoint;
+            let saving = c.enable && !c.load_only;
+            let due = done.is_multiple_of(c.interval.max(1) as u64)
+                || (c.enable_first_step_checkpoint && done == 1);
+            if saving && done == steps {
+                self.save(if c.last_save_model_only {
+                    SaveKind::ModelOnly
+                } else {
+                    SaveKind::Full
+                })?;
+            } else if saving && due {
+                self.save(SaveKind::Full)?;
             }
-            if self.cfg.checkpoint.last_save_in_hf && done == steps {
+            if self.cfg.checkpoint.last_save_in_hf
+                && !self.cfg.checkpoint.load_only
+                && done == steps
+            {
                 let dir = self.export_hf()?;
                 if !quiet {
                     println!(
@@ -465,124 +480,6 @@ impl Trainer {
     pub fn actual_memory(&self) -> usize {
         let validation = self.validator.as_ref().map_or(0, Validator::own_bytes);
         self.store.state_bytes().total() + self.arena.bytes() + validation + 256
-    }
-
-    fn param_tensor_names(&self) -> Vec<(String, crate::params::ParamId)> {
-        self.store
-            .ids()
-            .map(|id| (self.store.name(id).to_string(), id))
-            .collect()
-    }
-
-    /// Writes `step-N` (model masters, AdamW moments, data position, schedule, config).
-    pub fn save_checkpoint(&self) -> Result<PathBuf> {
-        let be = self.be.as_ref();
-        let mut host: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-        for (name, id) in self.param_tensor_names() {
-            let shape = self.store.shape(id).0.clone();
-            host.push((
-                format!("model.{name}"),
-                shape.clone(),
-                self.store.read_f32(be, self.store.master(id))?,
-            ));
-            host.push((
-                format!("optim.exp_avg.{name}"),
-                shape.clone(),
-                self.store.read_f32(be, self.store.moment1(id))?,
-            ));
-            host.push((
-                format!("optim.exp_avg_sq.{name}"),
-                shape,
-                self.store.read_f32(be, self.store.moment2(id))?,
-            ));
-        }
-        let tensors: Vec<NamedTensor> = host
-            .iter()
-            .map(|(n, s, d)| NamedTensor::full(n, DType::F32, s, bytemuck::cast_slice(d)))
-            .collect();
-        let meta = CheckpointMeta {
-            config_toml: self.cfg.to_toml_string()?,
-            parallel: serde_json::json!({"world_size": 1, "dp_shard": 1, "dp_replicate": 1, "tp": 1, "pp": 1, "cp": 1}),
-            dataloader: self.loader.state(),
-            rng: serde_json::json!({}),
-            lr_scheduler: serde_json::json!({"step": self.step}),
-            extra: serde_json::json!({"model": self.cfg.model.name, "flavor": self.cfg.model.flavor,
-                "llama3_config": self.model.config}),
-        };
-        let keep = self.cfg.checkpoint.keep_latest_k.max(0) as usize;
-        checkpoint::save(&self.checkpoint_root(), self.step, &[tensors], &meta, keep)
-    }
-
-    /// Uploads checkpoint tensor `key` into `buf` (parameter `id`'s weights or one of its
-    /// moments) after checking that it is f32 of that parameter's shape; errors name the folder
-    /// and the tensor.
-    pub(super) fn upload_param_state(
-        &self,
-        ck: &checkpoint::LoadedCheckpoint,
-        key: &str,
-        id: ParamId,
-        buf: Buf,
-    ) -> Result<()> {
-        let e = ck.entry(key)?;
-        if e.dtype != DType::F32 || e.shape != self.store.shape(id).0 {
-            return Err(Error::Checkpoint(format!(
-                "{}: tensor {key} is {} {:?}, the model expects f32 {}",
-                ck.dir.display(),
-                e.dtype,
-                e.shape,
-                self.store.shape(id)
-            )));
-        }
-        self.be.upload(buf, &ck.read_global(key)?)
-    }
-
-    /// Restores `step-N` (or the newest) from the checkpoint folder: weights, moments, step,
-    /// data position. Errors name the folder and tensor.
-    pub fn load_checkpoint(&mut self, step: Option<u64>) -> Result<u64> {
-        let ck = checkpoint::load(&self.checkpoint_root(), step)?;
-        let be = self.be.as_ref();
-        for (name, id) in self.param_tensor_names() {
-            for (key, buf) in [
-                (format!("model.{name}"), self.store.master(id)),
-                (format!("optim.exp_avg.{name}"), self.store.moment1(id)),
-                (format!("optim.exp_avg_sq.{name}"), self.store.moment2(id)),
-            ] {
-                self.upload_param_state(&ck, &key, id, buf)?;
-            }
-        }
-        self.store.sync_compute(be)?;
-        // A converted checkpoint (`titan convert`) has no data position: start at the beginning.
-        if !ck.manifest.dataloader.is_null() {
-            self.loader.restore(&ck.manifest.dataloader)?;
-        }
-        self.step = ck.step();
-        Ok(self.step)
-    }
-
-    /// Loads the newest checkpoint (or checkpoint.load_step) when checkpointing is enabled and one
-    /// exists. Returns the step resumed from. Otherwise loads `checkpoint.initial_load_path`, if
-    /// set (see train/hf.rs), and returns None.
-    pub fn maybe_resume(&mut self) -> Result<Option<u64>> {
-        let resumed = self.resume_if_any()?;
-        if resumed.is_none() {
-            self.load_initial()?;
-        }
-        Ok(resumed)
-    }
-
-    fn resume_if_any(&mut self) -> Result<Option<u64>> {
-        if !self.cfg.checkpoint.enable {
-            return Ok(None);
-        }
-        let root = self.checkpoint_root();
-        let load_step = self.cfg.checkpoint.load_step;
-        if load_step > 0 {
-            return self.load_checkpoint(Some(load_step as u64)).map(Some);
-        }
-        match checkpoint::latest_step(&root)? {
-            Some(s) => self.load_checkpoint(Some(s)).map(Some),
-            None => Ok(None),
-        }
     }
 }
 

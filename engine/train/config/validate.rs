@@ -191,6 +191,20 @@ impl JobConfig {
             &c.export_dtype,
             &["float16", "bfloat16", "float32"],
         )?;
+        if c.initial_load_in_hf && !c.initial_load_model_only {
+            return Err(Error::Config(
+                "checkpoint.initial_load_model_only = false loads a whole titan checkpoint, but \
+                 checkpoint.initial_load_in_hf names a Hugging Face folder, which holds weights only"
+                    .into(),
+            ));
+        }
+        if c.create_seed_checkpoint && !c.enable {
+            return Err(Error::Config(
+                "checkpoint.create_seed_checkpoint writes step-0 of the checkpoint folder: it needs \
+                 checkpoint.enable"
+                    .into(),
+            ));
+        }
         for e in &c.exclude_from_loading {
             one_of(
                 "checkpoint.exclude_from_loading",

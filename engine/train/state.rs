@@ -1,0 +1,201 @@
+//! The trainer's state in checkpoints (torchtitan's `components/checkpoint.py` options):
+//! what a save writes (everything, or the model alone: `last_save_model_only`, the seed
+//! checkpoint) and what a load restores (`exclude_from_loading`: model, optimizer, lr_scheduler,
+//! dataloader, train_state; `initial_load_model_only = false` loads a whole titan checkpoint as
+//! the starting point).
+//!
+//! The LR schedule is a function of a step counter. It equals the training step unless a load
+//! restored one of the two without the other; `lr_origin` is the training step at which the
+//! schedule's counter was zero.
+
+use super::trainer::Trainer;
+use crate::backend::Buf;
+use crate::checkpoint::{self, CheckpointMeta, LoadedCheckpoint, NamedTensor};
+use crate::error::{Error, Result};
+use crate::params::ParamId;
+use crate::tensor::DType;
+use std::path::PathBuf;
+
+/// What a save writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SaveKind {
+    /// Weights, AdamW moments, data position, schedule: enough to resume bitwise.
+    Full,
+    /// Weights only (the last save with `last_save_model_only`, the seed checkpoint).
+    ModelOnly,
+}
+
+impl Trainer {
+    fn param_tensor_names(&self) -> Vec<(String, ParamId)> {
+        self.store
+            .ids()
+            .map(|id| (self.store.name(id).to_string(), id))
+            .collect()
+    }
+
+    /// The LR schedule's counter at training step `step`.
+    pub(super) fn schedule_step(&self, step: u64) -> u64 {
+        (step as i64 - self.lr_origin).max(1) as u64
+    }
+
+    /// Writes `step-N` of the current step.
+    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        self.save(SaveKind::Full)
+    }
+
+    /// Writes `step-N`: the model masters and, for `SaveKind::Full`, the AdamW moments; always the
+    /// data position, schedule and config.
+    pub fn save(&self, kind: SaveKind) -> Result<PathBuf> {
+        let be = self.be.as_ref();
+        let mut host: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+        for (name, id) in self.param_tensor_names() {
+            let shape = self.store.shape(id).0.clone();
+            host.push((
+                format!("model.{name}"),
+                shape.clone(),
+                self.store.read_f32(be, self.store.master(id))?,
+            ));
+            if kind == SaveKind::ModelOnly {
+                continue;
+            }
+            host.push((
+                format!("optim.exp_avg.{name}"),
+                shape.clone(),
+                self.store.read_f32(be, self.store.moment1(id))?,
+            ));
+            host.push((
+                format!("optim.exp_avg_sq.{name}"),
+                shape,
+                self.store.read_f32(be, self.store.moment2(id))?,
+            ));
+        }
+        let tensors: Vec<NamedTensor> = host
+            .iter()
+            .map(|(n, s, d)| NamedTensor::full(n, DType::F32, s, bytemuck::cast_slice(d)))
+            .collect();
+        let meta = CheckpointMeta {
+            config_toml: self.cfg.to_toml_string()?,
+            parallel: serde_json::json!({"world_size": 1, "dp_shard": 1, "dp_replicate": 1, "tp": 1, "pp": 1, "cp": 1}),
+            dataloader: self.loader.state(),
+            rng: serde_json::json!({}),
+            lr_scheduler: serde_json::json!({"step": self.step as i64 - self.lr_origin}),
+            extra: serde_json::json!({"model": self.cfg.model.name, "flavor": self.cfg.model.flavor,
+                "llama3_config": self.model.config, "model_only": kind == SaveKind::ModelOnly}),
+        };
+        let keep = self.cfg.checkpoint.keep_latest_k.max(0) as usize;
+        checkpoint::save(&self.checkpoint_root(), self.step, &[tensors], &meta, keep)
+    }
+
+    /// Uploads checkpoint tensor `key` into `buf` (parameter `id`'s weights or one of its
+    /// moments) after checking that it is f32 of that parameter's shape; errors name the folder
+    /// and the tensor.
+    pub(super) fn upload_param_state(
+        &self,
+        ck: &LoadedCheckpoint,
+        key: &str,
+        id: ParamId,
+        buf: Buf,
+    ) -> Result<()> {
+        let e = ck.entry(key)?;
+        if e.dtype != DType::F32 || e.shape != self.store.shape(id).0 {
+            return Err(Error::Checkpoint(format!(
+                "{}: tensor {key} is {} {:?}, the model expects f32 {}",
+                ck.dir.display(),
+                e.dtype,
+                e.shape,
+                self.store.shape(id)
+            )));
+        }
+        self.be.upload(buf, &ck.read_global(key)?)
+    }
+
+    /// Restores `step-N` (or the newest) from the checkpoint folder, less the parts named in
+    /// `checkpoint.exclude_from_loading`. Errors name the folder and tensor.
+    pub fn load_checkpoint(&mut self, step: Option<u64>) -> Result<u64> {
+        let ck = checkpoint::load(&self.checkpoint_root(), step)?;
+        self.load_state(&ck)?;
+        Ok(self.step)
+    }
+
+    /// Restores a loaded checkpoint: weights, moments, data position, step, schedule, each unless
+    /// excluded. A weights-only checkpoint past step 0 cannot restore an optimizer.
+    pub(super) fn load_state(&mut self, ck: &LoadedCheckpoint) -> Result<()> {
+        let excluded = |part: &str| {
+            self.cfg
+                .checkpoint
+                .exclude_from_loading
+                .iter()
+                .any(|e| e == part)
+        };
+        let (model, optimizer) = (!excluded("model"), !excluded("optimizer"));
+        let (dataloader, train_state) = (!excluded("dataloader"), !excluded("train_state"));
+        let lr_scheduler = !excluded("lr_scheduler");
+        let has_moments = ck.tensor_names().any(|n| n.starts_with("optim."));
+        if optimizer && !has_moments && ck.step() > 0 {
+            return Err(Error::Checkpoint(format!(
+                "{}: holds model weights only (saved with checkpoint.last_save_model_only), so \
+                 training cannot resume from it; start a new run from it with \
+                 --checkpoint.initial_load_path, or add \"optimizer\" to \
+                 checkpoint.exclude_from_loading",
+                ck.dir.display()
+            )));
+        }
+        let be = self.be.as_ref();
+        for (name, id) in self.param_tensor_names() {
+            if model {
+                self.upload_param_state(ck, &format!("model.{name}"), id, self.store.master(id))?;
+            }
+            if optimizer && has_moments {
+                for (key, buf) in [
+                    (format!("optim.exp_avg.{name}"), self.store.moment1(id)),
+                    (format!("optim.exp_avg_sq.{name}"), self.store.moment2(id)),
+                ] {
+                    self.upload_param_state(ck, &key, id, buf)?;
+                }
+            }
+        }
+        self.store.sync_compute(be)?;
+        // A converted checkpoint (`titan convert`) has no data position: start at the beginning.
+        if dataloader && !ck.manifest.dataloader.is_null() {
+            self.loader.restore(&ck.manifest.dataloader)?;
+        }
+        if train_state {
+            self.step = ck.step();
+        }
+        let saved_schedule = ck.manifest.lr_scheduler["step"]
+            .as_i64()
+            .unwrap_or(ck.step() as i64);
+        self.lr_origin = if lr_scheduler {
+            self.step as i64 - saved_schedule
+        } else {
+            self.step as i64
+        };
+        Ok(())
+    }
+
+    /// Loads the newest checkpoint (or checkpoint.load_step) when checkpointing is enabled and one
+    /// exists. Returns the step resumed from. Otherwise loads `checkpoint.initial_load_path`, if
+    /// set (see train/hf.rs), and returns None.
+    pub fn maybe_resume(&mut self) -> Result<Option<u64>> {
+        let resumed = self.resume_if_any()?;
+        if resumed.is_none() {
+            self.load_initial()?;
+        }
+        Ok(resumed)
+    }
+
+    fn resume_if_any(&mut self) -> Result<Option<u64>> {
+        if !self.cfg.checkpoint.enable {
+            return Ok(None);
+        }
+        let root = self.checkpoint_root();
+        let load_step = self.cfg.checkpoint.load_step;
+        if load_step > 0 {
+            return self.load_checkpoint(Some(load_step as u64)).map(Some);
+        }
+        match checkpoint::latest_step(&root)? {
+            Some(s) => self.load_checkpoint(Some(s)).map(Some),
+            None => Ok(None),
+        }
+    }
+}
