@@ -227,6 +227,17 @@ fn bad_inputs_fail_with_one_clear_error() {
         &titan(&["train", "--config", CFG, "--training.seq_len", "200000"]),
         "seq_len",
     );
+    // Parallel degrees this single-device release cannot honour are refused, not ignored.
+    for degree in [
+        "--parallelism.tensor_parallel_degree=2",
+        "--parallelism.data_parallel_shard_degree=4",
+        "--parallelism.pipeline_parallel_degree=2",
+    ] {
+        assert_clean_error(
+            &titan(&["train", "--config", CFG, degree]),
+            "this release trains on one device",
+        );
+    }
     // No GPU here: asking for CUDA is one clear error, whether or not the binary has CUDA built in.
     let o = titan(&["train", "--config", CFG, "--training.device", "cuda"]);
     let (_, err) = text(&o);

@@ -193,9 +193,18 @@ impl Trainer {
         cfg.validate()?;
         // Model problems (unknown flavor, seq_len beyond the model) first: they are cheap to find.
         model_config(&cfg, None)?;
+        // One process, one device: every parallel degree must resolve to 1 for a world of 1
+        // rather than be silently ignored.
+        let dp = 1;
+        cfg.parallelism.resolve(dp).map_err(|e| {
+            Error::Config(format!(
+                "{}; this release trains on one device (world size 1): multi-device FSDP, TP, \
+                 PP and CP are not built yet (`titan plan` shows what such a layout would hold)",
+                e.to_string().trim_start_matches("config error: ")
+            ))
+        })?;
         let be = select_backend(&cfg.training.device)?;
         let device = device_name(be.as_ref());
-        let dp = 1;
         let accum = cfg.gradient_accumulation_steps(dp)?;
         let seed = cfg.training.seed.unwrap_or(0).max(0) as u64;
         // torchtitan's default hf_assets_path points into its own repository; when that folder is
