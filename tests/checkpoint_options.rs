@@ -2,50 +2,32 @@
 //! `exclude_from_loading`, `initial_load_model_only = false`, `enable_first_step_checkpoint`,
 //! `load_only`, `create_seed_checkpoint`, and `job.print_config`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use titan::checkpoint;
-use titan::train::config::JobConfig;
 use titan::train::trainer::Trainer;
 use titan::Error;
+
+mod train_common;
+use train_common::{debug_trainer, masters, tmp};
 
 const CFG: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/configs/llama3_debugmodel.toml"
 );
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("titan-ckopt-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 /// The debugmodel job on the CPU, batch 2 x seq 16, `steps` steps, checkpoints enabled in `dump`.
 fn trainer(dump: &Path, steps: u32, extra: &[&str]) -> titan::Result<Trainer> {
-    let mut o: Vec<String> = [
-        "--training.device",
-        "cpu",
-        "--training.seq_len",
-        "16",
-        "--training.local_batch_size",
-        "2",
+    let steps = format!("--training.steps={steps}");
+    let mut o = vec![
+        "--training.device=cpu",
+        "--training.seq_len=16",
+        "--training.local_batch_size=2",
         "--checkpoint.enable",
-        "--job.dump_folder",
-        dump.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    o.push(format!("--training.steps={steps}"));
-    o.extend(extra.iter().map(|s| s.to_string()));
-    Trainer::new(JobConfig::load(Some(Path::new(CFG)), &o)?)
-}
-
-fn masters(tr: &Trainer) -> Vec<f32> {
-    tr.store
-        .read_f32(tr.be.as_ref(), tr.store.flat_master())
-        .unwrap()
+        steps.as_str(),
+    ];
+    o.extend_from_slice(extra);
+    debug_trainer(dump, &o)
 }
 
 fn moments(tr: &Trainer) -> (Vec<f32>, Vec<f32>) {
@@ -72,7 +54,7 @@ fn has_moments(dump: &Path, step: u64) -> bool {
 
 #[test]
 fn last_save_model_only_writes_weights_only_and_resuming_from_it_says_so() {
-    let dump = tmp("last-model-only");
+    let dump = tmp("ckopt-last-model-only");
     let extra = [
         "--checkpoint.interval=1",
         "--checkpoint.last_save_model_only",
@@ -111,7 +93,7 @@ fn last_save_model_only_writes_weights_only_and_resuming_from_it_says_so() {
 
 #[test]
 fn exclude_from_loading_restores_everything_else() {
-    let dump = tmp("exclude");
+    let dump = tmp("ckopt-exclude");
     let extra = [
         "--checkpoint.interval=2",
         "--checkpoint.no_last_save_model_only",
@@ -188,7 +170,7 @@ fn exclude_from_loading_restores_everything_else() {
 
 #[test]
 fn initial_load_model_only_false_continues_from_the_whole_state() {
-    let src = tmp("whole-src");
+    let src = tmp("ckopt-whole-src");
     let extra = [
         "--checkpoint.interval=2",
         "--checkpoint.no_last_save_model_only",
@@ -201,7 +183,7 @@ fn initial_load_model_only_false_continues_from_the_whole_state() {
         .map(|m| m.loss.to_bits())
         .collect();
 
-    let dump = tmp("whole-dst");
+    let dump = tmp("ckopt-whole-dst");
     let step2 = src.join("checkpoint/step-2");
     let load = format!("--checkpoint.initial_load_path={}", step2.display());
     let mut b = trainer(
@@ -231,7 +213,7 @@ fn initial_load_model_only_false_continues_from_the_whole_state() {
     assert_eq!(losses_b.len(), 2);
 
     // Model only (the default) takes the weights and starts at step 0.
-    let mut c = trainer(&tmp("whole-model"), 4, &[load.as_str()]).unwrap();
+    let mut c = trainer(&tmp("ckopt-whole-model"), 4, &[load.as_str()]).unwrap();
     c.maybe_resume().unwrap();
     assert_eq!(c.step, 0);
     let (m, _) = moments(&c);
@@ -240,7 +222,7 @@ fn initial_load_model_only_false_continues_from_the_whole_state() {
 
 #[test]
 fn first_step_checkpoint_and_load_only() {
-    let dump = tmp("first");
+    let dump = tmp("ckopt-first");
     let mut tr = trainer(
         &dump,
         3,
@@ -275,7 +257,7 @@ fn titan(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn seed_checkpoint_then_training_from_it_and_print_config() {
-    let dump = tmp("seed");
+    let dump = tmp("ckopt-seed");
     let dump_arg = format!("--job.dump_folder={}", dump.display());
     let base = [
         "train",

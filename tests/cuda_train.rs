@@ -12,8 +12,10 @@ use titan::params::{ParamStore, ParamStoreBuilder};
 use titan::rng::Rng;
 use titan::tape::{Placement, Tape};
 use titan::tensor::DType;
-use titan::train::config::JobConfig;
 use titan::train::trainer::Trainer;
+
+mod train_common;
+use train_common::{debug_trainer, masters, tmp};
 
 /// (parameter name, element offset in the flat region, numel).
 type Spans = Vec<(String, usize, usize)>;
@@ -117,45 +119,25 @@ fn debugmodel_step_on_cuda_matches_cpu() {
     assert!(all < 2e-2, "whole gradient rel L2 {all}");
 }
 
-/// The README's debugmodel job (embedded, so the test runs from a bundle without the repo),
-/// shortened to `steps` steps of batch 4 x seq 128 on `device`.
-fn debug_trainer(device: &str, steps: usize) -> Trainer {
-    let dir =
-        std::env::temp_dir().join(format!("titan-cuda-train-{device}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let toml = dir.join("llama3_debugmodel.toml");
-    std::fs::write(&toml, include_str!("../configs/llama3_debugmodel.toml")).unwrap();
-    let overrides: Vec<String> = [
-        "--training.device",
-        device,
-        "--training.steps",
-        &steps.to_string(),
-        "--training.seq_len",
-        "128",
-        "--training.local_batch_size",
-        "4",
-        "--job.dump_folder",
-        dir.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let cfg = JobConfig::load(Some(&toml), &overrides).unwrap();
-    Trainer::new(cfg).unwrap()
-}
-
-fn masters(tr: &Trainer) -> Vec<f32> {
-    tr.store
-        .read_f32(tr.be.as_ref(), tr.store.flat_master())
-        .unwrap()
+/// The README's debugmodel job shortened to `steps` steps of batch 4 x seq 128 on `device`.
+fn trainer_on(device: &str, steps: usize) -> Trainer {
+    let steps = format!("--training.steps={steps}");
+    let device_arg = format!("--training.device={device}");
+    let o = [
+        device_arg.as_str(),
+        steps.as_str(),
+        "--training.seq_len=128",
+        "--training.local_batch_size=4",
+    ];
+    debug_trainer(&tmp(&format!("cuda-train-{device}")), &o).unwrap()
 }
 
 #[test]
 #[ignore = "needs a CUDA device"]
 fn trainer_steps_on_cuda_track_cpu_and_allocate_nothing_after_the_first() {
     let steps = 8;
-    let mut cpu = debug_trainer("cpu", steps);
-    let mut gpu = debug_trainer("cuda", steps);
+    let mut cpu = trainer_on("cpu", steps);
+    let mut gpu = trainer_on("cuda", steps);
     assert_eq!(gpu.be.name(), "cuda");
     // Same seed, same host-side init: the masters start identical.
     let (m_cpu, m_gpu) = (masters(&cpu), masters(&gpu));

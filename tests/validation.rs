@@ -3,45 +3,26 @@
 //! borrows the training arena between steps), it gets its own arena when its batches are larger,
 //! `steps = -1` is one pass over a file, and each bad setting is one clear error.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use titan::data::{build_loader, DataConfig};
 use titan::tape::{Placement, Tape};
-use titan::train::config::JobConfig;
 use titan::train::trainer::Trainer;
 use titan::train::validate::VALIDATION_SEED_SALT;
 use titan::Error;
 
-const CFG: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/configs/llama3_debugmodel.toml"
-);
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("titan-val-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+mod train_common;
+use train_common::{debug_trainer, tmp};
 
 /// The debugmodel job on the CPU, 4 steps of batch 2 x seq 32, plus `extra` overrides.
 fn trainer(dump: &Path, extra: &[&str]) -> titan::Result<Trainer> {
-    let mut o: Vec<String> = [
-        "--training.device",
-        "cpu",
-        "--training.steps",
-        "4",
-        "--training.seq_len",
-        "32",
-        "--training.local_batch_size",
-        "2",
-        "--job.dump_folder",
-        dump.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    o.extend(extra.iter().map(|s| s.to_string()));
-    Trainer::new(JobConfig::load(Some(Path::new(CFG)), &o)?)
+    let mut o = vec![
+        "--training.device=cpu",
+        "--training.steps=4",
+        "--training.seq_len=32",
+        "--training.local_batch_size=2",
+    ];
+    o.extend_from_slice(extra);
+    debug_trainer(dump, &o)
 }
 
 /// Mean loss of `tr`'s current weights on the first `batches` batches of a fresh synthetic
@@ -76,12 +57,12 @@ fn rel(a: f64, b: f64) -> f64 {
 
 #[test]
 fn reports_the_held_out_loss_and_leaves_training_unchanged() {
-    let plain_dir = tmp("plain");
+    let plain_dir = tmp("val-plain");
     let mut plain = trainer(&plain_dir, &[]).unwrap();
     let plain_hist = plain.fit(true).unwrap();
     assert!(plain.validator.is_none());
 
-    let dir = tmp("val");
+    let dir = tmp("val-val");
     let v = [
         "--validation.enable",
         "--validation.freq",
@@ -144,7 +125,7 @@ fn reports_the_held_out_loss_and_leaves_training_unchanged() {
 
 #[test]
 fn larger_validation_batches_get_their_own_planned_arena() {
-    let dir = tmp("own");
+    let dir = tmp("val-own");
     let v = [
         "--training.local_batch_size",
         "1",
@@ -186,7 +167,7 @@ fn larger_validation_batches_get_their_own_planned_arena() {
 
 #[test]
 fn steps_minus_one_is_one_pass_over_a_token_file() {
-    let dir = tmp("file");
+    let dir = tmp("val-file");
     let file = dir.join("val.u16.bin");
     let ids: Vec<u16> = (0..1000u32).map(|i| ((i * 7 + 3) % 259) as u16).collect();
     std::fs::write(&file, bytemuck::cast_slice(&ids)).unwrap();
@@ -218,7 +199,7 @@ fn steps_minus_one_is_one_pass_over_a_token_file() {
 }
 
 fn config_error(extra: &[&str]) -> String {
-    let dir = tmp("err");
+    let dir = tmp("val-err");
     let mut all = vec!["--validation.enable"];
     all.extend_from_slice(extra);
     match trainer(&dir, &all) {
@@ -257,7 +238,7 @@ fn bad_validation_settings_are_clear_errors() {
         e.contains("validation dataset") && e.contains("/nonexistent/val.txt"),
         "{e}"
     );
-    let tiny = tmp("tiny").join("tiny.u16.bin");
+    let tiny = tmp("val-tiny").join("tiny.u16.bin");
     std::fs::write(&tiny, bytemuck::cast_slice(&[1u16; 40])).unwrap();
     let arg = format!("--validation.dataset_path={}", tiny.display());
     let e = config_error(&[
