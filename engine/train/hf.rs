@@ -132,17 +132,14 @@ impl Trainer {
                 &self.store,
                 be,
             )?;
-        } else if !self.cfg.checkpoint.initial_load_model_only {
-            // The whole state (moments, step, data position, schedule) as the starting point.
-            let ck = checkpoint::load_dir(&dir)?;
-            self.load_state(&ck)?;
         } else {
             let ck = checkpoint::load_dir(&dir)?;
-            for id in self.store.ids() {
-                let key = format!("model.{}", self.store.name(id));
-                self.upload_param_state(&ck, &key, id, self.store.master(id))?;
+            if self.cfg.checkpoint.initial_load_model_only {
+                self.load_weights(&ck)?;
+            } else {
+                // The whole state (moments, step, data position, schedule) as the starting point.
+                self.load_state(&ck)?;
             }
-            self.store.sync_compute(be)?;
         }
         Ok(Some(dir))
     }

@@ -80,7 +80,7 @@ impl Trainer {
             rng: serde_json::json!({}),
             lr_scheduler: serde_json::json!({"step": self.step as i64 - self.lr_origin}),
             extra: serde_json::json!({"model": self.cfg.model.name, "flavor": self.cfg.model.flavor,
-                "llama3_config": self.model.config, "model_only": kind == SaveKind::ModelOnly}),
+                "llama3_config": self.model.config}),
         };
         let keep = self.cfg.checkpoint.keep_latest_k.max(0) as usize;
         checkpoint::save(&self.checkpoint_root(), self.step, &[tensors], &meta, keep)
@@ -107,6 +107,14 @@ impl Trainer {
             )));
         }
         self.be.upload(buf, &ck.read_global(key)?)
+    }
+
+    /// The checkpoint's model weights into the f32 masters, then the compute copy from them.
+    pub(super) fn load_weights(&self, ck: &LoadedCheckpoint) -> Result<()> {
+        for (name, id) in self.param_tensor_names() {
+            self.upload_param_state(ck, &format!("model.{name}"), id, self.store.master(id))?;
+        }
+        self.store.sync_compute(self.be.as_ref())
     }
 
     /// Restores `step-N` (or the newest) from the checkpoint folder, less the parts named in
@@ -140,12 +148,11 @@ impl Trainer {
                 ck.dir.display()
             )));
         }
-        let be = self.be.as_ref();
-        for (name, id) in self.param_tensor_names() {
-            if model {
-                self.upload_param_state(ck, &format!("model.{name}"), id, self.store.master(id))?;
-            }
-            if optimizer && has_moments {
+        if model {
+            self.load_weights(ck)?;
+        }
+        if optimizer && has_moments {
+            for (name, id) in self.param_tensor_names() {
                 for (key, buf) in [
                     (format!("optim.exp_avg.{name}"), self.store.moment1(id)),
                     (format!("optim.exp_avg_sq.{name}"), self.store.moment2(id)),
@@ -154,7 +161,6 @@ impl Trainer {
                 }
             }
         }
-        self.store.sync_compute(be)?;
         // A converted checkpoint (`titan convert`) has no data position: start at the beginning.
         if dataloader && !ck.manifest.dataloader.is_null() {
             self.loader.restore(&ck.manifest.dataloader)?;
