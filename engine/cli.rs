@@ -110,7 +110,7 @@ pub fn plan(config: Option<&Path>, overrides: &[String], dtype: &str, json: bool
     let cfg = JobConfig::load(config, overrides)?;
     let dtype = DType::parse(dtype)?;
     let t0 = Instant::now();
-    let (_, mp) = trace_plan(&cfg, model_config(&cfg, None)?, dtype)?;
+    let (_, _, mp) = trace_plan(&cfg, model_config(&cfg, None)?, dtype)?;
     if json {
         println!(
             "{}",

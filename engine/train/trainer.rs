@@ -104,48 +104,38 @@ fn trace(
     ))
 }
 
-/// The plan of a forward pass alone (validation, evaluation) on `batch x seq` tokens.
-pub fn trace_forward_plan(
+/// Traces one training micro-batch (forward, backward) of the architecture `mc` on the meta
+/// backend and plans it; with validation enabled, also the validation batch's forward pass.
+/// Returns (training plan, validation plan, memory).
+pub fn trace_plan(
     cfg: &JobConfig,
     mc: Llama3Config,
     dtype: DType,
-    batch: usize,
-    seq: usize,
-) -> Result<Plan> {
-    Ok(trace(cfg, mc, dtype, (batch, seq), false)?.0)
-}
-
-/// Traces one training micro-batch (forward, backward) of the architecture `mc` on the meta
-/// backend and plans it; with validation enabled, also its forward pass.
-pub fn trace_plan(cfg: &JobConfig, mc: Llama3Config, dtype: DType) -> Result<(Plan, MemoryPlan)> {
+) -> Result<(Plan, Option<Plan>, MemoryPlan)> {
     let shape = (
         cfg.training.local_batch_size as usize,
         cfg.training.seq_len as usize,
     );
     let (plan, ops, state, num_params) = trace(cfg, mc.clone(), dtype, shape, true)?;
     let v = &cfg.validation;
-    let validation_activations = if v.enable {
-        let vp = trace_forward_plan(
-            cfg,
-            mc,
-            dtype,
-            v.local_batch_size as usize,
-            v.seq_len as usize,
-        )?;
-        validation_arena_bytes(plan.peak, vp.peak)
+    let validation = if v.enable {
+        let shape = (v.local_batch_size as usize, v.seq_len as usize);
+        Some(trace(cfg, mc, dtype, shape, false)?.0)
     } else {
-        0
+        None
     };
     let mp = MemoryPlan {
         state,
         activations_peak: plan.peak,
         activations_unplanned: plan.unplanned,
-        validation_activations,
+        validation_activations: validation
+            .as_ref()
+            .map_or(0, |vp| validation_arena_bytes(plan.peak, vp.peak)),
         buffers: plan.requests.len(),
         ops,
         num_params,
     };
-    Ok((plan, mp))
+    Ok((plan, validation, mp))
 }
 
 pub struct Trainer {
@@ -245,22 +235,21 @@ impl Trainer {
         let dtype = compute_dtype(&cfg, be.name())?;
         // One architecture for the traced plan and the real model.
         let mc = model_config(&cfg, vocab)?;
-        let (plan, memory) = trace_plan(&cfg, mc.clone(), dtype)?;
+        let (plan, validation_plan, memory) = trace_plan(&cfg, mc.clone(), dtype)?;
         let (model, builder) = build_model_from(&cfg, mc)?;
         let store = ParamStore::materialize(builder, be.as_ref(), dtype)?;
         model.init_weights(&store, be.as_ref(), seed)?;
         let arena = be.alloc(plan.peak.max(256))?;
-        let validator = if cfg.validation.enable {
-            Some(Validator::new(
+        let validator = match validation_plan {
+            Some(vp) => Some(Validator::new(
                 &cfg,
                 &model.config,
-                dtype,
+                vp,
                 tokenizer,
                 be.as_ref(),
                 arena.bytes(),
-            )?)
-        } else {
-            None
+            )?),
+            None => None,
         };
         let scalar_mem = be.alloc(256)?;
         let scalars = Buf::new(scalar_mem.ptr(), 2, DType::F32);

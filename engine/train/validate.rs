@@ -19,7 +19,6 @@ use crate::models::llama3::{Llama3, Llama3Config};
 use crate::params::ParamStore;
 use crate::planner::Plan;
 use crate::tape::{Placement, Tape};
-use crate::tensor::DType;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -70,11 +69,12 @@ pub struct Validator {
 
 impl Validator {
     /// The validator of `cfg.validation` for a model of architecture `mc` (whose vocabulary every
-    /// validation id must fit), with `train_arena_bytes` of training arena to borrow.
+    /// validation id must fit), running the forward pass `plan` (from `trace_plan`), with
+    /// `train_arena_bytes` of training arena to borrow.
     pub fn new(
         cfg: &JobConfig,
         mc: &Llama3Config,
-        dtype: DType,
+        plan: Plan,
         tokenizer: Option<PathBuf>,
         be: &dyn Backend,
         train_arena_bytes: usize,
@@ -133,7 +133,6 @@ impl Validator {
             }
             n
         };
-        let plan = super::trainer::trace_forward_plan(cfg, mc.clone(), dtype, batch, seq)?;
         let own_arena = match validation_arena_bytes(train_arena_bytes, plan.peak) {
             0 => None,
             bytes => Some(be.alloc(bytes)?),
