@@ -67,7 +67,9 @@ done
 run "bench titan 1B" 150 "$here/bin/titan" bench --config configs/llama3_1b.toml --steps "$steps" \
   --warmup 2 --training.seq_len 4096 --training.local_batch_size 2 \
   --activation_checkpoint.mode none --training.device cuda --model.hf_assets_path=
-if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
+has_torch=0
+python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null && has_torch=1
+if [ "$has_torch" = 1 ]; then
   run "bench torch-ref 1B" 150 env PYTHONUNBUFFERED=1 python3 torch_llama_ref.py --flavor 1B \
     --seq 4096 --batch 2 --steps "$steps" --warmup 2
 else
@@ -81,7 +83,7 @@ for b in "$here"/benches/cuda_*; do
 done
 
 # ---- 3b. the PyTorch reference again with torch.compile (slower to start) -------------------
-if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
+if [ "$has_torch" = 1 ]; then
   run "bench torch-ref 1B compile" 240 env PYTHONUNBUFFERED=1 python3 torch_llama_ref.py --flavor 1B \
     --seq 4096 --batch 2 --steps "$steps" --warmup 2 --compile
 fi

@@ -446,22 +446,18 @@ impl Trainer {
                 started += spent;
             }
             let c = &self.cfg.checkpoint;
-            let saving = c.enable && !c.load_only;
-            let due = done.is_multiple_of(c.interval.max(1) as u64)
+            let last = done == steps;
+            let due = last
+                || done.is_multiple_of(c.interval.max(1) as u64)
                 || (c.enable_first_step_checkpoint && done == 1);
-            if saving && done == steps {
-                self.save(if c.last_save_model_only {
+            if c.enable && !c.load_only && due {
+                self.save(if last && c.last_save_model_only {
                     SaveKind::ModelOnly
                 } else {
                     SaveKind::Full
                 })?;
-            } else if saving && due {
-                self.save(SaveKind::Full)?;
             }
-            if self.cfg.checkpoint.last_save_in_hf
-                && !self.cfg.checkpoint.load_only
-                && done == steps
-            {
+            if c.last_save_in_hf && !c.load_only && last {
                 let dir = self.export_hf()?;
                 if !quiet {
                     println!(
