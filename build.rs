@@ -15,15 +15,18 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn main() {
-    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=../build.rs");
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
-    println!("cargo:rerun-if-changed=kernels");
+    println!("cargo:rerun-if-changed=../kernels");
     for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH", "TITAN_NVCC_JOBS"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
-    let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    // This script builds the engine crate (engine/Cargo.toml); kernels/ and .venv-cuda live at the
+    // workspace root above it.
+    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    let root = manifest.parent().expect("engine/ has a parent").to_path_buf();
     let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
     let nvcc = find_nvcc(&root).unwrap_or_else(|| {
         panic!(

@@ -1,7 +1,9 @@
-//! titan: a kernel-first LLM pre-training engine.
+//! titan's engine: a kernel-first LLM pre-training engine.
 //!
 //! Layers (one way): kernels/ (CUDA) <- engine (this crate: backends, tape, planner, optim, data,
-//! checkpoint, train) <- models/ <- the `titan` CLI. See docs/ARCHITECTURE.md.
+//! checkpoint, train, the model protocol, the CLI) <- models/ (the `titan` crate: model folders
+//! and their registry, the binary). This crate never names a model: it sees models only through
+//! `model::ModelSpec`. See docs/ARCHITECTURE.md.
 
 pub mod backend;
 pub mod checkpoint;
@@ -9,8 +11,8 @@ pub mod cli;
 pub mod data;
 pub mod error;
 pub mod metrics;
-#[path = "../models/mod.rs"]
-pub mod models;
+pub mod model;
+pub mod parallel;
 pub mod params;
 pub mod planner;
 pub mod plot;

@@ -246,10 +246,9 @@ fn defaults_are_torchtitans() {
     let cfg = JobConfig::load(None, &[]).unwrap();
     assert_eq!(cfg.job.dump_folder, "./outputs");
     assert_eq!(cfg.metrics.log_freq, 10);
-    assert_eq!(
-        (cfg.model.name.as_str(), cfg.model.flavor.as_str()),
-        ("llama3", "debugmodel")
-    );
+    // An unnamed model is the registry's first, which is torchtitan's default, llama3.
+    let model = titan::registry().find(&cfg.model.name).unwrap().name;
+    assert_eq!((model, cfg.model.flavor.as_str()), ("llama3", "debugmodel"));
     let o = &cfg.optimizer;
     assert_eq!(
         (o.lr, o.beta1, o.beta2, o.eps, o.weight_decay),

@@ -7,7 +7,7 @@
 use titan::backend::cpu::CpuBackend;
 use titan::backend::cuda::CudaBackend;
 use titan::backend::Backend;
-use titan::models::llama3::{flavor, Llama3};
+use titan::llama3::{flavor, model_spec, Llama3};
 use titan::params::{ParamStore, ParamStoreBuilder};
 use titan::rng::Rng;
 use titan::tape::{Placement, Tape};
@@ -52,7 +52,9 @@ fn step(
     let mut t = Tape::new(be, &store, Placement::Owned);
     let ti = t.input_i32(inputs, [b, s]).unwrap();
     let tl = t.input_i32(labels, [b * s]).unwrap();
-    let loss = model.loss(&mut t, ti, tl, 1.0 / (b * s) as f32).unwrap();
+    let loss = model_spec()
+        .loss_of(&model, &mut t, ti, tl, 1.0 / (b * s) as f32)
+        .unwrap();
     t.backward(loss).unwrap();
     let l = t.to_vec_f32(loss).unwrap()[0] / (b * s) as f32;
     let spans = store

@@ -4,10 +4,13 @@
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use std::path::{Path, PathBuf};
-use titan::checkpoint::hf::{HfCheckpoint, HF_CONFIG, HF_INDEX, HF_SINGLE};
-use titan::cli::hf::hf_to_titan;
+use titan::checkpoint::hf_folder::{HfCheckpoint, HF_CONFIG, HF_INDEX, HF_SINGLE};
 use titan::error::Error;
-use titan::models::llama3::model::state_dict_adapter::llama3_config_from_hf;
+use titan::llama3::model::state_dict_adapter::llama3_config_from_hf;
+
+fn hf_to_titan(src: &Path, dst: &Path) -> titan::Result<PathBuf> {
+    titan::cli::convert::hf_to_titan(&titan::registry(), src, dst)
+}
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -4,17 +4,30 @@
 
 use std::path::{Path, PathBuf};
 use titan::backend::cpu::CpuBackend;
-use titan::checkpoint::hf::{HfCheckpoint, HF_CONFIG};
-use titan::cli::hf::{eval_hf, hf_to_titan, titan_to_hf};
-use titan::models::llama3::model::model::IGNORE_INDEX;
-use titan::models::llama3::model::state_dict_adapter::{
+use titan::checkpoint::hf_folder::{HfCheckpoint, HF_CONFIG};
+use titan::cli::eval::HfEval;
+use titan::model::IGNORE_INDEX;
+use titan::llama3::model::state_dict_adapter::{
     llama3_config_from_hf, Llama3StateDictAdapter,
 };
-use titan::models::llama3::Llama3;
-use titan::models::state_dict::{load_hf, StateDictAdapter};
+use titan::llama3::Llama3;
+use titan::model::state_dict::load_hf;
+use titan::model::StateDictAdapter;
 use titan::params::{ParamStore, ParamStoreBuilder};
 use titan::tape::{Placement, Tape};
 use titan::tensor::DType;
+
+fn hf_to_titan(src: &Path, dst: &Path) -> titan::Result<PathBuf> {
+    titan::cli::convert::hf_to_titan(&titan::registry(), src, dst)
+}
+
+fn titan_to_hf(src: &Path, step: Option<u64>, dst: &Path, dtype: &str, shard: usize) -> titan::Result<()> {
+    titan::cli::convert::titan_to_hf(&titan::registry(), src, step, dst, dtype, shard)
+}
+
+fn eval_hf(dir: &Path, tokens: &Path, seq: Option<usize>, logits: bool, dev: &str) -> titan::Result<HfEval> {
+    titan::cli::eval::eval_hf(&titan::registry(), dir, tokens, seq, logits, dev)
+}
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -269,7 +282,7 @@ fn converted_checkpoint_evaluates_like_the_hf_model() {
     hf_to_titan(&fixture("gqa_untied_sharded"), &root).unwrap();
     assert!(root.join("step-0/manifest.json").is_file());
     let tokens = fixture("gqa_untied_sharded").join("inputs.json");
-    titan::cli::eval(&root, None, &tokens, None, "cpu").unwrap();
+    titan::cli::eval::eval(&titan::registry(), &root, None, &tokens, None, "cpu").unwrap();
     let _ = std::fs::remove_dir_all(tmp);
 }
 
@@ -309,7 +322,7 @@ fn tied_export_has_no_lm_head_and_untied_has_one() {
 /// parameter count; the exact `intermediate_size` path is taken on import).
 #[test]
 fn flavors_round_trip_through_config_json() {
-    use titan::models::llama3::{flavor, model::state_dict_adapter::hf_config_from_llama3};
+    use titan::llama3::{flavor, model::state_dict_adapter::hf_config_from_llama3};
     let tmp = scratch("flavor-configs");
     for f in [
         "debugmodel",
@@ -352,7 +365,7 @@ fn llama_3_2_1b_config_matches_the_flavor() {
     });
     std::fs::write(&p, cfg.to_string()).unwrap();
     let c = llama3_config_from_hf(&p).unwrap();
-    let f = titan::models::llama3::flavor("1B").unwrap();
+    let f = titan::llama3::flavor("1B").unwrap();
     assert_eq!(c.num_params(), 1_235_814_400);
     assert_eq!(c.rope_freqs(), f.rope_freqs());
     assert_eq!(

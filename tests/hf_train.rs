@@ -3,15 +3,24 @@
 //! tokenizer.json driving a .txt dataset through engine/data.
 
 use std::path::{Path, PathBuf};
-use titan::checkpoint::hf::{HfCheckpoint, HF_CONFIG};
-use titan::cli::hf::hf_to_titan;
+use titan::checkpoint::hf_folder::{HfCheckpoint, HF_CONFIG};
 use titan::data::{build_loader, load_tokenizer, DataConfig};
-use titan::models::llama3::model::state_dict_adapter::{
+use titan::llama3::model::state_dict_adapter::{
     llama3_config_from_hf, Llama3StateDictAdapter,
 };
-use titan::models::state_dict::StateDictAdapter;
+use titan::llama3::Llama3Config;
+use titan::model::StateDictAdapter;
 use titan::train::config::JobConfig;
 use titan::train::trainer::Trainer;
+
+fn hf_to_titan(src: &Path, dst: &Path) -> titan::Result<PathBuf> {
+    titan::cli::convert::hf_to_titan(&titan::registry(), src, dst)
+}
+
+/// The trainer's Llama 3 architecture.
+fn llama(tr: &Trainer) -> &Llama3Config {
+    tr.model.args().as_any().downcast_ref::<Llama3Config>().unwrap()
+}
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -120,17 +129,17 @@ fn trains_from_hf_weights_and_exports_hf_at_the_end() {
         ),
     )
     .unwrap();
-    let mut tr = Trainer::new(cfg).unwrap();
+    let mut tr = Trainer::new(cfg, &titan::registry()).unwrap();
     let mut want = llama3_config_from_hf(&src.join(HF_CONFIG)).unwrap();
     want.max_seq_len = 8;
     assert_eq!(
-        tr.model.config, want,
+        *llama(&tr), want,
         "the architecture comes from config.json"
     );
     assert_eq!(tr.maybe_resume().unwrap(), None);
     // The weights are the checkpoint's, not the random init.
     let ck = HfCheckpoint::open(&src).unwrap();
-    let adapter = Llama3StateDictAdapter::new(&tr.model.config);
+    let adapter = Llama3StateDictAdapter::new(llama(&tr));
     for id in tr.store.ids() {
         let hf = adapter.to_hf(tr.store.name(id)).unwrap();
         let want = ck.get(&hf).unwrap().to_f32().unwrap();
@@ -171,9 +180,9 @@ fn resumes_from_a_converted_checkpoint() {
     let dump = scratch("resume-converted");
     hf_to_titan(&fixture("mha_tied"), &dump.join("checkpoint")).unwrap();
     let cfg = JobConfig::load(None, &overrides(&dump, &["--checkpoint.enable"])).unwrap();
-    let mut tr = Trainer::new(cfg).unwrap();
+    let mut tr = Trainer::new(cfg, &titan::registry()).unwrap();
     assert_eq!(
-        tr.model.config.dim, 40,
+        llama(&tr).dim, 40,
         "architecture from the converted manifest"
     );
     assert_eq!(tr.maybe_resume().unwrap(), Some(0));
@@ -207,13 +216,13 @@ fn initial_load_from_a_titan_step_folder() {
         ),
     )
     .unwrap();
-    let mut tr = Trainer::new(cfg).unwrap();
+    let mut tr = Trainer::new(cfg, &titan::registry()).unwrap();
     assert_eq!(
-        tr.model.config.n_kv_heads,
+        llama(&tr).n_kv_heads,
         Some(1),
         "architecture from the step folder"
     );
-    assert!(tr.model.config.rope_scaling.is_some());
+    assert!(llama(&tr).rope_scaling.is_some());
     assert_eq!(tr.maybe_resume().unwrap(), None);
     let ck = HfCheckpoint::open(&fixture("llama3_scaled_mqa")).unwrap();
     let id = tr.store.find("output.weight").unwrap();
@@ -233,7 +242,7 @@ fn initial_load_in_hf_without_a_path_is_a_config_error() {
         &overrides(&dump, &["--checkpoint.initial_load_in_hf"]),
     )
     .unwrap();
-    let e = Trainer::new(cfg)
+    let e = Trainer::new(cfg, &titan::registry())
         .err()
         .expect("missing initial_load_path")
         .to_string();

@@ -3,7 +3,8 @@
 use titan::backend::cpu::CpuBackend;
 use titan::backend::Backend;
 use titan::error::Error;
-use titan::models::llama3::{infra::parallelize::apply_ac, Llama3, Llama3Config};
+use titan::llama3::{infra::parallelize::apply_ac, model_spec, Llama3, Llama3Config};
+use titan::parallel::ac::AcConfig;
 use titan::params::{ParamStore, ParamStoreBuilder};
 use titan::planner::Plan;
 use titan::rng::Rng;
@@ -28,7 +29,7 @@ fn tiny_config() -> Llama3Config {
 fn build(be: &dyn Backend, ac: &str, opt: &str) -> (Llama3, ParamStore) {
     let mut b = ParamStoreBuilder::default();
     let mut model = Llama3::new(tiny_config(), &mut b).unwrap();
-    apply_ac(&mut model, ac, opt).unwrap();
+    apply_ac(&mut model, AcConfig::parse(ac, opt).unwrap());
     let store = ParamStore::materialize(b, be, DType::F32).unwrap();
     model.init_weights(&store, be, 3).unwrap();
     (model, store)
@@ -61,7 +62,9 @@ fn loss_and_grads(
     let mut t = Tape::new(be, store, placement);
     let ti = t.input_i32(&inputs, [b, s]).unwrap();
     let tl = t.input_i32(&labels, [b * s]).unwrap();
-    let loss = model.loss(&mut t, ti, tl, 1.0 / (b * s) as f32).unwrap();
+    let loss = model_spec()
+        .loss_of(model, &mut t, ti, tl, 1.0 / (b * s) as f32)
+        .unwrap();
     t.backward(loss).unwrap();
     let l = t.to_vec_f32(loss).unwrap()[0];
     let plan = t.plan();
@@ -194,7 +197,9 @@ fn gradient_accumulation_over_micro_batches_matches_one_batch() {
             let tl = t
                 .input_i32(&labels[start * s..(start + n) * s], [n * s])
                 .unwrap();
-            let loss = model.loss(&mut t, ti, tl, 1.0 / (b * s) as f32).unwrap();
+            let loss = model_spec()
+                .loss_of(&model, &mut t, ti, tl, 1.0 / (b * s) as f32)
+                .unwrap();
             t.backward(loss).unwrap();
         }
         store.read_f32(&be, store.flat_grad()).unwrap()

@@ -44,7 +44,10 @@ fn independent_loss(tr: &Trainer, batch: usize, seq: usize, batches: usize) -> f
         let mut t = Tape::new(tr.be.as_ref(), &tr.store, Placement::Owned);
         let ti = t.input_i32(&b.inputs, [b.batch, b.seq]).unwrap();
         let tl = t.input_i32(&b.labels, [b.batch * b.seq]).unwrap();
-        let loss = tr.model.loss(&mut t, ti, tl, 1.0).unwrap();
+        let loss = tr
+            .spec
+            .loss_of(tr.model.as_ref(), &mut t, ti, tl, 1.0)
+            .unwrap();
         total += t.to_vec_f32(loss).unwrap()[0] as f64;
         count += b.labels.iter().filter(|&&l| l >= 0).count();
     }

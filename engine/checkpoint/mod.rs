@@ -12,7 +12,7 @@
 //! a 2-D block, replicated = the whole tensor). Loading reassembles any box of the global tensor
 //! from whichever shards cover it, so a run may resume with a different parallel layout.
 
-pub mod hf;
+pub mod hf_folder;
 mod load;
 mod manifest;
 mod save;

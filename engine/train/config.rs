@@ -92,7 +92,9 @@ pub struct Model {
 impl Default for Model {
     fn default() -> Self {
         Model {
-            name: "llama3".into(),
+            // Empty: the registry's first model (the titan binary registers llama3 first, as
+            // torchtitan defaults to it); the trainer writes the resolved name back.
+            name: String::new(),
             flavor: "debugmodel".into(),
             hf_assets_path: "./tests/assets/tokenizer".into(),
             tokenizer_path: None,

@@ -2,7 +2,7 @@
 
 pub mod config;
 pub mod device;
-pub mod hf;
+pub mod initial_load;
 pub mod lr;
 pub mod state;
 pub mod trainer;

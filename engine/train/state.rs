@@ -12,6 +12,7 @@ use super::trainer::Trainer;
 use crate::backend::Buf;
 use crate::checkpoint::{self, CheckpointMeta, LoadedCheckpoint, NamedTensor};
 use crate::error::{Error, Result};
+use crate::model::resolve;
 use crate::params::ParamId;
 use crate::tensor::DType;
 use std::path::PathBuf;
@@ -79,8 +80,7 @@ impl Trainer {
             dataloader: self.loader.state(),
             rng: serde_json::json!({}),
             lr_scheduler: serde_json::json!({"step": self.step as i64 - self.lr_origin}),
-            extra: serde_json::json!({"model": self.cfg.model.name, "flavor": self.cfg.model.flavor,
-                "llama3_config": self.model.config}),
+            extra: resolve::manifest_record(&self.cfg, self.model.args()),
         };
         let keep = self.cfg.checkpoint.keep_latest_k.max(0) as usize;
         checkpoint::save(&self.checkpoint_root(), self.step, &[tensors], &meta, keep)

@@ -16,8 +16,8 @@ use crate::backend::{AdamW, Backend, Buf, DeviceMem};
 use crate::data::{build_loader, DataConfig, DataLoader};
 use crate::error::{Error, Result};
 use crate::metrics::{self, MetricsWriter, Peak, StepMetrics, GIB};
-use crate::models::llama3::{infra::parallelize::apply_ac, Llama3, Llama3Config};
-use crate::params::{ParamStore, ParamStoreBuilder, StateBytes};
+use crate::model::{resolve, Model, ModelArgs, ModelSpec, Registry};
+use crate::params::{ParamStore, StateBytes};
 use crate::planner::Plan;
 use crate::tape::profile::timed;
 use crate::tape::{Placement, Tape};
@@ -25,25 +25,9 @@ use crate::tensor::DType;
 use std::path::PathBuf;
 use std::time::Instant;
 
-/// The run's model architecture: the model name checked against the registry, then the
-/// flavor, Hugging Face or checkpoint architecture fitted to the run (see `hf::model_config`).
-pub fn model_config(cfg: &JobConfig, vocab: Option<usize>) -> Result<Llama3Config> {
-    if cfg.model.name != "llama3" {
-        crate::models::find_model(&cfg.model.name)?;
-    }
-    super::hf::model_config(cfg, vocab)
-}
-
-/// The model of an explicit architecture, with the config's activation checkpointing applied.
-pub fn build_model_from(cfg: &JobConfig, mc: Llama3Config) -> Result<(Llama3, ParamStoreBuilder)> {
-    let mut b = ParamStoreBuilder::default();
-    let mut model = Llama3::new(mc, &mut b)?;
-    apply_ac(
-        &mut model,
-        &cfg.activation_checkpoint.mode,
-        &cfg.activation_checkpoint.selective_ac_option,
-    )?;
-    Ok((model, b))
+/// The model `cfg.model.name` names in `reg`.
+pub fn model_spec(reg: &Registry, cfg: &JobConfig) -> Result<&'static ModelSpec> {
+    reg.find(&cfg.model.name)
 }
 
 /// The compute dtype: bf16 on CUDA (torchtitan's mixed_precision_param), f32 on the CPU backend,
@@ -75,23 +59,24 @@ impl MemoryPlan {
 }
 
 /// Traces one micro-batch of `batch x seq` tokens (forward, and backward when `backward`) of the
-/// architecture `mc` on the meta backend and plans it. Returns the plan, the number of ops and
+/// architecture `args` on the meta backend and plans it. Returns the plan, the number of ops and
 /// the store's sizes.
 fn trace(
+    spec: &ModelSpec,
     cfg: &JobConfig,
-    mc: Llama3Config,
+    args: &dyn ModelArgs,
     dtype: DType,
     (b, s): (usize, usize),
     backward: bool,
 ) -> Result<(Plan, usize, StateBytes, usize)> {
-    let (model, builder) = build_model_from(cfg, mc)?;
+    let (model, builder) = spec.build_for(args, cfg)?;
     let meta = MetaBackend::new();
     let store = ParamStore::materialize(builder, &meta, dtype)?;
     let zeros = vec![0i32; b * s];
     let mut tape = Tape::new(&meta, &store, Placement::Owned);
     let tokens = tape.input_i32(&zeros, [b, s])?;
     let labels = tape.input_i32(&zeros, [b * s])?;
-    let loss = model.loss(&mut tape, tokens, labels, 1.0)?;
+    let loss = spec.loss_of(model.as_ref(), &mut tape, tokens, labels, 1.0)?;
     if backward {
         tape.backward(loss)?;
     }
@@ -104,23 +89,24 @@ fn trace(
     ))
 }
 
-/// Traces one training micro-batch (forward, backward) of the architecture `mc` on the meta
+/// Traces one training micro-batch (forward, backward) of the architecture `args` on the meta
 /// backend and plans it; with validation enabled, also the validation batch's forward pass.
 /// Returns (training plan, validation plan, memory).
 pub fn trace_plan(
+    spec: &ModelSpec,
     cfg: &JobConfig,
-    mc: Llama3Config,
+    args: &dyn ModelArgs,
     dtype: DType,
 ) -> Result<(Plan, Option<Plan>, MemoryPlan)> {
     let shape = (
         cfg.training.local_batch_size as usize,
         cfg.training.seq_len as usize,
     );
-    let (plan, ops, state, num_params) = trace(cfg, mc.clone(), dtype, shape, true)?;
+    let (plan, ops, state, num_params) = trace(spec, cfg, args, dtype, shape, true)?;
     let v = &cfg.validation;
     let validation = if v.enable {
         let shape = (v.local_batch_size as usize, v.seq_len as usize);
-        Some(trace(cfg, mc, dtype, shape, false)?.0)
+        Some(trace(spec, cfg, args, dtype, shape, false)?.0)
     } else {
         None
     };
@@ -141,7 +127,9 @@ pub fn trace_plan(
 pub struct Trainer {
     pub cfg: JobConfig,
     pub be: Box<dyn Backend>,
-    pub model: Llama3,
+    /// The model's registry entry: everything model-specific goes through it.
+    pub spec: &'static ModelSpec,
+    pub model: Box<dyn Model>,
     pub store: ParamStore,
     pub plan: Plan,
     pub memory: MemoryPlan,
@@ -173,16 +161,19 @@ pub struct StepResult {
 }
 
 impl Trainer {
-    pub fn new(cfg: JobConfig) -> Result<Trainer> {
-        Self::with_options(cfg, false)
+    /// The trainer of `cfg` for the model `cfg.model.name` names in `reg`.
+    pub fn new(cfg: JobConfig, reg: &Registry) -> Result<Trainer> {
+        Self::with_options(cfg, reg, false)
     }
 
     /// `flavor_vocab`: keep the flavor's vocabulary instead of the tokenizer's (benchmarks run a
     /// real 128k-vocab output layer on built-in data, whose ids are all below it).
-    pub fn with_options(cfg: JobConfig, flavor_vocab: bool) -> Result<Trainer> {
+    pub fn with_options(mut cfg: JobConfig, reg: &Registry, flavor_vocab: bool) -> Result<Trainer> {
         cfg.validate()?;
+        let spec = model_spec(reg, &cfg)?;
+        cfg.model.name = spec.name.to_string();
         // Model problems (unknown flavor, seq_len beyond the model) first: they are cheap to find.
-        model_config(&cfg, None)?;
+        resolve::run_args(spec, &cfg, None)?;
         // One process, one device: every parallel degree must resolve to 1 for a world of 1
         // rather than be silently ignored.
         let dp = 1;
@@ -234,16 +225,16 @@ impl Trainer {
         };
         let dtype = compute_dtype(&cfg, be.name())?;
         // One architecture for the traced plan and the real model.
-        let mc = model_config(&cfg, vocab)?;
-        let (plan, validation_plan, memory) = trace_plan(&cfg, mc.clone(), dtype)?;
-        let (model, builder) = build_model_from(&cfg, mc)?;
+        let args = resolve::run_args(spec, &cfg, vocab)?;
+        let (plan, validation_plan, memory) = trace_plan(spec, &cfg, args.as_ref(), dtype)?;
+        let (model, builder) = spec.build_for(args.as_ref(), &cfg)?;
         let store = ParamStore::materialize(builder, be.as_ref(), dtype)?;
         model.init_weights(&store, be.as_ref(), seed)?;
         let arena = be.alloc(plan.peak.max(256))?;
         let validator = match validation_plan {
             Some(vp) => Some(Validator::new(
                 &cfg,
-                &model.config,
+                model.args(),
                 vp,
                 tokenizer,
                 be.as_ref(),
@@ -262,12 +253,13 @@ impl Trainer {
             None => metrics::measure_gemm_peak(be.as_ref())?,
         };
         let (_, flops_per_token) = model
-            .config
+            .args()
             .nparams_and_flops(cfg.training.seq_len as usize);
         let dump = PathBuf::from(&cfg.job.dump_folder);
         Ok(Trainer {
             cfg,
             be,
+            spec,
             model,
             store,
             plan,
@@ -321,7 +313,9 @@ impl Trainer {
             let mut tape = Tape::new(be, &self.store, placement);
             let inputs = tape.input_i32(&batch.inputs, [batch.batch, batch.seq])?;
             let labels = tape.input_i32(&batch.labels, [batch.batch * batch.seq])?;
-            let loss = self.model.loss(&mut tape, inputs, labels, grad_scale)?;
+            let loss =
+                self.spec
+                    .loss_of(self.model.as_ref(), &mut tape, inputs, labels, grad_scale)?;
             tape.backward(loss)?;
             loss_sum += tape.to_vec_f32(loss)?[0] as f64;
             tokens += batch.batch * batch.seq;
@@ -430,7 +424,8 @@ impl Trainer {
             if let Some(v) = self.validator.as_mut().filter(|v| v.should_run(done)) {
                 let m = v.run(
                     done,
-                    &self.model,
+                    self.spec,
+                    self.model.as_ref(),
                     &self.store,
                     self.be.as_ref(),
                     self.arena.ptr(),

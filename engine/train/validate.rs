@@ -15,7 +15,7 @@ use super::config::JobConfig;
 use crate::backend::{Backend, DeviceMem};
 use crate::data::{build_loader, needs_download, DataConfig, DataLoader};
 use crate::error::{Error, Result};
-use crate::models::llama3::{Llama3, Llama3Config};
+use crate::model::{Model, ModelArgs, ModelSpec};
 use crate::params::ParamStore;
 use crate::planner::Plan;
 use crate::tape::{Placement, Tape};
@@ -68,12 +68,12 @@ pub struct Validator {
 }
 
 impl Validator {
-    /// The validator of `cfg.validation` for a model of architecture `mc` (whose vocabulary every
+    /// The validator of `cfg.validation` for a model of architecture `args` (whose vocabulary every
     /// validation id must fit), running the forward pass `plan` (from `trace_plan`), with
     /// `train_arena_bytes` of training arena to borrow.
     pub fn new(
         cfg: &JobConfig,
-        mc: &Llama3Config,
+        args: &dyn ModelArgs,
         plan: Plan,
         tokenizer: Option<PathBuf>,
         be: &dyn Backend,
@@ -96,7 +96,7 @@ impl Validator {
             dp_rank: 0,
             dp_world: 1,
             token_dtype: None,
-            vocab_size: Some(mc.vocab_size),
+            vocab_size: Some(args.vocab_size()),
             progress: true,
         };
         if dcfg.dataset_path.is_none() && needs_download(v.dataset.trim()) {
@@ -163,7 +163,8 @@ impl Validator {
     pub fn run(
         &mut self,
         step: u64,
-        model: &Llama3,
+        spec: &ModelSpec,
+        model: &dyn Model,
         store: &ParamStore,
         be: &dyn Backend,
         train_arena: u64,
@@ -181,7 +182,7 @@ impl Validator {
             let mut tape = Tape::new(be, store, placement);
             let inputs = tape.input_i32(&b.inputs, [b.batch, b.seq])?;
             let labels = tape.input_i32(&b.labels, [b.batch * b.seq])?;
-            let loss = model.loss(&mut tape, inputs, labels, 1.0)?;
+            let loss = spec.loss_of(model, &mut tape, inputs, labels, 1.0)?;
             total += tape.to_vec_f32(loss)?[0] as f64;
             tokens += b.labels.iter().filter(|&&l| l >= 0).count();
         }

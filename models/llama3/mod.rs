@@ -6,10 +6,11 @@ pub mod model;
 pub use model::config::{Llama3Config, RopeScaling};
 pub use model::model::Llama3;
 
-use super::{FlavorInfo, ModelSpec};
-use crate::error::{Error, Result};
+use model::state_dict_adapter::{llama3_adapter, llama3_args_from_hf, llama3_hf_config};
+use titan_engine::error::{Error, Result};
+use titan_engine::model::{cross_entropy_loss, HfInterop, ModelArgs, ModelSpec};
 
-const FLAVORS: [&str; 7] = [
+const FLAVORS: &[&str] = &[
     "debugmodel",
     "debugmodel_gqa",
     "1B",
@@ -102,30 +103,35 @@ pub fn flavor(name: &str) -> Result<Llama3Config> {
     Ok(c)
 }
 
-pub fn model_spec() -> ModelSpec {
-    ModelSpec {
-        name: "llama3",
-        flavors: || {
-            FLAVORS
-                .iter()
-                .map(|&f| {
-                    let c = flavor(f).expect("registered flavor");
-                    FlavorInfo {
-                        name: f,
-                        num_params: c.num_params(),
-                        description: format!(
-                            "dim {} layers {} heads {}/{} ffn {} vocab {}{}",
-                            c.dim,
-                            c.n_layers,
-                            c.n_heads,
-                            c.kv_heads(),
-                            c.ffn_hidden(),
-                            c.vocab_size,
-                            if c.tie_embeddings { " tied" } else { "" }
-                        ),
-                    }
-                })
-                .collect()
-        },
-    }
+fn flavor_args(name: &str) -> Result<Box<dyn ModelArgs>> {
+    Ok(Box::new(flavor(name)?))
+}
+
+fn args_from_json(v: &serde_json::Value) -> Result<Box<dyn ModelArgs>> {
+    let c: Llama3Config = serde_json::from_value(v.clone())
+        .map_err(|e| Error::Config(format!("not a llama3 architecture: {e}")))?;
+    c.validate()?;
+    Ok(Box::new(c))
+}
+
+static SPEC: ModelSpec = ModelSpec {
+    name: "llama3",
+    flavors: FLAVORS,
+    flavor: flavor_args,
+    args_from_json,
+    build: model::model::build_llama3,
+    parallelize: infra::parallelize::parallelize_llama3,
+    pipeline_split: infra::pipeline::pipeline_llama3,
+    loss: cross_entropy_loss,
+    state_dict_adapter: llama3_adapter,
+    hf: HfInterop {
+        model_types: &["llama"],
+        args_from_config: llama3_args_from_hf,
+        to_config: llama3_hf_config,
+    },
+};
+
+/// Llama 3's registry entry.
+pub fn model_spec() -> &'static ModelSpec {
+    &SPEC
 }

@@ -28,7 +28,7 @@ pub fn debug_config(dir: &Path, overrides: &[&str]) -> titan::Result<JobConfig> 
 
 /// The debugmodel job's trainer (see `debug_config`).
 pub fn debug_trainer(dir: &Path, overrides: &[&str]) -> titan::Result<Trainer> {
-    Trainer::new(debug_config(dir, overrides)?)
+    Trainer::new(debug_config(dir, overrides)?, &titan::registry())
 }
 
 /// A trainer's f32 master weights, flat.

@@ -2,51 +2,22 @@
 //! order: tensor parallel -> activation checkpointing -> fusion / graph capture -> FSDP. Only
 //! activation checkpointing exists in this release; TP and FSDP slot in here when `dist` lands.
 
-use crate::error::{Error, Result};
-use crate::models::llama3::Llama3;
-use crate::tape::AcPolicy;
+use crate::llama3::Llama3;
+use titan_engine::error::Result;
+use titan_engine::model::{model_as_mut, Model, Parallelize};
+use titan_engine::parallel::ac::AcConfig;
 
-/// torchtitan's `[activation_checkpoint]`: mode none | full | selective; for selective,
-/// `selective_ac_option` is "op" (keep matmul and attention outputs, recompute the rest) or an
-/// integer N (checkpoint every N-th layer fully).
-pub fn apply_ac(model: &mut Llama3, mode: &str, selective_option: &str) -> Result<()> {
+/// `ModelSpec::parallelize` of Llama 3.
+pub fn parallelize_llama3(model: &mut dyn Model, p: &Parallelize) -> Result<()> {
+    let model = model_as_mut::<Llama3>(model, "llama3")?;
+    let ac = &p.job.activation_checkpoint;
+    apply_ac(model, AcConfig::parse(&ac.mode, &ac.selective_ac_option)?);
+    Ok(())
+}
+
+/// torchtitan's `apply_ac`: one policy per transformer block.
+pub fn apply_ac(model: &mut Llama3, ac: AcConfig) {
     for layer in &mut model.layers {
-        layer.ac = None;
-    }
-    match mode {
-        "none" => Ok(()),
-        "full" => {
-            for layer in &mut model.layers {
-                layer.ac = Some(AcPolicy::Full);
-            }
-            Ok(())
-        }
-        "selective" => {
-            if selective_option == "op" {
-                for layer in &mut model.layers {
-                    layer.ac = Some(AcPolicy::SaveMatmulAndAttention);
-                }
-                return Ok(());
-            }
-            let every: usize = selective_option.parse().map_err(|_| {
-                Error::Config(format!(
-                    "activation_checkpoint.selective_ac_option must be 'op' or a positive integer, got '{selective_option}'"
-                ))
-            })?;
-            if every == 0 {
-                return Err(Error::Config(
-                    "activation_checkpoint.selective_ac_option must be >= 1".into(),
-                ));
-            }
-            for layer in &mut model.layers {
-                if (layer.layer_id + 1) % every == 0 {
-                    layer.ac = Some(AcPolicy::Full);
-                }
-            }
-            Ok(())
-        }
-        other => Err(Error::Config(format!(
-            "activation_checkpoint.mode must be none, full or selective, got '{other}'"
-        ))),
+        layer.ac = ac.block_policy(layer.layer_id);
     }
 }

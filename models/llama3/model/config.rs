@@ -1,6 +1,8 @@
 //! Every architecture hyper-parameter of Llama 3, torchtitan's `TransformerModelArgs` in Rust.
 
-use crate::error::{Error, Result};
+use std::any::Any;
+use titan_engine::error::{Error, Result};
+use titan_engine::model::ModelArgs;
 
 /// Llama 3 rotary frequency scaling ("rope_type": "llama3" in Hugging Face configs).
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -31,6 +33,7 @@ impl RopeScaling {
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Llama3Config {
     pub dim: usize,
     pub n_layers: usize,
@@ -213,9 +216,54 @@ impl Llama3Config {
     }
 }
 
+impl ModelArgs for Llama3Config {
+    fn update_from_config(&mut self, seq_len: usize, vocab: Option<usize>) -> Result<()> {
+        self.update_from_training(seq_len, vocab)
+    }
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+    fn n_layers(&self) -> usize {
+        self.n_layers
+    }
+    fn max_seq_len(&self) -> usize {
+        self.max_seq_len
+    }
+    fn nparams_and_flops(&self, seq_len: usize) -> (usize, f64) {
+        Llama3Config::nparams_and_flops(self, seq_len)
+    }
+    fn flops_per_token_llmc(&self, seq_len: usize) -> f64 {
+        Llama3Config::flops_per_token_llmc(self, seq_len)
+    }
+    fn summary(&self) -> String {
+        format!(
+            "dim {} layers {} heads {}/{} ffn {} vocab {}{}",
+            self.dim,
+            self.n_layers,
+            self.n_heads,
+            self.kv_heads(),
+            self.ffn_hidden(),
+            self.vocab_size,
+            if self.tie_embeddings { " tied" } else { "" }
+        )
+    }
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("Llama3Config serializes")
+    }
+    fn clone_box(&self) -> Box<dyn ModelArgs> {
+        Box::new(self.clone())
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn num_params(&self) -> usize {
+        Llama3Config::num_params(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use crate::models::llama3::flavor;
+    use crate::llama3::flavor;
 
     #[test]
     fn ffn_sizes_match_published_models() {

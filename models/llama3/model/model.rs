@@ -2,13 +2,13 @@
 //! checkpointing arrive from `infra/`.
 
 use super::config::Llama3Config;
-use crate::error::Result;
-use crate::params::{ConstId, ParamId, ParamStore, ParamStoreBuilder};
-use crate::rng::Rng;
-use crate::tape::{AcPolicy, Tape, Tensor};
-
-/// Tokens whose label equals this are not scored (Hugging Face's and torchtitan's convention).
-pub const IGNORE_INDEX: i32 = -100;
+use std::any::Any;
+use titan_engine::backend::Backend;
+use titan_engine::error::Result;
+use titan_engine::model::init::Init;
+use titan_engine::model::{args_as, Model, ModelArgs};
+use titan_engine::params::{ConstId, ParamId, ParamStore, ParamStoreBuilder};
+use titan_engine::tape::{AcPolicy, Tape, Tensor};
 
 pub struct Attention {
     pub wq: ParamId,
@@ -160,59 +160,6 @@ impl TransformerBlock {
     }
 }
 
-/// Weight initialisation context: the host RNG plus the store to write into.
-pub struct Init<'a> {
-    pub store: &'a ParamStore,
-    pub be: &'a dyn crate::backend::Backend,
-    pub seed: u64,
-}
-
-impl Init<'_> {
-    /// Draws `n` values with `f`, in parallel chunks, each chunk from its own stream seeded by
-    /// (seed, parameter, chunk): deterministic for any thread count.
-    fn draw(&self, id: ParamId, f: impl Fn(&mut Rng) -> f64 + Sync) -> Vec<f32> {
-        use rayon::prelude::*;
-        const CHUNK: usize = 1 << 16;
-        let n = self.store.numel(id);
-        let seed = self.seed;
-        let mut out = vec![0f32; n];
-        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, dst)| {
-            let mut rng = Rng::new(
-                seed ^ ((id.0 as u64) << 40) ^ ((c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
-            );
-            for x in dst {
-                *x = f(&mut rng) as f32;
-            }
-        });
-        out
-    }
-    fn trunc_normal(&self, id: ParamId, std: f64) -> Result<()> {
-        self.trunc_normal_ab(id, std, -2.0, 2.0)
-    }
-    /// torch.nn.init.trunc_normal_ with absolute bounds [a, b].
-    fn trunc_normal_ab(&self, id: ParamId, std: f64, a: f64, b: f64) -> Result<()> {
-        if self.be.is_meta() {
-            return Ok(());
-        }
-        let data = self.draw(id, |r| r.trunc_normal(std, a, b));
-        self.store.set(self.be, id, &data)
-    }
-    fn normal(&self, id: ParamId, std: f64) -> Result<()> {
-        if self.be.is_meta() {
-            return Ok(());
-        }
-        let data = self.draw(id, |r| r.normal() * std);
-        self.store.set(self.be, id, &data)
-    }
-    fn ones(&self, id: ParamId) -> Result<()> {
-        if self.be.is_meta() {
-            return Ok(());
-        }
-        self.store
-            .set(self.be, id, &vec![1.0; self.store.numel(id)])
-    }
-}
-
 impl Llama3 {
     /// Declares every parameter (names follow torchtitan's state dict) and the rotary tables.
     pub fn new(config: Llama3Config, p: &mut ParamStoreBuilder) -> Result<Self> {
@@ -241,12 +188,7 @@ impl Llama3 {
 
     /// torchtitan's scheme: embeddings N(0, 1); q/k/v and w1 trunc-normal 0.02; wo, w2, w3 with the
     /// depth-scaled std; norms ones; output trunc-normal dim^-0.5 cut at 3 std.
-    pub fn init_weights(
-        &self,
-        store: &ParamStore,
-        be: &dyn crate::backend::Backend,
-        seed: u64,
-    ) -> Result<()> {
+    pub fn init_weights(&self, store: &ParamStore, be: &dyn Backend, seed: u64) -> Result<()> {
         let s = Init { store, be, seed };
         s.normal(self.tok_embeddings, 1.0)?;
         for layer in &self.layers {
@@ -282,20 +224,28 @@ impl Llama3 {
         let out = t.param(self.output.unwrap_or(self.tok_embeddings));
         t.linear(h, out)
     }
+}
 
-    /// Summed next-token loss over the micro-batch; its gradient is `grad_scale` times that of the
-    /// sum (pass 1 / tokens of the global batch for a mean over the global batch).
-    pub fn loss(
-        &self,
-        t: &mut Tape,
-        tokens: Tensor,
-        labels: Tensor,
-        grad_scale: f32,
-    ) -> Result<Tensor> {
-        let logits = self.forward(t, tokens)?;
-        let v = self.config.vocab_size;
-        let n = t.shape(logits).rows();
-        let flat = t.reshape(logits, [n, v])?;
-        t.cross_entropy(flat, labels, IGNORE_INDEX, grad_scale)
+/// `ModelSpec::build` of Llama 3.
+pub fn build_llama3(args: &dyn ModelArgs, p: &mut ParamStoreBuilder) -> Result<Box<dyn Model>> {
+    let c = args_as::<Llama3Config>(args, "llama3")?;
+    Ok(Box::new(Llama3::new(c.clone(), p)?))
+}
+
+impl Model for Llama3 {
+    fn args(&self) -> &dyn ModelArgs {
+        &self.config
+    }
+    fn init_weights(&self, store: &ParamStore, be: &dyn Backend, seed: u64) -> Result<()> {
+        Llama3::init_weights(self, store, be, seed)
+    }
+    fn forward(&self, t: &mut Tape, tokens: Tensor) -> Result<Tensor> {
+        Llama3::forward(self, t, tokens)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
     }
 }

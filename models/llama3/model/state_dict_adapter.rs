@@ -22,10 +22,11 @@
 //! checkpoints carry are ignored: titan recomputes the tables from the config.
 
 use super::config::{Llama3Config, RopeScaling};
-use crate::error::{Error, Result};
-use crate::models::state_dict::StateDictAdapter;
 use serde_json::{json, Value};
 use std::path::Path;
+use titan_engine::error::{Error, Result};
+use titan_engine::model::hf_config::{rope_type, HfFields};
+use titan_engine::model::{args_as, ModelArgs, StateDictAdapter};
 
 pub struct Llama3StateDictAdapter {
     pub n_layers: usize,
@@ -128,137 +129,93 @@ pub fn llama3_config_from_hf(path: &Path) -> Result<Llama3Config> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let v: Value = serde_json::from_str(&text)
         .map_err(|e| Error::Config(format!("{}: not valid JSON ({e})", path.display())))?;
-    let bad = |field: &str, why: String| {
-        Error::Config(format!("{}: field {field}: {why}", path.display()))
-    };
-    let get = |k: &str| v.get(k).filter(|x| !x.is_null());
-    let uint = |k: &str| -> Result<usize> {
-        let x = get(k).ok_or_else(|| bad(k, "missing".into()))?;
-        x.as_u64()
-            .filter(|&n| n > 0)
-            .map(|n| n as usize)
-            .ok_or_else(|| bad(k, format!("{x} is not a positive integer")))
-    };
-    let float = |k: &str, x: &Value| -> Result<f64> {
-        x.as_f64()
-            .ok_or_else(|| bad(k, format!("{x} is not a number")))
-    };
-    if let Some(t) = get("model_type") {
-        if t.as_str() != Some("llama") {
-            return Err(bad(
-                "model_type",
-                format!("{t} is not supported (only \"llama\")"),
-            ));
-        }
-    }
+    llama3_config_from_json(&v, path)
+}
+
+/// `llama3_config_from_hf` of an already parsed `config.json` (`path` names it in errors).
+pub fn llama3_config_from_json(v: &Value, path: &Path) -> Result<Llama3Config> {
+    let f = HfFields::new(v, path);
+    f.require_str("model_type", "llama")?;
     for k in ["attention_bias", "mlp_bias"] {
-        if get(k).and_then(Value::as_bool) == Some(true) {
-            return Err(bad(
-                k,
-                "true is not supported (titan's Llama has no biases)".into(),
-            ));
-        }
+        f.refuse_true(k, "titan's Llama has no biases")?;
     }
-    if let Some(a) = get("hidden_act") {
-        if a.as_str() != Some("silu") {
-            return Err(bad(
-                "hidden_act",
-                format!("{a} is not supported (only \"silu\")"),
-            ));
-        }
-    }
-    let dim = uint("hidden_size")?;
-    let n_heads = uint("num_attention_heads")?;
-    let kv = match get("num_key_value_heads") {
-        Some(_) => uint("num_key_value_heads")?,
-        None => n_heads,
-    };
-    if let Some(hd) = get("head_dim") {
+    f.require_str("hidden_act", "silu")?;
+    let dim = f.uint("hidden_size")?;
+    let n_heads = f.uint("num_attention_heads")?;
+    let kv = f.uint_or("num_key_value_heads", n_heads)?;
+    if let Some(hd) = f.get("head_dim") {
         if hd.as_u64() != Some((dim / n_heads) as u64) || !dim.is_multiple_of(n_heads) {
-            return Err(bad(
+            return Err(f.bad(
                 "head_dim",
                 format!("{hd} must equal hidden_size / num_attention_heads = {dim}/{n_heads}"),
             ));
         }
     }
-    let params = get("rope_parameters");
-    let theta_field = if get("rope_theta").is_some() {
-        ("rope_theta", get("rope_theta"))
-    } else {
-        (
-            "rope_parameters.rope_theta",
-            params.and_then(|p| p.get("rope_theta")),
-        )
-    };
-    let rope_theta = match theta_field.1 {
-        Some(x) => float(theta_field.0, x)?,
-        None => 10000.0,
-    };
-    let (sfield, scaling) = match get("rope_scaling") {
-        Some(s) => ("rope_scaling", Some(s)),
-        None => ("rope_parameters", params),
-    };
-    let rope_scaling = match scaling {
-        None => None,
-        Some(s) => {
-            let kind = s
-                .get("rope_type")
-                .or_else(|| s.get("type"))
-                .and_then(Value::as_str);
-            match kind {
-                None | Some("default") => None,
-                Some("llama3") => {
-                    let f = |k: &str| -> Result<f64> {
-                        let key = format!("{sfield}.{k}");
-                        let x = s.get(k).ok_or_else(|| bad(&key, "missing".into()))?;
-                        float(&key, x)
-                    };
-                    let old = f("original_max_position_embeddings")?;
-                    Some(RopeScaling {
-                        factor: f("factor")?,
-                        low_freq_factor: f("low_freq_factor")?,
-                        high_freq_factor: f("high_freq_factor")?,
-                        original_max_position_embeddings: old as usize,
-                    })
-                }
-                Some(other) => {
-                    return Err(bad(
-                        &format!("{sfield}.rope_type"),
-                        format!("{other:?} is not supported (only \"default\" and \"llama3\")"),
-                    ))
-                }
-            }
+    let rope_theta = f.rope_theta(10000.0)?;
+    let (sfield, scaling) = f.rope_scaling();
+    let rope_scaling = match scaling.map(|s| (s, rope_type(s))) {
+        None | Some((_, None)) => None,
+        Some((s, Some("llama3"))) => {
+            let num = |k: &str| -> Result<f64> {
+                let key = format!("{sfield}.{k}");
+                let x = s.get(k).ok_or_else(|| f.bad(&key, "missing"))?;
+                f.number(&key, x)
+            };
+            let old = num("original_max_position_embeddings")?;
+            Some(RopeScaling {
+                factor: num("factor")?,
+                low_freq_factor: num("low_freq_factor")?,
+                high_freq_factor: num("high_freq_factor")?,
+                original_max_position_embeddings: old as usize,
+            })
+        }
+        Some((_, Some(other))) => {
+            return Err(f.bad(
+                &format!("{sfield}.rope_type"),
+                format!("{other:?} is not supported (only \"default\" and \"llama3\")"),
+            ))
         }
     };
-    let max_pos = match get("max_position_embeddings") {
-        Some(_) => uint("max_position_embeddings")?,
-        None => 2048,
-    };
+    let max_pos = f.uint_or("max_position_embeddings", 2048)?;
     let c = Llama3Config {
         dim,
-        n_layers: uint("num_hidden_layers")?,
+        n_layers: f.uint("num_hidden_layers")?,
         n_heads,
         n_kv_heads: (kv != n_heads).then_some(kv),
-        vocab_size: uint("vocab_size")?,
+        vocab_size: f.uint("vocab_size")?,
         multiple_of: 1,
         ffn_dim_multiplier: None,
-        ffn_hidden_override: Some(uint("intermediate_size")?),
-        norm_eps: match get("rms_norm_eps") {
-            Some(x) => float("rms_norm_eps", x)?,
-            None => 1e-6,
-        },
+        ffn_hidden_override: Some(f.uint("intermediate_size")?),
+        norm_eps: f.float_or("rms_norm_eps", 1e-6)?,
         rope_theta,
         rope_scaling,
         max_seq_len: max_pos.min(2048),
         depth_init: true,
-        tie_embeddings: get("tie_word_embeddings")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
+        tie_embeddings: f.bool_or("tie_word_embeddings", false),
         max_position_embeddings: max_pos,
     };
     c.validate()
         .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
     Ok(c)
+}
+
+/// `HfInterop::args_from_config` of Llama 3.
+pub fn llama3_args_from_hf(v: &Value, path: &Path) -> Result<Box<dyn ModelArgs>> {
+    Ok(Box::new(llama3_config_from_json(v, path)?))
+}
+
+/// `HfInterop::to_config` of Llama 3.
+pub fn llama3_hf_config(args: &dyn ModelArgs, dtype: &str) -> Result<Value> {
+    Ok(hf_config_from_llama3(
+        args_as::<Llama3Config>(args, "llama3")?,
+        dtype,
+    ))
+}
+
+/// `ModelSpec::state_dict_adapter` of Llama 3.
+pub fn llama3_adapter(args: &dyn ModelArgs) -> Result<Box<dyn StateDictAdapter>> {
+    let c = args_as::<Llama3Config>(args, "llama3")?;
+    Ok(Box::new(Llama3StateDictAdapter::new(c)))
 }
 
 /// The `config.json` of a Llama3Config, in the transformers 4 spelling (which transformers 5

@@ -1,28 +1,21 @@
-//! The subcommands behind the `titan` binary (kept in the library so tests can call them).
+//! `titan train`, `plan`, `bench` and `list-models`.
 
-pub mod hf;
-
-use crate::checkpoint;
-use crate::data::read_token_batches;
 use crate::error::{Error, Result};
 use crate::metrics::GIB;
-use crate::models::llama3::model::model::IGNORE_INDEX;
-use crate::params::ParamStore;
-use crate::tape::{Placement, Tape};
+use crate::model::{resolve, Registry};
 use crate::tensor::DType;
 use crate::train::config::JobConfig;
-use crate::train::device::select_backend;
-use crate::train::trainer::{build_model_from, model_config, trace_plan, Trainer};
+use crate::train::trainer::{model_spec, trace_plan, Trainer};
 use std::path::Path;
 use std::time::Instant;
 
-pub fn train(config: Option<&Path>, overrides: &[String], quiet: bool) -> Result<()> {
+pub fn train(reg: &Registry, config: Option<&Path>, overrides: &[String], quiet: bool) -> Result<()> {
     let cfg = JobConfig::load(config, overrides)?;
     if cfg.job.print_config {
         println!("titan: job config\n{}", cfg.to_toml_string()?);
     }
     let t0 = Instant::now();
-    let mut tr = Trainer::new(cfg)?;
+    let mut tr = Trainer::new(cfg, reg)?;
     if tr.cfg.checkpoint.create_seed_checkpoint {
         // torchtitan's seed checkpoint: the initialised weights as step-0, then stop.
         let dir = tr.save(crate::train::state::SaveKind::ModelOnly)?;
@@ -32,17 +25,12 @@ pub fn train(config: Option<&Path>, overrides: &[String], quiet: bool) -> Result
         );
         return Ok(());
     }
-    let c = &tr.model.config;
     println!(
-        "titan: {} {} ({:.2}M params, dim {} layers {} heads {}/{} vocab {}) on {} | {} dtype | seq {} x batch {} x accum {}",
+        "titan: {} {} ({:.2}M params, {}) on {} | {} dtype | seq {} x batch {} x accum {}",
         tr.cfg.model.name,
         tr.cfg.model.flavor,
         tr.store.num_params() as f64 / 1e6,
-        c.dim,
-        c.n_layers,
-        c.n_heads,
-        c.kv_heads(),
-        c.vocab_size,
+        tr.model.args().summary(),
         tr.device,
         tr.store.compute_dtype,
         tr.cfg.training.seq_len,
@@ -106,11 +94,19 @@ fn gib(b: usize) -> String {
     format!("{:>10.3} GiB", b as f64 / GIB)
 }
 
-pub fn plan(config: Option<&Path>, overrides: &[String], dtype: &str, json: bool) -> Result<()> {
+pub fn plan(
+    reg: &Registry,
+    config: Option<&Path>,
+    overrides: &[String],
+    dtype: &str,
+    json: bool,
+) -> Result<()> {
     let cfg = JobConfig::load(config, overrides)?;
     let dtype = DType::parse(dtype)?;
     let t0 = Instant::now();
-    let (_, _, mp) = trace_plan(&cfg, model_config(&cfg, None)?, dtype)?;
+    let spec = model_spec(reg, &cfg)?;
+    let args = resolve::run_args(spec, &cfg, None)?;
+    let (_, _, mp) = trace_plan(spec, &cfg, args.as_ref(), dtype)?;
     if json {
         println!(
             "{}",
@@ -121,7 +117,7 @@ pub fn plan(config: Option<&Path>, overrides: &[String], dtype: &str, json: bool
     let s = &mp.state;
     println!(
         "memory plan: {} {} | {:.3}B params | local batch {} x seq {} | compute {} | AC {}",
-        cfg.model.name,
+        spec.name,
         cfg.model.flavor,
         mp.num_params as f64 / 1e9,
         cfg.training.local_batch_size,
@@ -162,18 +158,21 @@ pub fn plan(config: Option<&Path>, overrides: &[String], dtype: &str, json: bool
     Ok(())
 }
 
-pub fn list_models() {
-    for spec in crate::models::registry() {
+/// Every registered model and flavor with its parameter count (at the flavor's own vocabulary).
+pub fn list_models(reg: &Registry) -> Result<()> {
+    for spec in reg.specs() {
         println!("{}", spec.name);
-        for f in (spec.flavors)() {
+        for &f in spec.flavors {
+            let a = (spec.flavor)(f)?;
             println!(
                 "  {:<16} {:>16} params   {}",
-                f.name,
-                group_digits(f.num_params),
-                f.description
+                f,
+                group_digits(a.num_params()),
+                a.summary()
             );
         }
     }
+    Ok(())
 }
 
 fn group_digits(n: usize) -> String {
@@ -188,76 +187,9 @@ fn group_digits(n: usize) -> String {
     out
 }
 
-/// Mean next-token loss over every sequence of the token file.
-pub fn eval(
-    root: &Path,
-    step: Option<u64>,
-    tokens: &Path,
-    seq_len: Option<usize>,
-    device: &str,
-) -> Result<()> {
-    let ck = checkpoint::load(root, step)?;
-    let cfg = JobConfig::from_toml_str(
-        &ck.manifest.config,
-        &format!("{}/manifest.json", ck.dir.display()),
-        &[],
-    )?;
-    let be = select_backend(device)?;
-    let dtype = crate::train::trainer::compute_dtype(&cfg, be.name())?;
-    let vocab = ck.entry("model.tok_embeddings.weight")?.shape[0];
-    let batches = read_token_batches(tokens, seq_len, 8, Some(vocab))?;
-    let max_len = batches.iter().map(|b| b.seq).max().unwrap_or(0);
-    let mut cfg = cfg;
-    cfg.training.seq_len = cfg.training.seq_len.max(max_len as i64);
-    let mc = match crate::train::hf::manifest_model_config(&ck.manifest)? {
-        Some(mut c) => {
-            c.update_from_training(cfg.training.seq_len as usize, None)?;
-            c
-        }
-        None => {
-            let mut c = crate::models::llama3::flavor(&cfg.model.flavor)?;
-            c.update_from_training(cfg.training.seq_len as usize, Some(vocab))?;
-            c
-        }
-    };
-    let (model, builder) = build_model_from(&cfg, mc)?;
-    let store = ParamStore::materialize(builder, be.as_ref(), dtype)?;
-    for id in store.ids() {
-        let key = format!("model.{}", store.name(id));
-        let bytes = ck.read_global(&key)?;
-        if bytes.len() != store.numel(id) * 4 {
-            return Err(Error::Checkpoint(format!(
-                "{}: {key} has the wrong size",
-                ck.dir.display()
-            )));
-        }
-        be.upload(store.master(id), &bytes)?;
-    }
-    store.sync_compute(be.as_ref())?;
-    let (mut total, mut count) = (0f64, 0usize);
-    for b in &batches {
-        let mut tape = Tape::new(be.as_ref(), &store, Placement::Owned);
-        let ti = tape.input_i32(&b.inputs, [b.batch, b.seq])?;
-        let tl = tape.input_i32(&b.labels, [b.batch * b.seq])?;
-        let loss = model.loss(&mut tape, ti, tl, 1.0)?;
-        total += tape.to_vec_f32(loss)?[0] as f64;
-        count += b.labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
-    }
-    if count == 0 {
-        return Err(Error::Data(format!(
-            "{}: no sequence with at least 2 tokens",
-            tokens.display()
-        )));
-    }
-    println!(
-        "{}",
-        serde_json::json!({"loss": total / count as f64, "tokens": count, "step": ck.step()})
-    );
-    Ok(())
-}
-
 /// Training throughput of a config on one device: warm-up steps, then `steps` timed steps.
 pub fn bench(
+    reg: &Registry,
     config: Option<&Path>,
     overrides: &[String],
     steps: u64,
@@ -269,9 +201,9 @@ pub fn bench(
     ov.extend(["--training.steps".to_string(), (steps + warmup).to_string()]);
     ov.extend(["--checkpoint.enable=false".to_string()]);
     let cfg = JobConfig::load(config, &ov)?;
-    let mut tr = Trainer::with_options(cfg, true)?;
+    let mut tr = Trainer::with_options(cfg, reg, true)?;
     let seq = tr.cfg.training.seq_len as usize;
-    let c = tr.model.config.clone();
+    let c = tr.model.args().clone_box();
     println!(
         "bench: {} {} ({:.3}B params) on {} | {} | batch {} x seq {} x accum {} | plan {:.2} GiB",
         tr.cfg.model.name,

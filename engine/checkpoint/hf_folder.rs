@@ -6,7 +6,7 @@
 //! checkpoint is never held in RAM twice. Writing: `config.json`, shards capped at a byte size
 //! (`model-0000k-of-0000n.safetensors` plus the index; one shard is plain `model.safetensors`),
 //! produced one shard at a time into a temp folder renamed into place.
-//! Model-specific naming lives in each model's `StateDictAdapter` (models/state_dict.rs).
+//! Model-specific naming lives in each model's `StateDictAdapter` (engine/model/state_dict.rs).
 
 use crate::error::{Error, Result};
 use safetensors::tensor::TensorInfo;

@@ -1,15 +1,24 @@
-//! `titan`: one binary per node. `train`, `plan`, `bench`, `list-models`, `eval`, `convert`.
+//! The `titan` command line: `train`, `plan`, `bench`, `list-models`, `eval`, `convert`. It lives
+//! in the engine so tests can call every subcommand; the binary (models/bin/titan.rs) only hands
+//! it the registry of models.
 
+pub mod commands;
+pub mod convert;
+pub mod eval;
+
+pub use commands::{bench, list_models, plan, train};
+
+use crate::error::{Error, Result};
+use crate::model::Registry;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use titan::error::{Error, Result};
 
 #[derive(Parser)]
 #[command(
     name = "titan",
     version,
-    about = "Kernel-first LLM pre-training engine (Llama 3; CPU reference and CUDA backends)"
+    about = "Kernel-first LLM pre-training engine (CPU reference and CUDA backends; `titan list-models` shows the models)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -75,8 +84,9 @@ enum Cmd {
             conflicts_with = "hf_checkpoint"
         )]
         checkpoint: Option<PathBuf>,
-        /// A Hugging Face Llama folder (config.json + safetensors) instead of a titan checkpoint;
-        /// the loss is transformers' LlamaForCausalLM(input_ids, labels=input_ids).
+        /// A Hugging Face folder (config.json + safetensors) of any registered model instead of a
+        /// titan checkpoint; the loss is transformers' <Model>ForCausalLM(input_ids,
+        /// labels=input_ids).
         #[arg(long)]
         hf_checkpoint: Option<PathBuf>,
         /// With --hf-checkpoint: write the f32 logits [sequences, ids, vocab] to this
@@ -142,13 +152,14 @@ fn take_flag(overrides: &mut Vec<String>, flag: &str) -> bool {
     overrides.len() != before
 }
 
-fn main() -> ExitCode {
+/// Parses the process's arguments and runs the subcommand with the models of `reg`.
+pub fn main(reg: Registry) -> ExitCode {
     let cli = Cli::parse();
     // Run on a worker of the compute pool: every parallel kernel is then forked from a pool
     // thread that joins the work, instead of being injected from outside and waited on.
     let res = match rayon::ThreadPoolBuilder::new().build() {
-        Ok(pool) => pool.install(|| run(cli)),
-        Err(_) => run(cli),
+        Ok(pool) => pool.install(|| run(&reg, cli)),
+        Err(_) => run(&reg, cli),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -159,7 +170,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(reg: &Registry, cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Train {
             config,
@@ -167,7 +178,7 @@ fn run(cli: Cli) -> Result<()> {
             overrides,
         } => {
             let (config, overrides) = take_config(config, overrides);
-            titan::cli::train(config.as_deref(), &overrides, quiet)
+            train(reg, config.as_deref(), &overrides, quiet)
         }
         Cmd::Plan {
             config,
@@ -176,7 +187,7 @@ fn run(cli: Cli) -> Result<()> {
             overrides,
         } => {
             let (config, overrides) = take_config(config, overrides);
-            titan::cli::plan(config.as_deref(), &overrides, &dtype, json)
+            plan(reg, config.as_deref(), &overrides, &dtype, json)
         }
         Cmd::Bench {
             config,
@@ -187,12 +198,9 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let (config, mut overrides) = take_config(config, overrides);
             let profile = take_flag(&mut overrides, "--profile") || profile;
-            titan::cli::bench(config.as_deref(), &overrides, steps, warmup, profile)
+            bench(reg, config.as_deref(), &overrides, steps, warmup, profile)
         }
-        Cmd::ListModels => {
-            titan::cli::list_models();
-            Ok(())
-        }
+        Cmd::ListModels => list_models(reg),
         Cmd::Eval {
             checkpoint,
             hf_checkpoint,
@@ -203,9 +211,9 @@ fn run(cli: Cli) -> Result<()> {
             device,
         } => match (checkpoint, hf_checkpoint) {
             (_, Some(hf)) => {
-                titan::cli::hf::eval_hf_cli(&hf, &tokens, seq_len, dump_logits.as_deref(), &device)
+                eval::eval_hf_cli(reg, &hf, &tokens, seq_len, dump_logits.as_deref(), &device)
             }
-            (Some(ck), None) => titan::cli::eval(&ck, step, &tokens, seq_len, &device),
+            (Some(ck), None) => eval::eval(reg, &ck, step, &tokens, seq_len, &device),
             (None, None) => Err(Error::Config(
                 "eval needs --checkpoint or --hf-checkpoint".into(),
             )),
@@ -218,7 +226,16 @@ fn run(cli: Cli) -> Result<()> {
             max_shard_mb,
         } => {
             let (src, dst) = (std::path::Path::new(&from[1]), std::path::Path::new(&to[1]));
-            titan::cli::hf::convert(&from[0], src, &to[0], dst, step, &dtype, max_shard_mb)
+            convert::convert(
+                reg,
+                &convert::Convert {
+                    from: (&from[0], src),
+                    to: (&to[0], dst),
+                    step,
+                    dtype: &dtype,
+                    max_shard_mb,
+                },
+            )
         }
     }
     .map_err(|e: Error| e)

@@ -1,10 +1,10 @@
 //! Hugging Face interop shared by every model: a `StateDictAdapter` maps a model's parameter
 //! names (torchtitan's state dict) to and from the names of its Hugging Face `transformers`
 //! counterpart; `load_hf` and `export_hf` move weights between a `ParamStore` and a Hugging Face
-//! checkpoint folder (engine/checkpoint/hf.rs does the file format).
+//! checkpoint folder (engine/checkpoint/hf_folder.rs does the file format).
 
 use crate::backend::Backend;
-use crate::checkpoint::hf::{f32_to_bytes, write_hf, HfCheckpoint, HfOut};
+use crate::checkpoint::hf_folder::{f32_to_bytes, write_hf, HfCheckpoint, HfOut};
 use crate::error::{Error, Result};
 use crate::params::{ParamId, ParamSpec, ParamStore};
 use std::path::Path;

@@ -1,0 +1,176 @@
+//! The model protocol: how the engine sees a model (torchtitan's `protocols/train_spec.py`).
+//!
+//! A model folder (models/<name>/, a crate above this one) registers one [`ModelSpec`]: its
+//! flavors, how to read its architecture from a flavor, a manifest or a Hugging Face
+//! `config.json` (and write it back), how to build it, how to parallelize it, how to split it
+//! into pipeline stages, its loss and its state-dict adapter. The trainer, checkpoints, HF interop
+//! and the CLI use only these fields and the two traits below; nothing in the engine names a
+//! model, and the crate boundary makes the compiler refuse an engine-to-model import.
+
+pub mod hf_config;
+pub mod init;
+pub mod loss;
+pub mod registry;
+pub mod resolve;
+pub mod state_dict;
+
+pub use loss::{cross_entropy_loss, LossFn, IGNORE_INDEX};
+pub use registry::Registry;
+pub use state_dict::StateDictAdapter;
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::params::{ParamSpec, ParamStore, ParamStoreBuilder};
+use crate::parallel::pipeline::Stage;
+use crate::tape::{Tape, Tensor};
+use crate::train::config::JobConfig;
+use serde_json::Value;
+use std::any::Any;
+use std::path::Path;
+
+/// Every architecture hyper-parameter of one model (torchtitan's `BaseModelArgs`). Each model
+/// folder has its own `Config` struct implementing this.
+pub trait ModelArgs: Any + std::fmt::Debug + Send + Sync {
+    /// torchtitan's `update_from_config`: the run's sequence length (the rotary tables cover it)
+    /// and, when given, the tokenizer's vocabulary. Validates the result.
+    fn update_from_config(&mut self, seq_len: usize, vocab: Option<usize>) -> Result<()>;
+    fn vocab_size(&self) -> usize;
+    fn n_layers(&self) -> usize;
+    /// Longest sequence the built model accepts (set by `update_from_config`).
+    fn max_seq_len(&self) -> usize;
+    /// (parameters, training FLOPs per token) in torchtitan's convention:
+    /// 6 (N - N_embedding) + 12 layers heads head_dim seq.
+    fn nparams_and_flops(&self, seq_len: usize) -> (usize, f64);
+    /// llm.c's convention for the same quantity: 6 N + 6 L C T (N counts every parameter).
+    fn flops_per_token_llmc(&self, seq_len: usize) -> f64;
+    /// One line for logs and `titan list-models` ("dim 256 layers 6 heads 16/4 ...").
+    fn summary(&self) -> String;
+    /// The architecture as JSON (the manifest's `model_args`; `ModelSpec::args_from_json` reads
+    /// it back).
+    fn to_json(&self) -> Value;
+    fn clone_box(&self) -> Box<dyn ModelArgs>;
+    fn as_any(&self) -> &dyn Any;
+
+    fn num_params(&self) -> usize {
+        self.nparams_and_flops(self.max_seq_len()).0
+    }
+}
+
+impl Clone for Box<dyn ModelArgs> {
+    fn clone(&self) -> Self {
+        self.clone_box()
+    }
+}
+
+/// A built model: single-device math on the tape.
+pub trait Model: Any + Send + Sync {
+    fn args(&self) -> &dyn ModelArgs;
+    /// Initial weights (recursive per module in the model folder), deterministic in `seed`.
+    fn init_weights(&self, store: &ParamStore, be: &dyn Backend, seed: u64) -> Result<()>;
+    /// tokens [batch, seq] (i32) -> logits [batch, seq, vocab].
+    fn forward(&self, t: &mut Tape, tokens: Tensor) -> Result<Tensor>;
+    fn as_any(&self) -> &dyn Any;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// What `ModelSpec::parallelize` is given: the job (activation checkpointing, the parallel
+/// degrees). The distributed layers add the device mesh here, so a model's `parallelize`
+/// signature does not change when they land.
+pub struct Parallelize<'a> {
+    pub job: &'a JobConfig,
+}
+
+/// Hugging Face `transformers` interop of one model.
+pub struct HfInterop {
+    /// The `model_type` values of `config.json` this model reads ("llama", "qwen3").
+    pub model_types: &'static [&'static str],
+    /// The architecture of a parsed `config.json` (`origin` names the file in errors).
+    pub args_from_config: fn(config: &Value, origin: &Path) -> Result<Box<dyn ModelArgs>>,
+    /// The `config.json` of an architecture, `torch_dtype` naming the exported dtype.
+    pub to_config: fn(args: &dyn ModelArgs, dtype: &str) -> Result<Value>,
+}
+
+/// One registered model (torchtitan's `TrainSpec`).
+pub struct ModelSpec {
+    pub name: &'static str,
+    pub flavors: &'static [&'static str],
+    /// The architecture of a flavor (an unknown name is an error listing the flavors).
+    pub flavor: fn(&str) -> Result<Box<dyn ModelArgs>>,
+    /// The architecture from its JSON form (`ModelArgs::to_json`, a manifest's `model_args`).
+    pub args_from_json: fn(&Value) -> Result<Box<dyn ModelArgs>>,
+    /// Declares the parameters and constants of an architecture and returns the model.
+    pub build: fn(&dyn ModelArgs, &mut ParamStoreBuilder) -> Result<Box<dyn Model>>,
+    /// Applies parallelism and training techniques from outside the model code, in torchtitan's
+    /// order: tensor parallel, activation checkpointing, fusion, FSDP.
+    pub parallelize: fn(&mut dyn Model, &Parallelize) -> Result<()>,
+    /// Which layers (and edge modules) each of `stages` pipeline stages owns.
+    pub pipeline_split: fn(&dyn ModelArgs, stages: usize) -> Result<Vec<Stage>>,
+    /// Builds the loss from logits (torchtitan's `build_loss_fn`).
+    pub loss: LossFn,
+    /// titan <-> Hugging Face parameter names for an architecture.
+    pub state_dict_adapter: fn(&dyn ModelArgs) -> Result<Box<dyn StateDictAdapter>>,
+    pub hf: HfInterop,
+}
+
+impl ModelSpec {
+    /// The flavor's architecture fitted to a run of `seq_len` with the tokenizer's `vocab`.
+    pub fn flavor_for(
+        &self,
+        flavor: &str,
+        seq_len: usize,
+        vocab: Option<usize>,
+    ) -> Result<Box<dyn ModelArgs>> {
+        let mut a = (self.flavor)(flavor)?;
+        a.update_from_config(seq_len, vocab)?;
+        Ok(a)
+    }
+
+    /// The model of `args` with the job's parallelism applied, and its parameter declarations.
+    pub fn build_for(
+        &self,
+        args: &dyn ModelArgs,
+        job: &JobConfig,
+    ) -> Result<(Box<dyn Model>, ParamStoreBuilder)> {
+        let mut b = ParamStoreBuilder::default();
+        let mut model = (self.build)(args, &mut b)?;
+        (self.parallelize)(model.as_mut(), &Parallelize { job })?;
+        Ok((model, b))
+    }
+
+    /// The parameters (names, shapes) of an architecture, without allocating them.
+    pub fn param_specs(&self, args: &dyn ModelArgs) -> Result<Vec<ParamSpec>> {
+        let mut b = ParamStoreBuilder::default();
+        (self.build)(args, &mut b)?;
+        Ok(b.params)
+    }
+
+    /// Summed next-token loss of `labels` over the model's logits for `tokens` (its gradient is
+    /// `grad_scale` times that of the sum).
+    pub fn loss_of(
+        &self,
+        model: &dyn Model,
+        t: &mut Tape,
+        tokens: Tensor,
+        labels: Tensor,
+        grad_scale: f32,
+    ) -> Result<Tensor> {
+        let logits = model.forward(t, tokens)?;
+        (self.loss)(t, logits, labels, grad_scale)
+    }
+}
+
+/// The concrete architecture behind `args` (a model folder reading its own `Config`).
+pub fn args_as<'a, T: 'static>(args: &'a dyn ModelArgs, model: &str) -> Result<&'a T> {
+    args.as_any().downcast_ref::<T>().ok_or_else(|| {
+        Error::Config(format!(
+            "{model}: given the architecture of another model ({args:?})"
+        ))
+    })
+}
+
+/// The concrete model behind `m` (a model folder's `parallelize` reaching its own modules).
+pub fn model_as_mut<'a, T: 'static>(m: &'a mut dyn Model, model: &str) -> Result<&'a mut T> {
+    m.as_any_mut()
+        .downcast_mut::<T>()
+        .ok_or_else(|| Error::Config(format!("{model}: given a model of another kind")))
+}

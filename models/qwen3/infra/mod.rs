@@ -1,0 +1,2 @@
+pub mod parallelize;
+pub mod pipeline;

@@ -1,0 +1,269 @@
+//! Qwen3 (dense) as single-device math: no collectives, no device logic. Parallelism and
+//! activation checkpointing arrive from `infra/`.
+//!
+//! A block: h = x + attention(norm(x)); out = h + feed_forward(norm(h)). The attention differs
+//! from Llama 3's in one place: q and k are RMS-normalised per head (over head_dim, with weights
+//! q_norm / k_norm of length head_dim) before the rotary embedding.
+
+use super::config::Qwen3Config;
+use std::any::Any;
+use titan_engine::backend::Backend;
+use titan_engine::error::Result;
+use titan_engine::model::init::Init;
+use titan_engine::model::{args_as, Model, ModelArgs};
+use titan_engine::params::{ConstId, ParamId, ParamStore, ParamStoreBuilder};
+use titan_engine::tape::{AcPolicy, Tape, Tensor};
+
+pub struct Attention {
+    pub wq: ParamId,
+    pub wk: ParamId,
+    pub wv: ParamId,
+    pub wo: ParamId,
+    pub q_norm: ParamId,
+    pub k_norm: ParamId,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+pub struct FeedForward {
+    pub w1: ParamId,
+    pub w2: ParamId,
+    pub w3: ParamId,
+}
+
+pub struct TransformerBlock {
+    pub attention: Attention,
+    pub feed_forward: FeedForward,
+    pub attention_norm: ParamId,
+    pub ffn_norm: ParamId,
+    pub layer_id: usize,
+    /// Set by `infra::parallelize`.
+    pub ac: Option<AcPolicy>,
+}
+
+pub struct Qwen3 {
+    pub config: Qwen3Config,
+    pub tok_embeddings: ParamId,
+    pub layers: Vec<TransformerBlock>,
+    pub norm: ParamId,
+    /// None when the output projection is tied to the embedding.
+    pub output: Option<ParamId>,
+    rope_cos: ConstId,
+    rope_sin: ConstId,
+}
+
+/// What every layer of one forward pass shares.
+struct Ctx {
+    cos: Tensor,
+    sin: Tensor,
+    eps: f32,
+}
+
+impl Attention {
+    fn new(p: &mut ParamStoreBuilder, c: &Qwen3Config, prefix: &str) -> Self {
+        let (d, hd) = (c.dim, c.head_dim);
+        let (q, kv) = (c.n_heads * hd, c.n_kv_heads * hd);
+        Attention {
+            wq: p.param(format!("{prefix}.wq.weight"), [q, d]),
+            wk: p.param(format!("{prefix}.wk.weight"), [kv, d]),
+            wv: p.param(format!("{prefix}.wv.weight"), [kv, d]),
+            wo: p.param(format!("{prefix}.wo.weight"), [d, q]),
+            q_norm: p.param(format!("{prefix}.q_norm.weight"), [hd]),
+            k_norm: p.param(format!("{prefix}.k_norm.weight"), [hd]),
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: hd,
+        }
+    }
+
+    fn init_weights(&self, s: &Init, init_std: f64) -> Result<()> {
+        for w in [self.wq, self.wk, self.wv] {
+            s.trunc_normal(w, 0.02)?;
+        }
+        s.trunc_normal(self.wo, init_std)?;
+        s.ones(self.q_norm)?;
+        s.ones(self.k_norm)
+    }
+
+    fn forward(&self, t: &mut Tape, x: Tensor, cx: &Ctx) -> Result<Tensor> {
+        let d = t.dims(x);
+        let (b, s) = (d[0], d[1]);
+        let (h, kv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let (wq, wk, wv, wo) = (
+            t.param(self.wq),
+            t.param(self.wk),
+            t.param(self.wv),
+            t.param(self.wo),
+        );
+        let (qn, kn) = (t.param(self.q_norm), t.param(self.k_norm));
+        let q = t.linear(x, wq)?;
+        let k = t.linear(x, wk)?;
+        let v = t.linear(x, wv)?;
+        let q = t.reshape(q, [b, s, h, hd])?;
+        let k = t.reshape(k, [b, s, kv, hd])?;
+        let v = t.reshape(v, [b, s, kv, hd])?;
+        // Per-head RMSNorm: the rows of a [b, s, heads, head_dim] tensor are its heads.
+        let q = t.rmsnorm(q, qn, cx.eps)?;
+        let k = t.rmsnorm(k, kn, cx.eps)?;
+        let q = t.rope(q, cx.cos, cx.sin)?;
+        let k = t.rope(k, cx.cos, cx.sin)?;
+        let o = t.attention(q, k, v)?;
+        let o = t.reshape(o, [b, s, h * hd])?;
+        t.linear(o, wo)
+    }
+}
+
+impl FeedForward {
+    fn new(p: &mut ParamStoreBuilder, c: &Qwen3Config, prefix: &str) -> Self {
+        let (d, f) = (c.dim, c.hidden_dim);
+        FeedForward {
+            w1: p.param(format!("{prefix}.w1.weight"), [f, d]),
+            w2: p.param(format!("{prefix}.w2.weight"), [d, f]),
+            w3: p.param(format!("{prefix}.w3.weight"), [f, d]),
+        }
+    }
+
+    fn init_weights(&self, s: &Init, init_std: f64) -> Result<()> {
+        s.trunc_normal(self.w1, 0.02)?;
+        s.trunc_normal(self.w2, init_std)?;
+        s.trunc_normal(self.w3, init_std)
+    }
+
+    fn forward(&self, t: &mut Tape, x: Tensor) -> Result<Tensor> {
+        let (w1, w2, w3) = (t.param(self.w1), t.param(self.w2), t.param(self.w3));
+        let gate = t.linear(x, w1)?;
+        let up = t.linear(x, w3)?;
+        let a = t.swiglu(gate, up)?;
+        t.linear(a, w2)
+    }
+}
+
+impl TransformerBlock {
+    fn new(p: &mut ParamStoreBuilder, c: &Qwen3Config, layer_id: usize) -> Self {
+        let prefix = format!("layers.{layer_id}");
+        TransformerBlock {
+            attention: Attention::new(p, c, &format!("{prefix}.attention")),
+            feed_forward: FeedForward::new(p, c, &format!("{prefix}.feed_forward")),
+            attention_norm: p.param(format!("{prefix}.attention_norm.weight"), [c.dim]),
+            ffn_norm: p.param(format!("{prefix}.ffn_norm.weight"), [c.dim]),
+            layer_id,
+            ac: None,
+        }
+    }
+
+    fn init_weights(&self, s: &Init, c: &Qwen3Config) -> Result<()> {
+        let init_std = if c.depth_init {
+            0.02 / (2.0 * (self.layer_id + 1) as f64).sqrt()
+        } else {
+            0.02 / (2.0 * c.n_layers as f64).sqrt()
+        };
+        self.attention.init_weights(s, init_std)?;
+        self.feed_forward.init_weights(s, init_std)?;
+        s.ones(self.attention_norm)?;
+        s.ones(self.ffn_norm)
+    }
+
+    fn forward(&self, t: &mut Tape, x: Tensor, cx: &Ctx) -> Result<Tensor> {
+        let attn_norm = t.param(self.attention_norm);
+        let xn = t.rmsnorm(x, attn_norm, cx.eps)?;
+        let a = self.attention.forward(t, xn, cx)?;
+        let ffn_norm = t.param(self.ffn_norm);
+        let (h, hn) = t.add_rmsnorm(a, x, ffn_norm, cx.eps)?;
+        let f = self.feed_forward.forward(t, hn)?;
+        t.add(h, f)
+    }
+}
+
+impl Qwen3 {
+    /// Declares every parameter (names follow torchtitan's state dict) and the rotary tables.
+    pub fn new(config: Qwen3Config, p: &mut ParamStoreBuilder) -> Result<Self> {
+        config.validate()?;
+        let c = &config;
+        let tok_embeddings = p.param("tok_embeddings.weight", [c.vocab_size, c.dim]);
+        let layers = (0..c.n_layers)
+            .map(|i| TransformerBlock::new(p, c, i))
+            .collect();
+        let norm = p.param("norm.weight", [c.dim]);
+        let output = (!c.tie_embeddings).then(|| p.param("output.weight", [c.vocab_size, c.dim]));
+        let (cos, sin) = c.rope_tables();
+        let half = c.head_dim / 2;
+        let rope_cos = p.constant("rope.cos", [c.max_seq_len, half], cos);
+        let rope_sin = p.constant("rope.sin", [c.max_seq_len, half], sin);
+        Ok(Qwen3 {
+            config,
+            tok_embeddings,
+            layers,
+            norm,
+            output,
+            rope_cos,
+            rope_sin,
+        })
+    }
+
+    /// torchtitan's scheme: q/k/v and w1 trunc-normal 0.02; wo, w2, w3 depth-scaled; norms (and
+    /// q/k norms) ones; output trunc-normal dim^-0.5 cut at 3 std; the embedding N(0, 1), or,
+    /// when tied, the output's init (the shared matrix is initialised once, as the output).
+    pub fn init_weights(&self, store: &ParamStore, be: &dyn Backend, seed: u64) -> Result<()> {
+        let s = Init { store, be, seed };
+        let std = (self.config.dim as f64).powf(-0.5);
+        match self.output {
+            Some(out) => {
+                s.normal(self.tok_embeddings, 1.0)?;
+                s.trunc_normal_ab(out, std, -3.0 * std, 3.0 * std)?;
+            }
+            None => s.trunc_normal_ab(self.tok_embeddings, std, -3.0 * std, 3.0 * std)?,
+        }
+        for layer in &self.layers {
+            layer.init_weights(&s, &self.config)?;
+        }
+        s.ones(self.norm)
+    }
+
+    /// tokens [batch, seq] (i32) -> logits [batch, seq, vocab].
+    pub fn forward(&self, t: &mut Tape, tokens: Tensor) -> Result<Tensor> {
+        let seq = t.dims(tokens)[1];
+        let half = self.config.head_dim / 2;
+        let cx = Ctx {
+            cos: t.constant(self.rope_cos, [seq.max(1), half])?,
+            sin: t.constant(self.rope_sin, [seq.max(1), half])?,
+            eps: self.config.norm_eps as f32,
+        };
+        let emb = t.param(self.tok_embeddings);
+        let mut h = t.embedding(emb, tokens)?;
+        for layer in &self.layers {
+            h = match layer.ac {
+                Some(policy) => t.checkpoint(policy, |t| layer.forward(t, h, &cx))?,
+                None => layer.forward(t, h, &cx)?,
+            };
+        }
+        let norm = t.param(self.norm);
+        let h = t.rmsnorm(h, norm, cx.eps)?;
+        let out = t.param(self.output.unwrap_or(self.tok_embeddings));
+        t.linear(h, out)
+    }
+}
+
+/// `ModelSpec::build` of Qwen3.
+pub fn build_qwen3(args: &dyn ModelArgs, p: &mut ParamStoreBuilder) -> Result<Box<dyn Model>> {
+    let c = args_as::<Qwen3Config>(args, "qwen3")?;
+    Ok(Box::new(Qwen3::new(c.clone(), p)?))
+}
+
+impl Model for Qwen3 {
+    fn args(&self) -> &dyn ModelArgs {
+        &self.config
+    }
+    fn init_weights(&self, store: &ParamStore, be: &dyn Backend, seed: u64) -> Result<()> {
+        Qwen3::init_weights(self, store, be, seed)
+    }
+    fn forward(&self, t: &mut Tape, tokens: Tensor) -> Result<Tensor> {
+        Qwen3::forward(self, t, tokens)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
