@@ -1,8 +1,20 @@
 #!/usr/bin/env python3
-"""Writes tests/fixtures/hf/: tiny random Hugging Face Llama checkpoints plus float64 references.
+"""Writes tests/fixtures/hf/: tiny random Hugging Face Llama and Qwen3 checkpoints + float64 references.
 
-Run by hand (needs torch, transformers, safetensors, tokenizers):
-    /work/torchvenv/bin/python scripts/make_hf_fixtures.py [--out tests/fixtures/hf]
+Run by hand (needs torch, transformers (>= 4.51 for Qwen3; the fixtures were made with 5.x),
+safetensors, tokenizers):
+    /work/torchvenv/bin/python scripts/make_hf_fixtures.py [--out tests/fixtures/hf] [--models a,b,...]
+
+`--models` takes a comma-separated list of fixture names (the model names below and `tokenizer`);
+only those folders are (re)written, so adding a fixture need not regenerate the others. Default:
+all of them. The random weights and inputs of a model depend only on its position in MODELS (its
+seed), so regenerating one fixture alone gives the same files as a full run.
+
+Llama fixtures (`LlamaForCausalLM`): mha_tied, gqa_untied_sharded, llama3_scaled_mqa, bf16_gqa.
+Qwen3 fixtures (`Qwen3ForCausalLM`): qwen3_gqa_tied, qwen3_untied_sharded. Qwen3 is Llama plus a
+per-head RMSNorm of q and k over head_dim (`self_attn.q_norm.weight` / `k_norm.weight`, shape
+[head_dim], applied before rotary), with head_dim taken from the config; both Qwen3 fixtures use a
+head_dim different from hidden_size / num_attention_heads, GQA and random norm weights.
 
 Each model folder holds what `save_pretrained` writes (config.json, model.safetensors or shards
 with model.safetensors.index.json), `inputs.json` (a list of token-id lists) and
@@ -23,7 +35,9 @@ import shutil
 
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
 
 MODELS = [
     # name, config kwargs, extra
@@ -45,12 +59,29 @@ MODELS = [
     ("bf16_gqa", dict(hidden_size=48, num_hidden_layers=1, num_attention_heads=6,
                       num_key_value_heads=3, intermediate_size=44, vocab_size=53,
                       rope_theta=500000.0, tie_word_embeddings=True), {"dtype": torch.bfloat16}),
+    # Qwen3: head_dim is not hidden_size / num_attention_heads in either (40/4=10 vs 12; 36/6=6 vs 8).
+    ("qwen3_gqa_tied", dict(hidden_size=40, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=12, intermediate_size=56, vocab_size=67,
+                            rope_theta=1000000.0, tie_word_embeddings=True, rms_norm_eps=1e-6,
+                            max_position_embeddings=128, attention_bias=False,
+                            use_sliding_window=False, hidden_act="silu"),
+     {"arch": "qwen3"}),
+    ("qwen3_untied_sharded", dict(hidden_size=36, num_hidden_layers=2, num_attention_heads=6,
+                                  num_key_value_heads=3, head_dim=8, intermediate_size=52,
+                                  vocab_size=71, rope_theta=10000.0, tie_word_embeddings=False,
+                                  rms_norm_eps=1e-6, max_position_embeddings=128,
+                                  attention_bias=False, use_sliding_window=False, hidden_act="silu"),
+     {"arch": "qwen3", "max_shard_size": "40KB"}),
 ]
 BATCH, SEQ = 2, 9
 
 
+def head_dim(cfg):
+    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+
+
 def inv_freq_f64(cfg):
-    hd = cfg["hidden_size"] // cfg["num_attention_heads"]
+    hd = head_dim(cfg)
     theta = cfg["rope_theta"]
     inv = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
     sc = cfg.get("rope_scaling")
@@ -71,10 +102,14 @@ def rotate_half(x):
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
-def reference_forward(p, cfg, ids):
-    """float64 Llama forward: every op, including norms, rotary tables and softmax, in f64."""
+def reference_forward(p, cfg, ids, qk_norm=False):
+    """float64 Llama forward: every op, including norms, rotary tables and softmax, in f64.
+
+    qk_norm=True gives Qwen3: q and k, reshaped to [b, s, heads, head_dim], go through an RMSNorm
+    over head_dim (weights self_attn.q_norm.weight / k_norm.weight, [head_dim]) before rotary.
+    head_dim comes from the config when it is there (q_proj is [heads*head_dim, hidden])."""
     d, nh, nkv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    hd, eps = d // nh, cfg["rms_norm_eps"]
+    hd, eps = head_dim(cfg), cfg["rms_norm_eps"]
     b, s = ids.shape
 
     def rms(x, w):
@@ -88,9 +123,13 @@ def reference_forward(p, cfg, ids):
     for i in range(cfg["num_hidden_layers"]):
         L = f"model.layers.{i}."
         h = rms(x, p[L + "input_layernorm.weight"])
-        q = (h @ p[L + "self_attn.q_proj.weight"].T).view(b, s, nh, hd).transpose(1, 2)
-        k = (h @ p[L + "self_attn.k_proj.weight"].T).view(b, s, nkv, hd).transpose(1, 2)
+        q = (h @ p[L + "self_attn.q_proj.weight"].T).view(b, s, nh, hd)
+        k = (h @ p[L + "self_attn.k_proj.weight"].T).view(b, s, nkv, hd)
         v = (h @ p[L + "self_attn.v_proj.weight"].T).view(b, s, nkv, hd).transpose(1, 2)
+        if qk_norm:
+            q = rms(q, p[L + "self_attn.q_norm.weight"])
+            k = rms(k, p[L + "self_attn.k_norm.weight"])
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         k = k.repeat_interleave(nh // nkv, dim=1)
@@ -118,8 +157,10 @@ def rel_l2(a, b):
 
 def make_model(out_dir, name, kw, extra, seed):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(initializer_range=0.15, **kw)
-    model = LlamaForCausalLM(cfg).eval()
+    arch = extra.get("arch", "llama")
+    config_cls, model_cls = ARCHS[arch]
+    cfg = config_cls(initializer_range=0.15, **kw)
+    model = model_cls(cfg).eval()
     with torch.no_grad():  # random norm weights so a swapped norm mapping cannot pass
         for n, t in model.named_parameters():
             if n.endswith("norm.weight"):
@@ -149,13 +190,13 @@ def make_model(out_dir, name, kw, extra, seed):
     state = {n: t.detach().double().clone().requires_grad_(True) for n, t in model.named_parameters()}
     ref_cfg = dict(kw)
     ref_cfg.setdefault("rms_norm_eps", 1e-6)
-    logits = reference_forward(state, ref_cfg, ids)
+    logits = reference_forward(state, ref_cfg, ids, qk_norm=(arch == "qwen3"))
     loss = next_token_loss(logits, ids)
     loss.backward()
 
     # The reference must agree with transformers itself (float32 model, same weights).
     # (A fresh float32 model: casting to bf16 also rounds the rotary inv_freq buffer.)
-    m32 = LlamaForCausalLM(cfg).eval()
+    m32 = model_cls(cfg).eval()
     m32.load_state_dict({n: t.float() for n, t in model.state_dict().items()})
     with torch.no_grad():
         hf = m32(input_ids=ids, labels=ids)
@@ -194,11 +235,20 @@ def make_tokenizer(out_dir):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "hf"))
+    names = [m[0] for m in MODELS] + ["tokenizer"]
+    ap.add_argument("--models", default=",".join(names),
+                    help="comma-separated fixture names to (re)write; default all: " + ",".join(names))
     a = ap.parse_args()
+    want = [n.strip() for n in a.models.split(",") if n.strip()]
+    unknown = sorted(set(want) - set(names))
+    if unknown:
+        ap.error(f"unknown --models {unknown}; known: {names}")
     os.makedirs(a.out, exist_ok=True)
     for i, (name, kw, extra) in enumerate(MODELS):
-        make_model(a.out, name, kw, extra, seed=1000 + i)
-    make_tokenizer(a.out)
+        if name in want:
+            make_model(a.out, name, kw, extra, seed=1000 + i)  # seed by position, not by selection
+    if "tokenizer" in want:
+        make_tokenizer(a.out)
     total = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(a.out) for f in fs)
     print(f"total {total / 1e6:.2f} MB in {a.out}")
 
