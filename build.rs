@@ -26,7 +26,10 @@ fn main() {
     // This script builds the engine crate (engine/Cargo.toml); kernels/ and .venv-cuda live at the
     // workspace root above it.
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
-    let root = manifest.parent().expect("engine/ has a parent").to_path_buf();
+    let root = manifest
+        .parent()
+        .expect("engine/ has a parent")
+        .to_path_buf();
     let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
     let nvcc = find_nvcc(&root).unwrap_or_else(|| {
         panic!(

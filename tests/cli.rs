@@ -191,6 +191,49 @@ fn plan_405b_and_list_models() {
 }
 
 #[test]
+fn qwen3_plan_list_models_and_hf_eval() {
+    let o = titan(&["plan", "--config", "configs/qwen3_8b.toml"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        out.contains("memory plan: qwen3 8B") && out.contains("8.191B params"),
+        "{out}"
+    );
+    let o = titan(&["list-models"]);
+    let (out, _) = text(&o);
+    // transformers' Qwen3ForCausalLM(...).num_parameters() (scripts/hf_param_counts.py).
+    for (flavor, n) in [
+        ("0.6B", "596,049,920"),
+        ("8B", "8,190,735,360"),
+        ("32B", "32,762,123,264"),
+    ] {
+        let line = out
+            .lines()
+            .find(|l| l.trim_start().starts_with(flavor) && l.contains("head_dim"))
+            .unwrap_or_else(|| panic!("no qwen3 {flavor} line in {out}"));
+        assert!(line.contains(n), "{line}");
+    }
+    // eval --hf-checkpoint picks the model from config.json's model_type.
+    let fx = "tests/fixtures/hf/qwen3_gqa_tied";
+    let tokens = format!("{fx}/inputs.json");
+    let o = titan(&[
+        "eval",
+        "--hf-checkpoint",
+        fx,
+        "--tokens",
+        &tokens,
+        "--device",
+        "cpu",
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let loss = v["loss"].as_f64().unwrap();
+    // The fixture's float64 reference loss, 4.594592 (scripts/make_hf_fixtures.py).
+    assert!((loss - 4.594592).abs() < 1e-4, "{out}");
+}
+
+#[test]
 fn bad_inputs_fail_with_one_clear_error() {
     let d = tmp("bad");
     let broken = d.join("broken.toml");

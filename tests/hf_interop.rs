@@ -4,15 +4,13 @@
 
 use std::path::{Path, PathBuf};
 use titan::backend::cpu::CpuBackend;
-use titan::checkpoint::hf_folder::{HfCheckpoint, HF_CONFIG};
+use titan::checkpoint::hf_folder::HfCheckpoint;
 use titan::cli::eval::HfEval;
-use titan::model::IGNORE_INDEX;
-use titan::llama3::model::state_dict_adapter::{
-    llama3_config_from_hf, Llama3StateDictAdapter,
-};
-use titan::llama3::Llama3;
+use titan::llama3::model::state_dict_adapter::{llama3_config_from_hf, Llama3StateDictAdapter};
+use titan::model::resolve::hf_folder_args;
 use titan::model::state_dict::load_hf;
 use titan::model::StateDictAdapter;
+use titan::model::IGNORE_INDEX;
 use titan::params::{ParamStore, ParamStoreBuilder};
 use titan::tape::{Placement, Tape};
 use titan::tensor::DType;
@@ -21,11 +19,23 @@ fn hf_to_titan(src: &Path, dst: &Path) -> titan::Result<PathBuf> {
     titan::cli::convert::hf_to_titan(&titan::registry(), src, dst)
 }
 
-fn titan_to_hf(src: &Path, step: Option<u64>, dst: &Path, dtype: &str, shard: usize) -> titan::Result<()> {
+fn titan_to_hf(
+    src: &Path,
+    step: Option<u64>,
+    dst: &Path,
+    dtype: &str,
+    shard: usize,
+) -> titan::Result<()> {
     titan::cli::convert::titan_to_hf(&titan::registry(), src, step, dst, dtype, shard)
 }
 
-fn eval_hf(dir: &Path, tokens: &Path, seq: Option<usize>, logits: bool, dev: &str) -> titan::Result<HfEval> {
+fn eval_hf(
+    dir: &Path,
+    tokens: &Path,
+    seq: Option<usize>,
+    logits: bool,
+    dev: &str,
+) -> titan::Result<HfEval> {
     titan::cli::eval::eval_hf(&titan::registry(), dir, tokens, seq, logits, dev)
 }
 
@@ -84,17 +94,17 @@ fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
     (num / den).sqrt()
 }
 
-/// Loads a fixture into the CPU backend and checks logits, loss and (when the reference has
-/// them) every gradient.
+/// Loads a fixture (any registered model, chosen by its config.json) into the CPU backend and
+/// checks logits, loss and (when the reference has them) every gradient.
 fn check_parity(name: &str) {
     let dir = fixture(name);
     let ids = inputs(name);
     let (b, s) = (ids.len(), ids[0].len());
-    let mut c = llama3_config_from_hf(&dir.join(HF_CONFIG)).unwrap();
-    c.max_seq_len = s;
+    let (spec, mut c) = hf_folder_args(&titan::registry(), &dir).unwrap();
+    c.update_from_config(s, None).unwrap();
     let be = CpuBackend::new();
     let mut pb = ParamStoreBuilder::default();
-    let model = Llama3::new(c.clone(), &mut pb).unwrap();
+    let model = (spec.build)(c.as_ref(), &mut pb).unwrap();
     let store = ParamStore::materialize(pb, &be, DType::F32).unwrap();
     // Poison: a parameter the loader misses stays NaN and fails every comparison.
     for id in store.ids() {
@@ -102,8 +112,14 @@ fn check_parity(name: &str) {
             .set(&be, id, &vec![f32::NAN; store.numel(id)])
             .unwrap();
     }
-    let adapter = Llama3StateDictAdapter::new(&c);
-    load_hf(&adapter, &HfCheckpoint::open(&dir).unwrap(), &store, &be).unwrap();
+    let adapter = (spec.state_dict_adapter)(c.as_ref()).unwrap();
+    load_hf(
+        adapter.as_ref(),
+        &HfCheckpoint::open(&dir).unwrap(),
+        &store,
+        &be,
+    )
+    .unwrap();
     store.zero_grads(&be).unwrap();
 
     let flat: Vec<i32> = ids.concat();
@@ -122,7 +138,7 @@ fn check_parity(name: &str) {
     let e = rel_l2(&got_logits, &r["logits"]);
     eprintln!("{name}: logits rel L2 {e:.3e}");
     assert!(e < 1e-5, "{name}: logits rel L2 {e:.3e}");
-    let v = c.vocab_size;
+    let v = c.vocab_size();
     let fl = tape.reshape(logits, [b * s, v]).unwrap();
     let loss = tape
         .cross_entropy(fl, tl, IGNORE_INDEX, 1.0 / count as f32)
@@ -181,8 +197,18 @@ fn bf16_checkpoint_matches_float64_reference() {
 }
 
 #[test]
+fn qwen3_tied_gqa_matches_float64_reference() {
+    check_parity("qwen3_gqa_tied");
+}
+
+#[test]
+fn qwen3_untied_sharded_matches_float64_reference() {
+    check_parity("qwen3_untied_sharded");
+}
+
+#[test]
 fn eval_hf_reports_transformers_loss_and_logits() {
-    for name in ["mha_tied", "llama3_scaled_mqa"] {
+    for name in ["mha_tied", "llama3_scaled_mqa", "qwen3_gqa_tied"] {
         let r = eval_hf(
             &fixture(name),
             &fixture(name).join("inputs.json"),
@@ -246,9 +272,11 @@ fn round_trip(name: &str, dtype: &str, shard_bytes: usize) -> PathBuf {
             x.0
         );
     }
-    let c0 = llama3_config_from_hf(&fixture(name).join(HF_CONFIG)).unwrap();
-    let c1 = llama3_config_from_hf(&out.join(HF_CONFIG)).unwrap();
-    assert_eq!(c0, c1, "{name}: config.json round trip");
+    let reg = titan::registry();
+    let (s0, c0) = hf_folder_args(&reg, &fixture(name)).unwrap();
+    let (s1, c1) = hf_folder_args(&reg, &out).unwrap();
+    assert_eq!(s0.name, s1.name, "{name}: model_type round trip");
+    assert_eq!(c0.to_json(), c1.to_json(), "{name}: config.json round trip");
     tmp
 }
 
@@ -272,6 +300,21 @@ fn round_trip_is_byte_identical() {
             assert!(n < 30_000 + 4096, "{} is {n} bytes", p.display());
         }
     }
+    let _ = std::fs::remove_dir_all(t);
+}
+
+#[test]
+fn qwen3_round_trip_is_byte_identical() {
+    // Tied: the export holds no lm_head.weight, exactly as save_pretrained wrote the fixture.
+    let t = round_trip("qwen3_gqa_tied", "float32", 0);
+    let names: Vec<String> = tensors_of(&t.join("hf")).into_iter().map(|x| x.0).collect();
+    assert!(!names.iter().any(|n| n == "lm_head.weight"), "{names:?}");
+    assert!(names
+        .iter()
+        .any(|n| n == "model.layers.1.self_attn.k_norm.weight"));
+    let _ = std::fs::remove_dir_all(t);
+    let t = round_trip("qwen3_untied_sharded", "float32", 40_000);
+    assert!(t.join("hf/model.safetensors.index.json").is_file());
     let _ = std::fs::remove_dir_all(t);
 }
 

@@ -5,9 +5,7 @@
 use std::path::{Path, PathBuf};
 use titan::checkpoint::hf_folder::{HfCheckpoint, HF_CONFIG};
 use titan::data::{build_loader, load_tokenizer, DataConfig};
-use titan::llama3::model::state_dict_adapter::{
-    llama3_config_from_hf, Llama3StateDictAdapter,
-};
+use titan::llama3::model::state_dict_adapter::{llama3_config_from_hf, Llama3StateDictAdapter};
 use titan::llama3::Llama3Config;
 use titan::model::StateDictAdapter;
 use titan::train::config::JobConfig;
@@ -19,7 +17,11 @@ fn hf_to_titan(src: &Path, dst: &Path) -> titan::Result<PathBuf> {
 
 /// The trainer's Llama 3 architecture.
 fn llama(tr: &Trainer) -> &Llama3Config {
-    tr.model.args().as_any().downcast_ref::<Llama3Config>().unwrap()
+    tr.model
+        .args()
+        .as_any()
+        .downcast_ref::<Llama3Config>()
+        .unwrap()
 }
 
 fn fixture(name: &str) -> PathBuf {
@@ -132,10 +134,7 @@ fn trains_from_hf_weights_and_exports_hf_at_the_end() {
     let mut tr = Trainer::new(cfg, &titan::registry()).unwrap();
     let mut want = llama3_config_from_hf(&src.join(HF_CONFIG)).unwrap();
     want.max_seq_len = 8;
-    assert_eq!(
-        *llama(&tr), want,
-        "the architecture comes from config.json"
-    );
+    assert_eq!(*llama(&tr), want, "the architecture comes from config.json");
     assert_eq!(tr.maybe_resume().unwrap(), None);
     // The weights are the checkpoint's, not the random init.
     let ck = HfCheckpoint::open(&src).unwrap();
@@ -182,7 +181,8 @@ fn resumes_from_a_converted_checkpoint() {
     let cfg = JobConfig::load(None, &overrides(&dump, &["--checkpoint.enable"])).unwrap();
     let mut tr = Trainer::new(cfg, &titan::registry()).unwrap();
     assert_eq!(
-        llama(&tr).dim, 40,
+        llama(&tr).dim,
+        40,
         "architecture from the converted manifest"
     );
     assert_eq!(tr.maybe_resume().unwrap(), Some(0));

@@ -9,7 +9,12 @@ use crate::train::trainer::{model_spec, trace_plan, Trainer};
 use std::path::Path;
 use std::time::Instant;
 
-pub fn train(reg: &Registry, config: Option<&Path>, overrides: &[String], quiet: bool) -> Result<()> {
+pub fn train(
+    reg: &Registry,
+    config: Option<&Path>,
+    overrides: &[String],
+    quiet: bool,
+) -> Result<()> {
     let cfg = JobConfig::load(config, overrides)?;
     if cfg.job.print_config {
         println!("titan: job config\n{}", cfg.to_toml_string()?);

@@ -2,7 +2,9 @@
 //! Hugging Face folder's model is chosen by its `config.json` `model_type`, a titan
 //! checkpoint's by its config's `model.name`).
 
-use crate::checkpoint::hf_folder::{f32_to_bytes, parse_export_dtype, write_hf, HfCheckpoint, HfOut};
+use crate::checkpoint::hf_folder::{
+    f32_to_bytes, parse_export_dtype, write_hf, HfCheckpoint, HfOut,
+};
 use crate::checkpoint::{self, CheckpointMeta, LoadedCheckpoint, NamedTensor, MANIFEST_FILE};
 use crate::error::{Error, Result};
 use crate::model::state_dict::read_hf_params;
@@ -156,4 +158,3 @@ pub fn titan_to_hf(
         f32_to_bytes(&f, st_dtype)
     })
 }
-

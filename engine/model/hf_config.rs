@@ -63,10 +63,9 @@ impl<'a> HfFields<'a> {
     /// Refuses `k` when it is set to anything but `allowed` (absent is fine).
     pub fn require_str(&self, k: &str, allowed: &str) -> Result<()> {
         match self.get(k) {
-            Some(x) if x.as_str() != Some(allowed) => Err(self.bad(
-                k,
-                format!("{x} is not supported (only \"{allowed}\")"),
-            )),
+            Some(x) if x.as_str() != Some(allowed) => {
+                Err(self.bad(k, format!("{x} is not supported (only \"{allowed}\")")))
+            }
             _ => Ok(()),
         }
     }
@@ -84,7 +83,10 @@ impl<'a> HfFields<'a> {
         if let Some(x) = self.get("rope_theta") {
             return self.number("rope_theta", x);
         }
-        match self.get("rope_parameters").and_then(|p| p.get("rope_theta")) {
+        match self
+            .get("rope_parameters")
+            .and_then(|p| p.get("rope_theta"))
+        {
             Some(x) => self.number("rope_parameters.rope_theta", x),
             None => Ok(default),
         }

@@ -20,8 +20,8 @@ pub use state_dict::StateDictAdapter;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::params::{ParamSpec, ParamStore, ParamStoreBuilder};
 use crate::parallel::pipeline::Stage;
+use crate::params::{ParamSpec, ParamStore, ParamStoreBuilder};
 use crate::tape::{Tape, Tensor};
 use crate::train::config::JobConfig;
 use serde_json::Value;

@@ -31,14 +31,6 @@ pub fn manifest_record(cfg: &JobConfig, args: &dyn ModelArgs) -> Value {
 /// The architecture a manifest recorded, if any: `model_args`, or `<model>_config`, which
 /// releases before the model protocol wrote (`llama3_config`).
 pub fn manifest_args(spec: &ModelSpec, m: &Manifest) -> Result<Option<Box<dyn ModelArgs>>> {
-    let legacy = format!("{}_config", spec.name);
-    let (key, v) = match m.extra.get(MANIFEST_ARGS) {
-        Some(v) if !v.is_null() => (MANIFEST_ARGS, v),
-        _ => match m.extra.get(&legacy) {
-            Some(v) if !v.is_null() => (legacy.as_str(), v),
-            _ => return Ok(None),
-        },
-    };
     if let Some(saved) = m.extra.get("model").and_then(Value::as_str) {
         if saved != spec.name {
             return Err(Error::Checkpoint(format!(
@@ -47,6 +39,14 @@ pub fn manifest_args(spec: &ModelSpec, m: &Manifest) -> Result<Option<Box<dyn Mo
             )));
         }
     }
+    let legacy = format!("{}_config", spec.name);
+    let (key, v) = match m.extra.get(MANIFEST_ARGS) {
+        Some(v) if !v.is_null() => (MANIFEST_ARGS, v),
+        _ => match m.extra.get(&legacy) {
+            Some(v) if !v.is_null() => (legacy.as_str(), v),
+            _ => return Ok(None),
+        },
+    };
     (spec.args_from_json)(v)
         .map(Some)
         .map_err(|e| Error::Checkpoint(format!("manifest extra.{key}: {e}")))

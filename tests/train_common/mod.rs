@@ -18,9 +18,33 @@ pub fn tmp(tag: &str) -> PathBuf {
 /// `configs/llama3_debugmodel.toml` written into `dir`, then loaded with `overrides` (dumping to
 /// `dir`).
 pub fn debug_config(dir: &Path, overrides: &[&str]) -> titan::Result<JobConfig> {
+    embedded_config(
+        dir,
+        "llama3_debugmodel.toml",
+        include_str!("../../configs/llama3_debugmodel.toml"),
+        overrides,
+    )
+}
+
+/// `configs/qwen3_debugmodel.toml`, as `debug_config`.
+pub fn qwen3_debug_config(dir: &Path, overrides: &[&str]) -> titan::Result<JobConfig> {
+    embedded_config(
+        dir,
+        "qwen3_debugmodel.toml",
+        include_str!("../../configs/qwen3_debugmodel.toml"),
+        overrides,
+    )
+}
+
+fn embedded_config(
+    dir: &Path,
+    file: &str,
+    text: &str,
+    overrides: &[&str],
+) -> titan::Result<JobConfig> {
     std::fs::create_dir_all(dir).unwrap();
-    let toml = dir.join("llama3_debugmodel.toml");
-    std::fs::write(&toml, include_str!("../../configs/llama3_debugmodel.toml")).unwrap();
+    let toml = dir.join(file);
+    std::fs::write(&toml, text).unwrap();
     let mut o = vec![format!("--job.dump_folder={}", dir.display())];
     o.extend(overrides.iter().map(|s| s.to_string()));
     JobConfig::load(Some(&toml), &o)

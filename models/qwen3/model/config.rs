@@ -178,3 +178,34 @@ impl ModelArgs for Qwen3Config {
         Qwen3Config::num_params(self)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::qwen3::flavor;
+
+    #[test]
+    fn param_counts_match_transformers() {
+        // transformers 5.25 Qwen3ForCausalLM(config).num_parameters() for the published configs
+        // (scripts/hf_param_counts.py; a tied embedding is counted once).
+        for (f, n) in [
+            ("debugmodel", 31_987_968),
+            ("0.6B", 596_049_920),
+            ("1.7B", 1_720_574_976),
+            ("4B", 4_022_468_096),
+            ("8B", 8_190_735_360),
+            ("14B", 14_768_307_200),
+            ("32B", 32_762_123_264),
+        ] {
+            assert_eq!(flavor(f).unwrap().num_params(), n, "{f}");
+        }
+    }
+
+    #[test]
+    fn head_dim_is_independent_of_dim() {
+        let c = flavor("0.6B").unwrap();
+        assert_eq!((c.dim / c.n_heads, c.head_dim), (64, 128));
+        let mut bad = c.clone();
+        bad.n_kv_heads = 5;
+        assert!(bad.validate().is_err());
+    }
+}

@@ -193,7 +193,10 @@ pub fn qwen3_args_from_hf(v: &Value, path: &Path) -> Result<Box<dyn ModelArgs>> 
 
 /// `HfInterop::to_config` of Qwen3.
 pub fn qwen3_hf_config(args: &dyn ModelArgs, dtype: &str) -> Result<Value> {
-    Ok(hf_config_from_qwen3(args_as::<Qwen3Config>(args, "qwen3")?, dtype))
+    Ok(hf_config_from_qwen3(
+        args_as::<Qwen3Config>(args, "qwen3")?,
+        dtype,
+    ))
 }
 
 /// `ModelSpec::state_dict_adapter` of Qwen3.
