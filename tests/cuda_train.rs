@@ -1,13 +1,14 @@
-//! A whole Llama 3 debugmodel training step on CUDA (bf16 compute) against the CPU reference
-//! (f32) from the same master weights: the loss and every parameter gradient. Then several
-//! optimizer steps through the trainer's planned path (one arena per plan, fused AdamW, grad
-//! clipping) on both backends. Run on a GPU machine with `--ignored`.
+//! A whole debugmodel training step (Llama 3, and Qwen3 with its per-head q/k norm and tied
+//! embedding) on CUDA (bf16 compute) against the CPU reference (f32) from the same master
+//! weights: the loss and every parameter gradient. Then several optimizer steps through the
+//! trainer's planned path (one arena per plan, fused AdamW, grad clipping) on both backends. Run
+//! on a GPU machine with `--ignored`.
 #![cfg(feature = "cuda")]
 
 use titan::backend::cpu::CpuBackend;
 use titan::backend::cuda::CudaBackend;
 use titan::backend::Backend;
-use titan::llama3::{flavor, model_spec, Llama3};
+use titan::model::ModelSpec;
 use titan::params::{ParamStore, ParamStoreBuilder};
 use titan::rng::Rng;
 use titan::tape::{Placement, Tape};
@@ -26,19 +27,32 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     (num / den.max(1e-30)).sqrt()
 }
 
+/// One micro-batch: ids and labels of `b` sequences of `s` tokens.
+struct Batch {
+    inputs: Vec<i32>,
+    labels: Vec<i32>,
+    b: usize,
+    s: usize,
+}
+
+/// Loss, masters, gradients and parameter spans of one step of `spec`'s debugmodel.
 fn step(
+    spec: &ModelSpec,
     be: &dyn Backend,
     dtype: DType,
     master: Option<&[f32]>,
-    inputs: &[i32],
-    labels: &[i32],
-    b: usize,
-    s: usize,
+    batch: &Batch,
 ) -> (f32, Vec<f32>, Vec<f32>, Spans) {
-    let mut cfg = flavor("debugmodel").unwrap();
-    cfg.update_from_training(s, Some(259)).unwrap();
+    let Batch {
+        inputs,
+        labels,
+        b,
+        s,
+    } = batch;
+    let (b, s) = (*b, *s);
+    let args = spec.flavor_for("debugmodel", s, Some(259)).unwrap();
     let mut pb = ParamStoreBuilder::default();
-    let model = Llama3::new(cfg, &mut pb).unwrap();
+    let model = (spec.build)(args.as_ref(), &mut pb).unwrap();
     let store = ParamStore::materialize(pb, be, dtype).unwrap();
     match master {
         Some(m) => {
@@ -52,8 +66,8 @@ fn step(
     let mut t = Tape::new(be, &store, Placement::Owned);
     let ti = t.input_i32(inputs, [b, s]).unwrap();
     let tl = t.input_i32(labels, [b * s]).unwrap();
-    let loss = model_spec()
-        .loss_of(&model, &mut t, ti, tl, 1.0 / (b * s) as f32)
+    let loss = spec
+        .loss_of(model.as_ref(), &mut t, ti, tl, 1.0 / (b * s) as f32)
         .unwrap();
     t.backward(loss).unwrap();
     let l = t.to_vec_f32(loss).unwrap()[0] / (b * s) as f32;
@@ -85,9 +99,8 @@ fn fix_spans(spans: Vec<(String, usize, usize)>, base: usize) -> Vec<(String, us
         .collect()
 }
 
-#[test]
-#[ignore = "needs a CUDA device"]
-fn debugmodel_step_on_cuda_matches_cpu() {
+/// The CUDA step of `spec`'s debugmodel (bf16) against the CPU's (f32) from the same masters.
+fn step_on_cuda_matches_cpu(spec: &ModelSpec) {
     let cuda = CudaBackend::new(0).expect("CUDA device");
     let cpu = CpuBackend::new();
     let (b, s) = (2, 97);
@@ -95,11 +108,20 @@ fn debugmodel_step_on_cuda_matches_cpu() {
     let inputs: Vec<i32> = (0..b * s).map(|_| r.below(259) as i32).collect();
     let mut labels: Vec<i32> = (0..b * s).map(|_| r.below(259) as i32).collect();
     labels[5] = -100;
-    let (l_cpu, master, g_cpu, spans) = step(&cpu, DType::F32, None, &inputs, &labels, b, s);
+    let batch = Batch {
+        inputs,
+        labels,
+        b,
+        s,
+    };
+    let (l_cpu, master, g_cpu, spans) = step(spec, &cpu, DType::F32, None, &batch);
     // The CUDA run starts from the CPU's weights rounded to bf16 for compute (masters stay f32).
-    let (l_gpu, _, g_gpu, _) = step(&cuda, DType::BF16, Some(&master), &inputs, &labels, b, s);
+    let (l_gpu, _, g_gpu, _) = step(spec, &cuda, DType::BF16, Some(&master), &batch);
     let dl = ((l_gpu - l_cpu) / l_cpu).abs();
-    println!("loss cpu {l_cpu:.6} cuda {l_gpu:.6} rel {dl:.2e}");
+    println!(
+        "{}: loss cpu {l_cpu:.6} cuda {l_gpu:.6} rel {dl:.2e}",
+        spec.name
+    );
     assert!(
         l_gpu.is_finite() && dl < 1e-2,
         "loss cpu {l_cpu} cuda {l_gpu}"
@@ -113,12 +135,25 @@ fn debugmodel_step_on_cuda_matches_cpu() {
         );
         println!("grad {name:<40} rel_l2 {e:.2e}");
         worst = worst.max(e);
-        // bf16 activations through 6 layers: per-tensor error a few 1e-3, bounded at 5e-2.
+        // bf16 activations through 6-8 layers: per-tensor error a few 1e-3, bounded at 5e-2.
         assert!(e < 5e-2, "{name}: rel L2 {e}");
     }
     let all = rel_l2(&g_gpu, &g_cpu);
     println!("all grads rel_l2 {all:.2e} (worst tensor {worst:.2e})");
     assert!(all < 2e-2, "whole gradient rel L2 {all}");
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn debugmodel_step_on_cuda_matches_cpu() {
+    step_on_cuda_matches_cpu(titan::llama3::model_spec());
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn qwen3_debugmodel_step_on_cuda_matches_cpu() {
+    // Exercises the per-head q/k RMSNorm (rows of head_dim 128) and the tied embedding on CUDA.
+    step_on_cuda_matches_cpu(titan::qwen3::model_spec());
 }
 
 /// The README's debugmodel job shortened to `steps` steps of batch 4 x seq 128 on `device`.
