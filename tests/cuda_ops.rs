@@ -469,24 +469,30 @@ fn embedding_bwd_and_rmsnorm_bwd_are_deterministic() {
 
 // ---- rmsnorm ----------------------------------------------------------------------------------
 
-/// Shapes covering the scalar path (odd dim) and each vector layout K = 1, 2, 4, 8.
-const RMS_SHAPES: [(usize, usize); 6] = [
+/// Shapes covering the scalar path (odd dim) and each vector layout K = 1, 2, 4, 8, plus Qwen3's
+/// per-head q/k norm: one row per (token, head) of head_dim (128; 12 in the HF fixtures), so
+/// many short rows and a dw reduced over all of them.
+const RMS_SHAPES: [(usize, usize); 8] = [
     (1, 1),
     (4099, 2047),
     (4096, 2048),
     (67, 8192),
     (33, 16384),
     (5, 3000),
+    (2 * 97 * 16 + 3, 128),
+    (2 * 9 * 4, 12),
 ];
 /// The backward at dim 1 is pure cancellation (dx = rstd·g·w·eps/(x²+eps)): ill-conditioned for
 /// any f32 comparison, so its smallest shape has a few columns.
-const RMS_BWD_SHAPES: [(usize, usize); 6] = [
+const RMS_BWD_SHAPES: [(usize, usize); 8] = [
     (3, 5),
     (4099, 2047),
     (4096, 2048),
     (67, 8192),
     (33, 16384),
     (5, 3000),
+    (4 * 1024 * 8 + 5, 128),
+    (2 * 9 * 4, 12),
 ];
 
 #[test]
