@@ -25,6 +25,8 @@ pub enum Error {
     Backend(String),
     /// Training diverged (NaN / Inf loss or gradient).
     NonFinite(String),
+    /// A collective failed: a rank died, timed out or disagreed.
+    Comm(String),
     Io {
         path: String,
         source: std::io::Error,
@@ -44,6 +46,7 @@ impl fmt::Display for Error {
             Error::Data(m) => write!(f, "data error: {m}"),
             Error::Backend(m) => write!(f, "backend error: {m}"),
             Error::NonFinite(m) => write!(f, "training diverged: {m}"),
+            Error::Comm(m) => write!(f, "communication error: {m}"),
             Error::Io { path, source } => write!(f, "{path}: {source}"),
             Error::Other(m) => write!(f, "{m}"),
         }

@@ -9,6 +9,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod metrics;
 pub mod model;

@@ -1,0 +1,68 @@
+//! Communicators: the collectives every parallel schedule is written against (DESIGN §2,
+//! engine/dist). One trait, three implementations with the same semantics:
+//! - `local`: ranks as threads of one process (CPU runs and most tests);
+//! - `tcp`: CPU ranks in separate processes or machines (the multi-node path, tested on loopback);
+//! - `nccl`: GPUs (cudarc's NCCL), when built with `--features cuda`.
+//! The host communicators share one implementation of the collectives (`host.rs`) over a
+//! point-to-point `Transport`; only moving bytes differs. Reductions run in rank order, so a
+//! run is bitwise reproducible for a given world size.
+
+pub mod host;
+pub mod mesh;
+pub mod tcp;
+pub mod transport;
+
+pub use host::HostComm;
+pub use mesh::{Mesh, ParallelDims};
+
+use crate::backend::Buf;
+use crate::error::Result;
+use std::time::Duration;
+
+/// How a reduction combines the ranks' values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum,
+    /// Sum divided by the group size.
+    Avg,
+    Max,
+    Min,
+}
+
+/// Collectives over a group of ranks. Buffers are backend memory (host memory for the host
+/// communicators, device memory for NCCL); f32 and bf16 (reduced in f32). Every member of the
+/// group must call the same collectives in the same order; a member that does not arrive
+/// within the timeout turns into an error on the others that names it.
+pub trait Communicator: Send + Sync {
+    /// This rank's index in the group.
+    fn rank(&self) -> usize;
+    fn size(&self) -> usize;
+    /// In place: every rank ends with the reduction of all ranks' `buf`.
+    fn all_reduce(&self, buf: Buf, op: ReduceOp) -> Result<()>;
+    /// `recv` (size x send.len) = the ranks' `send` buffers in rank order.
+    fn all_gather(&self, send: Buf, recv: Buf) -> Result<()>;
+    /// `recv` (send.len / size) = the reduction of every rank's slice `rank` of `send`.
+    fn reduce_scatter(&self, send: Buf, recv: Buf, op: ReduceOp) -> Result<()>;
+    /// Every rank's `buf` = root's.
+    fn broadcast(&self, buf: Buf, root: usize) -> Result<()>;
+    /// Point to point (pipeline stages). `send` does not wait for the matching `recv`.
+    fn send(&self, buf: Buf, peer: usize) -> Result<()>;
+    fn recv(&self, buf: Buf, peer: usize) -> Result<()>;
+    fn barrier(&self) -> Result<()>;
+    /// Batches the point-to-point calls up to `group_end` (NCCL's grouping); the host
+    /// communicators never block in `send`, so for them these only mark the region.
+    fn group_start(&self) -> Result<()> {
+        Ok(())
+    }
+    fn group_end(&self) -> Result<()> {
+        Ok(())
+    }
+    /// The sub-group of `ranks` (indices in this group, ascending). Every member calls it with
+    /// the same list; non-members must not.
+    fn split(&self, ranks: &[usize]) -> Result<Box<dyn Communicator>>;
+    /// How long a collective may wait for another rank (`comm.train_timeout_seconds` after
+    /// the first step, `init_timeout_seconds` before).
+    fn set_timeout(&self, timeout: Duration);
+    /// "rank 1 of 4 (tcp)" for logs and errors.
+    fn describe(&self) -> String;
+}
