@@ -3,6 +3,7 @@
 //! - `local`: ranks as threads of one process (CPU runs and most tests);
 //! - `tcp`: CPU ranks in separate processes or machines (the multi-node path, tested on loopback);
 //! - `nccl`: GPUs (cudarc's NCCL), when built with `--features cuda`.
+//!
 //! The host communicators share one implementation of the collectives (`host.rs`) over a
 //! point-to-point `Transport`; only moving bytes differs. Reductions run in rank order, so a
 //! run is bitwise reproducible for a given world size.

@@ -34,11 +34,14 @@ type Entry = (usize, usize, SocketAddr);
 
 const MAGIC: &[u8; 8] = b"titanrdv";
 
+/// The queue of one peer's writer thread: (tag, payload) frames.
+type FrameQueue = Mutex<Sender<(u64, Vec<u8>)>>;
+
 pub struct TcpTransport {
     rank: usize,
     table: Vec<Entry>,
     mailbox: Arc<Mailbox>,
-    writers: Vec<Option<Mutex<Sender<(u64, Vec<u8>)>>>>,
+    writers: Vec<Option<FrameQueue>>,
     streams: Vec<Option<TcpStream>>,
 }
 
