@@ -55,7 +55,7 @@ fn exercise(comms: Vec<Box<dyn Communicator>>) {
                     for op in [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max] {
                         let mut x = input(r, n);
                         c.all_reduce(buf(&mut x), op).unwrap();
-                        for i in 0..n {
+                        for (i, got) in x.iter().enumerate() {
                             let mut acc = input(0, n)[i];
                             for q in 1..size {
                                 let v = input(q, n)[i];
@@ -68,7 +68,7 @@ fn exercise(comms: Vec<Box<dyn Communicator>>) {
                             if op == ReduceOp::Avg {
                                 acc *= 1.0 / size as f32;
                             }
-                            assert_eq!(x[i], acc, "all_reduce {op:?} n {n} i {i} rank {r}");
+                            assert_eq!(*got, acc, "all_reduce {op:?} n {n} i {i} rank {r}");
                         }
                     }
                     // all_gather: rank order.
@@ -83,12 +83,12 @@ fn exercise(comms: Vec<Box<dyn Communicator>>) {
                     let mut out = vec![f32::NAN; n];
                     c.reduce_scatter(buf(&mut s), buf(&mut out), ReduceOp::Sum)
                         .unwrap();
-                    for i in 0..n {
+                    for (i, got) in out.iter().enumerate() {
                         let mut acc = input(0, n * size)[r * n + i];
                         for q in 1..size {
                             acc += input(q, n * size)[r * n + i];
                         }
-                        assert_eq!(out[i], acc, "reduce_scatter");
+                        assert_eq!(*got, acc, "reduce_scatter");
                     }
                     // broadcast from the last rank.
                     let mut b = input(r, n);
