@@ -9,6 +9,7 @@
 //! run is bitwise reproducible for a given world size.
 
 pub mod host;
+pub mod launch;
 pub mod mesh;
 pub mod tcp;
 pub mod transport;
