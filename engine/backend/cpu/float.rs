@@ -1,6 +1,8 @@
 //! The scalar type of the CPU kernels. Every kernel is generic over it so that the gradient
 //! checks can run the very code the backend runs in f32 in f64 instead.
 
+use super::gemm::Mat;
+use super::rmsnorm::RmsNormBwdSlices;
 use super::vecmath;
 use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub, SubAssign};
 
@@ -103,20 +105,11 @@ pub trait Float:
     fn rmsnorm_fwd_block(x: &[Self], w: &[Self], out: &mut [Self], rstd: &mut [Self], eps: Self) {
         rmsnorm_fwd_rows(x, w, out, rstd, eps)
     }
-    /// RMSNorm backward of whole rows: dx = rstd·(g·w − x̂·mean(g·w·x̂)) (+ dres) with
-    /// x̂ = x·rstd, and pw += Σ_rows g·x̂; `gw` is a row of scratch.
-    #[allow(clippy::too_many_arguments)]
-    fn rmsnorm_bwd_block(
-        g: &[Self],
-        x: &[Self],
-        w: &[Self],
-        rstd: &[Self],
-        dres: Option<&[Self]>,
-        dx: &mut [Self],
-        pw: &mut [Self],
-        gw: &mut [Self],
-    ) {
-        rmsnorm_bwd_rows(g, x, w, rstd, dres, dx, pw, gw)
+    /// RMSNorm backward of whole rows (`t.rstd.len()` rows of `t.w.len()`): dx =
+    /// rstd·(g·w − x̂·mean(g·w·x̂)) (+ dres) with g = t.dout and x̂ = x·rstd, and t.dw (this
+    /// block's partial dw) += Σ_rows g·x̂; `gw` is a row of scratch.
+    fn rmsnorm_bwd_block(t: RmsNormBwdSlices<'_, Self>, gw: &mut [Self]) {
+        rmsnorm_bwd_rows(t, gw)
     }
     /// One token's heads rotated by one position's angles (cos/sin hold head_dim/2 entries):
     /// the halves (x1, x2) of each head become (x1·c − x2·s, x2·c + x1·s); `inverse` negates s.
@@ -154,16 +147,11 @@ pub trait Float:
     ///
     /// # Safety
     /// As `vecmath::matmul_narrow_f32`.
-    #[allow(clippy::too_many_arguments)]
     unsafe fn matmul_narrow(
         _mnk: (usize, usize, usize),
-        _c: *mut Self,
-        _c_rs: usize,
-        _a: *const Self,
-        _a_rs: usize,
-        _a_cs: usize,
-        _b: *const Self,
-        _b_rs: usize,
+        _c: Mat<Self>,
+        _a: Mat<Self>,
+        _b: Mat<Self>,
         _alpha: Self,
         _beta: Self,
     ) -> bool {
@@ -272,19 +260,18 @@ pub(super) fn rmsnorm_fwd_rows<T: Float>(x: &[T], w: &[T], out: &mut [T], rstd: 
     }
 }
 
-/// See [`softmax_bwd_rows`].
+/// See [`softmax_bwd_rows`]; `t.dw` receives the rows' partial dw (`pw`).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(super) fn rmsnorm_bwd_rows<T: Float>(
-    g: &[T],
-    x: &[T],
-    w: &[T],
-    rstd: &[T],
-    dres: Option<&[T]>,
-    dx: &mut [T],
-    pw: &mut [T],
-    gw: &mut [T],
-) {
+pub(super) fn rmsnorm_bwd_rows<T: Float>(t: RmsNormBwdSlices<'_, T>, gw: &mut [T]) {
+    let RmsNormBwdSlices {
+        dout: g,
+        x,
+        w,
+        rstd,
+        dres,
+        dx,
+        dw: pw,
+    } = t;
     let dim = w.len();
     let n = T::from_f64(dim as f64);
     let rows = dx.chunks_exact_mut(dim).zip(g.chunks_exact(dim));
@@ -404,17 +391,8 @@ impl Float for f32 {
     fn rmsnorm_fwd_block(x: &[f32], w: &[f32], out: &mut [f32], rstd: &mut [f32], eps: f32) {
         vecmath::rmsnorm_fwd_f32(x, w, out, rstd, eps)
     }
-    fn rmsnorm_bwd_block(
-        g: &[f32],
-        x: &[f32],
-        w: &[f32],
-        rstd: &[f32],
-        dres: Option<&[f32]>,
-        dx: &mut [f32],
-        pw: &mut [f32],
-        gw: &mut [f32],
-    ) {
-        vecmath::rmsnorm_bwd_f32(g, x, w, rstd, dres, dx, pw, gw)
+    fn rmsnorm_bwd_block(t: RmsNormBwdSlices<'_, f32>, gw: &mut [f32]) {
+        vecmath::rmsnorm_bwd_f32(t, gw)
     }
     fn softmax_fwd_tile(s: &mut [f32], t: CausalTile, lse: &mut [f32], inv: &mut [f32]) {
         vecmath::softmax_fwd_tile_f32(s, t, lse, inv)
@@ -431,16 +409,12 @@ impl Float for f32 {
     }
     unsafe fn matmul_narrow(
         mnk: (usize, usize, usize),
-        c: *mut f32,
-        c_rs: usize,
-        a: *const f32,
-        a_rs: usize,
-        a_cs: usize,
-        b: *const f32,
-        b_rs: usize,
+        c: Mat<f32>,
+        a: Mat<f32>,
+        b: Mat<f32>,
         alpha: f32,
         beta: f32,
     ) -> bool {
-        vecmath::matmul_narrow_f32(mnk, c, c_rs, a, a_rs, a_cs, b, b_rs, alpha, beta)
+        vecmath::matmul_narrow_f32(mnk, c, a, b, alpha, beta)
     }
 }
