@@ -107,9 +107,18 @@ pub trait Float:
     }
     /// RMSNorm backward of whole rows (`t.rstd.len()` rows of `t.w.len()`): dx =
     /// rstd·(g·w − x̂·mean(g·w·x̂)) (+ dres) with g = t.dout and x̂ = x·rstd, and t.dw (this
-    /// block's partial dw) += Σ_rows g·x̂; `gw` is a row of scratch.
-    fn rmsnorm_bwd_block(t: RmsNormBwdSlices<'_, Self>, gw: &mut [Self]) {
-        rmsnorm_bwd_rows(t, gw)
+    /// block's partial dw) += Σ_rows g·x̂.
+    fn rmsnorm_bwd_block(t: RmsNormBwdSlices<'_, Self>) {
+        let RmsNormBwdSlices {
+            dout,
+            x,
+            w,
+            rstd,
+            dres,
+            dx,
+            dw,
+        } = t;
+        rmsnorm_bwd_rows(dout, x, w, rstd, dres, dx, dw)
     }
     /// One token's heads rotated by one position's angles (cos/sin hold head_dim/2 entries):
     /// the halves (x1, x2) of each head become (x1·c − x2·s, x2·c + x1·s); `inverse` negates s.
@@ -260,19 +269,24 @@ pub(super) fn rmsnorm_fwd_rows<T: Float>(x: &[T], w: &[T], out: &mut [T], rstd: 
     }
 }
 
-/// See [`softmax_bwd_rows`]; `t.dw` receives the rows' partial dw (`pw`).
+/// See [`softmax_bwd_rows`]; `pw` is the rows' partial dw. The slices arrive as separate
+/// parameters (not in a `RmsNormBwdSlices`) on purpose, through `vecmath::rmsnorm_bwd_f32` too:
+/// as parameters they are known not to alias each other, which slices loaded from a struct are
+/// not (that version compiled to extra scalar code around the row loops).
 #[inline(always)]
-pub(super) fn rmsnorm_bwd_rows<T: Float>(t: RmsNormBwdSlices<'_, T>, gw: &mut [T]) {
-    let RmsNormBwdSlices {
-        dout: g,
-        x,
-        w,
-        rstd,
-        dres,
-        dx,
-        dw: pw,
-    } = t;
+pub(super) fn rmsnorm_bwd_rows<T: Float>(
+    g: &[T],
+    x: &[T],
+    w: &[T],
+    rstd: &[T],
+    dres: Option<&[T]>,
+    dx: &mut [T],
+    pw: &mut [T],
+) {
     let dim = w.len();
+    // g·w of the current row.
+    let mut scratch = vec![T::ZERO; dim];
+    let gw = &mut scratch[..];
     let n = T::from_f64(dim as f64);
     let rows = dx.chunks_exact_mut(dim).zip(g.chunks_exact(dim));
     for (i, ((dxr, g), (xr, &rs))) in rows.zip(x.chunks_exact(dim).zip(rstd)).enumerate() {
@@ -391,8 +405,17 @@ impl Float for f32 {
     fn rmsnorm_fwd_block(x: &[f32], w: &[f32], out: &mut [f32], rstd: &mut [f32], eps: f32) {
         vecmath::rmsnorm_fwd_f32(x, w, out, rstd, eps)
     }
-    fn rmsnorm_bwd_block(t: RmsNormBwdSlices<'_, f32>, gw: &mut [f32]) {
-        vecmath::rmsnorm_bwd_f32(t, gw)
+    fn rmsnorm_bwd_block(t: RmsNormBwdSlices<'_, f32>) {
+        let RmsNormBwdSlices {
+            dout,
+            x,
+            w,
+            rstd,
+            dres,
+            dx,
+            dw,
+        } = t;
+        vecmath::rmsnorm_bwd_f32(dout, x, w, rstd, dres, dx, dw)
     }
     fn softmax_fwd_tile(s: &mut [f32], t: CausalTile, lse: &mut [f32], inv: &mut [f32]) {
         vecmath::softmax_fwd_tile_f32(s, t, lse, inv)

@@ -53,27 +53,17 @@ pub fn rmsnorm_fwd<T: Float>(
     Ok(())
 }
 
-/// The slices of the fused residual forward (`rstd.len()` rows of `w.len()`): x and residual
-/// in, h = x + residual, out = rmsnorm(h) · w and rstd out.
-struct ResidualRows<'a, T> {
-    x: &'a [T],
-    residual: &'a [T],
-    w: &'a [T],
-    h: &'a mut [T],
-    out: &'a mut [T],
-    rstd: &'a mut [T],
-}
-
-/// h = x + residual and out = rmsnorm(h), rstd saved, block by block of rows.
-fn residual_fwd<T: Float>(t: ResidualRows<'_, T>, dim: usize, eps: T) {
-    let ResidualRows {
-        x,
-        residual,
-        w,
-        h,
-        out,
-        rstd,
-    } = t;
+/// h = x + residual and out = rmsnorm(h), rstd saved, block by block of rows of `w.len()`.
+fn residual_fwd<T: Float>(
+    x: &[T],
+    residual: &[T],
+    w: &[T],
+    h: &mut [T],
+    out: &mut [T],
+    rstd: &mut [T],
+    eps: T,
+) {
+    let dim = w.len();
     if dim == 0 {
         return;
     }
@@ -141,7 +131,7 @@ pub fn rmsnorm_bwd<T: Float>(t: RmsNormBwdSlices<'_, T>, dim: usize) -> Result<(
         .zip(x.par_chunks(ROWS * dim).zip(rstd.par_chunks(ROWS)))
         .enumerate()
         .map(|(c, ((dxc, g), (xc, rs)))| {
-            let (mut pw, mut gw) = (vec![T::ZERO; dim], vec![T::ZERO; dim]);
+            let mut pw = vec![T::ZERO; dim];
             let dr = dres.map(|d| &d[c * ROWS * dim..c * ROWS * dim + dxc.len()]);
             let block = RmsNormBwdSlices {
                 dout: g,
@@ -152,7 +142,7 @@ pub fn rmsnorm_bwd<T: Float>(t: RmsNormBwdSlices<'_, T>, dim: usize) -> Result<(
                 dx: dxc,
                 dw: &mut pw,
             };
-            T::rmsnorm_bwd_block(block, &mut gw);
+            T::rmsnorm_bwd_block(block);
             pw
         })
         .collect();
@@ -238,15 +228,8 @@ pub(super) fn rmsnorm_fwd_op(a: &RmsNorm, res: Option<(Buf, Buf)>) -> Result<()>
             unsafe {
                 let (hs, os) = (view_mut::<f32>(h), view_mut::<f32>(out));
                 let (xs, rs, ws) = (view::<f32>(x), view::<f32>(residual), view::<f32>(w));
-                let t = ResidualRows {
-                    x: xs,
-                    residual: rs,
-                    w: ws,
-                    h: hs,
-                    out: os,
-                    rstd: view_mut::<f32>(rstd),
-                };
-                residual_fwd(t, dim, eps);
+                // w has dim elements (checked above).
+                residual_fwd(xs, rs, ws, hs, os, view_mut::<f32>(rstd), eps);
             }
             return Ok(());
         }

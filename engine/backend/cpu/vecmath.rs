@@ -6,7 +6,6 @@
 
 use super::float::{self, CausalTile};
 use super::gemm::Mat;
-use super::rmsnorm::RmsNormBwdSlices;
 
 const LANES: usize = 16;
 
@@ -199,8 +198,16 @@ fn rmsnorm_fwd_body<const F: bool>(
 }
 
 #[inline(always)]
-fn rmsnorm_bwd_body<const F: bool>(t: RmsNormBwdSlices<'_, f32>, gw: &mut [f32]) {
-    float::rmsnorm_bwd_rows(t, gw)
+fn rmsnorm_bwd_body<const F: bool>(
+    g: &[f32],
+    x: &[f32],
+    w: &[f32],
+    rstd: &[f32],
+    dres: Option<&[f32]>,
+    dx: &mut [f32],
+    pw: &mut [f32],
+) {
+    float::rmsnorm_bwd_rows(g, x, w, rstd, dres, dx, pw)
 }
 
 /// Round-to-nearest-even f32 -> bf16 bits, branch-free (so slices of it vectorise); a NaN
@@ -298,7 +305,7 @@ dispatch!(
 );
 dispatch!(
     /// `Float::rmsnorm_bwd_block` for f32.
-    rmsnorm_bwd_f32(t: RmsNormBwdSlices<'_, f32>, gw: &mut [f32]) -> () = rmsnorm_bwd_body
+    rmsnorm_bwd_f32(g: &[f32], x: &[f32], w: &[f32], rstd: &[f32], dres: Option<&[f32]>, dx: &mut [f32], pw: &mut [f32]) -> () = rmsnorm_bwd_body
 );
 dispatch!(
     /// dst[i] = bf16 bits src[i] widened to f32 (exact).
