@@ -10,7 +10,7 @@
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use std::time::Duration;
 use titan::backend::cpu::CpuBackend;
-use titan::backend::{AttnShape, Backend, Buf, DeviceMem};
+use titan::backend::{AttnBwd, AttnFwd, AttnShape, Backend, Buf, DeviceMem};
 use titan::DType;
 
 const SHAPES: &[(&str, AttnShape)] = &[
@@ -98,13 +98,34 @@ impl Case {
         }
     }
     fn fwd(&self, be: &CpuBackend) {
-        let [q, k, v, o, l, ..] = self.b;
-        be.attention_fwd(q, k, v, o, l, self.s, self.scale).unwrap()
+        let [q, k, v, out, lse, ..] = self.b;
+        be.attention_fwd(&AttnFwd {
+            q,
+            k,
+            v,
+            out,
+            lse,
+            shape: self.s,
+            scale: self.scale,
+        })
+        .unwrap()
     }
     fn bwd(&self, be: &CpuBackend) {
-        let [q, k, v, o, l, g, dq, dk, dv] = self.b;
-        be.attention_bwd(q, k, v, o, g, l, dq, dk, dv, self.s, self.scale)
-            .unwrap()
+        let [q, k, v, out, lse, dout, dq, dk, dv] = self.b;
+        be.attention_bwd(&AttnBwd {
+            q,
+            k,
+            v,
+            out,
+            dout,
+            lse,
+            dq,
+            dk,
+            dv,
+            shape: self.s,
+            scale: self.scale,
+        })
+        .unwrap()
     }
 }
 

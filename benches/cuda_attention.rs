@@ -9,7 +9,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::bf16;
 use std::time::Duration;
 use titan::backend::cuda::CudaBackend;
-use titan::backend::{AttnShape, Backend, Buf, DeviceMem};
+use titan::backend::{AttnBwd, AttnFwd, AttnShape, Backend, Buf, DeviceMem};
 use titan::tensor::DType;
 
 struct Dev {
@@ -73,12 +73,30 @@ fn attention(c: &mut Criterion) {
         );
         let lse = zeros_f32(&be, s.lse_len());
         let scale = 1.0 / (d as f32).sqrt();
-        let fwd = || be.attention_fwd(q.buf, k.buf, v.buf, out.buf, lse.buf, s, scale);
-        let bwd = || {
-            be.attention_bwd(
-                q.buf, k.buf, v.buf, out.buf, dout.buf, lse.buf, dq.buf, dk.buf, dv.buf, s, scale,
-            )
+        let fwd_args = AttnFwd {
+            q: q.buf,
+            k: k.buf,
+            v: v.buf,
+            out: out.buf,
+            lse: lse.buf,
+            shape: s,
+            scale,
         };
+        let bwd_args = AttnBwd {
+            q: q.buf,
+            k: k.buf,
+            v: v.buf,
+            out: out.buf,
+            dout: dout.buf,
+            lse: lse.buf,
+            dq: dq.buf,
+            dk: dk.buf,
+            dv: dv.buf,
+            shape: s,
+            scale,
+        };
+        let fwd = || be.attention_fwd(&fwd_args);
+        let bwd = || be.attention_bwd(&bwd_args);
         fwd().expect("attention_fwd");
         let flops = s.fwd_flops();
         let (tf, tb) = (

@@ -6,7 +6,9 @@
 mod cpu_common;
 
 use cpu_common::{rel_l2, Rng};
-use titan::backend::cpu::{attention, cross_entropy, embedding, gemm, rmsnorm, rope, swiglu};
+use titan::backend::cpu::attention::{self, AttnBwdSlices};
+use titan::backend::cpu::rmsnorm::{self, RmsNormBwdSlices};
+use titan::backend::cpu::{cross_entropy, embedding, gemm, rope, swiglu};
 use titan::backend::{AttnShape, Gemm, RopeShape};
 
 const H: f64 = 1e-6;
@@ -135,7 +137,16 @@ fn gradcheck_rmsnorm() {
         };
         let rstd = fwd(&x, &w).1;
         let (mut dx, mut dw) = (vec![f64::NAN; rows * dim], vec![0.0; dim]);
-        rmsnorm::rmsnorm_bwd(&rr, &x, &w, &rstd, None, &mut dx, &mut dw, dim).unwrap();
+        let t = RmsNormBwdSlices {
+            dout: &rr,
+            x: &x,
+            w: &w,
+            rstd: &rstd,
+            dres: None,
+            dx: &mut dx,
+            dw: &mut dw,
+        };
+        rmsnorm::rmsnorm_bwd(t, dim).unwrap();
         fd_check(&format!("rmsnorm dx {rows}x{dim}"), &x, &dx, 500, |x| {
             fwd(x, &w).0
         });
@@ -167,7 +178,16 @@ fn gradcheck_rmsnorm_residual() {
     };
     let (_, h, rstd) = fwd(&x, &res);
     let (mut dh, mut dw) = (vec![f64::NAN; rows * dim], vec![0.0; dim]);
-    rmsnorm::rmsnorm_bwd(&r_out, &h, &w, &rstd, Some(&r_h), &mut dh, &mut dw, dim).unwrap();
+    let t = RmsNormBwdSlices {
+        dout: &r_out,
+        x: &h,
+        w: &w,
+        rstd: &rstd,
+        dres: Some(&r_h),
+        dx: &mut dh,
+        dw: &mut dw,
+    };
+    rmsnorm::rmsnorm_bwd(t, dim).unwrap();
     fd_check("rmsnorm_residual dx", &x, &dh, 500, |x| fwd(x, &res).0);
     fd_check("rmsnorm_residual dresidual", &res, &dh, 500, |res| {
         fwd(&x, res).0
@@ -285,8 +305,18 @@ fn gradcheck_attention() {
             vec![f64::NAN; s.kv_len()],
             vec![f64::NAN; s.kv_len()],
         );
-        attention::attention_bwd(&q, &k, &v, &o, &rr, &l, &mut dq, &mut dk, &mut dv, s, scale)
-            .unwrap();
+        let t = AttnBwdSlices {
+            q: &q,
+            k: &k,
+            v: &v,
+            out: &o,
+            dout: &rr,
+            lse: &l,
+            dq: &mut dq,
+            dk: &mut dk,
+            dv: &mut dv,
+        };
+        attention::attention_bwd(t, s, scale).unwrap();
         let tag = format!("attention {s:?}");
         fd_check(&format!("{tag} dq"), &q, &dq, max, |q| fwd(q, &k, &v).0);
         fd_check(&format!("{tag} dk"), &k, &dk, max, |k| fwd(&q, k, &v).0);

@@ -8,7 +8,7 @@ mod cpu_common;
 
 use cpu_common::*;
 use titan::backend::cpu::CpuBackend;
-use titan::backend::{Backend, Gemm, RopeShape};
+use titan::backend::{Backend, Gemm, RmsNorm, RmsNormBwd, RmsNormResidual, RopeShape};
 use titan::{DType, Error};
 
 const FL: [DType; 2] = [DType::F32, DType::BF16];
@@ -412,8 +412,16 @@ fn rmsnorm_fwd_bwd_and_residual() {
             }
             let (xt, wt) = (upload(&b, &x, dt), upload(&b, &w, dt));
             let (o, rstd) = (poisoned(&b, rows * dim, dt), poisoned(&b, rows, DType::F32));
-            b.rmsnorm_fwd(xt.buf, wt.buf, o.buf, rstd.buf, rows, dim, eps as f32)
-                .unwrap();
+            b.rmsnorm_fwd(&RmsNorm {
+                x: xt.buf,
+                w: wt.buf,
+                out: o.buf,
+                rstd: rstd.buf,
+                rows,
+                dim,
+                eps: eps as f32,
+            })
+            .unwrap();
             check("rmsnorm_fwd out", dt, &download(&b, o.buf), &want);
             let rs_got = download(&b, rstd.buf);
             let e = rel_l2(&rs_got, &want_rstd);
@@ -421,10 +429,17 @@ fn rmsnorm_fwd_bwd_and_residual() {
             let gt = upload(&b, &g, dt);
             let (dx, dw) = (poisoned(&b, rows * dim, dt), upload(&b, &dw0, DType::F32));
             let rs_ref = upload(&b, &want_rstd, DType::F32);
-            b.rmsnorm_bwd(
-                gt.buf, xt.buf, wt.buf, rs_ref.buf, dx.buf, dw.buf, rows, dim,
-            )
-            .unwrap();
+            let bwd = RmsNormBwd {
+                dout: gt.buf,
+                x: xt.buf,
+                w: wt.buf,
+                rstd: rs_ref.buf,
+                dx: dx.buf,
+                dw: dw.buf,
+                rows,
+                dim,
+            };
+            b.rmsnorm_bwd(&bwd).unwrap();
             let got_dx = download(&b, dx.buf);
             if dim == 1 {
                 // dx = r·g·w·eps/(x²+eps): the two terms cancel almost exactly, so measure the
@@ -454,10 +469,12 @@ fn rmsnorm_fwd_bwd_and_residual() {
             // With the residual stream's gradient added in the same pass.
             let (dx2, dw2) = (poisoned(&b, rows * dim, dt), upload(&b, &dw0, DType::F32));
             let rest = upload(&b, &res, dt);
-            b.rmsnorm_bwd_add(
-                gt.buf, xt.buf, wt.buf, rs_ref.buf, rest.buf, dx2.buf, dw2.buf, rows, dim,
-            )
-            .unwrap();
+            let bwd2 = RmsNormBwd {
+                dx: dx2.buf,
+                dw: dw2.buf,
+                ..bwd
+            };
+            b.rmsnorm_bwd_add(&bwd2, rest.buf).unwrap();
             if dim > 1 {
                 let want: Vec<f64> = want_dx.iter().zip(&res).map(|(a, c)| a + c).collect();
                 check("rmsnorm_bwd_add dx", dt, &download(&b, dx2.buf), &want);
@@ -474,9 +491,17 @@ fn rmsnorm_fwd_bwd_and_residual() {
                 poisoned(&b, rows * dim, dt),
                 poisoned(&b, rows, DType::F32),
             );
-            b.rmsnorm_residual_fwd(
-                xt.buf, rt.buf, wt.buf, h.buf, o2.buf, rs2.buf, rows, dim, eps as f32,
-            )
+            b.rmsnorm_residual_fwd(&RmsNormResidual {
+                x: xt.buf,
+                residual: rt.buf,
+                w: wt.buf,
+                h: h.buf,
+                out: o2.buf,
+                rstd: rs2.buf,
+                rows,
+                dim,
+                eps: eps as f32,
+            })
             .unwrap();
             check("rmsnorm_residual_fwd h", dt, &download(&b, h.buf), &hx);
             check(
@@ -492,16 +517,30 @@ fn rmsnorm_fwd_bwd_and_residual() {
     let w = poisoned(&b, 7, DType::F32);
     let rs = poisoned(&b, 2, DType::BF16);
     let o = poisoned(&b, 14, DType::F32);
+    let a = RmsNorm {
+        x: x.buf,
+        w: w.buf,
+        out: o.buf,
+        rstd: rs.buf,
+        rows: 2,
+        dim: 7,
+        eps: 1e-5,
+    };
     assert!(matches!(
-        b.rmsnorm_fwd(x.buf, w.buf, o.buf, rs.buf, 2, 7, 1e-5),
+        b.rmsnorm_fwd(&a),
         Err(Error::DType {
             op: "rmsnorm_fwd",
             ..
         })
     ));
     let rs = poisoned(&b, 2, DType::F32);
+    let a = RmsNorm {
+        rstd: rs.buf,
+        dim: 6,
+        ..a
+    };
     assert!(matches!(
-        b.rmsnorm_fwd(x.buf, w.buf, o.buf, rs.buf, 2, 6, 1e-5),
+        b.rmsnorm_fwd(&a),
         Err(Error::Shape {
             op: "rmsnorm_fwd",
             ..

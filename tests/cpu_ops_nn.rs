@@ -8,7 +8,9 @@ mod cpu_common;
 
 use cpu_common::*;
 use titan::backend::cpu::CpuBackend;
-use titan::backend::{AdamW, AttnShape, Backend, Buf, Gemm};
+use titan::backend::{
+    AdamW, AdamWBufs, AttnBwd, AttnFwd, AttnShape, Backend, Buf, CrossEntropy, Gemm, RmsNormBwd,
+};
 use titan::{DType, Error};
 
 const FL: [DType; 2] = [DType::F32, DType::BF16];
@@ -129,8 +131,16 @@ fn attention_fwd_bwd_vs_reference() {
                 poisoned(&b, s.q_len(), dt),
                 poisoned(&b, s.lse_len(), DType::F32),
             );
-            b.attention_fwd(qt.buf, kt.buf, vt.buf, o.buf, l.buf, s, scale as f32)
-                .unwrap();
+            b.attention_fwd(&AttnFwd {
+                q: qt.buf,
+                k: kt.buf,
+                v: vt.buf,
+                out: o.buf,
+                lse: l.buf,
+                shape: s,
+                scale: scale as f32,
+            })
+            .unwrap();
             check(
                 &format!("attention_fwd out {s:?}"),
                 dt,
@@ -146,20 +156,20 @@ fn attention_fwd_bwd_vs_reference() {
                 poisoned(&b, s.kv_len(), dt),
                 poisoned(&b, s.kv_len(), dt),
             );
-            b.attention_bwd(
-                qt.buf,
-                kt.buf,
-                vt.buf,
-                o.buf,
-                gt.buf,
-                l.buf,
-                dq.buf,
-                dk.buf,
-                dv.buf,
-                s,
-                scale as f32,
-            )
-            .unwrap();
+            let bwd = AttnBwd {
+                q: qt.buf,
+                k: kt.buf,
+                v: vt.buf,
+                out: o.buf,
+                dout: gt.buf,
+                lse: l.buf,
+                dq: dq.buf,
+                dk: dk.buf,
+                dv: dv.buf,
+                shape: s,
+                scale: scale as f32,
+            };
+            b.attention_bwd(&bwd).unwrap();
             // bf16 rounding of `out` enters delta; the gradients stay within the bf16 band.
             check(
                 &format!("attention_bwd dq {s:?}"),
@@ -181,20 +191,7 @@ fn attention_fwd_bwd_vs_reference() {
             );
             // Deterministic: a second run is bitwise identical.
             let dk2 = poisoned(&b, s.kv_len(), dt);
-            b.attention_bwd(
-                qt.buf,
-                kt.buf,
-                vt.buf,
-                o.buf,
-                gt.buf,
-                l.buf,
-                dq.buf,
-                dk2.buf,
-                dv.buf,
-                s,
-                scale as f32,
-            )
-            .unwrap();
+            b.attention_bwd(&AttnBwd { dk: dk2.buf, ..bwd }).unwrap();
             assert_eq!(download(&b, dk.buf), download(&b, dk2.buf));
         }
     }
@@ -214,8 +211,17 @@ fn attention_errors() {
     let k = poisoned(&b, 18, DType::F32);
     let o = poisoned(&b, 24, DType::F32);
     let l = poisoned(&b, 12, DType::F32);
+    let fwd = AttnFwd {
+        q: q.buf,
+        k: k.buf,
+        v: k.buf,
+        out: o.buf,
+        lse: l.buf,
+        shape: s,
+        scale: 1.0,
+    };
     assert!(matches!(
-        b.attention_fwd(q.buf, k.buf, k.buf, o.buf, l.buf, s, 1.0),
+        b.attention_fwd(&fwd),
         Err(Error::Shape {
             op: "attention_fwd",
             ..
@@ -224,16 +230,28 @@ fn attention_errors() {
     let s = AttnShape { n_kv_heads: 2, ..s };
     let k = poisoned(&b, 12, DType::F32);
     let lb = poisoned(&b, 12, DType::BF16);
+    let fwd = AttnFwd {
+        k: k.buf,
+        v: k.buf,
+        lse: lb.buf,
+        shape: s,
+        ..fwd
+    };
     assert!(matches!(
-        b.attention_fwd(q.buf, k.buf, k.buf, o.buf, lb.buf, s, 1.0),
+        b.attention_fwd(&fwd),
         Err(Error::DType {
             op: "attention_fwd",
             ..
         })
     ));
     let short = poisoned(&b, 11, DType::F32);
+    let fwd = AttnFwd {
+        v: short.buf,
+        lse: l.buf,
+        ..fwd
+    };
     assert!(matches!(
-        b.attention_fwd(q.buf, k.buf, short.buf, o.buf, l.buf, s, 1.0),
+        b.attention_fwd(&fwd),
         Err(Error::Shape {
             op: "attention_fwd",
             ..
@@ -244,9 +262,19 @@ fn attention_errors() {
         poisoned(&b, 12, DType::F32),
         poisoned(&b, 12, DType::I32),
     );
-    let r = b.attention_bwd(
-        q.buf, k.buf, k.buf, o.buf, o.buf, l.buf, dq.buf, dk.buf, dv.buf, s, 1.0,
-    );
+    let r = b.attention_bwd(&AttnBwd {
+        q: q.buf,
+        k: k.buf,
+        v: k.buf,
+        out: o.buf,
+        dout: o.buf,
+        lse: l.buf,
+        dq: dq.buf,
+        dk: dk.buf,
+        dv: dv.buf,
+        shape: s,
+        scale: 1.0,
+    });
     assert!(matches!(
         r,
         Err(Error::DType {
@@ -349,10 +377,17 @@ fn cross_entropy_fused() {
                 poisoned(&b, rows, DType::F32),
                 poisoned(&b, rows * vocab, dt),
             );
-            b.cross_entropy(
-                lt.buf, tt.buf, ls.buf, d.buf, rows, vocab, ignore, gs as f32,
-            )
-            .unwrap();
+            let ce = CrossEntropy {
+                logits: lt.buf,
+                targets: tt.buf,
+                losses: ls.buf,
+                dlogits: d.buf,
+                rows,
+                vocab,
+                ignore_index: ignore,
+                grad_scale: gs as f32,
+            };
+            b.cross_entropy(&ce).unwrap();
             let e = rel_l2(&download(&b, ls.buf), &want_l);
             // bf16 logits: the loss error is relative to the logits' rounding, within the band.
             assert!(e < tol(dt), "cross_entropy loss {dt}: {e:e}");
@@ -363,9 +398,11 @@ fn cross_entropy_fused() {
             }
             // dlogits written over logits.
             let ls2 = poisoned(&b, rows, DType::F32);
-            b.cross_entropy(
-                lt.buf, tt.buf, ls2.buf, lt.buf, rows, vocab, ignore, gs as f32,
-            )
+            b.cross_entropy(&CrossEntropy {
+                losses: ls2.buf,
+                dlogits: lt.buf,
+                ..ce
+            })
             .unwrap();
             assert_eq!(download(&b, lt.buf), download(&b, d.buf));
             assert_eq!(download(&b, ls2.buf), download(&b, ls.buf));
@@ -374,7 +411,17 @@ fn cross_entropy_fused() {
     let lt = poisoned(&b, 6, DType::F32);
     let bad = upload_i32(&b, &[1, 3]);
     let (ls, d) = (poisoned(&b, 2, DType::F32), poisoned(&b, 6, DType::F32));
-    let e = b.cross_entropy(lt.buf, bad.buf, ls.buf, d.buf, 2, 3, -100, 1.0);
+    let ce = CrossEntropy {
+        logits: lt.buf,
+        targets: bad.buf,
+        losses: ls.buf,
+        dlogits: d.buf,
+        rows: 2,
+        vocab: 3,
+        ignore_index: -100,
+        grad_scale: 1.0,
+    };
+    let e = b.cross_entropy(&ce);
     assert!(matches!(
         e,
         Err(Error::Shape {
@@ -383,7 +430,10 @@ fn cross_entropy_fused() {
         })
     ));
     let fl = poisoned(&b, 2, DType::F32);
-    let e = b.cross_entropy(lt.buf, fl.buf, ls.buf, d.buf, 2, 3, -100, 1.0);
+    let e = b.cross_entropy(&CrossEntropy {
+        targets: fl.buf,
+        ..ce
+    });
     assert!(matches!(
         e,
         Err(Error::DType {
@@ -478,8 +528,15 @@ fn adamw_three_steps_vs_f64() {
             ..hp0
         };
         let gt = upload(&b, g, DType::F32);
-        b.adamw(p.buf, gt.buf, m.buf, v.buf, Some(comp.buf), gst.buf, &hp)
-            .unwrap();
+        let bufs = AdamWBufs {
+            param: p.buf,
+            grad: gt.buf,
+            m: m.buf,
+            v: v.buf,
+            compute: Some(comp.buf),
+            grad_scale: gst.buf,
+        };
+        b.adamw(&bufs, &hp).unwrap();
         // Hand-written torch.optim.AdamW step in f64.
         let (lr, b1, b2, eps, wd) = (
             hp.lr as f64,
@@ -510,13 +567,26 @@ fn adamw_three_steps_vs_f64() {
     );
     let hp = AdamW { step: 1, ..hp0 };
     let h = poisoned(&b, n, DType::BF16);
+    let bufs = AdamWBufs {
+        param: h.buf,
+        grad: p.buf,
+        m: m.buf,
+        v: v.buf,
+        compute: None,
+        grad_scale: gst.buf,
+    };
     assert!(matches!(
-        b.adamw(h.buf, p.buf, m.buf, v.buf, None, gst.buf, &hp),
+        b.adamw(&bufs, &hp),
         Err(Error::DType { op: "adamw", .. })
     ));
     let short = poisoned(&b, n - 1, DType::F32);
+    let bufs = AdamWBufs {
+        param: p.buf,
+        grad: short.buf,
+        ..bufs
+    };
     assert!(matches!(
-        b.adamw(p.buf, short.buf, m.buf, v.buf, None, gst.buf, &hp),
+        b.adamw(&bufs, &hp),
         Err(Error::Shape { op: "adamw", .. })
     ));
 }
@@ -565,16 +635,34 @@ fn reductions_and_backwards_are_bitwise_identical_for_any_thread_count() {
             poisoned(&b, s.q_len(), DType::F32),
             poisoned(&b, s.lse_len(), DType::F32),
         );
-        b.attention_fwd(qt.buf, kt.buf, vt.buf, o.buf, l.buf, s, 0.25)
-            .unwrap();
+        b.attention_fwd(&AttnFwd {
+            q: qt.buf,
+            k: kt.buf,
+            v: vt.buf,
+            out: o.buf,
+            lse: l.buf,
+            shape: s,
+            scale: 0.25,
+        })
+        .unwrap();
         let (dq, dk, dv) = (
             poisoned(&b, s.q_len(), DType::F32),
             poisoned(&b, s.kv_len(), DType::F32),
             poisoned(&b, s.kv_len(), DType::F32),
         );
-        b.attention_bwd(
-            qt.buf, kt.buf, vt.buf, o.buf, gt.buf, l.buf, dq.buf, dk.buf, dv.buf, s, 0.25,
-        )
+        b.attention_bwd(&AttnBwd {
+            q: qt.buf,
+            k: kt.buf,
+            v: vt.buf,
+            out: o.buf,
+            dout: gt.buf,
+            lse: l.buf,
+            dq: dq.buf,
+            dk: dk.buf,
+            dv: dv.buf,
+            shape: s,
+            scale: 0.25,
+        })
         .unwrap();
         let (xt, wt, dyt) = (f(&x), f(&w), f(&dy));
         let (dx, dw, rs) = (
@@ -582,8 +670,17 @@ fn reductions_and_backwards_are_bitwise_identical_for_any_thread_count() {
             f(&vec![0.0; dim]),
             f(&vec![1.0; rows]),
         );
-        b.rmsnorm_bwd(dyt.buf, xt.buf, wt.buf, rs.buf, dx.buf, dw.buf, rows, dim)
-            .unwrap();
+        b.rmsnorm_bwd(&RmsNormBwd {
+            dout: dyt.buf,
+            x: xt.buf,
+            w: wt.buf,
+            rstd: rs.buf,
+            dx: dx.buf,
+            dw: dw.buf,
+            rows,
+            dim,
+        })
+        .unwrap();
         let idt = upload_i32(&b, &ids);
         let dtab = f(&vec![0.0; vocab * dim]);
         b.embedding_bwd(dyt.buf, idt.buf, dtab.buf, dim).unwrap();

@@ -7,7 +7,7 @@
 use half::bf16;
 use rayon::prelude::*;
 use titan::backend::cuda::CudaBackend;
-use titan::backend::{AttnShape, Backend, Buf, DeviceMem};
+use titan::backend::{AttnBwd, AttnFwd, AttnShape, Backend, Buf, DeviceMem};
 use titan::tensor::DType;
 use titan::Error;
 
@@ -242,15 +242,33 @@ fn check(be: &CudaBackend, s: AttnShape, seed: u64, kv_heads: Option<Vec<usize>>
     );
     let out = poisoned(be, s.q_len(), DType::BF16);
     let lse = poisoned(be, s.lse_len(), DType::F32);
-    be.attention_fwd(q.buf, k.buf, v.buf, out.buf, lse.buf, s, scale)
-        .expect("attention_fwd");
+    be.attention_fwd(&AttnFwd {
+        q: q.buf,
+        k: k.buf,
+        v: v.buf,
+        out: out.buf,
+        lse: lse.buf,
+        shape: s,
+        scale,
+    })
+    .expect("attention_fwd");
     let grads = |be: &CudaBackend| {
         let dq = poisoned(be, s.q_len(), DType::BF16);
         let dk = poisoned(be, s.kv_len(), DType::BF16);
         let dv = poisoned(be, s.kv_len(), DType::BF16);
-        be.attention_bwd(
-            q.buf, k.buf, v.buf, out.buf, dout.buf, lse.buf, dq.buf, dk.buf, dv.buf, s, scale,
-        )
+        be.attention_bwd(&AttnBwd {
+            q: q.buf,
+            k: k.buf,
+            v: v.buf,
+            out: out.buf,
+            dout: dout.buf,
+            lse: lse.buf,
+            dq: dq.buf,
+            dk: dk.buf,
+            dv: dv.buf,
+            shape: s,
+            scale,
+        })
         .expect("attention_bwd");
         [
             download(be, dq.buf),
@@ -366,7 +384,16 @@ fn rejects_f32_and_unsupported_head_dims() {
         f32buf(s.q_len()),
         f32buf(s.lse_len()),
     );
-    match be.attention_fwd(q.buf, k.buf, v.buf, out.buf, lse.buf, s, 0.125) {
+    let fwd = AttnFwd {
+        q: q.buf,
+        k: k.buf,
+        v: v.buf,
+        out: out.buf,
+        lse: lse.buf,
+        shape: s,
+        scale: 0.125,
+    };
+    match be.attention_fwd(&fwd) {
         Err(Error::DType { op, .. }) => assert_eq!(op, "attention_fwd"),
         other => panic!("f32 inputs: expected a dtype error, got {other:?}"),
     }
@@ -374,7 +401,16 @@ fn rejects_f32_and_unsupported_head_dims() {
     let bf = |len: usize| poisoned(&be, len, DType::BF16);
     let (q, k, v, out) = (bf(s.q_len()), bf(s.kv_len()), bf(s.kv_len()), bf(s.q_len()));
     let lse = poisoned(&be, s.lse_len(), DType::F32);
-    match be.attention_fwd(q.buf, k.buf, v.buf, out.buf, lse.buf, s, 0.125) {
+    let fwd = AttnFwd {
+        q: q.buf,
+        k: k.buf,
+        v: v.buf,
+        out: out.buf,
+        lse: lse.buf,
+        shape: s,
+        scale: 0.125,
+    };
+    match be.attention_fwd(&fwd) {
         Err(e @ Error::Shape { .. }) => assert!(e.to_string().contains("head_dim 96"), "{e}"),
         other => panic!("head_dim 96: expected a shape error, got {other:?}"),
     }

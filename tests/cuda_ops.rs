@@ -11,7 +11,10 @@
 use half::bf16;
 use titan::backend::cpu::CpuBackend;
 use titan::backend::cuda::CudaBackend;
-use titan::backend::{AdamW, Backend, Buf, DeviceMem, Gemm, RopeShape};
+use titan::backend::{
+    AdamW, AdamWBufs, Backend, Buf, CrossEntropy, DeviceMem, Gemm, RmsNorm, RmsNormBwd,
+    RmsNormResidual, RopeShape,
+};
 use titan::DType;
 
 // ---- harness ---------------------------------------------------------------------------------
@@ -27,6 +30,17 @@ struct Pair {
 struct T2 {
     g: Buf,
     c: Buf,
+}
+
+impl T2 {
+    /// One side of the pair, for filling an op's parameter struct per backend
+    /// (`args(T2::gpu)`, `args(T2::cpu)`).
+    fn gpu(self) -> Buf {
+        self.g
+    }
+    fn cpu(self) -> Buf {
+        self.c
+    }
 }
 
 fn gpu() -> CudaBackend {
@@ -448,12 +462,29 @@ fn embedding_bwd_and_rmsnorm_bwd_are_deterministic() {
         let out = p.out(rows * dim, DType::BF16);
         let rstd = p.out(rows, DType::F32);
         p.gpu
-            .rmsnorm_fwd(x.g, w.g, out.g, rstd.g, rows, dim, 1e-5)
+            .rmsnorm_fwd(&RmsNorm {
+                x: x.g,
+                w: w.g,
+                out: out.g,
+                rstd: rstd.g,
+                rows,
+                dim,
+                eps: 1e-5,
+            })
             .unwrap();
         let dx = p.out(rows * dim, DType::BF16);
         let dw = p.put(&vec![0.0; dim], DType::F32);
         p.gpu
-            .rmsnorm_bwd(dout.g, x.g, w.g, rstd.g, dx.g, dw.g, rows, dim)
+            .rmsnorm_bwd(&RmsNormBwd {
+                dout: dout.g,
+                x: x.g,
+                w: w.g,
+                rstd: rstd.g,
+                dx: dx.g,
+                dw: dw.g,
+                rows,
+                dim,
+            })
             .unwrap();
         let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<u32>>();
         runs.push((
@@ -506,12 +537,17 @@ fn rmsnorm_fwd_and_residual_match_cpu() {
             let w = p.put(&rng.vec(dim, 1.0), dt);
             let out = p.out(rows * dim, dt);
             let rstd = p.out(rows, DType::F32);
-            p.gpu
-                .rmsnorm_fwd(x.g, w.g, out.g, rstd.g, rows, dim, 1e-5)
-                .unwrap();
-            p.cpu
-                .rmsnorm_fwd(x.c, w.c, out.c, rstd.c, rows, dim, 1e-5)
-                .unwrap();
+            let args = |side: fn(T2) -> Buf| RmsNorm {
+                x: side(x),
+                w: side(w),
+                out: side(out),
+                rstd: side(rstd),
+                rows,
+                dim,
+                eps: 1e-5,
+            };
+            p.gpu.rmsnorm_fwd(&args(T2::gpu)).unwrap();
+            p.cpu.rmsnorm_fwd(&args(T2::cpu)).unwrap();
             assert_pair(
                 &format!("rmsnorm_fwd out {dt} {rows}x{dim}"),
                 &p,
@@ -527,12 +563,19 @@ fn rmsnorm_fwd_and_residual_match_cpu() {
 
             let r = p.put(&rng.vec(rows * dim, 1.0), dt);
             let h = p.out(rows * dim, dt);
-            p.gpu
-                .rmsnorm_residual_fwd(x.g, r.g, w.g, h.g, out.g, rstd.g, rows, dim, 1e-6)
-                .unwrap();
-            p.cpu
-                .rmsnorm_residual_fwd(x.c, r.c, w.c, h.c, out.c, rstd.c, rows, dim, 1e-6)
-                .unwrap();
+            let args = |side: fn(T2) -> Buf| RmsNormResidual {
+                x: side(x),
+                residual: side(r),
+                w: side(w),
+                h: side(h),
+                out: side(out),
+                rstd: side(rstd),
+                rows,
+                dim,
+                eps: 1e-6,
+            };
+            p.gpu.rmsnorm_residual_fwd(&args(T2::gpu)).unwrap();
+            p.cpu.rmsnorm_residual_fwd(&args(T2::cpu)).unwrap();
             assert_pair(
                 &format!("rmsnorm_residual_fwd h {dt} {rows}x{dim}"),
                 &p,
@@ -567,7 +610,15 @@ fn rmsnorm_bwd_matches_cpu() {
             let out = p.out(rows * dim, dt);
             let rstd = p.out(rows, DType::F32);
             p.cpu
-                .rmsnorm_fwd(x.c, w.c, out.c, rstd.c, rows, dim, 1e-5)
+                .rmsnorm_fwd(&RmsNorm {
+                    x: x.c,
+                    w: w.c,
+                    out: out.c,
+                    rstd: rstd.c,
+                    rows,
+                    dim,
+                    eps: 1e-5,
+                })
                 .unwrap();
             // Both sides get the CPU's rstd so the backward is compared alone.
             let rs = get(&p.cpu, rstd.c);
@@ -575,12 +626,18 @@ fn rmsnorm_bwd_matches_cpu() {
             let dout = p.put(&rng.vec(rows * dim, 1.0), dt);
             let dx = p.out(rows * dim, dt);
             let dw = p.put(&rng.vec(dim, 1.0), DType::F32);
-            p.gpu
-                .rmsnorm_bwd(dout.g, x.g, w.g, rstd.g, dx.g, dw.g, rows, dim)
-                .unwrap();
-            p.cpu
-                .rmsnorm_bwd(dout.c, x.c, w.c, rstd.c, dx.c, dw.c, rows, dim)
-                .unwrap();
+            let args = |side: fn(T2) -> Buf| RmsNormBwd {
+                dout: side(dout),
+                x: side(x),
+                w: side(w),
+                rstd: side(rstd),
+                dx: side(dx),
+                dw: side(dw),
+                rows,
+                dim,
+            };
+            p.gpu.rmsnorm_bwd(&args(T2::gpu)).unwrap();
+            p.cpu.rmsnorm_bwd(&args(T2::cpu)).unwrap();
             assert_pair(
                 &format!("rmsnorm_bwd dx {dt} {rows}x{dim}"),
                 &p,
@@ -708,12 +765,18 @@ fn cross_entropy_matches_cpu() {
             let t = p.put_i32(&targets);
             let loss = p.out(rows, DType::F32);
             let d = p.out(rows * vocab, dt);
-            p.gpu
-                .cross_entropy(x.g, t.g, loss.g, d.g, rows, vocab, ignore, 0.25)
-                .unwrap();
-            p.cpu
-                .cross_entropy(x.c, t.c, loss.c, d.c, rows, vocab, ignore, 0.25)
-                .unwrap();
+            let args = |side: fn(T2) -> Buf| CrossEntropy {
+                logits: side(x),
+                targets: side(t),
+                losses: side(loss),
+                dlogits: side(d),
+                rows,
+                vocab,
+                ignore_index: ignore,
+                grad_scale: 0.25,
+            };
+            p.gpu.cross_entropy(&args(T2::gpu)).unwrap();
+            p.cpu.cross_entropy(&args(T2::cpu)).unwrap();
             // The loss against an f64 reference (the CPU twin sums 10^5 exponentials in f32
             // sequentially, which alone drifts ~1e-5); against the CPU only loosely.
             let rounded = from_bytes(&to_bytes(&logits, dt), dt);
@@ -753,7 +816,11 @@ fn cross_entropy_matches_cpu() {
             // dlogits written over logits.
             let loss2 = p.out(rows, DType::F32);
             p.gpu
-                .cross_entropy(x.g, t.g, loss2.g, x.g, rows, vocab, ignore, 0.25)
+                .cross_entropy(&CrossEntropy {
+                    losses: loss2.g,
+                    dlogits: x.g,
+                    ..args(T2::gpu)
+                })
                 .unwrap();
             let (aliased, fresh) = (get(&p.gpu, x.g), get(&p.gpu, d.g));
             assert_close(
@@ -854,12 +921,16 @@ fn adamw_matches_cpu() {
             );
             let gs = p.put(&[0.5], DType::F32);
             let c = copy.map(|d| p.out(n, d));
-            p.gpu
-                .adamw(param.g, grad.g, m.g, v.g, c.map(|c| c.g), gs.g, &hp)
-                .unwrap();
-            p.cpu
-                .adamw(param.c, grad.c, m.c, v.c, c.map(|c| c.c), gs.c, &hp)
-                .unwrap();
+            let bufs = |side: fn(T2) -> Buf| AdamWBufs {
+                param: side(param),
+                grad: side(grad),
+                m: side(m),
+                v: side(v),
+                compute: c.map(side),
+                grad_scale: side(gs),
+            };
+            p.gpu.adamw(&bufs(T2::gpu), &hp).unwrap();
+            p.cpu.adamw(&bufs(T2::cpu), &hp).unwrap();
             for (what, t) in [("param", param), ("m", m), ("v", v)] {
                 assert_pair(&format!("adamw {what} n={n} copy={copy:?}"), &p, t, 1e-5);
             }
@@ -885,10 +956,27 @@ fn scratch_growth_is_counted_and_steady_state_allocates_nothing() {
     let s = p.out(1, DType::F32);
     let step = |p: &Pair| {
         p.gpu
-            .rmsnorm_fwd(x.g, w.g, out.g, rstd.g, rows, dim, 1e-5)
+            .rmsnorm_fwd(&RmsNorm {
+                x: x.g,
+                w: w.g,
+                out: out.g,
+                rstd: rstd.g,
+                rows,
+                dim,
+                eps: 1e-5,
+            })
             .unwrap();
         p.gpu
-            .rmsnorm_bwd(out.g, x.g, w.g, rstd.g, dx.g, dw.g, rows, dim)
+            .rmsnorm_bwd(&RmsNormBwd {
+                dout: out.g,
+                x: x.g,
+                w: w.g,
+                rstd: rstd.g,
+                dx: dx.g,
+                dw: dw.g,
+                rows,
+                dim,
+            })
             .unwrap();
         p.gpu.sum_squares(&[dx.g, dw.g], s.g).unwrap();
     };

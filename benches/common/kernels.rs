@@ -2,7 +2,10 @@
 //! given size and activation dtype, each with the compulsory bytes one call moves (inputs read
 //! once, outputs written once), so both benches report GB/s against a copy baseline.
 
-use titan::backend::{AdamW, Backend, Buf, DeviceMem, RopeShape};
+use titan::backend::{
+    AdamW, AdamWBufs, Backend, Buf, CrossEntropy, DeviceMem, RmsNorm, RmsNormBwd, RmsNormResidual,
+    RopeShape,
+};
 use titan::DType;
 
 /// One timed call.
@@ -148,38 +151,53 @@ pub fn memory_bound(mem: &mut Mem, z: &Sizes, dt: DType) -> (Vec<Bench<'static>>
     let w = mem.buf(dim, dt, 1.0);
     let rstd = mem.buf(rows, DType::F32, 1.0);
     let dw = mem.buf(dim, DType::F32, 0.0);
+    let norm = RmsNorm {
+        x,
+        w,
+        out,
+        rstd,
+        rows,
+        dim,
+        eps: 1e-5,
+    };
     v.push(Bench::new(
         &format!("rmsnorm_fwd {dt} {rows}x{dim}"),
         2 * e * rd,
         0.0,
-        Box::new(move |b| {
-            ok(
-                b.rmsnorm_fwd(x, w, out, rstd, rows, dim, 1e-5),
-                "rmsnorm_fwd",
-            )
-        }),
+        Box::new(move |b| ok(b.rmsnorm_fwd(&norm), "rmsnorm_fwd")),
     ));
+    let fused = RmsNormResidual {
+        x,
+        residual: r,
+        w,
+        h,
+        out,
+        rstd,
+        rows,
+        dim,
+        eps: 1e-5,
+    };
     v.push(Bench::new(
         &format!("rmsnorm_residual_fwd {dt} {rows}x{dim}"),
         4 * e * rd,
         0.0,
-        Box::new(move |b| {
-            ok(
-                b.rmsnorm_residual_fwd(x, r, w, h, out, rstd, rows, dim, 1e-5),
-                "rmsnorm_residual_fwd",
-            )
-        }),
+        Box::new(move |b| ok(b.rmsnorm_residual_fwd(&fused), "rmsnorm_residual_fwd")),
     ));
+    let bwd = RmsNormBwd {
+        dout: r,
+        x,
+        w,
+        rstd,
+        dx: out,
+        dw,
+        rows,
+        dim,
+    };
     v.push(Bench::new(
         &format!("rmsnorm_bwd {dt} {rows}x{dim}"),
         3 * e * rd,
         0.0,
-        Box::new(move |b| {
-            ok(
-                b.rmsnorm_bwd(r, x, w, rstd, out, dw, rows, dim),
-                "rmsnorm_bwd",
-            )
-        }),
+        Box::new(move |b| ok(b.rmsnorm_bwd(&bwd), "rmsnorm_bwd")),
     ));
 
     let half = s.seq * s.head_dim / 2;
@@ -224,16 +242,21 @@ pub fn memory_bound(mem: &mut Mem, z: &Sizes, dt: DType) -> (Vec<Bench<'static>>
     let targets = mem.ids(ce_rows, vocab);
     let losses = mem.buf(ce_rows, DType::F32, 0.0);
     let cb = (ce_rows * vocab) as u64;
+    let ce = CrossEntropy {
+        logits,
+        targets,
+        losses,
+        dlogits: logits,
+        rows: ce_rows,
+        vocab,
+        ignore_index: -100,
+        grad_scale: 1.0,
+    };
     v.push(Bench::new(
         &format!("cross_entropy {dt} {ce_rows}x{vocab} (in place)"),
         2 * e * cb,
         0.0,
-        Box::new(move |b| {
-            ok(
-                b.cross_entropy(logits, targets, losses, logits, ce_rows, vocab, -100, 1.0),
-                "cross_entropy",
-            )
-        }),
+        Box::new(move |b| ok(b.cross_entropy(&ce), "cross_entropy")),
     ));
 
     // AdamW on f32 params, with a compute copy when activations are not f32.
@@ -255,11 +278,19 @@ pub fn memory_bound(mem: &mut Mem, z: &Sizes, dt: DType) -> (Vec<Bench<'static>>
         step: 10,
     };
     let copy_name = copy.map_or(String::new(), |_| format!(" (+{dt} copy)"));
+    let bufs = AdamWBufs {
+        param: p,
+        grad: g,
+        m: m1,
+        v: m2,
+        compute: copy,
+        grad_scale: gs,
+    };
     v.push(Bench::new(
         &format!("adamw f32 {}Mi{copy_name}", pn >> 20),
         (28 + copy.map_or(0, |_| e)) * pn as u64,
         0.0,
-        Box::new(move |b| ok(b.adamw(p, g, m1, m2, copy, gs, &hp), "adamw")),
+        Box::new(move |b| ok(b.adamw(&bufs, &hp), "adamw")),
     ));
     let sq = mem.buf(1, DType::F32, 0.0);
     v.push(Bench::new(

@@ -2,7 +2,10 @@
 //! nothing. Tracing a step on it gives the planner every buffer's size and lifetime without
 //! touching memory, so `titan plan` works for a 405B model on a laptop.
 
-use super::{AdamW, AttnShape, Backend, Buf, DeviceMem, Gemm, RopeShape};
+use super::{
+    AdamW, AdamWBufs, AttnBwd, AttnFwd, Backend, Buf, CrossEntropy, DeviceMem, Gemm, RmsNorm,
+    RmsNormBwd, RmsNormResidual, RopeShape,
+};
 use crate::error::Result;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -85,43 +88,13 @@ impl Backend for MetaBackend {
     fn embedding_bwd(&self, _: Buf, _: Buf, _: Buf, _: usize) -> Result<()> {
         Ok(())
     }
-    fn rmsnorm_fwd(
-        &self,
-        _: Buf,
-        _: Buf,
-        _: Buf,
-        _: Buf,
-        _: usize,
-        _: usize,
-        _: f32,
-    ) -> Result<()> {
+    fn rmsnorm_fwd(&self, _: &RmsNorm) -> Result<()> {
         Ok(())
     }
-    fn rmsnorm_residual_fwd(
-        &self,
-        _: Buf,
-        _: Buf,
-        _: Buf,
-        _: Buf,
-        _: Buf,
-        _: Buf,
-        _: usize,
-        _: usize,
-        _: f32,
-    ) -> Result<()> {
+    fn rmsnorm_residual_fwd(&self, _: &RmsNormResidual) -> Result<()> {
         Ok(())
     }
-    fn rmsnorm_bwd(
-        &self,
-        _: Buf,
-        _: Buf,
-        _: Buf,
-        _: Buf,
-        _: Buf,
-        _: Buf,
-        _: usize,
-        _: usize,
-    ) -> Result<()> {
+    fn rmsnorm_bwd(&self, _: &RmsNormBwd) -> Result<()> {
         Ok(())
     }
     fn rope_fwd(&self, _: Buf, _: Buf, _: Buf, _: Buf, _: RopeShape) -> Result<()> {
@@ -130,32 +103,10 @@ impl Backend for MetaBackend {
     fn rope_bwd(&self, _: Buf, _: Buf, _: Buf, _: Buf, _: RopeShape) -> Result<()> {
         Ok(())
     }
-    fn attention_fwd(
-        &self,
-        _: Buf,
-        _: Buf,
-        _: Buf,
-        _: Buf,
-        _: Buf,
-        _: AttnShape,
-        _: f32,
-    ) -> Result<()> {
+    fn attention_fwd(&self, _: &AttnFwd) -> Result<()> {
         Ok(())
     }
-    fn attention_bwd(
-        &self,
-        _: Buf,
-        _: Buf,
-        _: Buf,
-        _: Buf,
-        _: Buf,
-        _: Buf,
-        _: Buf,
-        _: Buf,
-        _: Buf,
-        _: AttnShape,
-        _: f32,
-    ) -> Result<()> {
+    fn attention_bwd(&self, _: &AttnBwd) -> Result<()> {
         Ok(())
     }
     fn swiglu_fwd(&self, _: Buf, _: Buf, _: Buf) -> Result<()> {
@@ -164,17 +115,7 @@ impl Backend for MetaBackend {
     fn swiglu_bwd(&self, _: Buf, _: Buf, _: Buf, _: Buf, _: Buf) -> Result<()> {
         Ok(())
     }
-    fn cross_entropy(
-        &self,
-        _: Buf,
-        _: Buf,
-        _: Buf,
-        _: Buf,
-        _: usize,
-        _: usize,
-        _: i32,
-        _: f32,
-    ) -> Result<()> {
+    fn cross_entropy(&self, _: &CrossEntropy) -> Result<()> {
         Ok(())
     }
     fn sum(&self, _: Buf, _: Buf) -> Result<()> {
@@ -186,16 +127,7 @@ impl Backend for MetaBackend {
     fn clip_coef(&self, _: Buf, _: f32, _: Buf) -> Result<()> {
         Ok(())
     }
-    fn adamw(
-        &self,
-        _: Buf,
-        _: Buf,
-        _: Buf,
-        _: Buf,
-        _: Option<Buf>,
-        _: Buf,
-        _: &AdamW,
-    ) -> Result<()> {
+    fn adamw(&self, _: &AdamWBufs, _: &AdamW) -> Result<()> {
         Ok(())
     }
 }

@@ -154,6 +154,162 @@ pub struct AdamW {
     pub step: u64,
 }
 
+/// The buffers of one AdamW update (`Backend::adamw`); the hyper-parameters are [`AdamW`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdamWBufs {
+    /// f32 master weights, updated in place.
+    pub param: Buf,
+    /// f32 gradient, like `param`; scaled by `grad_scale[0]` before the update.
+    pub grad: Buf,
+    /// f32 first moment, like `param`, updated in place.
+    pub m: Buf,
+    /// f32 second moment, like `param`, updated in place.
+    pub v: Buf,
+    /// When given (bf16 or f32, like `param`), receives the updated weights.
+    pub compute: Option<Buf>,
+    /// One f32 on the device: the gradient scale (loss scaling / clip coefficient).
+    pub grad_scale: Buf,
+}
+
+/// `Backend::rmsnorm_fwd`: out = x / sqrt(mean(x²) + eps) * w per row.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RmsNorm {
+    /// Input `[rows, dim]`.
+    pub x: Buf,
+    /// Weight `[dim]`.
+    pub w: Buf,
+    /// Output `[rows, dim]`.
+    pub out: Buf,
+    /// `[rows]` f32: 1 / sqrt(mean(x²) + eps) per row, saved for backward.
+    pub rstd: Buf,
+    pub rows: usize,
+    pub dim: usize,
+    pub eps: f32,
+}
+
+/// `Backend::rmsnorm_residual_fwd`: h = x + residual (written), out = rmsnorm(h) · w.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RmsNormResidual {
+    /// Input `[rows, dim]`.
+    pub x: Buf,
+    /// The residual stream `[rows, dim]`, added to x.
+    pub residual: Buf,
+    /// Weight `[dim]`.
+    pub w: Buf,
+    /// Output `[rows, dim]`: x + residual, the input of the norm (and of the next residual).
+    pub h: Buf,
+    /// Output `[rows, dim]`: rmsnorm(h) · w.
+    pub out: Buf,
+    /// `[rows]` f32: 1 / sqrt(mean(h²) + eps) per row, saved for backward.
+    pub rstd: Buf,
+    pub rows: usize,
+    pub dim: usize,
+    pub eps: f32,
+}
+
+impl RmsNormResidual {
+    /// The call as a plain norm of x plus the fused part `(residual, h)`: the backends serve
+    /// both forwards through one entry point.
+    pub fn split(&self) -> (RmsNorm, (Buf, Buf)) {
+        let norm = RmsNorm {
+            x: self.x,
+            w: self.w,
+            out: self.out,
+            rstd: self.rstd,
+            rows: self.rows,
+            dim: self.dim,
+            eps: self.eps,
+        };
+        (norm, (self.residual, self.h))
+    }
+}
+
+/// `Backend::rmsnorm_bwd` (and `rmsnorm_bwd_add`): the gradients of `rmsnorm_fwd`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RmsNormBwd {
+    /// Incoming gradient dL/dout `[rows, dim]`.
+    pub dout: Buf,
+    /// The forward's input `[rows, dim]` (h for the residual forward).
+    pub x: Buf,
+    /// Weight `[dim]`.
+    pub w: Buf,
+    /// `[rows]` f32 saved by the forward.
+    pub rstd: Buf,
+    /// dL/dx `[rows, dim]`, written.
+    pub dx: Buf,
+    /// dL/dw `[dim]` f32, accumulated (`+=`), deterministic.
+    pub dw: Buf,
+    pub rows: usize,
+    pub dim: usize,
+}
+
+/// `Backend::attention_fwd`: causal GQA attention, out = softmax(q kᵀ · scale) v.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnFwd {
+    /// Queries `[batch, seq, n_heads, head_dim]`.
+    pub q: Buf,
+    /// Keys `[batch, seq, n_kv_heads, head_dim]`.
+    pub k: Buf,
+    /// Values, like k.
+    pub v: Buf,
+    /// Output, like q.
+    pub out: Buf,
+    /// `[batch, n_heads, seq]` f32: log Σ_j exp(scale · q_t · k_j), saved for backward.
+    pub lse: Buf,
+    /// Batch, sequence, query / kv heads and head dim.
+    pub shape: AttnShape,
+    /// Multiplies q kᵀ before the softmax (usually 1 / sqrt(head_dim)).
+    pub scale: f32,
+}
+
+/// `Backend::attention_bwd`: the gradients of `attention_fwd`, written (not accumulated).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnBwd {
+    /// The forward's queries `[batch, seq, n_heads, head_dim]`.
+    pub q: Buf,
+    /// The forward's keys `[batch, seq, n_kv_heads, head_dim]`.
+    pub k: Buf,
+    /// The forward's values, like k.
+    pub v: Buf,
+    /// The forward's output, like q.
+    pub out: Buf,
+    /// Incoming gradient dL/dout, like q.
+    pub dout: Buf,
+    /// `[batch, n_heads, seq]` f32 saved by the forward.
+    pub lse: Buf,
+    /// dL/dq, like q.
+    pub dq: Buf,
+    /// dL/dk, like k.
+    pub dk: Buf,
+    /// dL/dv, like k.
+    pub dv: Buf,
+    /// Batch, sequence, query / kv heads and head dim.
+    pub shape: AttnShape,
+    /// Multiplies q kᵀ before the softmax (usually 1 / sqrt(head_dim)).
+    pub scale: f32,
+}
+
+/// `Backend::cross_entropy`: fused log-softmax + cross-entropy over `vocab` for each of `rows`,
+/// with its gradient.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CrossEntropy {
+    /// `[rows, vocab]`.
+    pub logits: Buf,
+    /// `[rows]` I32 class ids; `ignore_index` marks rows without a target.
+    pub targets: Buf,
+    /// `[rows]` f32: the per-row loss (0 where targets[r] == ignore_index).
+    pub losses: Buf,
+    /// `[rows, vocab]`: (softmax − onehot) · grad_scale (0 rows for ignored targets). May alias
+    /// `logits` (the same buffer, not a partial overlap).
+    pub dlogits: Buf,
+    pub rows: usize,
+    pub vocab: usize,
+    /// The target id of rows that count for nothing (no loss, zero gradient).
+    pub ignore_index: i32,
+    /// Multiplies dlogits (e.g. 1 / the number of counted targets).
+    pub grad_scale: f32,
+}
+
 /// The kernel boundary. All methods are asynchronous with respect to the host on device backends
 /// except `upload`, `download` and `synchronize`. Output buffers must not overlap inputs unless a
 /// method says so. Every CUDA kernel behind these methods has a CPU twin of the same name in `cpu`.
@@ -199,63 +355,19 @@ pub trait Backend: Send + Sync {
     fn embedding_bwd(&self, dout: Buf, ids: Buf, dtable: Buf, dim: usize) -> Result<()>;
 
     // ---- rmsnorm -----------------------------------------------------------------------
-    /// out = x / sqrt(mean(x²) + eps) * w per row; rstd [rows] f32 saved for backward.
-    #[allow(clippy::too_many_arguments)]
-    fn rmsnorm_fwd(
-        &self,
-        x: Buf,
-        w: Buf,
-        out: Buf,
-        rstd: Buf,
-        rows: usize,
-        dim: usize,
-        eps: f32,
-    ) -> Result<()>;
-    /// Fused residual add + rmsnorm: h = x + residual (written), out = rmsnorm(h).
-    #[allow(clippy::too_many_arguments)]
-    fn rmsnorm_residual_fwd(
-        &self,
-        x: Buf,
-        residual: Buf,
-        w: Buf,
-        h: Buf,
-        out: Buf,
-        rstd: Buf,
-        rows: usize,
-        dim: usize,
-        eps: f32,
-    ) -> Result<()>;
-    /// dx = dL/dx (written), dw += dL/dw (f32, accumulated, deterministic).
-    #[allow(clippy::too_many_arguments)]
-    fn rmsnorm_bwd(
-        &self,
-        dout: Buf,
-        x: Buf,
-        w: Buf,
-        rstd: Buf,
-        dx: Buf,
-        dw: Buf,
-        rows: usize,
-        dim: usize,
-    ) -> Result<()>;
+    /// out = x / sqrt(mean(x²) + eps) * w per row; rstd saved for backward (see [`RmsNorm`]).
+    fn rmsnorm_fwd(&self, a: &RmsNorm) -> Result<()>;
+    /// Fused residual add + rmsnorm: h = x + residual (written), out = rmsnorm(h) (see
+    /// [`RmsNormResidual`]).
+    fn rmsnorm_residual_fwd(&self, a: &RmsNormResidual) -> Result<()>;
+    /// dx = dL/dx (written), dw += dL/dw (f32, accumulated, deterministic); see [`RmsNormBwd`].
+    fn rmsnorm_bwd(&self, a: &RmsNormBwd) -> Result<()>;
     /// `rmsnorm_bwd` with `dres` added to dx (dx = dL/dx + dres; dres like dx, disjoint from
     /// it): the backward of `rmsnorm_residual_fwd` when h also has a gradient of its own (the
     /// residual stream). The default runs the two kernels; a backend may fuse them.
-    #[allow(clippy::too_many_arguments)]
-    fn rmsnorm_bwd_add(
-        &self,
-        dout: Buf,
-        x: Buf,
-        w: Buf,
-        rstd: Buf,
-        dres: Buf,
-        dx: Buf,
-        dw: Buf,
-        rows: usize,
-        dim: usize,
-    ) -> Result<()> {
-        self.rmsnorm_bwd(dout, x, w, rstd, dx, dw, rows, dim)?;
-        self.add(dx, dres, dx)
+    fn rmsnorm_bwd_add(&self, a: &RmsNormBwd, dres: Buf) -> Result<()> {
+        self.rmsnorm_bwd(a)?;
+        self.add(a.dx, dres, a.dx)
     }
 
     // ---- rotary ------------------------------------------------------------------------
@@ -266,33 +378,10 @@ pub trait Backend: Send + Sync {
 
     // ---- attention ---------------------------------------------------------------------
     /// Causal GQA attention, softmax(q kᵀ · scale) v; query head h reads kv head h / (H / Hkv).
-    /// Never materialises the [seq, seq] score matrix for the whole batch.
-    #[allow(clippy::too_many_arguments)]
-    fn attention_fwd(
-        &self,
-        q: Buf,
-        k: Buf,
-        v: Buf,
-        out: Buf,
-        lse: Buf,
-        s: AttnShape,
-        scale: f32,
-    ) -> Result<()>;
-    #[allow(clippy::too_many_arguments)]
-    fn attention_bwd(
-        &self,
-        q: Buf,
-        k: Buf,
-        v: Buf,
-        out: Buf,
-        dout: Buf,
-        lse: Buf,
-        dq: Buf,
-        dk: Buf,
-        dv: Buf,
-        s: AttnShape,
-        scale: f32,
-    ) -> Result<()>;
+    /// Never materialises the [seq, seq] score matrix for the whole batch. See [`AttnFwd`].
+    fn attention_fwd(&self, a: &AttnFwd) -> Result<()>;
+    /// Gradients of `attention_fwd`: dq, dk, dv written (not accumulated). See [`AttnBwd`].
+    fn attention_bwd(&self, a: &AttnBwd) -> Result<()>;
 
     // ---- mlp ---------------------------------------------------------------------------
     /// out = silu(gate) * up.
@@ -300,21 +389,9 @@ pub trait Backend: Send + Sync {
     fn swiglu_bwd(&self, dout: Buf, gate: Buf, up: Buf, dgate: Buf, dup: Buf) -> Result<()>;
 
     // ---- loss --------------------------------------------------------------------------
-    /// Fused log-softmax + cross-entropy over `vocab` for each of `rows`: losses[r] (f32) is the
-    /// per-row loss (0 where targets[r] == ignore_index) and dlogits = (softmax - onehot) *
-    /// grad_scale (0 rows for ignored targets). `dlogits` may alias `logits`.
-    #[allow(clippy::too_many_arguments)]
-    fn cross_entropy(
-        &self,
-        logits: Buf,
-        targets: Buf,
-        losses: Buf,
-        dlogits: Buf,
-        rows: usize,
-        vocab: usize,
-        ignore_index: i32,
-        grad_scale: f32,
-    ) -> Result<()>;
+    /// Fused log-softmax + cross-entropy over `vocab` for each of `rows`, with its gradient
+    /// (see [`CrossEntropy`]).
+    fn cross_entropy(&self, a: &CrossEntropy) -> Result<()>;
 
     // ---- reductions / optimizer ----------------------------------------------------------
     /// out[0] (f32) = sum of x (f32), deterministic order.
@@ -323,17 +400,6 @@ pub trait Backend: Send + Sync {
     fn sum_squares(&self, xs: &[Buf], out: Buf) -> Result<()>;
     /// coef[0] = min(1, max_norm / (sqrt(norm_sq[0]) + 1e-6)): the clip coefficient, on device.
     fn clip_coef(&self, norm_sq: Buf, max_norm: f32, coef: Buf) -> Result<()>;
-    /// Fused AdamW on the f32 master `param` with f32 `grad` scaled by grad_scale[0] (device
-    /// scalar), moments `m`, `v`; when `compute` is given (bf16) it receives the updated weights.
-    #[allow(clippy::too_many_arguments)]
-    fn adamw(
-        &self,
-        param: Buf,
-        grad: Buf,
-        m: Buf,
-        v: Buf,
-        compute: Option<Buf>,
-        grad_scale: Buf,
-        hp: &AdamW,
-    ) -> Result<()>;
+    /// Fused AdamW on the buffers of `b` (see [`AdamWBufs`]) with hyper-parameters `hp`.
+    fn adamw(&self, b: &AdamWBufs, hp: &AdamW) -> Result<()>;
 }

@@ -280,9 +280,14 @@ impl LoadedCheckpoint {
                 continue; // a replica of a box already copied
             }
             let src = self.shard_bytes(name, i)?;
-            copy_box(
-                src, &s.shape, &s.offset, &mut out, shape, offset, &lo, &hi, esize,
+            let (from, to) = (
+                Region {
+                    offset: &s.offset,
+                    shape: &s.shape,
+                },
+                Region { offset, shape },
             );
+            copy_box(src, from, &mut out, to, &lo, &hi, esize);
         }
         Ok(out)
     }
@@ -324,21 +329,28 @@ impl LoadedCheckpoint {
     }
 }
 
-/// Copies the intersection box [lo, hi) (global coordinates) from a shard (origin `s_off`, shape
-/// `s_shape`) into an output box (origin `o_off`, shape `o_shape`), one contiguous last-dim run
-/// at a time.
-#[allow(clippy::too_many_arguments)]
+/// Where a dense row-major block of a tensor sits: its origin in global coordinates and its
+/// shape.
+#[derive(Clone, Copy, Debug)]
+struct Region<'a> {
+    offset: &'a [usize],
+    shape: &'a [usize],
+}
+
+/// Copies the intersection box [lo, hi) (global coordinates) from a shard's bytes (`src`, laid
+/// out as region `from`) into an output box (`dst`, region `to`), one contiguous last-dim run at
+/// a time.
 fn copy_box(
     src: &[u8],
-    s_shape: &[usize],
-    s_off: &[usize],
+    from: Region,
     dst: &mut [u8],
-    o_shape: &[usize],
-    o_off: &[usize],
+    to: Region,
     lo: &[usize],
     hi: &[usize],
     esize: usize,
 ) {
+    let (s_shape, s_off) = (from.shape, from.offset);
+    let (o_shape, o_off) = (to.shape, to.offset);
     let nd = lo.len();
     if nd == 0 {
         dst[..esize].copy_from_slice(&src[..esize]);

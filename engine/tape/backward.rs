@@ -3,7 +3,7 @@
 
 use super::ops::{attn_shape, rope_shape, Op};
 use super::{Tape, Tensor};
-use crate::backend::Gemm;
+use crate::backend::{AttnBwd, Gemm, RmsNormBwd};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Shape};
 
@@ -189,7 +189,16 @@ impl<'a> Tape<'a> {
                 let dx = self.grad_buf_like(x)?;
                 let dw = self.weight_grad(w, "rmsnorm")?;
                 let [gb, xb, wb, rb, dxb, dwb] = self.touch_all([g, x, w, rstd, dx, dw])?;
-                be.rmsnorm_bwd(gb, xb, wb, rb, dxb, dwb, rows, dim)?;
+                be.rmsnorm_bwd(&RmsNormBwd {
+                    dout: gb,
+                    x: xb,
+                    w: wb,
+                    rstd: rb,
+                    dx: dxb,
+                    dw: dwb,
+                    rows,
+                    dim,
+                })?;
                 self.tick();
                 self.accumulate(grads, x, dx, true)?;
             }
@@ -208,13 +217,23 @@ impl<'a> Tape<'a> {
                     let dh = self.grad_buf_like(h)?;
                     let dw = self.weight_grad(w, "add_rmsnorm")?;
                     let [gb, hb, wb, rb, dhb, dwb] = self.touch_all([g, h, w, rstd, dh, dw])?;
+                    let a = RmsNormBwd {
+                        dout: gb,
+                        x: hb,
+                        w: wb,
+                        rstd: rb,
+                        dx: dhb,
+                        dw: dwb,
+                        rows,
+                        dim,
+                    };
                     match total {
                         // h's own gradient (the residual stream) is added in the same pass.
                         Some(gh) => {
                             let ghb = self.touch(gh)?;
-                            be.rmsnorm_bwd_add(gb, hb, wb, rb, ghb, dhb, dwb, rows, dim)?
+                            be.rmsnorm_bwd_add(&a, ghb)?
                         }
-                        None => be.rmsnorm_bwd(gb, hb, wb, rb, dhb, dwb, rows, dim)?,
+                        None => be.rmsnorm_bwd(&a)?,
                     }
                     self.tick();
                     total = Some(dh);
@@ -255,10 +274,21 @@ impl<'a> Tape<'a> {
                     self.grad_buf_like(k)?,
                     self.grad_buf_like(v)?,
                 );
-                let b = self.touch_all([q, k, v, out, g, lse, dq, dk, dv])?;
-                be.attention_bwd(
-                    b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], s, scale,
-                )?;
+                let [qb, kb, vb, ob, gb, lb, dqb, dkb, dvb] =
+                    self.touch_all([q, k, v, out, g, lse, dq, dk, dv])?;
+                be.attention_bwd(&AttnBwd {
+                    q: qb,
+                    k: kb,
+                    v: vb,
+                    out: ob,
+                    dout: gb,
+                    lse: lb,
+                    dq: dqb,
+                    dk: dkb,
+                    dv: dvb,
+                    shape: s,
+                    scale,
+                })?;
                 self.tick();
                 self.accumulate(grads, q, dq, true)?;
                 self.accumulate(grads, k, dk, true)?;

@@ -3,7 +3,7 @@
 //! code as the first forward.
 
 use super::{Node, Tape, Tensor};
-use crate::backend::{AttnShape, Gemm, RopeShape};
+use crate::backend::{AttnFwd, AttnShape, CrossEntropy, Gemm, RmsNorm, RmsNormResidual, RopeShape};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Shape};
 
@@ -470,15 +470,15 @@ impl<'a> Tape<'a> {
                 eps,
             } => {
                 let (rows, dim) = (self.shape(x).rows(), self.shape(x).last());
-                be.rmsnorm_fwd(
-                    self.buf(x),
-                    self.buf(w),
-                    self.buf(out),
-                    self.buf(rstd),
+                be.rmsnorm_fwd(&RmsNorm {
+                    x: self.buf(x),
+                    w: self.buf(w),
+                    out: self.buf(out),
+                    rstd: self.buf(rstd),
                     rows,
                     dim,
                     eps,
-                )?
+                })?
             }
             Op::AddRmsNorm {
                 x,
@@ -490,17 +490,17 @@ impl<'a> Tape<'a> {
                 eps,
             } => {
                 let (rows, dim) = (self.shape(x).rows(), self.shape(x).last());
-                be.rmsnorm_residual_fwd(
-                    self.buf(x),
-                    self.buf(residual),
-                    self.buf(w),
-                    self.buf(h),
-                    self.buf(out),
-                    self.buf(rstd),
+                be.rmsnorm_residual_fwd(&RmsNormResidual {
+                    x: self.buf(x),
+                    residual: self.buf(residual),
+                    w: self.buf(w),
+                    h: self.buf(h),
+                    out: self.buf(out),
+                    rstd: self.buf(rstd),
                     rows,
                     dim,
                     eps,
-                )?
+                })?
             }
             Op::Rope { x, cos, sin, out } => {
                 let s = rope_shape(self.shape(x));
@@ -518,18 +518,15 @@ impl<'a> Tape<'a> {
                 out,
                 lse,
                 scale,
-            } => {
-                let s = attn_shape(self.shape(q), self.shape(k));
-                be.attention_fwd(
-                    self.buf(q),
-                    self.buf(k),
-                    self.buf(v),
-                    self.buf(out),
-                    self.buf(lse),
-                    s,
-                    scale,
-                )?
-            }
+            } => be.attention_fwd(&AttnFwd {
+                q: self.buf(q),
+                k: self.buf(k),
+                v: self.buf(v),
+                out: self.buf(out),
+                lse: self.buf(lse),
+                shape: attn_shape(self.shape(q), self.shape(k)),
+                scale,
+            })?,
             Op::SwiGlu { gate, up, out } => {
                 be.swiglu_fwd(self.buf(gate), self.buf(up), self.buf(out))?
             }
@@ -544,16 +541,16 @@ impl<'a> Tape<'a> {
                 grad_scale,
             } => {
                 let (rows, vocab) = (self.shape(logits).rows(), self.shape(logits).last());
-                be.cross_entropy(
-                    self.buf(logits),
-                    self.buf(targets),
-                    self.buf(losses),
-                    self.buf(dlogits),
+                be.cross_entropy(&CrossEntropy {
+                    logits: self.buf(logits),
+                    targets: self.buf(targets),
+                    losses: self.buf(losses),
+                    dlogits: self.buf(dlogits),
                     rows,
                     vocab,
                     ignore_index,
                     grad_scale,
-                )?;
+                })?;
                 be.sum(self.buf(losses), self.buf(loss))?
             }
         }

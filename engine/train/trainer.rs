@@ -12,7 +12,7 @@ use super::lr::LrSchedule;
 use super::state::SaveKind;
 use super::validate::{validation_arena_bytes, ValMetrics, Validator};
 use crate::backend::meta::MetaBackend;
-use crate::backend::{AdamW, Backend, Buf, DeviceMem};
+use crate::backend::{AdamW, AdamWBufs, Backend, Buf, DeviceMem};
 use crate::data::{build_loader, DataConfig, DataLoader};
 use crate::error::{Error, Result};
 use crate::metrics::{self, MetricsWriter, Peak, StepMetrics, GIB};
@@ -357,15 +357,15 @@ impl Trainer {
             be,
             || "optimizer adamw".into(),
             || {
-                be.adamw(
-                    self.store.flat_master(),
-                    self.store.flat_grad(),
+                let bufs = AdamWBufs {
+                    param: self.store.flat_master(),
+                    grad: self.store.flat_grad(),
                     m,
                     v,
-                    self.store.flat_compute(),
-                    coef,
-                    &hp,
-                )
+                    compute: self.store.flat_compute(),
+                    grad_scale: coef,
+                };
+                be.adamw(&bufs, &hp)
             },
         )?;
         self.step = step;

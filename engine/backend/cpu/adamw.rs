@@ -5,7 +5,7 @@ use super::{
     check_dtype, check_len, f32_to_bf16_bits, overlaps, shape_err, view, view_mut, Float, CHUNK,
     FLOATS,
 };
-use crate::backend::{AdamW, Buf};
+use crate::backend::{AdamW, AdamWBufs, Buf};
 use crate::error::Result;
 use crate::tensor::DType;
 use half::bf16;
@@ -66,16 +66,16 @@ pub fn adamw<T: Float>(
     Ok(())
 }
 
-pub(super) fn adamw_op(
-    param: Buf,
-    grad: Buf,
-    m: Buf,
-    v: Buf,
-    compute: Option<Buf>,
-    grad_scale: Buf,
-    hp: &AdamW,
-) -> Result<()> {
+pub(super) fn adamw_op(b: &AdamWBufs, hp: &AdamW) -> Result<()> {
     const OP: &str = "adamw";
+    let AdamWBufs {
+        param,
+        grad,
+        m,
+        v,
+        compute,
+        grad_scale,
+    } = *b;
     let named = [
         ("param", param),
         ("grad", grad),

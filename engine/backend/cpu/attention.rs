@@ -25,7 +25,7 @@ use super::{
     check_dtype, load, overlaps, shape_err, store, view, view_mut, with_scratch, Float, SendPtr,
     FLOATS,
 };
-use crate::backend::{AttnShape, Buf};
+use crate::backend::{AttnBwd, AttnFwd, AttnShape, Buf};
 use crate::error::Result;
 use crate::tensor::DType;
 use gemm::Parallelism;
@@ -204,12 +204,7 @@ unsafe fn matmul_d<T: Float>(
     alpha: T,
     beta: T,
 ) {
-    if dst.cs == 1
-        && rhs.cs == 1
-        && T::matmul_narrow(
-            mnk, dst.ptr, dst.rs, lhs.ptr, lhs.rs, lhs.cs, rhs.ptr, rhs.rs, alpha, beta,
-        )
-    {
+    if dst.cs == 1 && rhs.cs == 1 && T::matmul_narrow(mnk, dst, lhs, rhs, alpha, beta) {
         return;
     }
     matmul(mnk, dst, lhs, rhs, alpha, beta, Parallelism::None)
@@ -302,21 +297,9 @@ unsafe fn scores<T: Float>(
     let mut j = 0;
     while j < n {
         let w = if n - j >= 32 { 32 } else { 16 };
-        let (c, b) = (dst.add(j), bt.add(j));
-        if !T::matmul_narrow(
-            (rows, w, d),
-            c,
-            ld,
-            a.ptr,
-            a.rs,
-            a.cs,
-            b,
-            bt_ld,
-            alpha,
-            T::ZERO,
-        ) {
+        let (c, b) = (Mat::rows(dst.add(j), ld), Mat::rows(bt.add(j), bt_ld));
+        if !T::matmul_narrow((rows, w, d), c, a, b, alpha, T::ZERO) {
             // No narrow kernel (f64 gradient checks, CPUs without AVX2): one general product.
-            let (c, b) = (Mat::rows(c, ld), Mat::rows(b as *mut T, bt_ld));
             matmul((rows, n - j, d), c, a, b, alpha, T::ZERO, Parallelism::None);
             return;
         }
@@ -339,21 +322,43 @@ pub(super) fn ptr<T>(x: &[T]) -> SendPtr<T> {
     SendPtr(x.as_ptr() as *mut T)
 }
 
+/// The tensors of an attention backward (the slice form of [`AttnBwd`]'s buffers): the
+/// forward's q, k, v, out and lse, the incoming dout, and the gradients dq, dk, dv.
+#[derive(Debug)]
+pub struct AttnBwdSlices<'a, T> {
+    /// `[batch, seq, n_heads, head_dim]`.
+    pub q: &'a [T],
+    /// `[batch, seq, n_kv_heads, head_dim]`.
+    pub k: &'a [T],
+    /// Like k.
+    pub v: &'a [T],
+    /// The forward's output, like q.
+    pub out: &'a [T],
+    /// dL/dout, like q.
+    pub dout: &'a [T],
+    /// `[batch, n_heads, seq]`, saved by the forward.
+    pub lse: &'a [T],
+    /// dL/dq, like q, written.
+    pub dq: &'a mut [T],
+    /// dL/dk, like k, written.
+    pub dk: &'a mut [T],
+    /// dL/dv, like k, written.
+    pub dv: &'a mut [T],
+}
+
 /// Gradients of `attention_fwd`: dq, dk, dv are written (not accumulated).
-#[allow(clippy::too_many_arguments)]
-pub fn attention_bwd<T: Float>(
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    out: &[T],
-    dout: &[T],
-    lse: &[T],
-    dq: &mut [T],
-    dk: &mut [T],
-    dv: &mut [T],
-    s: AttnShape,
-    scale: T,
-) -> Result<()> {
+pub fn attention_bwd<T: Float>(t: AttnBwdSlices<'_, T>, s: AttnShape, scale: T) -> Result<()> {
+    let AttnBwdSlices {
+        q,
+        k,
+        v,
+        out,
+        dout,
+        lse,
+        dq,
+        dk,
+        dv,
+    } = t;
     let lens = [
         ("q", q.len()),
         ("k", k.len()),
@@ -522,16 +527,17 @@ fn check_bufs(op: &'static str, outs: &[(&str, Buf)], ins: &[(&str, Buf)]) -> Re
     Ok(())
 }
 
-pub(super) fn attention_fwd_op(
-    q: Buf,
-    k: Buf,
-    v: Buf,
-    out: Buf,
-    lse: Buf,
-    s: AttnShape,
-    scale: f32,
-) -> Result<()> {
+pub(super) fn attention_fwd_op(a: &AttnFwd) -> Result<()> {
     const OP: &str = "attention_fwd";
+    let AttnFwd {
+        q,
+        k,
+        v,
+        out,
+        lse,
+        shape: s,
+        scale,
+    } = *a;
     check_bufs(
         OP,
         &[("out", out), ("lse", lse)],
@@ -558,21 +564,21 @@ pub(super) fn attention_fwd_op(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn attention_bwd_op(
-    q: Buf,
-    k: Buf,
-    v: Buf,
-    out: Buf,
-    dout: Buf,
-    lse: Buf,
-    dq: Buf,
-    dk: Buf,
-    dv: Buf,
-    s: AttnShape,
-    scale: f32,
-) -> Result<()> {
+pub(super) fn attention_bwd_op(a: &AttnBwd) -> Result<()> {
     const OP: &str = "attention_bwd";
+    let AttnBwd {
+        q,
+        k,
+        v,
+        out,
+        dout,
+        lse,
+        dq,
+        dk,
+        dv,
+        shape: s,
+        scale,
+    } = *a;
     let ins = [
         ("q", q),
         ("k", k),
@@ -605,7 +611,18 @@ pub(super) fn attention_bwd_op(
         store(OP, "dq", dq, false, |dqf| {
             store(OP, "dk", dk, false, |dkf| {
                 store(OP, "dv", dv, false, |dvf| {
-                    attention_bwd(&qf, &kf, &vf, &of, &gf, l, dqf, dkf, dvf, s, scale)
+                    let t = AttnBwdSlices {
+                        q: &qf,
+                        k: &kf,
+                        v: &vf,
+                        out: &of,
+                        dout: &gf,
+                        lse: l,
+                        dq: dqf,
+                        dk: dkf,
+                        dv: dvf,
+                    };
+                    attention_bwd(t, s, scale)
                 })
             })
         })???

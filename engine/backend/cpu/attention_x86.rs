@@ -64,21 +64,36 @@ unsafe fn exp2(x: __m512) -> __m512 {
     _mm512_maskz_scalef_ps(keep, p, n)
 }
 
-/// Phase A for 16·NC keys from `j`: dst[r, j..] = Σ_c a[r, c] · b[j.., c] for the R rows of
-/// `a` (rows `d` apart), b in the key-chunked layout (see [`chunked`]). With `MASK`, key j + l is visible to row r only if j + l <= q0 + r
-/// (else -inf), and `mx` keeps each row's running maximum.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn scores<const NC: usize, const MASK: bool>(
+/// The operands of phase A for one block of R query rows: the rows of `a` (`d` apart) times
+/// `bt` (keys in the key-chunked layout, see [`chunked`]) into `dst` (rows `sp` apart); row r
+/// is query q0 + r, which the causal mask needs.
+#[derive(Clone, Copy)]
+struct ScoreBlock<'a> {
     d: usize,
-    a: &[f32],
+    a: &'a [f32],
     bt: *const f32,
     sp: usize,
-    j: usize,
     q0: usize,
     dst: *mut f32,
+}
+
+/// Phase A for 16·NC keys from `j`: dst[r, j..] = Σ_c a[r, c] · b[j.., c] for the R rows of
+/// the block. With `MASK`, key j + l is visible to row r only if j + l <= q0 + r (else -inf),
+/// and `mx` keeps each row's running maximum.
+#[inline(always)]
+unsafe fn scores<const NC: usize, const MASK: bool>(
+    blk: ScoreBlock,
+    j: usize,
     mx: &mut [__m512; R],
 ) {
+    let ScoreBlock {
+        d,
+        a,
+        bt,
+        sp,
+        q0,
+        dst,
+    } = blk;
     let mut acc = [[_mm512_setzero_ps(); NC]; R];
     for c in 0..d {
         let kv: [__m512; NC] =
@@ -109,24 +124,14 @@ unsafe fn scores<const NC: usize, const MASK: bool>(
 
 /// Phase A over keys 0..kp (a multiple of 16), 32 keys at a time while they last.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn scores_all<const MASK: bool>(
-    d: usize,
-    a: &[f32],
-    bt: *const f32,
-    sp: usize,
-    kp: usize,
-    q0: usize,
-    dst: *mut f32,
-    mx: &mut [__m512; R],
-) {
+unsafe fn scores_all<const MASK: bool>(blk: ScoreBlock, kp: usize, mx: &mut [__m512; R]) {
     let mut j = 0;
     while j + 32 <= kp {
-        scores::<2, MASK>(d, a, bt, sp, j, q0, dst, mx);
+        scores::<2, MASK>(blk, j, mx);
         j += 32;
     }
     if j < kp {
-        scores::<1, MASK>(d, a, bt, sp, j, q0, dst, mx);
+        scores::<1, MASK>(blk, j, mx);
     }
 }
 
@@ -330,7 +335,15 @@ pub unsafe fn fwd_head<const DC: usize, const RG: usize>(
         let keys = q0 + rows;
         let kp = keys.next_multiple_of(16);
         let mut mx = [_mm512_set1_ps(f32::NEG_INFINITY); R];
-        scores_all::<true>(d, &qb, h.kt, sp, kp, q0, s, &mut mx);
+        let blk = ScoreBlock {
+            d,
+            a: &qb,
+            bt: h.kt,
+            sp,
+            q0,
+            dst: s,
+        };
+        scores_all::<true>(blk, kp, &mut mx);
         // Key 0 is visible to every row, so the maxima are finite (unless inputs are not).
         let m2 = reduce8(mx, |a, b| _mm512_max_ps(a, b));
         let mut sv = [_mm512_setzero_ps(); R];
@@ -457,8 +470,22 @@ pub unsafe fn bwd_head<const DC: usize, const RG: usize>(
         for half in 0..2 {
             let (r0, p0, d0) = (half * R, pb.add(half * R * sp), db.add(half * R * sp));
             let mut mx = [_mm512_setzero_ps(); R];
-            scores_all::<true>(d, &qs[r0 * d..], h.kt, sp, kp, q0 + r0, p0, &mut mx);
-            scores_all::<false>(d, &go[r0 * d..], kv.vt, sp, kp, q0 + r0, d0, &mut mx);
+            let blk = ScoreBlock {
+                d,
+                a: &qs[r0 * d..],
+                bt: h.kt,
+                sp,
+                q0: q0 + r0,
+                dst: p0,
+            };
+            scores_all::<true>(blk, kp, &mut mx);
+            let blk = ScoreBlock {
+                a: &go[r0 * d..],
+                bt: kv.vt,
+                dst: d0,
+                ..blk
+            };
+            scores_all::<false>(blk, kp, &mut mx);
             // p = 2^(s − lse·log2 e) (0 where masked), ds = p·(dp − delta)·scale.
             for r in 0..R {
                 let (l, dl) = (_mm512_set1_ps(lse2[r0 + r]), _mm512_set1_ps(delta[r0 + r]));

@@ -4,7 +4,7 @@ use super::{
     check_dtype, check_len, f32_to_bf16_bits, overlaps, shape_err, view, view_mut, with_scratch,
     Float, SendPtr, FLOATS,
 };
-use crate::backend::Buf;
+use crate::backend::CrossEntropy;
 use crate::error::Result;
 use crate::tensor::DType;
 use rayon::prelude::*;
@@ -72,18 +72,18 @@ pub fn cross_entropy<T: Float>(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn cross_entropy_op(
-    logits: Buf,
-    targets: Buf,
-    losses: Buf,
-    dlogits: Buf,
-    rows: usize,
-    vocab: usize,
-    ignore_index: i32,
-    grad_scale: f32,
-) -> Result<()> {
+pub(super) fn cross_entropy_op(a: &CrossEntropy) -> Result<()> {
     const OP: &str = "cross_entropy";
+    let CrossEntropy {
+        logits,
+        targets,
+        losses,
+        dlogits,
+        rows,
+        vocab,
+        ignore_index,
+        grad_scale,
+    } = *a;
     check_dtype(OP, "logits", logits, FLOATS)?;
     check_dtype(OP, "targets", targets, &[DType::I32])?;
     check_dtype(OP, "losses", losses, &[DType::F32])?;

@@ -36,7 +36,8 @@ impl<T> Mat<T> {
         }
     }
     /// The matrix from row `r` on. SAFETY (caller): row r lies inside the same allocation.
-    unsafe fn skip_rows(self, r: usize) -> Mat<T> {
+    #[inline(always)]
+    pub(super) unsafe fn skip_rows(self, r: usize) -> Mat<T> {
         Mat {
             ptr: self.ptr.add(r * self.rs),
             ..self
@@ -59,7 +60,6 @@ impl<T> Mat<T> {
 /// # Safety
 /// Every operand with its strides must address valid memory for the given sizes, and `dst`
 /// must not overlap `lhs` or `rhs`.
-#[allow(clippy::too_many_arguments)]
 #[inline]
 pub unsafe fn matmul<T: Float>(
     (m, n, k): (usize, usize, usize),
@@ -257,7 +257,6 @@ pub(super) fn for_each_slab(
 ///
 /// # Safety
 /// As [`matmul`].
-#[allow(clippy::too_many_arguments)]
 pub unsafe fn matmul_split<T: Float>(
     (m, n, k): (usize, usize, usize),
     dst: Mat<T>,

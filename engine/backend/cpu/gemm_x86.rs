@@ -39,7 +39,6 @@ pub fn supported(m: usize, n: usize) -> bool {
 /// C = alpha·Aᵀ·B + beta·C with A `[k, m]`, B `[k, n]`, C `[m, n]`, all row-major and dense;
 /// C is not read when beta is 0. `split` spreads slabs of C over the rayon threads.
 /// Callers check [`supported`] first.
-#[allow(clippy::too_many_arguments)]
 pub fn gemm_tn(
     (m, n, k): (usize, usize, usize),
     a: &[f32],
@@ -122,9 +121,14 @@ unsafe fn slab(
                 let a = ap.as_ptr().add(i / SP * KC * SP + i % SP);
                 let mr = MR.min(rows.end - i0);
                 for (j, j0) in cols.clone().step_by(NR).enumerate() {
-                    let dst = op.c.add(i0 * op.n + j0);
+                    let dst = CTile {
+                        c: op.c.add(i0 * op.n + j0),
+                        ldc: op.n,
+                        mr,
+                        nc: NR.min(cols.end - j0),
+                    };
                     let b = bp.as_ptr().add(j * KC * NR);
-                    tile(kc, a, b, dst, op.n, mr, NR.min(cols.end - j0), alpha, beta);
+                    tile(kc, a, b, dst, alpha, beta);
                 }
             }
             k0 += kc;
@@ -183,21 +187,21 @@ unsafe fn pack_b(op: &Operands, j0: usize, nc: usize, k0: usize, kc: usize, bp: 
     }
 }
 
-/// C[r, c] = alpha·Σ_t A[t, r]·bp[t][c] + beta·C[r, c] for r < mr, c < nc, with A's
-/// rows `SP` apart and C's `ldc` apart; C is not read when beta is 0.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile(
-    kc: usize,
-    a: *const f32,
-    bp: *const f32,
+/// The part of C one tile writes: `mr` rows (at most `MR`) of `nc` columns (at most `NR`) from
+/// `c`, rows `ldc` apart.
+#[derive(Clone, Copy)]
+struct CTile {
     c: *mut f32,
     ldc: usize,
     mr: usize,
     nc: usize,
-    alpha: f32,
-    beta: f32,
-) {
+}
+
+/// C[r, c] = alpha·Σ_t A[t, r]·bp[t][c] + beta·C[r, c] for r < mr, c < nc of `dst`, with A's
+/// rows `SP` apart; C is not read when beta is 0.
+#[inline(always)]
+unsafe fn tile(kc: usize, a: *const f32, bp: *const f32, dst: CTile, alpha: f32, beta: f32) {
+    let CTile { c, ldc, mr, nc } = dst;
     // C's lines are only needed after the k loop: ask for them (for writing) now.
     for r in 0..mr {
         for v in 0..NV.min(nc.div_ceil(16)) {

@@ -37,7 +37,10 @@ pub mod vecmath;
 
 pub use float::Float;
 
-use super::{AdamW, AttnShape, Backend, Buf, DeviceMem, Gemm, RopeShape};
+use super::{
+    AdamW, AdamWBufs, AttnBwd, AttnFwd, Backend, Buf, CrossEntropy, DeviceMem, Gemm, RmsNorm,
+    RmsNormBwd, RmsNormResidual, RopeShape,
+};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 use half::bf16;
@@ -379,58 +382,18 @@ impl Backend for CpuBackend {
         embedding::embedding_bwd_op(dout, ids, dtable, dim)
     }
 
-    fn rmsnorm_fwd(
-        &self,
-        x: Buf,
-        w: Buf,
-        out: Buf,
-        rstd: Buf,
-        rows: usize,
-        dim: usize,
-        eps: f32,
-    ) -> Result<()> {
-        rmsnorm::rmsnorm_fwd_op(x, None, w, out, rstd, rows, dim, eps)
+    fn rmsnorm_fwd(&self, a: &RmsNorm) -> Result<()> {
+        rmsnorm::rmsnorm_fwd_op(a, None)
     }
-    fn rmsnorm_residual_fwd(
-        &self,
-        x: Buf,
-        residual: Buf,
-        w: Buf,
-        h: Buf,
-        out: Buf,
-        rstd: Buf,
-        rows: usize,
-        dim: usize,
-        eps: f32,
-    ) -> Result<()> {
-        rmsnorm::rmsnorm_fwd_op(x, Some((residual, h)), w, out, rstd, rows, dim, eps)
+    fn rmsnorm_residual_fwd(&self, a: &RmsNormResidual) -> Result<()> {
+        let (norm, res) = a.split();
+        rmsnorm::rmsnorm_fwd_op(&norm, Some(res))
     }
-    fn rmsnorm_bwd(
-        &self,
-        dout: Buf,
-        x: Buf,
-        w: Buf,
-        rstd: Buf,
-        dx: Buf,
-        dw: Buf,
-        rows: usize,
-        dim: usize,
-    ) -> Result<()> {
-        rmsnorm::rmsnorm_bwd_op(dout, x, w, rstd, None, dx, dw, rows, dim)
+    fn rmsnorm_bwd(&self, a: &RmsNormBwd) -> Result<()> {
+        rmsnorm::rmsnorm_bwd_op(a, None)
     }
-    fn rmsnorm_bwd_add(
-        &self,
-        dout: Buf,
-        x: Buf,
-        w: Buf,
-        rstd: Buf,
-        dres: Buf,
-        dx: Buf,
-        dw: Buf,
-        rows: usize,
-        dim: usize,
-    ) -> Result<()> {
-        rmsnorm::rmsnorm_bwd_op(dout, x, w, rstd, Some(dres), dx, dw, rows, dim)
+    fn rmsnorm_bwd_add(&self, a: &RmsNormBwd, dres: Buf) -> Result<()> {
+        rmsnorm::rmsnorm_bwd_op(a, Some(dres))
     }
 
     fn rope_fwd(&self, x: Buf, out: Buf, cos: Buf, sin: Buf, s: RopeShape) -> Result<()> {
@@ -440,33 +403,11 @@ impl Backend for CpuBackend {
         rope::rope_op("rope_bwd", dout, dx, cos, sin, s, true)
     }
 
-    fn attention_fwd(
-        &self,
-        q: Buf,
-        k: Buf,
-        v: Buf,
-        out: Buf,
-        lse: Buf,
-        s: AttnShape,
-        scale: f32,
-    ) -> Result<()> {
-        attention::attention_fwd_op(q, k, v, out, lse, s, scale)
+    fn attention_fwd(&self, a: &AttnFwd) -> Result<()> {
+        attention::attention_fwd_op(a)
     }
-    fn attention_bwd(
-        &self,
-        q: Buf,
-        k: Buf,
-        v: Buf,
-        out: Buf,
-        dout: Buf,
-        lse: Buf,
-        dq: Buf,
-        dk: Buf,
-        dv: Buf,
-        s: AttnShape,
-        scale: f32,
-    ) -> Result<()> {
-        attention::attention_bwd_op(q, k, v, out, dout, lse, dq, dk, dv, s, scale)
+    fn attention_bwd(&self, a: &AttnBwd) -> Result<()> {
+        attention::attention_bwd_op(a)
     }
 
     fn swiglu_fwd(&self, gate: Buf, up: Buf, out: Buf) -> Result<()> {
@@ -476,27 +417,8 @@ impl Backend for CpuBackend {
         swiglu::swiglu_bwd_op(dout, gate, up, dgate, dup)
     }
 
-    fn cross_entropy(
-        &self,
-        logits: Buf,
-        targets: Buf,
-        losses: Buf,
-        dlogits: Buf,
-        rows: usize,
-        vocab: usize,
-        ignore_index: i32,
-        grad_scale: f32,
-    ) -> Result<()> {
-        cross_entropy::cross_entropy_op(
-            logits,
-            targets,
-            losses,
-            dlogits,
-            rows,
-            vocab,
-            ignore_index,
-            grad_scale,
-        )
+    fn cross_entropy(&self, a: &CrossEntropy) -> Result<()> {
+        cross_entropy::cross_entropy_op(a)
     }
 
     fn sum(&self, x: Buf, out: Buf) -> Result<()> {
@@ -508,16 +430,7 @@ impl Backend for CpuBackend {
     fn clip_coef(&self, norm_sq: Buf, max_norm: f32, coef: Buf) -> Result<()> {
         adamw::clip_coef_op(norm_sq, max_norm, coef)
     }
-    fn adamw(
-        &self,
-        param: Buf,
-        grad: Buf,
-        m: Buf,
-        v: Buf,
-        compute: Option<Buf>,
-        grad_scale: Buf,
-        hp: &AdamW,
-    ) -> Result<()> {
-        adamw::adamw_op(param, grad, m, v, compute, grad_scale, hp)
+    fn adamw(&self, b: &AdamWBufs, hp: &AdamW) -> Result<()> {
+        adamw::adamw_op(b, hp)
     }
 }

@@ -1,7 +1,7 @@
 //! RMSNorm forward (optionally fused with the residual add) and backward.
 
 use super::{check_disjoint, check_dtype, check_len, load, store, view, view_mut, Float, FLOATS};
-use crate::backend::Buf;
+use crate::backend::{Buf, RmsNorm, RmsNormBwd};
 use crate::error::Result;
 use crate::tensor::DType;
 use rayon::prelude::*;
@@ -53,8 +53,7 @@ pub fn rmsnorm_fwd<T: Float>(
     Ok(())
 }
 
-/// h = x + residual and out = rmsnorm(h), rstd saved, block by block of rows.
-#[allow(clippy::too_many_arguments)]
+/// h = x + residual and out = rmsnorm(h), rstd saved, block by block of rows of `w.len()`.
 fn residual_fwd<T: Float>(
     x: &[T],
     residual: &[T],
@@ -62,9 +61,9 @@ fn residual_fwd<T: Float>(
     h: &mut [T],
     out: &mut [T],
     rstd: &mut [T],
-    dim: usize,
     eps: T,
 ) {
+    let dim = w.len();
     if dim == 0 {
         return;
     }
@@ -81,19 +80,38 @@ fn residual_fwd<T: Float>(
         });
 }
 
+/// The slices of an rmsnorm backward over `rstd.len()` rows of `dim` (the slice form of
+/// [`RmsNormBwd`], also handed to `Float::rmsnorm_bwd_block` one block of rows at a time).
+#[derive(Debug)]
+pub struct RmsNormBwdSlices<'a, T> {
+    /// Incoming gradient g = dL/dout, `[rows, dim]`.
+    pub dout: &'a [T],
+    /// The forward's input `[rows, dim]`.
+    pub x: &'a [T],
+    /// Weight `[dim]`.
+    pub w: &'a [T],
+    /// `[rows]`, saved by the forward.
+    pub rstd: &'a [T],
+    /// A gradient added to dx (`rmsnorm_bwd_add`), like dx.
+    pub dres: Option<&'a [T]>,
+    /// dL/dx `[rows, dim]`, written.
+    pub dx: &'a mut [T],
+    /// dL/dw `[dim]`, accumulated (`+=`).
+    pub dw: &'a mut [T],
+}
+
 /// dx = rstd · (g·w − x̂ · mean(g·w·x̂)) (+ dres) with x̂ = x · rstd; dw += Σ_rows g · x̂
 /// (deterministic).
-#[allow(clippy::too_many_arguments)]
-pub fn rmsnorm_bwd<T: Float>(
-    dout: &[T],
-    x: &[T],
-    w: &[T],
-    rstd: &[T],
-    dres: Option<&[T]>,
-    dx: &mut [T],
-    dw: &mut [T],
-    dim: usize,
-) -> Result<()> {
+pub fn rmsnorm_bwd<T: Float>(t: RmsNormBwdSlices<'_, T>, dim: usize) -> Result<()> {
+    let RmsNormBwdSlices {
+        dout,
+        x,
+        w,
+        rstd,
+        dres,
+        dx,
+        dw,
+    } = t;
     let rows = rstd.len();
     let lens = [
         ("dout", dout.len()),
@@ -113,9 +131,18 @@ pub fn rmsnorm_bwd<T: Float>(
         .zip(x.par_chunks(ROWS * dim).zip(rstd.par_chunks(ROWS)))
         .enumerate()
         .map(|(c, ((dxc, g), (xc, rs)))| {
-            let (mut pw, mut gw) = (vec![T::ZERO; dim], vec![T::ZERO; dim]);
+            let mut pw = vec![T::ZERO; dim];
             let dr = dres.map(|d| &d[c * ROWS * dim..c * ROWS * dim + dxc.len()]);
-            T::rmsnorm_bwd_block(g, xc, w, rs, dr, dxc, &mut pw, &mut gw);
+            let block = RmsNormBwdSlices {
+                dout: g,
+                x: xc,
+                w,
+                rstd: rs,
+                dres: dr,
+                dx: dxc,
+                dw: &mut pw,
+            };
+            T::rmsnorm_bwd_block(block);
             pw
         })
         .collect();
@@ -135,17 +162,16 @@ pub fn rmsnorm_bwd<T: Float>(
 /// The `Backend` entry for both rmsnorm_fwd and (with `res = Some((residual, h))`)
 /// rmsnorm_residual_fwd: h = x + residual is rounded to h's dtype first and the norm reads the
 /// rounded h, so forward and backward (which only sees h) agree exactly.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn rmsnorm_fwd_op(
-    x: Buf,
-    res: Option<(Buf, Buf)>,
-    w: Buf,
-    out: Buf,
-    rstd: Buf,
-    rows: usize,
-    dim: usize,
-    eps: f32,
-) -> Result<()> {
+pub(super) fn rmsnorm_fwd_op(a: &RmsNorm, res: Option<(Buf, Buf)>) -> Result<()> {
+    let RmsNorm {
+        x,
+        w,
+        out,
+        rstd,
+        rows,
+        dim,
+        eps,
+    } = *a;
     let op = if res.is_some() {
         "rmsnorm_residual_fwd"
     } else {
@@ -202,7 +228,8 @@ pub(super) fn rmsnorm_fwd_op(
             unsafe {
                 let (hs, os) = (view_mut::<f32>(h), view_mut::<f32>(out));
                 let (xs, rs, ws) = (view::<f32>(x), view::<f32>(residual), view::<f32>(w));
-                residual_fwd(xs, rs, ws, hs, os, view_mut::<f32>(rstd), dim, eps);
+                // w has dim elements (checked above).
+                residual_fwd(xs, rs, ws, hs, os, view_mut::<f32>(rstd), eps);
             }
             return Ok(());
         }
@@ -232,18 +259,17 @@ pub(super) fn rmsnorm_fwd_op(
 }
 
 /// The `Backend` entry for rmsnorm_bwd and (with `dres`) rmsnorm_bwd_add.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn rmsnorm_bwd_op(
-    dout: Buf,
-    x: Buf,
-    w: Buf,
-    rstd: Buf,
-    dres: Option<Buf>,
-    dx: Buf,
-    dw: Buf,
-    rows: usize,
-    dim: usize,
-) -> Result<()> {
+pub(super) fn rmsnorm_bwd_op(a: &RmsNormBwd, dres: Option<Buf>) -> Result<()> {
+    let RmsNormBwd {
+        dout,
+        x,
+        w,
+        rstd,
+        dx,
+        dw,
+        rows,
+        dim,
+    } = *a;
     let op = if dres.is_some() {
         "rmsnorm_bwd_add"
     } else {
@@ -286,7 +312,16 @@ pub(super) fn rmsnorm_bwd_op(
         let rs = view::<f32>(rstd);
         let dr = dres.map(|d| load(op, "dres", d)).transpose()?;
         store(op, "dx", dx, false, |d| {
-            rmsnorm_bwd(&g, &xs, &ws, rs, dr.as_deref(), d, view_mut::<f32>(dw), dim)
+            let t = RmsNormBwdSlices {
+                dout: &g,
+                x: &xs,
+                w: &ws,
+                rstd: rs,
+                dres: dr.as_deref(),
+                dx: d,
+                dw: view_mut::<f32>(dw),
+            };
+            rmsnorm_bwd(t, dim)
         })?
     }
 }

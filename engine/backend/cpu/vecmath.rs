@@ -5,6 +5,7 @@
 //! Each primitive is compiled three times (AVX-512, AVX2+FMA, baseline) and picked at run time.
 
 use super::float::{self, CausalTile};
+use super::gemm::Mat;
 
 const LANES: usize = 16;
 
@@ -197,7 +198,6 @@ fn rmsnorm_fwd_body<const F: bool>(
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn rmsnorm_bwd_body<const F: bool>(
     g: &[f32],
     x: &[f32],
@@ -206,9 +206,8 @@ fn rmsnorm_bwd_body<const F: bool>(
     dres: Option<&[f32]>,
     dx: &mut [f32],
     pw: &mut [f32],
-    gw: &mut [f32],
 ) {
-    float::rmsnorm_bwd_rows(g, x, w, rstd, dres, dx, pw, gw)
+    float::rmsnorm_bwd_rows(g, x, w, rstd, dres, dx, pw)
 }
 
 /// Round-to-nearest-even f32 -> bf16 bits, branch-free (so slices of it vectorise); a NaN
@@ -239,16 +238,13 @@ fn round_body<const F: bool>(src: &[f32], dst: &mut [u16]) {
 macro_rules! dispatch {
     ($(#[$doc:meta])* $name:ident ($($arg:ident : $ty:ty),*) -> $ret:ty = $body:ident) => {
         $(#[$doc])*
-        #[allow(clippy::too_many_arguments)]
         pub fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
-                #[allow(clippy::too_many_arguments)]
                 #[target_feature(enable = "avx512f,fma")]
                 unsafe fn v4($($arg: $ty),*) -> $ret {
                     $body::<true>($($arg),*)
                 }
-                #[allow(clippy::too_many_arguments)]
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn v3($($arg: $ty),*) -> $ret {
                     $body::<true>($($arg),*)
@@ -309,7 +305,7 @@ dispatch!(
 );
 dispatch!(
     /// `Float::rmsnorm_bwd_block` for f32.
-    rmsnorm_bwd_f32(g: &[f32], x: &[f32], w: &[f32], rstd: &[f32], dres: Option<&[f32]>, dx: &mut [f32], pw: &mut [f32], gw: &mut [f32]) -> () = rmsnorm_bwd_body
+    rmsnorm_bwd_f32(g: &[f32], x: &[f32], w: &[f32], rstd: &[f32], dres: Option<&[f32]>, dx: &mut [f32], pw: &mut [f32]) -> () = rmsnorm_bwd_body
 );
 dispatch!(
     /// dst[i] = bf16 bits src[i] widened to f32 (exact).
@@ -336,23 +332,21 @@ const fn rows_for(d: usize) -> usize {
     }
 }
 
-/// c[i, 0..D] = beta·c + alpha · Σ_p a(i, p) · b[p, 0..D] for R consecutive rows starting at i0.
-/// a(i, p) = a[i·a_rs + p·a_cs]; rows of b and c are contiguous. Only ever compiled with FMA
-/// enabled (`mul_add` is one instruction there).
+/// c[i, 0..D] = beta·c + alpha · Σ_p a(i, p) · b[p, 0..D] for the first R rows of c and a,
+/// with a(i, p) = a[i·a.rs + p·a.cs]; rows of b and c are contiguous (their `cs`, 1, is not
+/// read). Only ever compiled with FMA enabled (`mul_add` is one instruction there).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn narrow_rows<const D: usize, const R: usize>(
     k: usize,
-    c: *mut f32,
-    c_rs: usize,
-    a: *const f32,
-    a_rs: usize,
-    a_cs: usize,
-    b: *const f32,
-    b_rs: usize,
+    c: Mat<f32>,
+    a: Mat<f32>,
+    b: Mat<f32>,
     alpha: f32,
     beta: f32,
 ) {
+    let (c, c_rs) = (c.ptr, c.rs);
+    let (a, a_rs, a_cs) = (a.ptr as *const f32, a.rs, a.cs);
+    let (b, b_rs) = (b.ptr as *const f32, b.rs);
     let mut acc = [[0f32; D]; R];
     for p in 0..k {
         let bp = &*(b.add(p * b_rs) as *const [f32; D]);
@@ -378,17 +372,12 @@ unsafe fn narrow_rows<const D: usize, const R: usize>(
 
 #[allow(clippy::int_plus_one)] // `i + r <= m` reads as "r more rows fit"
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn narrow_body<const D: usize, const R: usize>(
     m: usize,
     k: usize,
-    c: *mut f32,
-    c_rs: usize,
-    a: *const f32,
-    a_rs: usize,
-    a_cs: usize,
-    b: *const f32,
-    b_rs: usize,
+    c: Mat<f32>,
+    a: Mat<f32>,
+    b: Mat<f32>,
     alpha: f32,
     beta: f32,
 ) {
@@ -398,18 +387,7 @@ unsafe fn narrow_body<const D: usize, const R: usize>(
     macro_rules! blocks {
         ($r:tt, $wanted:expr) => {
             while $wanted && i + $r <= m {
-                narrow_rows::<D, $r>(
-                    k,
-                    c.add(i * c_rs),
-                    c_rs,
-                    a.add(i * a_rs),
-                    a_rs,
-                    a_cs,
-                    b,
-                    b_rs,
-                    alpha,
-                    beta,
-                );
+                narrow_rows::<D, $r>(k, c.skip_rows(i), a.skip_rows(i), b, alpha, beta);
                 i += $r;
             }
         };
@@ -420,22 +398,52 @@ unsafe fn narrow_body<const D: usize, const R: usize>(
     blocks!(1, R > 1);
 }
 
+/// An operand of the narrow kernels where they are called through a function pointer: its
+/// address and row stride. Two words travel in registers; a three-word `Mat` would be passed
+/// through memory, and the kernels compiled from that kept their accumulators on the stack
+/// (scalar FMAs, twice the code). `a`'s column stride is passed beside it.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Rows {
+    ptr: *mut f32,
+    rs: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Rows {
+    fn of(m: Mat<f32>) -> Rows {
+        Rows {
+            ptr: m.ptr,
+            rs: m.rs,
+        }
+    }
+    /// Back to a `Mat` with column stride `cs`.
+    #[inline(always)]
+    fn mat(self, cs: usize) -> Mat<f32> {
+        Mat {
+            ptr: self.ptr,
+            rs: self.rs,
+            cs,
+        }
+    }
+}
+
 macro_rules! narrow_variants {
     ($($d:literal => $v4:ident, $v3:ident;)*) => {
         $(
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx512f,fma")]
-            #[allow(clippy::too_many_arguments)]
-            unsafe fn $v4(m: usize, k: usize, c: *mut f32, c_rs: usize, a: *const f32, a_rs: usize,
-                          a_cs: usize, b: *const f32, b_rs: usize, alpha: f32, beta: f32) {
-                narrow_body::<$d, { rows_for($d) }>(m, k, c, c_rs, a, a_rs, a_cs, b, b_rs, alpha, beta)
+            unsafe fn $v4((m, k): (usize, usize), c: Rows, a: Rows, a_cs: usize, b: Rows,
+                          (alpha, beta): (f32, f32)) {
+                let (c, a, b) = (c.mat(1), a.mat(a_cs), b.mat(1));
+                narrow_body::<$d, { rows_for($d) }>(m, k, c, a, b, alpha, beta)
             }
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2,fma")]
-            #[allow(clippy::too_many_arguments)]
-            unsafe fn $v3(m: usize, k: usize, c: *mut f32, c_rs: usize, a: *const f32, a_rs: usize,
-                          a_cs: usize, b: *const f32, b_rs: usize, alpha: f32, beta: f32) {
-                narrow_body::<$d, { rows_for($d) }>(m, k, c, c_rs, a, a_rs, a_cs, b, b_rs, alpha, beta)
+            unsafe fn $v3((m, k): (usize, usize), c: Rows, a: Rows, a_cs: usize, b: Rows,
+                          (alpha, beta): (f32, f32)) {
+                let (c, a, b) = (c.mat(1), a.mat(a_cs), b.mat(1));
+                narrow_body::<$d, { rows_for($d) }>(m, k, c, a, b, alpha, beta)
             }
         )*
     };
@@ -448,42 +456,29 @@ narrow_variants! {
 }
 
 /// c[m, n] = beta·c + alpha · a[m, k] · b[k, n] for the narrow n of attention heads (16, 32 or
-/// 64), with contiguous rows in b and c and any strides for a. The gemm crate vectorises such
-/// products along n with a 1-vector micro-kernel and packs operands; this kernel keeps a block of
-/// output rows in registers and reads a and b in place. Every sum runs over p in order (deterministic).
-/// Returns false (and does nothing) when n is not supported or the CPU lacks AVX2/AVX-512.
+/// 64), with contiguous rows in b and c (`cs` = 1) and any strides for a. The gemm crate
+/// vectorises such products along n with a 1-vector micro-kernel and packs operands; this kernel
+/// keeps a block of output rows in registers and reads a and b in place. Every sum runs over p in
+/// order (deterministic). Returns false (and does nothing) when n is not supported, the rows of
+/// b or c are not contiguous, or the CPU lacks AVX2/AVX-512.
 ///
 /// # Safety
 /// The operands must address valid memory for the given sizes and strides; c must not overlap
 /// a or b.
-#[allow(clippy::too_many_arguments)]
 pub unsafe fn matmul_narrow_f32(
     (m, n, k): (usize, usize, usize),
-    c: *mut f32,
-    c_rs: usize,
-    a: *const f32,
-    a_rs: usize,
-    a_cs: usize,
-    b: *const f32,
-    b_rs: usize,
+    c: Mat<f32>,
+    a: Mat<f32>,
+    b: Mat<f32>,
     alpha: f32,
     beta: f32,
 ) -> bool {
+    if c.cs != 1 || b.cs != 1 {
+        return false;
+    }
     #[cfg(target_arch = "x86_64")]
     {
-        type K = unsafe fn(
-            usize,
-            usize,
-            *mut f32,
-            usize,
-            *const f32,
-            usize,
-            usize,
-            *const f32,
-            usize,
-            f32,
-            f32,
-        );
+        type K = unsafe fn((usize, usize), Rows, Rows, usize, Rows, (f32, f32));
         let v4 = std::arch::is_x86_feature_detected!("avx512f");
         let v3 = std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma");
@@ -497,11 +492,18 @@ pub unsafe fn matmul_narrow_f32(
             _ => None,
         };
         if let Some(f) = f {
-            f(m, k, c, c_rs, a, a_rs, a_cs, b, b_rs, alpha, beta);
+            f(
+                (m, k),
+                Rows::of(c),
+                Rows::of(a),
+                a.cs,
+                Rows::of(b),
+                (alpha, beta),
+            );
             return true;
         }
     }
-    let _ = (m, n, k, c, c_rs, a, a_rs, a_cs, b, b_rs, alpha, beta);
+    let _ = (m, n, k, c, a, b, alpha, beta);
     false
 }
 
@@ -560,13 +562,9 @@ mod tests {
                 let ok = unsafe {
                     matmul_narrow_f32(
                         (m, n, k),
-                        c.as_mut_ptr(),
-                        n + 5,
-                        a.as_ptr(),
-                        1,
-                        2 * m,
-                        b.as_ptr(),
-                        n + 3,
+                        Mat::rows(c.as_mut_ptr(), n + 5),
+                        Mat::cols(a.as_ptr(), 2 * m),
+                        Mat::rows(b.as_ptr(), n + 3),
                         0.5,
                         1.0,
                     )

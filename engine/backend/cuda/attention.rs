@@ -7,7 +7,7 @@
 //! dims 16, 32, 64 and 128; any other head dim is a clean `Error::Shape`.
 
 use super::{check_dtype, check_len, Arg, CudaBackend};
-use crate::backend::{AttnShape, Buf};
+use crate::backend::{AttnBwd, AttnFwd, AttnShape, Buf};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 use cudarc::driver::sys::CUfunction_attribute;
@@ -141,18 +141,17 @@ impl CudaBackend {
         self.launch(name, grid, block as u32, smem as u32, args)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn flash_attention_fwd(
-        &self,
-        q: Buf,
-        k: Buf,
-        v: Buf,
-        out: Buf,
-        lse: Buf,
-        s: AttnShape,
-        scale: f32,
-    ) -> Result<()> {
+    pub(crate) fn flash_attention_fwd(&self, a: &AttnFwd) -> Result<()> {
         const OP: &str = "attention_fwd";
+        let AttnFwd {
+            q,
+            k,
+            v,
+            out,
+            lse,
+            shape: s,
+            scale,
+        } = *a;
         for (name, b) in [("q", q), ("k", k), ("v", v), ("out", out)] {
             check_dtype(OP, name, b, &[DType::BF16])?;
         }
@@ -195,22 +194,21 @@ impl CudaBackend {
         )
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn flash_attention_bwd(
-        &self,
-        q: Buf,
-        k: Buf,
-        v: Buf,
-        out: Buf,
-        dout: Buf,
-        lse: Buf,
-        dq: Buf,
-        dk: Buf,
-        dv: Buf,
-        s: AttnShape,
-        scale: f32,
-    ) -> Result<()> {
+    pub(crate) fn flash_attention_bwd(&self, a: &AttnBwd) -> Result<()> {
         const OP: &str = "attention_bwd";
+        let AttnBwd {
+            q,
+            k,
+            v,
+            out,
+            dout,
+            lse,
+            dq,
+            dk,
+            dv,
+            shape: s,
+            scale,
+        } = *a;
         let bf16s = [
             ("q", q),
             ("k", k),

@@ -2,24 +2,23 @@
 
 use super::norm::check_i32;
 use super::{check_dtype, check_len, check_same, sfx, Arg, CudaBackend, FLOATS};
-use crate::backend::Buf;
+use crate::backend::CrossEntropy;
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 
 impl CudaBackend {
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn cross_entropy_impl(
-        &self,
-        logits: Buf,
-        targets: Buf,
-        losses: Buf,
-        dlogits: Buf,
-        rows: usize,
-        vocab: usize,
-        ignore_index: i32,
-        grad_scale: f32,
-    ) -> Result<()> {
+    pub(crate) fn cross_entropy_impl(&self, a: &CrossEntropy) -> Result<()> {
         const OP: &str = "cross_entropy";
+        let CrossEntropy {
+            logits,
+            targets,
+            losses,
+            dlogits,
+            rows,
+            vocab,
+            ignore_index,
+            grad_scale,
+        } = *a;
         check_dtype(OP, "logits", logits, FLOATS)?;
         check_len(OP, "logits", logits, rows * vocab)?;
         check_same(OP, ("logits", "dlogits"), logits, dlogits)?;

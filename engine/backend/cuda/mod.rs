@@ -16,7 +16,10 @@ mod loss;
 mod norm;
 mod optim;
 
-use super::{AdamW, AttnShape, Backend, Buf, DeviceMem, Gemm, RopeShape};
+use super::{
+    AdamW, AdamWBufs, AttnBwd, AttnFwd, Backend, Buf, CrossEntropy, DeviceMem, Gemm, RmsNorm,
+    RmsNormBwd, RmsNormResidual, RopeShape,
+};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 use cudarc::cublas::CudaBlas;
@@ -507,44 +510,15 @@ impl Backend for CudaBackend {
         self.embedding_bwd_impl(dout, ids, dtable, dim)
     }
 
-    fn rmsnorm_fwd(
-        &self,
-        x: Buf,
-        w: Buf,
-        out: Buf,
-        rstd: Buf,
-        rows: usize,
-        dim: usize,
-        eps: f32,
-    ) -> Result<()> {
-        self.rmsnorm_fwd_impl(x, None, w, None, out, rstd, rows, dim, eps)
+    fn rmsnorm_fwd(&self, a: &RmsNorm) -> Result<()> {
+        self.rmsnorm_fwd_impl(a, None)
     }
-    fn rmsnorm_residual_fwd(
-        &self,
-        x: Buf,
-        residual: Buf,
-        w: Buf,
-        h: Buf,
-        out: Buf,
-        rstd: Buf,
-        rows: usize,
-        dim: usize,
-        eps: f32,
-    ) -> Result<()> {
-        self.rmsnorm_fwd_impl(x, Some(residual), w, Some(h), out, rstd, rows, dim, eps)
+    fn rmsnorm_residual_fwd(&self, a: &RmsNormResidual) -> Result<()> {
+        let (norm, res) = a.split();
+        self.rmsnorm_fwd_impl(&norm, Some(res))
     }
-    fn rmsnorm_bwd(
-        &self,
-        dout: Buf,
-        x: Buf,
-        w: Buf,
-        rstd: Buf,
-        dx: Buf,
-        dw: Buf,
-        rows: usize,
-        dim: usize,
-    ) -> Result<()> {
-        self.rmsnorm_bwd_impl(dout, x, w, rstd, dx, dw, rows, dim)
+    fn rmsnorm_bwd(&self, a: &RmsNormBwd) -> Result<()> {
+        self.rmsnorm_bwd_impl(a)
     }
 
     fn rope_fwd(&self, x: Buf, out: Buf, cos: Buf, sin: Buf, s: RopeShape) -> Result<()> {
@@ -554,33 +528,11 @@ impl Backend for CudaBackend {
         self.rope_impl("rope_bwd", dout, dx, cos, sin, s)
     }
 
-    fn attention_fwd(
-        &self,
-        q: Buf,
-        k: Buf,
-        v: Buf,
-        out: Buf,
-        lse: Buf,
-        s: AttnShape,
-        scale: f32,
-    ) -> Result<()> {
-        self.flash_attention_fwd(q, k, v, out, lse, s, scale)
+    fn attention_fwd(&self, a: &AttnFwd) -> Result<()> {
+        self.flash_attention_fwd(a)
     }
-    fn attention_bwd(
-        &self,
-        q: Buf,
-        k: Buf,
-        v: Buf,
-        out: Buf,
-        dout: Buf,
-        lse: Buf,
-        dq: Buf,
-        dk: Buf,
-        dv: Buf,
-        s: AttnShape,
-        scale: f32,
-    ) -> Result<()> {
-        self.flash_attention_bwd(q, k, v, out, dout, lse, dq, dk, dv, s, scale)
+    fn attention_bwd(&self, a: &AttnBwd) -> Result<()> {
+        self.flash_attention_bwd(a)
     }
 
     fn swiglu_fwd(&self, gate: Buf, up: Buf, out: Buf) -> Result<()> {
@@ -590,27 +542,8 @@ impl Backend for CudaBackend {
         self.swiglu_bwd_impl(dout, gate, up, dgate, dup)
     }
 
-    fn cross_entropy(
-        &self,
-        logits: Buf,
-        targets: Buf,
-        losses: Buf,
-        dlogits: Buf,
-        rows: usize,
-        vocab: usize,
-        ignore_index: i32,
-        grad_scale: f32,
-    ) -> Result<()> {
-        self.cross_entropy_impl(
-            logits,
-            targets,
-            losses,
-            dlogits,
-            rows,
-            vocab,
-            ignore_index,
-            grad_scale,
-        )
+    fn cross_entropy(&self, a: &CrossEntropy) -> Result<()> {
+        self.cross_entropy_impl(a)
     }
 
     fn sum(&self, x: Buf, out: Buf) -> Result<()> {
@@ -622,16 +555,7 @@ impl Backend for CudaBackend {
     fn clip_coef(&self, norm_sq: Buf, max_norm: f32, coef: Buf) -> Result<()> {
         self.clip_coef_impl(norm_sq, max_norm, coef)
     }
-    fn adamw(
-        &self,
-        param: Buf,
-        grad: Buf,
-        m: Buf,
-        v: Buf,
-        compute: Option<Buf>,
-        grad_scale: Buf,
-        hp: &AdamW,
-    ) -> Result<()> {
-        self.adamw_impl(param, grad, m, v, compute, grad_scale, hp)
+    fn adamw(&self, b: &AdamWBufs, hp: &AdamW) -> Result<()> {
+        self.adamw_impl(b, hp)
     }
 }

@@ -5,7 +5,7 @@
 //! Mixed dtypes are not supported here: x, w, out (and dout, dx) share one dtype.
 
 use super::{check_dtype, check_len, check_same, sfx, Arg, CudaBackend, FLOATS};
-use crate::backend::{Buf, RopeShape};
+use crate::backend::{Buf, RmsNorm, RmsNormBwd, RopeShape};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 
@@ -130,21 +130,18 @@ impl CudaBackend {
         self.launch(&name, (ranges as u32, col_blocks as u32, 1), 256, 0, &args)
     }
 
-    /// rmsnorm_fwd, or rmsnorm_residual_fwd when `residual` and `h` are given.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn rmsnorm_fwd_impl(
-        &self,
-        x: Buf,
-        residual: Option<Buf>,
-        w: Buf,
-        h: Option<Buf>,
-        out: Buf,
-        rstd: Buf,
-        rows: usize,
-        dim: usize,
-        eps: f32,
-    ) -> Result<()> {
-        let op = if residual.is_some() {
+    /// rmsnorm_fwd, or rmsnorm_residual_fwd when `res = Some((residual, h))`.
+    pub(crate) fn rmsnorm_fwd_impl(&self, a: &RmsNorm, res: Option<(Buf, Buf)>) -> Result<()> {
+        let RmsNorm {
+            x,
+            w,
+            out,
+            rstd,
+            rows,
+            dim,
+            eps,
+        } = *a;
+        let op = if res.is_some() {
             "rmsnorm_residual_fwd"
         } else {
             "rmsnorm_fwd"
@@ -157,7 +154,7 @@ impl CudaBackend {
         check_dtype(op, "rstd", rstd, &[DType::F32])?;
         check_len(op, "rstd", rstd, rows)?;
         let mut bufs = vec![x, w, out];
-        if let (Some(r), Some(h)) = (residual, h) {
+        if let Some((r, h)) = res {
             check_same(op, ("x", "residual"), x, r)?;
             check_same(op, ("x", "h"), x, h)?;
             bufs.extend([r, h]);
@@ -170,8 +167,8 @@ impl CudaBackend {
         let (k, threads) = rms_layout(op, dim, dim / wd)?;
         let t = sfx(x.dtype);
         let grid = (rows as u32, 1, 1);
-        match (residual, h) {
-            (Some(r), Some(h)) => {
+        match res {
+            Some((r, h)) => {
                 let name = format!("rmsnorm_residual_fwd_{t}_w{wd}_k{k}");
                 let args = [
                     Arg::P(x.ptr),
@@ -185,7 +182,7 @@ impl CudaBackend {
                 ];
                 self.launch(&name, grid, threads, 0, &args)
             }
-            _ => {
+            None => {
                 let name = format!("rmsnorm_fwd_{t}_w{wd}_k{k}");
                 let args = [
                     Arg::P(x.ptr),
@@ -200,19 +197,18 @@ impl CudaBackend {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn rmsnorm_bwd_impl(
-        &self,
-        dout: Buf,
-        x: Buf,
-        w: Buf,
-        rstd: Buf,
-        dx: Buf,
-        dw: Buf,
-        rows: usize,
-        dim: usize,
-    ) -> Result<()> {
+    pub(crate) fn rmsnorm_bwd_impl(&self, a: &RmsNormBwd) -> Result<()> {
         const OP: &str = "rmsnorm_bwd";
+        let RmsNormBwd {
+            dout,
+            x,
+            w,
+            rstd,
+            dx,
+            dw,
+            rows,
+            dim,
+        } = *a;
         check_dtype(OP, "x", x, FLOATS)?;
         check_len(OP, "x", x, rows * dim)?;
         check_same(OP, ("x", "dout"), x, dout)?;

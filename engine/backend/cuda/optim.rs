@@ -1,7 +1,7 @@
 //! AdamW, deterministic sums and the clip coefficient (kernels/adamw.cu, kernels/reduce.cu).
 
 use super::{check_dtype, check_len, Arg, CudaBackend, FLOATS};
-use crate::backend::{AdamW, Buf};
+use crate::backend::{AdamW, AdamWBufs, Buf};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 
@@ -13,18 +13,16 @@ fn partial_blocks(len: usize) -> usize {
 const REDUCE_THREADS: u32 = 256;
 
 impl CudaBackend {
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn adamw_impl(
-        &self,
-        param: Buf,
-        grad: Buf,
-        m: Buf,
-        v: Buf,
-        compute: Option<Buf>,
-        grad_scale: Buf,
-        hp: &AdamW,
-    ) -> Result<()> {
+    pub(crate) fn adamw_impl(&self, b: &AdamWBufs, hp: &AdamW) -> Result<()> {
         const OP: &str = "adamw";
+        let AdamWBufs {
+            param,
+            grad,
+            m,
+            v,
+            compute,
+            grad_scale,
+        } = *b;
         for (what, b) in [
             ("param", param),
             ("grad", grad),
