@@ -121,8 +121,22 @@ fn gradcheck_embedding() {
 
 #[test]
 fn gradcheck_rmsnorm() {
-    let mut r = Rng::new(3);
-    for (rows, dim) in [(1, 2), (7, 37), (3, 64)] {
+    rmsnorm_check(3, &[(1, 2), (7, 37), (3, 64)]);
+}
+
+#[test]
+fn gradcheck_qk_norm_per_head_rows() {
+    // Qwen3's q/k norm is RMSNorm over each head: the rows of a [batch, seq, heads, head_dim]
+    // tensor, head_dim wide, with one weight of head_dim shared by every (token, head) row, so
+    // dw sums over batch x seq x heads rows. Shapes of the HF fixtures (head_dim 12 and 8, GQA)
+    // and an odd one.
+    rmsnorm_check(13, &[(2 * 9 * 4, 12), (2 * 9 * 3, 8), (3 * 5 * 7, 6)]);
+}
+
+/// Finite-difference check of rmsnorm's dx and dw at each (rows, dim).
+fn rmsnorm_check(seed: u64, shapes: &[(usize, usize)]) {
+    let mut r = Rng::new(seed);
+    for &(rows, dim) in shapes {
         let (x, w, rr) = (
             r.vec(rows * dim, 2.0),
             r.vec(dim, 1.0),
