@@ -12,6 +12,7 @@ pub mod data;
 pub mod error;
 pub mod metrics;
 pub mod model;
+pub mod out;
 pub mod parallel;
 pub mod params;
 pub mod planner;
