@@ -31,6 +31,8 @@ pub enum Error {
         path: String,
         source: std::io::Error,
     },
+    /// stdout was closed by its reader (`titan train | head`): the run ends quietly.
+    OutputClosed,
     Other(String),
 }
 
@@ -48,6 +50,7 @@ impl fmt::Display for Error {
             Error::NonFinite(m) => write!(f, "training diverged: {m}"),
             Error::Comm(m) => write!(f, "communication error: {m}"),
             Error::Io { path, source } => write!(f, "{path}: {source}"),
+            Error::OutputClosed => write!(f, "stdout closed by its reader"),
             Error::Other(m) => write!(f, "{m}"),
         }
     }

@@ -13,6 +13,7 @@ pub mod dist;
 pub mod error;
 pub mod metrics;
 pub mod model;
+pub mod out;
 pub mod parallel;
 pub mod params;
 pub mod planner;

@@ -382,3 +382,113 @@ fn truncated_checkpoint_and_divergence_are_reported() {
         text(&o)
     );
 }
+
+#[test]
+fn options_are_accepted_after_overrides() {
+    let d = tmp("late-options");
+    let dump = format!("--job.dump_folder={}", d.display());
+    // clap hands everything from the first override on to the override list.
+    let o = titan(&[
+        "train",
+        "--config",
+        CFG,
+        &dump,
+        "--training.steps",
+        "2",
+        "--training.seq_len",
+        "32",
+        "--training.local_batch_size",
+        "2",
+        "--training.device",
+        "cpu",
+        "--metrics.log_freq",
+        "1",
+        "--quiet",
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("titan: done 2 steps"), "{out}");
+    assert!(
+        !out.lines().any(|l| l.starts_with("step ")),
+        "--quiet: {out}"
+    );
+    let o = titan(&[
+        "plan",
+        "--config",
+        CFG,
+        "--training.seq_len",
+        "64",
+        "--json",
+        "--dtype=float32",
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    // float32 has no separate compute copy (bfloat16 would).
+    assert_eq!(v["state"]["compute_copy"], 0, "{out}");
+    let o = titan(&[
+        "bench",
+        "--config",
+        CFG,
+        "--training.seq_len",
+        "32",
+        "--training.local_batch_size",
+        "2",
+        "--training.device",
+        "cpu",
+        "--steps",
+        "1",
+        "--warmup=0",
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        out.contains("bench: 1 steps in") && !out.contains("warm-up"),
+        "{out}"
+    );
+    assert_clean_error(
+        &titan(&[
+            "plan",
+            "--config",
+            CFG,
+            "--training.seq_len",
+            "64",
+            "--dtype",
+        ]),
+        "--dtype needs a value",
+    );
+}
+
+#[test]
+fn short_datasets_are_clear_errors_and_repeats_are_warned() {
+    let d = tmp("short-data");
+    std::fs::write(d.join("empty.txt"), "").unwrap();
+    std::fs::write(d.join("two.txt"), "ab").unwrap();
+    let arg = |f: &str| format!("--training.dataset_path={}", d.join(f).display());
+    assert_clean_error(
+        &small_run(&d.join("e"), &["--training.steps", "2", &arg("empty.txt")]),
+        "is empty",
+    );
+    assert_clean_error(
+        &small_run(&d.join("t"), &["--training.steps", "2", &arg("two.txt")]),
+        "fewer than one sample of seq_len 32 + 1 = 33 tokens",
+    );
+    // 98 bytes + BOS + EOS = 100 tokens; 3 steps of 2 samples of 33 tokens read 198: 2.0 passes.
+    std::fs::write(d.join("small.txt"), "y".repeat(98)).unwrap();
+    let o = small_run(&d.join("s"), &["--training.steps", "3", &arg("small.txt")]);
+    let (_, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let warnings: Vec<&str> = err.lines().filter(|l| l.contains("warning")).collect();
+    assert_eq!(warnings.len(), 1, "{err}");
+    assert!(
+        warnings[0].contains("holds 100 tokens")
+            && warnings[0]
+                .contains("3 steps x 2 sequences x 33 tokens = 198 tokens read it 2.0 times"),
+        "{}",
+        warnings[0]
+    );
+    // Within one pass: no warning.
+    let o = small_run(&d.join("s1"), &["--training.steps", "1", &arg("small.txt")]);
+    let (_, err) = text(&o);
+    assert!(o.status.success() && !err.contains("warning"), "{err}");
+}

@@ -715,6 +715,81 @@ fn missing_unknown_and_empty_datasets_are_clear_errors() {
     assert!(matches!(build_loader(&c), Err(Error::Config(_))));
 }
 
+#[test]
+fn datasets_without_text_or_shorter_than_one_sample_are_errors() {
+    let d = scratch("short");
+    // An empty .txt file and a jsonl of empty texts: documents without a token of text.
+    write(&d.join("empty.txt"), "");
+    let m = data_err(build_loader(&cfg(
+        d.join("empty.txt").to_str().unwrap(),
+        4,
+        1,
+    )));
+    assert!(m.contains("empty.txt") && m.contains("is empty"), "{m}");
+    write(
+        &d.join("blank.jsonl"),
+        "{\"text\": \"\"}\n{\"text\": \"\"}\n",
+    );
+    let m = data_err(build_loader(&cfg(
+        d.join("blank.jsonl").to_str().unwrap(),
+        4,
+        1,
+    )));
+    assert!(m.contains("2 document(s) hold no text"), "{m}");
+    // Two bytes with seq_len 32: BOS a b EOS = 4 tokens, a sample needs 33.
+    write(&d.join("two.txt"), "ab");
+    let m = data_err(build_loader(&cfg(
+        d.join("two.txt").to_str().unwrap(),
+        32,
+        2,
+    )));
+    assert!(
+        m.contains("two.txt") && m.contains("has 4 tokens") && m.contains("33 tokens"),
+        "{m}"
+    );
+    // The boundary: 31 bytes + BOS + EOS = 33 tokens is one sample of seq_len 32; 30 bytes is not.
+    write(&d.join("b31.txt"), "x".repeat(31));
+    write(&d.join("b30.txt"), "x".repeat(30));
+    let mut l = build_loader(&cfg(d.join("b31.txt").to_str().unwrap(), 32, 2)).unwrap();
+    assert_eq!(l.next_batch().unwrap().inputs.len(), 64);
+    data_err(build_loader(&cfg(
+        d.join("b30.txt").to_str().unwrap(),
+        32,
+        2,
+    )));
+    // Token files, and a data parallel rank's slice.
+    let ids: Vec<u16> = (0..40).collect();
+    u16_file(&d.join("t.u16.bin"), &ids);
+    let m = data_err(build_loader(&cfg(
+        d.join("t.u16.bin").to_str().unwrap(),
+        40,
+        1,
+    )));
+    assert!(m.contains("has 40 tokens"), "{m}");
+    let mut c = cfg(d.join("t.u16.bin").to_str().unwrap(), 20, 1);
+    build_loader(&c).unwrap();
+    c.dp_world = 2;
+    let m = data_err(build_loader(&c));
+    assert!(m.contains("rank 0's slice: 20"), "{m}");
+}
+
+#[test]
+fn epochs_for_counts_passes_over_the_slice() {
+    let d = scratch("epochs");
+    let ids: Vec<u16> = (0..330).map(|i| i % 200).collect();
+    u16_file(&d.join("t.u16.bin"), &ids);
+    let l = build_loader(&cfg(d.join("t.u16.bin").to_str().unwrap(), 32, 2)).unwrap();
+    // Samples of 33 tokens: 10 fill the 330 tokens once, 25 read them 2.5 times.
+    assert_eq!(l.epochs_for(10), Some(1.0));
+    assert_eq!(l.epochs_for(25), Some(2.5));
+    assert_eq!(
+        build_loader(&cfg("synthetic", 32, 2))
+            .unwrap()
+            .epochs_for(25),
+        None
+    );
+}
+
 fn u16_file(path: &Path, ids: &[u16]) {
     write(
         path,
@@ -837,7 +912,8 @@ fn loader_is_send_and_summarises_itself() {
     );
     let d = scratch("summary");
     write(&d.join("t.txt"), "abc");
-    let l = build_loader(&cfg(d.to_str().unwrap(), 8, 2)).unwrap();
+    // 5 tokens: one sample of seq_len 4 + 1 (a longer seq_len is an error, see below).
+    let l = build_loader(&cfg(d.to_str().unwrap(), 4, 2)).unwrap();
     assert!(
         l.summary().contains("1 documents") && l.summary().contains("5 tokens"),
         "{}",

@@ -253,3 +253,40 @@ fn bad_validation_settings_are_clear_errors() {
     ]);
     assert!(e.contains("fewer than one batch"), "{e}");
 }
+
+#[test]
+fn a_finite_validation_set_is_read_once_and_needs_one_full_batch() {
+    let dir = tmp("val-once");
+    let file = dir.join("val.u16.bin");
+    // 100 tokens, samples of 32 (seq 31 + 1), two per batch: one full batch, 36 tokens over.
+    let ids: Vec<u16> = (0..100u16).map(|i| (i * 7 + 3) % 259).collect();
+    std::fs::write(&file, bytemuck::cast_slice(&ids)).unwrap();
+    let path_arg = format!("--validation.dataset_path={}", file.display());
+    let v = [
+        "--validation.enable",
+        path_arg.as_str(),
+        "--validation.steps",
+        "5",
+        "--validation.local_batch_size",
+        "2",
+        "--validation.seq_len",
+        "31",
+        "--validation.freq",
+        "4",
+    ];
+    let mut tr = trainer(&dir, &v).unwrap();
+    assert_eq!(tr.validator.as_ref().unwrap().batches(), 1);
+    tr.fit(true).unwrap();
+    for m in &tr.validation_history {
+        assert_eq!((m.validation_batches, m.validation_tokens), (1, 2 * 31));
+    }
+    // 40 tokens: one sample but not one batch of two; validation.steps > 0 does not make it
+    // repeat the set to fill one.
+    std::fs::write(&file, bytemuck::cast_slice(&ids[..40])).unwrap();
+    let e = match trainer(&dir, &v) {
+        Err(e @ Error::Data(_)) => e.to_string(),
+        Err(e) => panic!("unexpected kind of error {e}"),
+        Ok(_) => panic!("a validation set without a full batch was accepted"),
+    };
+    assert!(e.contains("has 40 tokens, fewer than one batch"), "{e}");
+}

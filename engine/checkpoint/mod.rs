@@ -19,7 +19,9 @@ mod save;
 
 pub use load::{load, load_dir, LoadedCheckpoint};
 pub use manifest::{Manifest, ShardEntry, TensorEntry, FORMAT_NAME, FORMAT_VERSION};
-pub use save::{commit, save, tmp_dir, write_shard, CheckpointMeta, CheckpointWriter};
+pub use save::{
+    commit, remove_partial_saves, save, tmp_dir, write_shard, CheckpointMeta, CheckpointWriter,
+};
 
 use crate::error::{Error, Result};
 use crate::tensor::DType;

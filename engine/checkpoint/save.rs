@@ -297,6 +297,29 @@ fn cleanup(root: &Path, keep_dir: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
+/// Removes the `step-N.tmp-*` folders under `root`: saves that a process died in the middle of
+/// (a finished save renames its folder). Call only while holding the dump folder's run lock, so
+/// no live save is among them. Returns the folders removed.
+pub fn remove_partial_saves(root: &Path) -> Result<Vec<PathBuf>> {
+    let rd = match std::fs::read_dir(root) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(root, e)),
+    };
+    let mut removed = Vec::new();
+    for entry in rd.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("step-") && name.contains(".tmp-") {
+            let path = entry.path();
+            std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+            removed.push(path);
+        }
+    }
+    removed.sort();
+    Ok(removed)
+}
+
 /// fsync a file or folder so a rename after it cannot expose unwritten data.
 fn sync_path(path: &Path) -> Result<()> {
     File::open(path)

@@ -5,32 +5,53 @@ use crate::metrics::GIB;
 use crate::model::{resolve, Registry};
 use crate::tensor::DType;
 use crate::train::config::JobConfig;
+use crate::train::lock::RunLock;
+use crate::train::preempt::StopFlag;
 use crate::train::trainer::{model_spec, trace_plan, Trainer};
+use crate::{checkpoint, errln, outln};
 use std::path::Path;
+use std::process::ExitCode;
 use std::time::Instant;
 
+/// `titan train`. Holds the dump folder's run lock throughout (train/lock.rs). Exits 0 when the
+/// run reaches `training.steps`, `EXIT_STOPPED` when a stop signal ended it (train/preempt.rs).
 pub fn train(
     reg: &Registry,
     config: Option<&Path>,
     overrides: &[String],
     quiet: bool,
-) -> Result<()> {
+) -> Result<ExitCode> {
     let cfg = JobConfig::load(config, overrides)?;
+    let dump = Path::new(&cfg.job.dump_folder);
+    let lock = RunLock::acquire(dump)?;
+    if let Some(prev) = &lock.took_over {
+        outln!(
+            "titan: took over {} from a run that ended without releasing it ({prev})",
+            lock.lock.path().display()
+        )?;
+    }
+    // Only now, with the lock held, can no live save own a temp folder.
+    for dir in checkpoint::remove_partial_saves(&dump.join(&cfg.checkpoint.folder))? {
+        outln!(
+            "titan: removed {}, a checkpoint save that did not finish",
+            dir.display()
+        )?;
+    }
     if cfg.job.print_config {
-        println!("titan: job config\n{}", cfg.to_toml_string()?);
+        outln!("titan: job config\n{}", cfg.to_toml_string()?)?;
     }
     let t0 = Instant::now();
     let mut tr = Trainer::new(cfg, reg)?;
     if tr.cfg.checkpoint.create_seed_checkpoint {
         // torchtitan's seed checkpoint: the initialised weights as step-0, then stop.
         let dir = tr.save(crate::train::state::SaveKind::ModelOnly)?;
-        println!(
+        outln!(
             "titan: seed checkpoint (initial weights, step 0) in {}",
             dir.display()
-        );
-        return Ok(());
+        )?;
+        return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    outln!(
         "titan: {} {} ({:.2}M params, {}) on {} | {} dtype | seq {} x batch {} x accum {}",
         tr.cfg.model.name,
         tr.cfg.model.flavor,
@@ -41,8 +62,8 @@ pub fn train(
         tr.cfg.training.seq_len,
         tr.cfg.training.local_batch_size,
         tr.accum
-    );
-    println!(
+    )?;
+    outln!(
         "titan: memory plan {:.3} GiB (state {:.3} + activations {:.3}; {:.3} without reuse), {} buffers over {} ops; data: {}; MFU peak: {:.3} TFLOP/s ({})",
         tr.memory.total() as f64 / GIB,
         tr.memory.state.total() as f64 / GIB,
@@ -53,12 +74,12 @@ pub fn train(
         tr.loader.name(),
         tr.peak.flops / 1e12,
         tr.peak.source
-    );
+    )?;
     if let Ok(h) = tr.loader.unigram_entropy() {
-        println!("titan: dataset unigram entropy {h:.3} nats/token (a model that learns context beats this)");
+        outln!("titan: dataset unigram entropy {h:.3} nats/token (a model that learns context beats this)")?;
     }
     match tr.maybe_resume()? {
-        Some(s) => println!("titan: resumed from checkpoint step {s}"),
+        Some(s) => outln!("titan: resumed from checkpoint step {s}")?,
         None => {
             if let Some(p) = tr
                 .cfg
@@ -72,13 +93,19 @@ pub fn train(
                 } else {
                     "titan"
                 };
-                println!("titan: initial weights from {kind} checkpoint {p}");
+                outln!("titan: initial weights from {kind} checkpoint {p}")?;
             }
         }
     }
+    warn_if_data_repeats(&tr);
+    tr.stop = StopFlag::from_signals()?;
     let hist = tr.fit(quiet)?;
+    if let Some(stopped) = &tr.stopped {
+        errln!("{}", stopped.message);
+        return Ok(ExitCode::from(stopped.cause.exit_code()));
+    }
     if let (Some(first), Some(last)) = (hist.first(), hist.last()) {
-        println!(
+        outln!(
             "titan: done {} steps in {:.1}s; loss {:.4} -> {:.4}; metrics in {}",
             tr.step,
             t0.elapsed().as_secs_f64(),
@@ -87,12 +114,12 @@ pub fn train(
             Path::new(&tr.cfg.job.dump_folder)
                 .join("metrics.jsonl")
                 .display()
-        );
+        )?;
         let png = Path::new(&tr.cfg.job.dump_folder).join("loss.png");
         crate::plot::loss_curve_png(&hist, &png)?;
-        println!("titan: loss curve in {}", png.display());
+        outln!("titan: loss curve in {}", png.display())?;
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 fn gib(b: usize) -> String {
@@ -113,14 +140,14 @@ pub fn plan(
     let args = resolve::run_args(spec, &cfg, None)?;
     let (_, _, mp) = trace_plan(spec, &cfg, args.as_ref(), dtype)?;
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string(&mp).map_err(|e| Error::Other(e.to_string()))?
-        );
+        )?;
         return Ok(());
     }
     let s = &mp.state;
-    println!(
+    outln!(
         "memory plan: {} {} | {:.3}B params | local batch {} x seq {} | compute {} | AC {}",
         spec.name,
         cfg.model.flavor,
@@ -129,52 +156,52 @@ pub fn plan(
         cfg.training.seq_len,
         dtype,
         cfg.activation_checkpoint.mode
-    );
-    println!("  parameters (f32 master)   {}", gib(s.params));
-    println!("  compute copy ({dtype})      {}", gib(s.compute_copy));
-    println!("  gradients (f32)           {}", gib(s.grads));
-    println!("  optimizer (AdamW m, v)    {}", gib(s.optimizer));
-    println!("  constants (rope tables)   {}", gib(s.constants));
-    println!(
+    )?;
+    outln!("  parameters (f32 master)   {}", gib(s.params))?;
+    outln!("  compute copy ({dtype})      {}", gib(s.compute_copy))?;
+    outln!("  gradients (f32)           {}", gib(s.grads))?;
+    outln!("  optimizer (AdamW m, v)    {}", gib(s.optimizer))?;
+    outln!("  constants (rope tables)   {}", gib(s.constants))?;
+    outln!(
         "  activations (planned)     {}   ({} without reuse; {} buffers, {} ops)",
         gib(mp.activations_peak),
         gib(mp.activations_unplanned).trim(),
         mp.buffers,
         mp.ops
-    );
+    )?;
     if mp.validation_activations > 0 {
-        println!(
+        outln!(
             "  validation (own arena)    {}   (its forward pass does not fit in the training arena)",
             gib(mp.validation_activations)
-        );
+        )?;
     }
-    println!("  peak, one device          {}", gib(mp.total()));
+    outln!("  peak, one device          {}", gib(mp.total()))?;
     let shard = cfg.parallelism.data_parallel_shard_degree;
     if shard > 1 {
-        println!(
+        outln!(
             "  state per rank if sharded {shard}-way (FSDP layout; FSDP execution is not in this release): {}",
             gib(s.total() / shard as usize).trim()
-        );
+        )?;
     }
-    println!(
+    outln!(
         "  (traced on the meta backend in {:.2}s, nothing allocated)",
         t0.elapsed().as_secs_f64()
-    );
+    )?;
     Ok(())
 }
 
 /// Every registered model and flavor with its parameter count (at the flavor's own vocabulary).
 pub fn list_models(reg: &Registry) -> Result<()> {
     for spec in reg.specs() {
-        println!("{}", spec.name);
+        outln!("{}", spec.name)?;
         for &f in spec.flavors {
             let a = (spec.flavor)(f)?;
-            println!(
+            outln!(
                 "  {:<16} {:>16} params   {}",
                 f,
                 group_digits(a.num_params()),
                 a.summary()
-            );
+            )?;
         }
     }
     Ok(())
@@ -209,7 +236,7 @@ pub fn bench(
     let mut tr = Trainer::with_options(cfg, reg, true)?;
     let seq = tr.cfg.training.seq_len as usize;
     let c = tr.model.args().clone_box();
-    println!(
+    outln!(
         "bench: {} {} ({:.3}B params) on {} | {} | batch {} x seq {} x accum {} | plan {:.2} GiB",
         tr.cfg.model.name,
         tr.cfg.model.flavor,
@@ -220,10 +247,10 @@ pub fn bench(
         seq,
         tr.accum,
         tr.memory.total() as f64 / GIB
-    );
+    )?;
     for _ in 0..warmup {
         let r = tr.train_step()?;
-        println!("bench: warm-up step {} loss {:.4}", tr.step, r.loss);
+        outln!("bench: warm-up step {} loss {:.4}", tr.step, r.loss)?;
     }
     tr.be.synchronize()?;
     crate::tape::profile::enable(profile);
@@ -241,35 +268,35 @@ pub fn bench(
     if profile {
         let rows = crate::tape::profile::report();
         let total: f64 = rows.iter().map(|r| r.2).sum();
-        println!(
+        outln!(
             "profile: {:<22} {:>7} {:>10} {:>6}   (ops synchronised; step {:.1} ms)",
             "op",
             "calls",
             "ms/step",
             "%",
             1e3 * dt / steps.max(1) as f64
-        );
+        )?;
         for (name, calls, secs) in rows {
-            println!(
+            outln!(
                 "profile: {name:<22} {:>7} {:>10.2} {:>5.1}%",
                 calls / steps.max(1),
                 1e3 * secs / steps.max(1) as f64,
                 100.0 * secs / total
-            );
+            )?;
         }
     }
     let tps = tokens as f64 / dt;
     let (_, f_tt) = c.nparams_and_flops(seq);
     let f_llmc = c.flops_per_token_llmc(seq);
     let peak = tr.peak.flops;
-    println!(
+    outln!(
         "bench: {} steps in {:.3}s ({:.1} ms/step), loss {:.4}",
         steps,
         dt,
         1e3 * dt / steps.max(1) as f64,
         last
-    );
-    println!(
+    )?;
+    outln!(
         "bench: tokens/s {:.0} | torchtitan 6N+12lhqt: {:.3} TFLOP/s MFU {:.2}% | llm.c 6N+6LCT: {:.3} TFLOP/s MFU {:.2}% | peak {:.3} TFLOP/s ({})",
         tps,
         tps * f_tt / 1e12,
@@ -278,13 +305,51 @@ pub fn bench(
         100.0 * tps * f_llmc / peak,
         peak / 1e12,
         tr.peak.source
-    );
-    println!(
+    )?;
+    outln!(
         "{}",
         serde_json::json!({"bench": "train", "flavor": tr.cfg.model.flavor, "seq_len": seq,
             "batch": tr.cfg.training.local_batch_size, "tokens_per_s": tps,
             "mfu_torchtitan_pct": 100.0 * tps * f_tt / peak, "mfu_llmc_pct": 100.0 * tps * f_llmc / peak,
             "device": tr.device, "step_ms": 1e3 * dt / steps.max(1) as f64})
-    );
+    )?;
     Ok(())
+}
+
+/// One warning when the run reads its training data more than once (the loader starts over at
+/// the end, as torchtitan's infinite loader does), and when validation has fewer batches than
+/// `validation.steps` asks for.
+fn warn_if_data_repeats(tr: &Trainer) {
+    let c = &tr.cfg.training;
+    let (steps, per_step) = (
+        c.steps.max(0) as u64,
+        (tr.accum * tr.loader.batch_size()) as u64,
+    );
+    let loader = &tr.loader;
+    if let (Some(tokens), Some(epochs)) =
+        (loader.slice_tokens(), loader.epochs_for(steps * per_step))
+    {
+        if epochs > 1.0 {
+            let sample = loader.seq_len() as u64 + 1;
+            errln!(
+                "titan: warning: dataset {} holds {tokens} tokens; {steps} steps x {per_step} \
+                 sequences x {sample} tokens = {} tokens read it {epochs:.1} times (it starts \
+                 over at its end)",
+                loader.name(),
+                steps * per_step * sample
+            );
+        }
+    }
+    if let Some(v) = &tr.validator {
+        let asked = tr.cfg.validation.steps;
+        if asked > 0 && v.batches() < asked as usize {
+            errln!(
+                "titan: warning: validation dataset {} holds {} full batch(es); each validation \
+                 reads those, not validation.steps = {asked} (the set is read once, as in \
+                 torchtitan)",
+                v.dataset_name(),
+                v.batches()
+            );
+        }
+    }
 }

@@ -9,6 +9,7 @@ use crate::checkpoint::{self, CheckpointMeta, LoadedCheckpoint, NamedTensor, MAN
 use crate::error::{Error, Result};
 use crate::model::state_dict::read_hf_params;
 use crate::model::{resolve, Registry};
+use crate::outln;
 use crate::tensor::DType;
 use crate::train::config::JobConfig;
 use std::path::Path;
@@ -34,12 +35,12 @@ pub fn convert(reg: &Registry, c: &Convert) -> Result<()> {
     match (from, to) {
         ("hf", "titan") => {
             let dir = hf_to_titan(reg, src, dst)?;
-            println!("titan: wrote titan checkpoint {}", dir.display());
+            outln!("titan: wrote titan checkpoint {}", dir.display())?;
             Ok(())
         }
         ("titan", "hf") => {
             titan_to_hf(reg, src, step, dst, dtype, max_shard_mb << 20)?;
-            println!("titan: wrote Hugging Face checkpoint {}", dst.display());
+            outln!("titan: wrote Hugging Face checkpoint {}", dst.display())?;
             Ok(())
         }
         _ => Err(Error::Config(format!(

@@ -7,6 +7,7 @@ use crate::data::read_token_batches;
 use crate::error::{Error, Result};
 use crate::model::state_dict::load_hf;
 use crate::model::{resolve, Registry, IGNORE_INDEX};
+use crate::outln;
 use crate::params::ParamStore;
 use crate::tape::{Placement, Tape};
 use crate::tensor::DType;
@@ -65,10 +66,10 @@ pub fn eval(
             tokens.display()
         )));
     }
-    println!(
+    outln!(
         "{}",
         serde_json::json!({"loss": total / count as f64, "tokens": count, "step": ck.step()})
-    );
+    )?;
     Ok(())
 }
 
@@ -162,9 +163,9 @@ pub fn eval_hf_cli(
     if let (Some(path), Some((shape, data))) = (dump, &r.logits) {
         write_f32_file(path, "logits", shape, data)?;
     }
-    println!(
+    outln!(
         "{}",
         serde_json::json!({"loss": r.loss, "tokens": r.tokens})
-    );
+    )?;
     Ok(())
 }

@@ -10,6 +10,7 @@ pub use commands::{bench, list_models, plan, train};
 
 use crate::error::{Error, Result};
 use crate::model::Registry;
+use crate::train::preempt::EXIT_OUTPUT_CLOSED;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,7 +29,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Train a model from a torchtitan-style TOML config. Overrides follow torchtitan:
-    /// `--training.steps 20 --optimizer.lr=3e-4 --checkpoint.enable`.
+    /// `--training.steps 20 --optimizer.lr=3e-4 --checkpoint.enable`. SIGTERM, SIGINT or SIGUSR1
+    /// finish the step, checkpoint it and exit 75 (a second signal exits at once with 128 + the
+    /// signal); a closed stdout ends the run with 141; one run per dump folder (run.lock).
     #[command(allow_hyphen_values = true)]
     Train {
         /// The TOML config (torchtitan's --job.config_file is accepted too).
@@ -126,30 +129,59 @@ enum Cmd {
     },
 }
 
+// clap hands every argument from the first `--section.key` override on to the trailing list, so
+// a subcommand's own options written after an override are taken out of that list here.
+
 /// Splits `--config X` / `--job.config_file X` out of torchtitan-style override lists.
-fn take_config(config: Option<PathBuf>, overrides: Vec<String>) -> (Option<PathBuf>, Vec<String>) {
+fn take_config(
+    config: Option<PathBuf>,
+    mut overrides: Vec<String>,
+) -> Result<(Option<PathBuf>, Vec<String>)> {
     let mut cfg = config;
-    let mut rest = Vec::new();
-    let mut it = overrides.into_iter();
+    for name in ["--config", "--job.config_file"] {
+        if let Some(v) = take_value(&mut overrides, name)? {
+            cfg = Some(PathBuf::from(v));
+        }
+    }
+    Ok((cfg, overrides))
+}
+
+/// Removes `--name V` / `--name=V` from the trailing overrides; the last one wins.
+fn take_value(overrides: &mut Vec<String>, name: &str) -> Result<Option<String>> {
+    let mut value = None;
+    let mut rest = Vec::with_capacity(overrides.len());
+    let mut it = std::mem::take(overrides).into_iter();
     while let Some(a) = it.next() {
-        let key = a.split('=').next().unwrap_or("").to_string();
-        if key == "--config" || key == "--job.config_file" {
-            match a.split_once('=') {
-                Some((_, v)) => cfg = Some(PathBuf::from(v)),
-                None => cfg = it.next().map(PathBuf::from),
-            }
+        if a == name {
+            let v = it
+                .next()
+                .ok_or_else(|| Error::Config(format!("{name} needs a value")))?;
+            value = Some(v);
+        } else if let Some(v) = a.strip_prefix(name).and_then(|r| r.strip_prefix('=')) {
+            value = Some(v.to_string());
         } else {
             rest.push(a);
         }
     }
-    (cfg, rest)
+    *overrides = rest;
+    Ok(value)
 }
 
-/// Removes a bare flag of this subcommand that landed among the trailing overrides.
+/// Removes a bare flag of this subcommand from the trailing overrides.
 fn take_flag(overrides: &mut Vec<String>, flag: &str) -> bool {
     let before = overrides.len();
     overrides.retain(|a| a != flag);
     overrides.len() != before
+}
+
+/// `take_value` parsed as a number.
+fn take_number(overrides: &mut Vec<String>, name: &str) -> Result<Option<u64>> {
+    take_value(overrides, name)?
+        .map(|v| {
+            v.parse()
+                .map_err(|_| Error::Config(format!("{name} {v:?} is not a whole number")))
+        })
+        .transpose()
 }
 
 /// Parses the process's arguments and runs the subcommand with the models of `reg`.
@@ -162,22 +194,26 @@ pub fn main(reg: Registry) -> ExitCode {
         Err(_) => run(&reg, cli),
     };
     match res {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
+        // The reader of stdout went away (`| head`): end quietly, as SIGPIPE would.
+        Err(Error::OutputClosed) => ExitCode::from(EXIT_OUTPUT_CLOSED),
         Err(e) => {
-            eprintln!("error: {e}");
+            crate::errln!("error: {e}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn run(reg: &Registry, cli: Cli) -> Result<()> {
+fn run(reg: &Registry, cli: Cli) -> Result<ExitCode> {
+    let done = |r: Result<()>| r.map(|()| ExitCode::SUCCESS);
     match cli.cmd {
         Cmd::Train {
             config,
             quiet,
             overrides,
         } => {
-            let (config, overrides) = take_config(config, overrides);
+            let (config, mut overrides) = take_config(config, overrides)?;
+            let quiet = take_flag(&mut overrides, "--quiet") || quiet;
             train(reg, config.as_deref(), &overrides, quiet)
         }
         Cmd::Plan {
@@ -186,8 +222,10 @@ fn run(reg: &Registry, cli: Cli) -> Result<()> {
             json,
             overrides,
         } => {
-            let (config, overrides) = take_config(config, overrides);
-            plan(reg, config.as_deref(), &overrides, &dtype, json)
+            let (config, mut overrides) = take_config(config, overrides)?;
+            let json = take_flag(&mut overrides, "--json") || json;
+            let dtype = take_value(&mut overrides, "--dtype")?.unwrap_or(dtype);
+            done(plan(reg, config.as_deref(), &overrides, &dtype, json))
         }
         Cmd::Bench {
             config,
@@ -196,11 +234,20 @@ fn run(reg: &Registry, cli: Cli) -> Result<()> {
             profile,
             overrides,
         } => {
-            let (config, mut overrides) = take_config(config, overrides);
+            let (config, mut overrides) = take_config(config, overrides)?;
             let profile = take_flag(&mut overrides, "--profile") || profile;
-            bench(reg, config.as_deref(), &overrides, steps, warmup, profile)
+            let steps = take_number(&mut overrides, "--steps")?.unwrap_or(steps);
+            let warmup = take_number(&mut overrides, "--warmup")?.unwrap_or(warmup);
+            done(bench(
+                reg,
+                config.as_deref(),
+                &overrides,
+                steps,
+                warmup,
+                profile,
+            ))
         }
-        Cmd::ListModels => list_models(reg),
+        Cmd::ListModels => done(list_models(reg)),
         Cmd::Eval {
             checkpoint,
             hf_checkpoint,
@@ -209,7 +256,7 @@ fn run(reg: &Registry, cli: Cli) -> Result<()> {
             tokens,
             seq_len,
             device,
-        } => match (checkpoint, hf_checkpoint) {
+        } => done(match (checkpoint, hf_checkpoint) {
             (_, Some(hf)) => {
                 eval::eval_hf_cli(reg, &hf, &tokens, seq_len, dump_logits.as_deref(), &device)
             }
@@ -217,7 +264,7 @@ fn run(reg: &Registry, cli: Cli) -> Result<()> {
             (None, None) => Err(Error::Config(
                 "eval needs --checkpoint or --hf-checkpoint".into(),
             )),
-        },
+        }),
         Cmd::Convert {
             from,
             to,
@@ -226,7 +273,7 @@ fn run(reg: &Registry, cli: Cli) -> Result<()> {
             max_shard_mb,
         } => {
             let (src, dst) = (std::path::Path::new(&from[1]), std::path::Path::new(&to[1]));
-            convert::convert(
+            done(convert::convert(
                 reg,
                 &convert::Convert {
                     from: (&from[0], src),
@@ -235,8 +282,7 @@ fn run(reg: &Registry, cli: Cli) -> Result<()> {
                     dtype: &dtype,
                     max_shard_mb,
                 },
-            )
+            ))
         }
     }
-    .map_err(|e: Error| e)
 }

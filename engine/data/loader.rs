@@ -166,6 +166,21 @@ impl DataLoader {
                  parallel ranks a slice"
             )));
         }
+        // A sample is seq_len + 1 consecutive tokens; a shorter slice would repeat itself
+        // inside every sample.
+        let sample = c.seq_len as u64 + 1;
+        if end - start < sample {
+            let slice = if world > 1 {
+                format!(" (data parallel rank {rank}'s slice: {})", end - start)
+            } else {
+                String::new()
+            };
+            return Err(Error::Data(format!(
+                "dataset {name} has {total} tokens{slice}, fewer than one sample of seq_len {} + \
+                 1 = {sample} tokens: give it more data or lower training.seq_len",
+                c.seq_len
+            )));
+        }
         let fingerprint = stream_fingerprint(&tokens);
         let stream = Stream::Flat {
             tokens,
@@ -224,6 +239,13 @@ impl DataLoader {
             Stream::Flat { len, .. } => Some(*len),
             Stream::Synthetic { .. } => None,
         }
+    }
+
+    /// How many times `samples` more samples read this rank's data (None for the endless
+    /// synthetic corpus).
+    pub fn epochs_for(&self, samples: u64) -> Option<f64> {
+        let len = self.slice_tokens()?;
+        Some((samples as f64) * (self.seq_len as f64 + 1.0) / len as f64)
     }
 
     /// Unigram entropy (nats/token) of this rank's data: its first 2^20 tokens (synthetic: the

@@ -158,6 +158,13 @@ pub fn build_loader(cfg: &DataConfig) -> Result<DataLoader> {
                     path.display()
                 )));
             }
+            // Each document adds BOS and EOS: no more than that is no text at all.
+            if stream.len() as u64 <= 2 * n_docs {
+                return Err(Error::Data(format!(
+                    "dataset {} is empty: its {n_docs} document(s) hold no text",
+                    path.display()
+                )));
+            }
             let vocab = Some(check_vocab(cfg, tok.as_ref())?);
             let summary = format!(
                 "dataset {}: {} text file(s), {n_docs} documents, {} tokens, {}, {rank}",

@@ -460,7 +460,7 @@ fn warn_ignored_once(keys: &[String], origin: &str) {
         .unwrap_or_else(|p| p.into_inner());
     for k in keys {
         if seen.insert(k.clone()) {
-            eprintln!(
+            crate::errln!(
                 "titan: warning: {origin}: '{k}' is a torchtitan option titan does not support yet; ignored"
             );
         }

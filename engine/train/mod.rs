@@ -3,7 +3,9 @@
 pub mod config;
 pub mod device;
 pub mod initial_load;
+pub mod lock;
 pub mod lr;
+pub mod preempt;
 pub mod state;
 pub mod trainer;
 pub mod validate;

@@ -9,6 +9,7 @@
 use super::config::JobConfig;
 use super::device::{device_name, select_backend};
 use super::lr::LrSchedule;
+use super::preempt::{StopFlag, Stopped};
 use super::state::SaveKind;
 use super::validate::{validation_arena_bytes, ValMetrics, Validator};
 use crate::backend::meta::MetaBackend;
@@ -149,6 +150,10 @@ pub struct Trainer {
     /// The training step at which the LR schedule's counter was zero (see state.rs).
     pub(super) lr_origin: i64,
     dump: PathBuf,
+    /// Polled once per step by `fit`; `titan train` sets it from the stop signals.
+    pub stop: StopFlag,
+    /// Set when `fit` ended early on a stop request.
+    pub stopped: Option<Stopped>,
 }
 
 /// Results of one optimizer step.
@@ -278,6 +283,8 @@ impl Trainer {
             validation_history: Vec::new(),
             lr_origin: 0,
             dump,
+            stop: StopFlag::new(),
+            stopped: None,
         })
     }
 
@@ -378,7 +385,8 @@ impl Trainer {
     }
 
     /// Trains to `training.steps`, logging every `metrics.log_freq` steps and checkpointing
-    /// on `checkpoint.interval`. Returns the logged history.
+    /// on `checkpoint.interval`. Returns the logged history. A stop request (`self.stop`) ends it
+    /// early, after a step and its checkpoint (see preempt.rs), and sets `self.stopped`.
     pub fn fit(&mut self, quiet: bool) -> Result<Vec<StepMetrics>> {
         let steps = self.cfg.training.steps.max(0) as u64;
         let log_freq = self.cfg.metrics.log_freq.max(1) as u64;
@@ -389,7 +397,12 @@ impl Trainer {
         let mut window_tokens = 0usize;
         let mut window_start = Instant::now();
         let mut window_steps = 0u64;
+        let mut saved = None;
         while self.step < steps {
+            if let Some(cause) = self.stop.agreed_stop() {
+                self.stopped = Some(self.stop_run(cause, first_step, saved)?);
+                break;
+            }
             let r = self.train_step()?;
             window_tokens += r.tokens;
             window_steps += 1;
@@ -414,7 +427,7 @@ impl Trainer {
                     eta_s: per_step * (steps - done) as f64,
                 };
                 if !quiet {
-                    println!("{}", m.log_line());
+                    self.say(format_args!("{}", m.log_line()))?;
                 }
                 writer.write(&m)?;
                 window_tokens = 0;
@@ -431,7 +444,7 @@ impl Trainer {
                     self.arena.ptr(),
                 )?;
                 if !quiet {
-                    println!("{}", m.log_line());
+                    self.say(format_args!("{}", m.log_line()))?;
                 }
                 writer.write_json(&m)?;
                 self.validation_history.push(m);
@@ -451,14 +464,15 @@ impl Trainer {
                 } else {
                     SaveKind::Full
                 })?;
+                saved = Some(done);
             }
             if c.last_save_in_hf && !c.load_only && last {
                 let dir = self.export_hf()?;
                 if !quiet {
-                    println!(
+                    self.say(format_args!(
                         "titan: Hugging Face checkpoint of step {done} in {}",
                         dir.display()
-                    );
+                    ))?;
                 }
             }
         }

@@ -112,26 +112,33 @@ impl Validator {
             Error::Config(m) => Error::Config(format!("validation dataset: {m}")),
             other => other,
         })?;
-        let batches = if v.steps > 0 {
-            v.steps as usize
-        } else {
-            let Some(tokens) = loader.slice_tokens() else {
+        // A finite set is read once per run, as torchtitan's non-repeating validation loader:
+        // all its full batches, or the first `steps` of them.
+        let full_batches = match loader.slice_tokens() {
+            Some(tokens) => {
+                let n = (tokens / (batch * (seq + 1)) as u64) as usize;
+                if n == 0 {
+                    return Err(Error::Data(format!(
+                        "validation dataset {} has {tokens} tokens, fewer than one batch of \
+                         {batch} x (seq_len {seq} + 1)",
+                        loader.name()
+                    )));
+                }
+                Some(n)
+            }
+            None => None,
+        };
+        let batches = match (v.steps > 0, full_batches) {
+            (true, Some(n)) => n.min(v.steps as usize),
+            (true, None) => v.steps as usize,
+            (false, Some(n)) => n,
+            (false, None) => {
                 return Err(Error::Config(format!(
                     "validation.steps = -1 (one pass over the whole set) needs a finite dataset, \
                      but {} is endless: set validation.steps to a number of batches",
                     loader.name()
-                )));
-            };
-            let per_batch = (batch * (seq + 1)) as u64;
-            let n = (tokens / per_batch) as usize;
-            if n == 0 {
-                return Err(Error::Data(format!(
-                    "validation dataset {} has {tokens} tokens, fewer than one batch of \
-                     {batch} x (seq_len {seq} + 1)",
-                    loader.name()
-                )));
+                )))
             }
-            n
         };
         let own_arena = match validation_arena_bytes(train_arena_bytes, plan.peak) {
             0 => None,
@@ -151,6 +158,15 @@ impl Validator {
     /// torchtitan's cadence: after the first step, then every `freq` steps.
     pub fn should_run(&self, step: u64) -> bool {
         step == 1 || step.is_multiple_of(self.freq)
+    }
+
+    /// Batches each validation run reads.
+    pub fn batches(&self) -> usize {
+        self.batches
+    }
+
+    pub fn dataset_name(&self) -> &str {
+        self.loader.name()
     }
 
     /// Bytes of the validator's own arena (0 when it borrows the training arena).
