@@ -88,3 +88,79 @@ pub fn export_hf(
         f32_to_bytes(&data, dtype)
     })
 }
+
+/// The name mapping of a decoder whose HF names are fixed top-level names plus per-layer
+/// suffixes under `model.layers.N.` (Llama, Qwen3, ...): a model's adapter is its tables.
+pub struct NameTable {
+    /// The model's name, for errors.
+    pub model: &'static str,
+    /// (titan name, HF name) outside the layers; the output projection must be
+    /// ("output.weight", "lm_head.weight").
+    pub top: &'static [(&'static str, &'static str)],
+    /// (titan suffix under `layers.N.`, HF suffix under `model.layers.N.`).
+    pub layer: &'static [(&'static str, &'static str)],
+}
+
+/// "3.rest" -> (3, "rest").
+fn split_layer(s: &str) -> Option<(usize, &str)> {
+    let (n, rest) = s.split_once('.')?;
+    Some((n.parse().ok()?, rest))
+}
+
+impl NameTable {
+    /// The Hugging Face name of a titan parameter.
+    pub fn to_hf(&self, titan: &str) -> Result<String> {
+        if let Some((_, hf)) = self.top.iter().find(|(t, _)| *t == titan) {
+            return Ok(hf.to_string());
+        }
+        titan
+            .strip_prefix("layers.")
+            .and_then(split_layer)
+            .and_then(|(n, rest)| {
+                let (_, hf) = self.layer.iter().find(|(t, _)| *t == rest)?;
+                Some(format!("model.layers.{n}.{hf}"))
+            })
+            .ok_or_else(|| {
+                Error::Checkpoint(format!(
+                    "{}: parameter {titan} has no Hugging Face name",
+                    self.model
+                ))
+            })
+    }
+
+    /// The titan parameter of a Hugging Face tensor of a model with `n_layers` layers; None for
+    /// tensors titan does not keep (rotary `inv_freq` buffers, the head of a tied checkpoint).
+    pub fn to_titan(&self, hf: &str, n_layers: usize, tied: bool) -> Result<Option<String>> {
+        if hf == "lm_head.weight" && tied {
+            return Ok(None);
+        }
+        if let Some((t, _)) = self.top.iter().find(|(_, h)| *h == hf) {
+            return Ok(Some(t.to_string()));
+        }
+        let unknown = || {
+            Error::Checkpoint(format!(
+                "{}: Hugging Face tensor {hf} has no counterpart in titan's {}",
+                self.model, self.model
+            ))
+        };
+        let (n, rest) = hf
+            .strip_prefix("model.layers.")
+            .and_then(split_layer)
+            .ok_or_else(unknown)?;
+        if rest == "self_attn.rotary_emb.inv_freq" {
+            return Ok(None);
+        }
+        if n >= n_layers {
+            return Err(Error::Checkpoint(format!(
+                "{}: tensor {hf} is for layer {n}, the model has {n_layers} layers",
+                self.model
+            )));
+        }
+        let (titan, _) = self
+            .layer
+            .iter()
+            .find(|(_, h)| *h == rest)
+            .ok_or_else(unknown)?;
+        Ok(Some(format!("layers.{n}.{titan}")))
+    }
+}

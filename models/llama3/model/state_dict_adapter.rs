@@ -26,6 +26,7 @@ use serde_json::{json, Value};
 use std::path::Path;
 use titan_engine::error::{Error, Result};
 use titan_engine::model::hf_config::{rope_type, HfFields};
+use titan_engine::model::state_dict::NameTable;
 use titan_engine::model::{args_as, ModelArgs, StateDictAdapter};
 
 pub struct Llama3StateDictAdapter {
@@ -42,82 +43,33 @@ impl Llama3StateDictAdapter {
     }
 }
 
-/// (titan suffix, HF suffix) inside one layer.
-const LAYER_MAP: [(&str, &str); 9] = [
-    ("attention.wq.weight", "self_attn.q_proj.weight"),
-    ("attention.wk.weight", "self_attn.k_proj.weight"),
-    ("attention.wv.weight", "self_attn.v_proj.weight"),
-    ("attention.wo.weight", "self_attn.o_proj.weight"),
-    ("feed_forward.w1.weight", "mlp.gate_proj.weight"),
-    ("feed_forward.w3.weight", "mlp.up_proj.weight"),
-    ("feed_forward.w2.weight", "mlp.down_proj.weight"),
-    ("attention_norm.weight", "input_layernorm.weight"),
-    ("ffn_norm.weight", "post_attention_layernorm.weight"),
-];
-
-/// "3.rest" -> (3, "rest").
-fn split_layer(s: &str) -> Option<(usize, &str)> {
-    let (n, rest) = s.split_once('.')?;
-    Some((n.parse().ok()?, rest))
-}
+const NAMES: NameTable = NameTable {
+    model: "llama3",
+    top: &[
+        ("tok_embeddings.weight", "model.embed_tokens.weight"),
+        ("norm.weight", "model.norm.weight"),
+        ("output.weight", "lm_head.weight"),
+    ],
+    layer: &[
+        ("attention.wq.weight", "self_attn.q_proj.weight"),
+        ("attention.wk.weight", "self_attn.k_proj.weight"),
+        ("attention.wv.weight", "self_attn.v_proj.weight"),
+        ("attention.wo.weight", "self_attn.o_proj.weight"),
+        ("feed_forward.w1.weight", "mlp.gate_proj.weight"),
+        ("feed_forward.w3.weight", "mlp.up_proj.weight"),
+        ("feed_forward.w2.weight", "mlp.down_proj.weight"),
+        ("attention_norm.weight", "input_layernorm.weight"),
+        ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    ],
+};
 
 impl StateDictAdapter for Llama3StateDictAdapter {
     fn to_hf(&self, titan: &str) -> Result<String> {
-        let direct = match titan {
-            "tok_embeddings.weight" => Some("model.embed_tokens.weight"),
-            "norm.weight" => Some("model.norm.weight"),
-            "output.weight" => Some("lm_head.weight"),
-            _ => None,
-        };
-        if let Some(d) = direct {
-            return Ok(d.to_string());
-        }
-        let mapped = titan
-            .strip_prefix("layers.")
-            .and_then(split_layer)
-            .and_then(|(n, rest)| {
-                let (_, hf) = LAYER_MAP.iter().find(|(t, _)| *t == rest)?;
-                Some(format!("model.layers.{n}.{hf}"))
-            });
-        mapped.ok_or_else(|| {
-            Error::Checkpoint(format!(
-                "llama3: parameter {titan} has no Hugging Face name"
-            ))
-        })
+        NAMES.to_hf(titan)
     }
-
     fn to_titan(&self, hf: &str) -> Result<Option<String>> {
-        let unknown = || {
-            Error::Checkpoint(format!(
-                "llama3: Hugging Face tensor {hf} has no counterpart in titan's Llama 3"
-            ))
-        };
-        match hf {
-            "model.embed_tokens.weight" => return Ok(Some("tok_embeddings.weight".into())),
-            "model.norm.weight" => return Ok(Some("norm.weight".into())),
-            // Tied checkpoints may still carry the (identical) head; the embedding is used.
-            "lm_head.weight" if self.tie_embeddings => return Ok(None),
-            "lm_head.weight" => return Ok(Some("output.weight".into())),
-            _ => {}
-        }
-        let (n, rest) = hf
-            .strip_prefix("model.layers.")
-            .and_then(split_layer)
-            .ok_or_else(unknown)?;
-        if rest == "self_attn.rotary_emb.inv_freq" {
-            return Ok(None);
-        }
-        if n >= self.n_layers {
-            return Err(Error::Checkpoint(format!(
-                "llama3: tensor {hf} is for layer {n}, the model has {} layers",
-                self.n_layers
-            )));
-        }
-        let (titan, _) = LAYER_MAP
-            .iter()
-            .find(|(_, h)| *h == rest)
-            .ok_or_else(unknown)?;
-        Ok(Some(format!("layers.{n}.{titan}")))
+        // Tied checkpoints may still carry the (identical) head; the embedding is used.
+        NAMES.to_titan(hf, self.n_layers, self.tie_embeddings)
     }
 }
 
