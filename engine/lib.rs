@@ -16,6 +16,7 @@ pub mod parallel;
 pub mod params;
 pub mod planner;
 pub mod plot;
+pub mod progress;
 pub mod rng;
 pub mod tape;
 pub mod tensor;
