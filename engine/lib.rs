@@ -20,6 +20,7 @@ pub mod progress;
 pub mod rng;
 pub mod tape;
 pub mod tensor;
+pub mod tensorboard;
 pub mod train;
 
 pub use error::{Error, Result};
