@@ -18,9 +18,11 @@ pub mod parallel;
 pub mod params;
 pub mod planner;
 pub mod plot;
+pub mod progress;
 pub mod rng;
 pub mod tape;
 pub mod tensor;
+pub mod tensorboard;
 pub mod train;
 
 pub use error::{Error, Result};

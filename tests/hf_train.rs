@@ -273,6 +273,8 @@ fn cli_convert_and_eval_hf() {
         t.to_str().unwrap(),
     ]);
     assert!(ok.0, "{}", ok.2);
+    // Small work shows no progress: the one-line result is all the output.
+    assert_eq!((ok.1.lines().count(), ok.2.as_str()), (1, ""), "{}", ok.1);
     let args = [
         "convert",
         "--from",
@@ -283,6 +285,7 @@ fn cli_convert_and_eval_hf() {
     ];
     let ok = run(&[&args[..], &[ck.to_str().unwrap(), "--dtype", "bfloat16"]].concat());
     assert!(ok.0, "{}", ok.2);
+    assert_eq!((ok.1.lines().count(), ok.2.as_str()), (1, ""), "{}", ok.1);
     assert!(ck.join("config.json").is_file() && ck.join("model.safetensors").is_file());
     let tokens = src.join("inputs.json");
     let dump = tmp.join("logits.safetensors");

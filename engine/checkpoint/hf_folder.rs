@@ -9,6 +9,7 @@
 //! Model-specific naming lives in each model's `StateDictAdapter` (engine/model/state_dict.rs).
 
 use crate::error::{Error, Result};
+use crate::progress::Progress;
 use safetensors::tensor::TensorInfo;
 use safetensors::Dtype;
 use std::borrow::Cow;
@@ -311,8 +312,10 @@ pub fn write_hf(
     let elem = dtype.bitsize() / 8;
     let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
     let mut cur = 0usize;
+    let mut all = 0u64;
     for (i, t) in tensors.iter().enumerate() {
         let n = t.shape.iter().product::<usize>() * elem;
+        all += n as u64;
         if max_shard_bytes > 0 && cur > 0 && cur + n > max_shard_bytes {
             shards.push(Vec::new());
             cur = 0;
@@ -329,7 +332,12 @@ pub fn write_hf(
         std::process::id()
     ));
     let _ = std::fs::remove_dir_all(&tmp);
-    let result = write_into(&tmp, config, tensors, dtype, &shards, &mut bytes_of).and_then(|()| {
+    // Counted as each tensor is produced (read, converted): the bulk of the work; each shard's
+    // write to disk follows its tensors.
+    let bar = Progress::new(format!("writing {}", dir.display()), all, true);
+    let written = write_into(&tmp, config, tensors, dtype, &shards, &mut bytes_of, &bar);
+    let result = written.and_then(|()| {
+        bar.finish();
         if dir.exists() {
             std::fs::remove_dir(dir).map_err(|e| Error::io(dir, e))?;
         }
@@ -348,6 +356,7 @@ fn write_into(
     dtype: Dtype,
     shards: &[Vec<usize>],
     bytes_of: &mut impl FnMut(usize) -> Result<Vec<u8>>,
+    bar: &Progress,
 ) -> Result<()> {
     std::fs::create_dir_all(tmp).map_err(|e| Error::io(tmp, e))?;
     let cfg_path = tmp.join(HF_CONFIG);
@@ -374,6 +383,7 @@ fn write_into(
                 )));
             }
             total += bytes.len();
+            bar.add(bytes.len() as u64);
             weight_map.insert(tensors[i].name.clone(), file.clone().into());
             views.push((
                 tensors[i].name.as_str(),

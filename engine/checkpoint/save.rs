@@ -6,6 +6,7 @@
 use super::manifest::{Manifest, ShardEntry, TensorEntry, FORMAT_NAME, FORMAT_VERSION};
 use super::{checksum, numel, shard_file_name, st_dtype, step_dir, NamedTensor, MANIFEST_FILE};
 use crate::error::{Error, Result};
+use crate::progress::Progress;
 use crate::tensor::DType;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
@@ -98,6 +99,8 @@ struct ShardView<'a> {
     dtype: DType,
     shape: &'a [usize],
     bytes: &'a [u8],
+    /// The serializer asks for each tensor's data once, as it writes it.
+    bar: &'a Progress,
 }
 
 impl safetensors::View for ShardView<'_> {
@@ -108,6 +111,7 @@ impl safetensors::View for ShardView<'_> {
         self.shape
     }
     fn data(&self) -> Cow<'_, [u8]> {
+        self.bar.add(self.bytes.len() as u64);
         Cow::Borrowed(self.bytes)
     }
     fn data_len(&self) -> usize {
@@ -125,6 +129,12 @@ pub fn write_shard(
 ) -> Result<()> {
     std::fs::create_dir_all(tmp).map_err(|e| Error::io(tmp, e))?;
     let path = tmp.join(shard_file_name(rank));
+    let total = tensors.iter().map(|t| t.bytes.len() as u64).sum();
+    let label = match world_size {
+        1 => format!("saving checkpoint step {step}"),
+        _ => format!("saving checkpoint step {step} (rank {rank})"),
+    };
+    let bar = Progress::new(label, total, true);
     let mut placements = BTreeMap::new();
     let mut views = Vec::with_capacity(tensors.len());
     for t in tensors {
@@ -175,6 +185,7 @@ pub fn write_shard(
                 dtype: t.dtype,
                 shape: &t.shape,
                 bytes: t.bytes,
+                bar: &bar,
             },
         ));
     }
@@ -187,7 +198,9 @@ pub fn write_shard(
     info.insert(SHARDS_KEY.to_string(), json);
     safetensors::serialize_to_file(views, Some(info), &path)
         .map_err(|e| Error::Checkpoint(format!("{}: write failed: {e}", path.display())))?;
-    sync_path(&path)
+    sync_path(&path)?;
+    bar.finish();
+    Ok(())
 }
 
 /// Builds and writes the manifest from the `world_size` shard files in `tmp`, makes the folder

@@ -116,7 +116,12 @@ pub fn train(
                 .display()
         )?;
         let png = Path::new(&tr.cfg.job.dump_folder).join("loss.png");
-        crate::plot::loss_curve_png(&hist, &png)?;
+        let run = crate::plot::RunInfo {
+            model: &tr.cfg.model.name,
+            flavor: &tr.cfg.model.flavor,
+            steps: tr.step,
+        };
+        crate::plot::loss_curve_png(&hist, &tr.validation_history, &run, &png)?;
         outln!("titan: loss curve in {}", png.display())?;
     }
     Ok(ExitCode::SUCCESS)

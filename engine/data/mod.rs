@@ -15,7 +15,6 @@
 
 pub mod eval;
 pub mod loader;
-pub mod progress;
 pub mod source;
 pub mod synthetic;
 pub mod tokenizer;
@@ -61,7 +60,7 @@ pub struct DataConfig {
     pub token_dtype: Option<TokenDType>,
     /// The model's vocabulary: every id must be below it (default: the tokenizer's).
     pub vocab_size: Option<usize>,
-    /// Progress bar while tokenizing (shown only when stderr is a terminal).
+    /// Progress while tokenizing large files (see `crate::progress`); false = quiet.
     pub progress: bool,
 }
 
@@ -83,8 +82,9 @@ impl Default for DataConfig {
     }
 }
 
-/// Build the loader for this rank. Text datasets are tokenized here, in full, on every rank (a
-/// progress bar shows on a terminal), so the packed stream and its split are identical everywhere.
+/// Build the loader for this rank. Text datasets are tokenized here, in full, on every rank
+/// (progress shows on stderr for big files), so the packed stream and its split are identical
+/// everywhere.
 pub fn build_loader(cfg: &DataConfig) -> Result<DataLoader> {
     if cfg.seq_len == 0 || cfg.batch == 0 {
         return Err(Error::Config(format!(

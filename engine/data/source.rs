@@ -18,9 +18,9 @@ use memmap2::Mmap;
 use rayon::prelude::*;
 use serde_json::Value;
 
-use super::progress::Progress;
 use super::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
+use crate::progress::Progress;
 
 /// Element type of a pre-tokenized token file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,7 +221,7 @@ pub(crate) fn tokenize_files(
         .filter_map(|f| std::fs::metadata(f).ok())
         .map(|m| m.len())
         .sum();
-    let mut bar = Progress::new("tokenizing", total, show_progress);
+    let bar = Progress::new("tokenizing", total, show_progress);
     let (bos, eos) = (tok.bos_id(), tok.eos_id());
     let mut stream = Vec::new();
     let mut n_docs = 0u64;

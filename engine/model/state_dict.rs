@@ -7,6 +7,7 @@ use crate::backend::Backend;
 use crate::checkpoint::hf_folder::{f32_to_bytes, write_hf, HfCheckpoint, HfOut};
 use crate::error::{Error, Result};
 use crate::params::{ParamId, ParamSpec, ParamStore};
+use crate::progress::Progress;
 use std::path::Path;
 
 /// Name mapping between a titan model and its Hugging Face checkpoint.
@@ -37,7 +38,8 @@ pub fn read_hf_params(
             }
         }
     }
-    for (i, spec) in specs.iter().enumerate() {
+    let mut names = Vec::with_capacity(specs.len());
+    for spec in specs {
         let hf = adapter.to_hf(&spec.name)?;
         if !ck.contains(&hf) {
             return Err(Error::Checkpoint(format!(
@@ -46,8 +48,16 @@ pub fn read_hf_params(
                 spec.name
             )));
         }
-        sink(i, ck.read_f32(&hf, &spec.shape.0)?)?;
+        names.push(hf);
     }
+    let size = |hf: &str| ck.get(hf).map_or(0, |t| t.bytes.len() as u64);
+    let total = names.iter().map(|hf| size(hf)).sum();
+    let bar = Progress::new(format!("reading {}", ck.dir.display()), total, true);
+    for (i, (spec, hf)) in specs.iter().zip(&names).enumerate() {
+        sink(i, ck.read_f32(hf, &spec.shape.0)?)?;
+        bar.add(size(hf));
+    }
+    bar.finish();
     Ok(())
 }
 

@@ -72,10 +72,20 @@ impl Default for Job {
 pub struct Metrics {
     /// Log every this many steps.
     pub log_freq: i64,
+    /// Write TensorBoard event files to `<dump_folder>/<save_tb_folder>/<YYYYmmdd-HHMM>/`.
+    pub enable_tensorboard: bool,
+    pub save_tb_folder: String,
+    /// Every rank writes its own events (in `rank_<r>/`), not only the metrics rank.
+    pub save_for_all_ranks: bool,
 }
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics { log_freq: 10 }
+        Metrics {
+            log_freq: 10,
+            enable_tensorboard: false,
+            save_tb_folder: "tb".into(),
+            save_for_all_ranks: false,
+        }
     }
 }
 

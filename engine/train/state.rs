@@ -14,6 +14,7 @@ use crate::checkpoint::{self, CheckpointMeta, LoadedCheckpoint, NamedTensor};
 use crate::error::{Error, Result};
 use crate::model::resolve;
 use crate::params::ParamId;
+use crate::progress::Progress;
 use crate::tensor::DType;
 use std::path::PathBuf;
 
@@ -49,27 +50,25 @@ impl Trainer {
     pub fn save(&self, kind: SaveKind) -> Result<PathBuf> {
         let be = self.be.as_ref();
         let mut host: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+        let parts = if kind == SaveKind::Full { 3 } else { 1 };
+        let bar = Progress::new(
+            format!("copying step {} state to host memory", self.step),
+            parts * self.param_bytes(),
+            true,
+        );
         for (name, id) in self.param_tensor_names() {
-            let shape = self.store.shape(id).0.clone();
-            host.push((
-                format!("model.{name}"),
-                shape.clone(),
-                self.store.read_f32(be, self.store.master(id))?,
-            ));
-            if kind == SaveKind::ModelOnly {
-                continue;
+            let mut bufs = vec![(format!("model.{name}"), self.store.master(id))];
+            if kind == SaveKind::Full {
+                bufs.push((format!("optim.exp_avg.{name}"), self.store.moment1(id)));
+                bufs.push((format!("optim.exp_avg_sq.{name}"), self.store.moment2(id)));
             }
-            host.push((
-                format!("optim.exp_avg.{name}"),
-                shape.clone(),
-                self.store.read_f32(be, self.store.moment1(id))?,
-            ));
-            host.push((
-                format!("optim.exp_avg_sq.{name}"),
-                shape,
-                self.store.read_f32(be, self.store.moment2(id))?,
-            ));
+            for (key, buf) in bufs {
+                let data = self.store.read_f32(be, buf)?;
+                bar.add(4 * data.len() as u64);
+                host.push((key, self.store.shape(id).0.clone(), data));
+            }
         }
+        bar.finish();
         let tensors: Vec<NamedTensor> = host
             .iter()
             .map(|(n, s, d)| NamedTensor::full(n, DType::F32, s, bytemuck::cast_slice(d)))
@@ -95,6 +94,7 @@ impl Trainer {
         key: &str,
         id: ParamId,
         buf: Buf,
+        bar: &Progress,
     ) -> Result<()> {
         let e = ck.entry(key)?;
         if e.dtype != DType::F32 || e.shape != self.store.shape(id).0 {
@@ -106,13 +106,36 @@ impl Trainer {
                 self.store.shape(id)
             )));
         }
-        self.be.upload(buf, &ck.read_global(key)?)
+        let bytes = ck.read_global(key)?;
+        self.be.upload(buf, &bytes)?;
+        bar.add(bytes.len() as u64);
+        Ok(())
+    }
+
+    /// Bytes of the f32 parameters (one of masters, exp_avg, exp_avg_sq).
+    fn param_bytes(&self) -> u64 {
+        let ids = self.store.ids();
+        ids.map(|id| 4 * self.store.shape(id).numel() as u64).sum()
+    }
+
+    /// Progress of loading `parts` f32 copies of the parameters from `ck`.
+    fn load_progress(&self, ck: &LoadedCheckpoint, parts: u64) -> Progress {
+        let label = format!("loading {}", ck.dir.display());
+        Progress::new(label, parts * self.param_bytes(), true)
     }
 
     /// The checkpoint's model weights into the f32 masters, then the compute copy from them.
     pub(super) fn load_weights(&self, ck: &LoadedCheckpoint) -> Result<()> {
+        let bar = self.load_progress(ck, 1);
+        self.load_weights_counted(ck, &bar)?;
+        bar.finish();
+        Ok(())
+    }
+
+    fn load_weights_counted(&self, ck: &LoadedCheckpoint, bar: &Progress) -> Result<()> {
         for (name, id) in self.param_tensor_names() {
-            self.upload_param_state(ck, &format!("model.{name}"), id, self.store.master(id))?;
+            let key = format!("model.{name}");
+            self.upload_param_state(ck, &key, id, self.store.master(id), bar)?;
         }
         self.store.sync_compute(self.be.as_ref())
     }
@@ -148,19 +171,22 @@ impl Trainer {
                 ck.dir.display()
             )));
         }
+        let moments = optimizer && has_moments;
+        let bar = self.load_progress(ck, model as u64 + 2 * moments as u64);
         if model {
-            self.load_weights(ck)?;
+            self.load_weights_counted(ck, &bar)?;
         }
-        if optimizer && has_moments {
+        if moments {
             for (name, id) in self.param_tensor_names() {
                 for (key, buf) in [
                     (format!("optim.exp_avg.{name}"), self.store.moment1(id)),
                     (format!("optim.exp_avg_sq.{name}"), self.store.moment2(id)),
                 ] {
-                    self.upload_param_state(ck, &key, id, buf)?;
+                    self.upload_param_state(ck, &key, id, buf, &bar)?;
                 }
             }
         }
+        bar.finish();
         // A converted checkpoint (`titan convert`) has no data position: start at the beginning.
         if dataloader && !ck.manifest.dataloader.is_null() {
             self.loader.restore(&ck.manifest.dataloader)?;

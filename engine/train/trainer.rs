@@ -23,6 +23,7 @@ use crate::planner::Plan;
 use crate::tape::profile::timed;
 use crate::tape::{Placement, Tape};
 use crate::tensor::DType;
+use crate::tensorboard::TensorBoard;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -391,6 +392,7 @@ impl Trainer {
         let steps = self.cfg.training.steps.max(0) as u64;
         let log_freq = self.cfg.metrics.log_freq.max(1) as u64;
         let mut writer = MetricsWriter::create(&self.dump)?;
+        let mut tb = TensorBoard::open(&self.cfg, 0, 0)?; // one rank, which is the metrics rank
         let planned = (self.memory.total()) as f64 / GIB;
         let mut started = Instant::now();
         let first_step = self.step;
@@ -430,6 +432,7 @@ impl Trainer {
                     self.say(format_args!("{}", m.log_line()))?;
                 }
                 writer.write(&m)?;
+                tb.log_step(&m)?;
                 window_tokens = 0;
                 window_steps = 0;
                 window_start = Instant::now();
@@ -447,6 +450,7 @@ impl Trainer {
                     self.say(format_args!("{}", m.log_line()))?;
                 }
                 writer.write_json(&m)?;
+                tb.log_validation(&m)?;
                 self.validation_history.push(m);
                 // Throughput and ETA count training steps only.
                 let spent = std::time::Duration::from_secs_f64(m.validation_time_s);

@@ -146,9 +146,9 @@ pub(crate) fn section_keys(section: &str) -> &'static [(&'static str, Kind, Use)
         "metrics" => &[
             ("log_freq", Int, Yes),
             ("disable_color_printing", Bool, Moot), // titan prints no colours
-            ("save_for_all_ranks", Bool, No("false")),
-            ("enable_tensorboard", Bool, No("false")),
-            ("save_tb_folder", Str, No("\"tb\"")),
+            ("save_for_all_ranks", Bool, Yes),
+            ("enable_tensorboard", Bool, Yes),
+            ("save_tb_folder", Str, Yes),
             ("enable_wandb", Bool, No("false")),
         ],
         "model" => &[
