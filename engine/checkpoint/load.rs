@@ -158,7 +158,9 @@ pub fn load_dir(dir: &Path) -> Result<LoadedCheckpoint> {
     }
     let manifest = Manifest::read(&dir.join(MANIFEST_FILE))?;
     manifest.check_layout(&dir.join(MANIFEST_FILE).display().to_string())?;
-    let mut shards = Vec::with_capacity(manifest.world_size);
+    // Not with_capacity(world_size): a corrupt manifest's world size must fail on the first
+    // missing shard file, not on allocating for 2^40 ranks.
+    let mut shards = Vec::new();
     for rank in 0..manifest.world_size {
         let path = dir.join(super::shard_file_name(rank));
         let file = ShardFile::open(&path)?;

@@ -61,12 +61,13 @@ pub fn read_token_batches(
             )));
         };
         let ids = read_token_file(path, dtype)?;
-        if ids.len() < t + 1 {
+        // `<= t`, not `< t + 1`: seq_len may be usize::MAX.
+        if ids.len() <= t {
             return Err(Error::Data(format!(
                 "eval token file {}: {} tokens, fewer than one sequence of seq_len + 1 = {}",
                 path.display(),
                 ids.len(),
-                t + 1
+                t as u128 + 1
             )));
         }
         ids.chunks_exact(t + 1).map(<[u32]>::to_vec).collect()
@@ -141,10 +142,10 @@ fn read_json_lists(path: &Path, seq_len: Option<usize>) -> Result<Vec<Vec<u32>>>
         )));
     }
     if let Some(t) = seq_len {
-        if n != t + 1 {
+        if t.checked_add(1) != Some(n) {
             return Err(bad(format!(
                 "sequences have {n} ids, seq_len {t} needs {}",
-                t + 1
+                t as u128 + 1
             )));
         }
     }

@@ -92,6 +92,18 @@ pub fn build_loader(cfg: &DataConfig) -> Result<DataLoader> {
             cfg.seq_len, cfg.batch
         )));
     }
+    // A batch holds batch x (seq_len + 1) u32 ids: a size no allocation can hold is an error
+    // here, not a capacity-overflow panic in next_batch.
+    let fits = (cfg.seq_len.checked_add(1))
+        .and_then(|n| n.checked_mul(cfg.batch))
+        .and_then(|n| n.checked_mul(4))
+        .is_some_and(|bytes| bytes <= isize::MAX as usize);
+    if !fits {
+        return Err(Error::Config(format!(
+            "data loader: batch {} x (seq_len {} + 1) tokens is too large to hold",
+            cfg.batch, cfg.seq_len
+        )));
+    }
     if cfg.dp_world == 0 || cfg.dp_rank >= cfg.dp_world {
         return Err(Error::Config(format!(
             "data parallel rank {} is not in 0..{}",

@@ -371,7 +371,7 @@ impl JobConfig {
     ///
     /// As in torchtitan, the file may instead be named by a `--job.config_file PATH` override.
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<JobConfig> {
-        let from_cli = config_file_override(overrides);
+        let from_cli = config_file_override(overrides)?;
         let path = match (path, from_cli.as_deref()) {
             (Some(p), Some(c)) if p != Path::new(c) => {
                 return Err(Error::Config(format!(
@@ -441,17 +441,17 @@ impl JobConfig {
     }
 }
 
-/// The value of a `--job.config_file` override, if any.
-fn config_file_override(args: &[String]) -> Option<String> {
-    let mut found = None;
-    for (i, a) in args.iter().enumerate() {
-        if let Some(v) = a.strip_prefix("--job.config_file=") {
-            found = Some(v.to_string());
-        } else if a == "--job.config_file" {
-            found = args.get(i + 1).cloned();
-        }
-    }
-    found
+/// The value of a `--job.config_file` override, if any, read by the override parser itself:
+/// a scan of the words would also take a `--job.config_file` that is another flag's value
+/// (`--job.description --job.config_file`), and silently drop the file named before it.
+fn config_file_override(args: &[String]) -> Result<Option<String>> {
+    let mut probe = toml::Table::new();
+    parse::apply_overrides(&mut probe, args)?;
+    Ok(probe
+        .get("job")
+        .and_then(|j| j.get("config_file"))
+        .and_then(toml::Value::as_str)
+        .map(str::to_string))
 }
 
 fn one_line(e: &dyn std::fmt::Display) -> String {

@@ -170,7 +170,16 @@ impl JobConfig {
             );
         }
         if p.data_parallel_shard_degree > 0 {
-            let dp = p.data_parallel_replicate_degree * p.data_parallel_shard_degree;
+            let (rep, shard) = (
+                p.data_parallel_replicate_degree,
+                p.data_parallel_shard_degree,
+            );
+            let dp = rep.checked_mul(shard).ok_or_else(|| {
+                Error::Config(format!(
+                    "parallelism.data_parallel_replicate_degree x data_parallel_shard_degree = \
+                     {rep} x {shard} is too large"
+                ))
+            })?;
             self.check_global_batch(dp as usize)?;
         }
 
@@ -247,17 +256,18 @@ impl JobConfig {
     /// global = local * dp * accumulation).
     pub fn gradient_accumulation_steps(&self, dp: usize) -> Result<usize> {
         self.check_global_batch(dp)?;
-        let per_step = self.training.local_batch_size as usize * dp;
         Ok(match self.training.global_batch_size {
             -1 => 1,
-            g => g as usize / per_step,
+            // Checked above: 0 < local x dp <= g, so the product fits.
+            g => g as usize / (self.training.local_batch_size as usize * dp),
         })
     }
 
     fn check_global_batch(&self, dp: usize) -> Result<()> {
         let g = self.training.global_batch_size;
-        let per_step = self.training.local_batch_size * dp as i64;
-        if g != -1 && (g <= 0 || g % per_step != 0) {
+        // In i128: local x dp may pass i64 (huge degrees), and wrap to 0 there.
+        let per_step = self.training.local_batch_size as i128 * dp as i128;
+        if g != -1 && (g <= 0 || per_step <= 0 || g as i128 % per_step != 0) {
             return Err(Error::Config(format!(
                 "training.global_batch_size = {g} must be a multiple of local_batch_size ({}) x data-parallel degree ({dp}) = {per_step}",
                 self.training.local_batch_size
@@ -279,7 +289,17 @@ impl Parallelism {
             d(self.tensor_parallel_degree),
             d(self.pipeline_parallel_degree),
         );
-        let others = rep * cp * tp * pp;
+        // Checked: degrees up to i64::MAX would wrap, and a wrapped product can equal the world.
+        let too_large = || {
+            Error::Config(format!(
+                "parallel degrees dp_replicate {rep} x cp {cp} x tp {tp} x pp {pp} multiply past \
+                 the world size {world_size}"
+            ))
+        };
+        let others = [rep, cp, tp, pp]
+            .iter()
+            .try_fold(1usize, |a, &x| a.checked_mul(x))
+            .ok_or_else(too_large)?;
         let shard = if self.data_parallel_shard_degree == -1 {
             if !world_size.is_multiple_of(others) {
                 return Err(Error::Config(format!(
@@ -290,10 +310,10 @@ impl Parallelism {
         } else {
             d(self.data_parallel_shard_degree)
         };
-        if shard * others != world_size {
+        let all = shard.checked_mul(others).ok_or_else(too_large)?;
+        if all != world_size {
             return Err(Error::Config(format!(
-                "parallel degrees multiply to {} (dp_replicate {rep} x dp_shard {shard} x cp {cp} x tp {tp} x pp {pp}) but the world size is {world_size}",
-                shard * others
+                "parallel degrees multiply to {all} (dp_replicate {rep} x dp_shard {shard} x cp {cp} x tp {tp} x pp {pp}) but the world size is {world_size}"
             )));
         }
         let (ep, etp) = (
