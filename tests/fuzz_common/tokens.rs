@@ -307,7 +307,9 @@ fn stream_reference(
             stream.push(EOS);
         }
     }
-    (docs > 0).then_some((stream, Some(vocab.unwrap_or(259))))
+    // Documents that hold no text at all (only BOS + EOS each) are an empty dataset: an error
+    // (issue 15's data guards).
+    (docs > 0 && stream.len() > 2 * docs).then_some((stream, Some(vocab.unwrap_or(259))))
 }
 
 /// The loader's reference: a rank's slice read cyclically, `batch` samples of seq_len + 1.
