@@ -13,32 +13,42 @@ use fuzz_common::{checkpoint, config, fuzz, hf, scratch, tokens};
 
 #[test]
 fn fuzz_config() {
-    let stats = fuzz("config", 6000, config::generator(scratch("config")));
+    let dir = scratch("config");
+    let stats = fuzz("config", 6000, config::generator(dir.clone()));
     stats.assert_mix("config", 0.1);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn fuzz_native() {
-    let stats = fuzz("native", 4000, checkpoint::generator(scratch("native")));
+    let dir = scratch("native");
+    let stats = fuzz("native", 4000, checkpoint::generator(dir.clone()));
     stats.assert_mix("native", 0.05);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn fuzz_hf() {
-    let stats = fuzz("hf", 3000, hf::generator(scratch("hf")));
+    let dir = scratch("hf");
+    let stats = fuzz("hf", 3000, hf::generator(dir.clone()));
     stats.assert_mix("hf", 0.05);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn fuzz_eval() {
-    let stats = fuzz("eval", 4000, tokens::eval_generator(scratch("eval")));
+    let dir = scratch("eval");
+    let stats = fuzz("eval", 4000, tokens::eval_generator(dir.clone()));
     stats.assert_mix("eval", 0.05);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn fuzz_loader() {
-    let stats = fuzz("loader", 3000, tokens::loader_generator(scratch("loader")));
+    let dir = scratch("loader");
+    let stats = fuzz("loader", 3000, tokens::loader_generator(dir.clone()));
     stats.assert_mix("loader", 0.05);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 // ---- Regressions: each input panicked, aborted or gave a wrong result before its fix. ----
@@ -123,6 +133,7 @@ fn regression_config_file_flag_as_a_value_keeps_the_file() {
     let cfg = JobConfig::load(None, &ov).unwrap();
     assert_eq!((cfg.training.steps, cfg.training.seq_len), (5, 32));
     assert_eq!(cfg.job.description, "--job.config_file");
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Found by fuzz_eval: seq_len usize::MAX made seq_len + 1 wrap to 0 and chunks_exact(0) panic.
@@ -140,6 +151,7 @@ fn regression_eval_seq_len_usize_max_is_an_error() {
             other => panic!("{name}: {other:?}"),
         }
     }
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Found by fuzz_loader: a batch too large to allocate panicked (capacity overflow).
@@ -173,4 +185,5 @@ fn regression_manifest_world_size_huge_names_the_missing_shard() {
         Err(Error::Checkpoint(msg)) => assert!(msg.contains("rank-00001.safetensors"), "{msg}"),
         other => panic!("{:?}", other.map(|c| c.manifest.world_size)),
     }
+    let _ = std::fs::remove_dir_all(root);
 }

@@ -255,7 +255,11 @@ where
         Ok(r) => r,
         Err(p) => panic!("fuzz {target}: a generator panicked: {}", panic_text(&*p)),
     };
-    if !failures.is_empty() {
+    if failures.is_empty() {
+        let _ = std::fs::remove_file(
+            std::env::temp_dir().join(format!("titan-fuzz-last-case-{target}.txt")),
+        );
+    } else {
         panic!(
             "fuzz {target}: {} failing case(s) (stopped after {MAX_FAILURES}):\n\n{}",
             failures.len(),
