@@ -5,7 +5,7 @@ use super::manifest::{Manifest, TensorEntry};
 use super::save::{Placement, SHARDS_KEY};
 use super::{available_steps, checksum, numel, step_dir, MANIFEST_FILE};
 use crate::error::{Error, Result};
-use crate::tensor::DType;
+use crate::tensor::{DType, Shape};
 use safetensors::tensor::Metadata;
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
@@ -230,6 +230,21 @@ impl LoadedCheckpoint {
                 self.dir.display()
             ))
         })
+    }
+
+    /// The whole global tensor `name` as f32 bytes, after checking it is f32 of `shape` (a
+    /// model parameter or its optimizer state); the error names the folder and the tensor.
+    pub fn read_f32_of(&self, name: &str, shape: &Shape) -> Result<Vec<u8>> {
+        let e = self.entry(name)?;
+        if e.dtype != DType::F32 || e.shape != shape.0 {
+            return Err(Error::Checkpoint(format!(
+                "{}: tensor {name} is {} {:?}, the model expects f32 {shape}",
+                self.dir.display(),
+                e.dtype,
+                e.shape,
+            )));
+        }
+        self.read_global(name)
     }
 
     /// The whole global tensor, row-major bytes.

@@ -7,7 +7,7 @@ use crate::tensor::DType;
 use crate::train::config::JobConfig;
 use crate::train::lock::RunLock;
 use crate::train::preempt::StopFlag;
-use crate::train::trainer::{model_spec, trace_plan, Trainer};
+use crate::train::trainer::{trace_plan, Trainer};
 use crate::{checkpoint, errln, outln};
 use std::path::Path;
 use std::process::ExitCode;
@@ -141,7 +141,7 @@ pub fn plan(
     let cfg = JobConfig::load(config, overrides)?;
     let dtype = DType::parse(dtype)?;
     let t0 = Instant::now();
-    let spec = model_spec(reg, &cfg)?;
+    let spec = reg.find(&cfg.model.name)?;
     let args = resolve::run_args(spec, &cfg, None)?;
     let (_, _, mp) = trace_plan(spec, &cfg, args.as_ref(), dtype)?;
     if json {

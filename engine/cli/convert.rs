@@ -141,17 +141,7 @@ pub fn titan_to_hf(
     let config = (spec.hf.to_config)(args.as_ref(), dtype)?;
     write_hf(dst, &config, &outs, st_dtype, max_shard_bytes, |i| {
         let key = format!("model.{}", specs[i].name);
-        let e = ck.entry(&key)?;
-        if e.dtype != DType::F32 || e.shape != specs[i].shape.0 {
-            return Err(Error::Checkpoint(format!(
-                "{}: tensor {key} is {} {:?}, expected f32 {}",
-                ck.dir.display(),
-                e.dtype,
-                e.shape,
-                specs[i].shape
-            )));
-        }
-        let bytes = ck.read_global(&key)?;
+        let bytes = ck.read_f32_of(&key, &specs[i].shape)?;
         let f: Vec<f32> = bytes
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))

@@ -38,17 +38,7 @@ pub fn eval(
     let store = ParamStore::materialize(builder, be.as_ref(), dtype)?;
     for id in store.ids() {
         let key = format!("model.{}", store.name(id));
-        let e = ck.entry(&key)?;
-        if e.dtype != DType::F32 || e.shape != store.shape(id).0 {
-            return Err(Error::Checkpoint(format!(
-                "{}: tensor {key} is {} {:?}, the model expects f32 {}",
-                ck.dir.display(),
-                e.dtype,
-                e.shape,
-                store.shape(id)
-            )));
-        }
-        be.upload(store.master(id), &ck.read_global(&key)?)?;
+        be.upload(store.master(id), &ck.read_f32_of(&key, store.shape(id))?)?;
     }
     store.sync_compute(be.as_ref())?;
     let (mut total, mut count) = (0f64, 0usize);

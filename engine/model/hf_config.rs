@@ -5,6 +5,13 @@ use crate::error::{Error, Result};
 use serde_json::Value;
 use std::path::Path;
 
+/// Reads and parses a `config.json` file; errors name the file.
+pub fn read_config(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text)
+        .map_err(|e| Error::Config(format!("{}: not valid JSON ({e})", path.display())))
+}
+
 pub struct HfFields<'a> {
     pub v: &'a Value,
     pub path: &'a Path,

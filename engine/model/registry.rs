@@ -2,6 +2,7 @@
 //! `registry()`) and handed to the CLI and the trainer, which look models up here by name or
 //! by a Hugging Face `model_type`.
 
+use super::hf_config::read_config;
 use super::ModelSpec;
 use crate::checkpoint::hf_folder::HF_CONFIG;
 use crate::error::{Error, Result};
@@ -54,9 +55,7 @@ impl Registry {
     /// with the parsed file.
     pub fn for_hf_folder(&self, dir: &Path) -> Result<(&'static ModelSpec, Value)> {
         let path = dir.join(HF_CONFIG);
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::Config(format!("{}: not valid JSON ({e})", path.display())))?;
+        let v = read_config(&path)?;
         let Some(kind) = v.get("model_type").and_then(Value::as_str) else {
             return Err(Error::Config(format!(
                 "{}: field model_type: missing (it names the architecture)",

@@ -8,6 +8,7 @@
 //!    Hugging Face `config.json`; without `initial_load_in_hf`: the titan checkpoint folder there;
 //! 3. `model.flavor`.
 
+use super::hf_config::read_config;
 use super::{ModelArgs, ModelSpec, Registry};
 use crate::checkpoint::hf_folder::HF_CONFIG;
 use crate::checkpoint::{self, LoadedCheckpoint, Manifest, MANIFEST_FILE};
@@ -55,9 +56,7 @@ pub fn manifest_args(spec: &ModelSpec, m: &Manifest) -> Result<Option<Box<dyn Mo
 /// The architecture of a Hugging Face folder for `spec`, refusing a folder of another model.
 pub fn hf_args(spec: &ModelSpec, dir: &Path) -> Result<Box<dyn ModelArgs>> {
     let path = dir.join(HF_CONFIG);
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let v: Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Config(format!("{}: not valid JSON ({e})", path.display())))?;
+    let v = read_config(&path)?;
     if let Some(kind) = v.get("model_type").and_then(Value::as_str) {
         if !spec.hf.model_types.contains(&kind) {
             return Err(Error::Config(format!(

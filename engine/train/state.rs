@@ -96,17 +96,7 @@ impl Trainer {
         buf: Buf,
         bar: &Progress,
     ) -> Result<()> {
-        let e = ck.entry(key)?;
-        if e.dtype != DType::F32 || e.shape != self.store.shape(id).0 {
-            return Err(Error::Checkpoint(format!(
-                "{}: tensor {key} is {} {:?}, the model expects f32 {}",
-                ck.dir.display(),
-                e.dtype,
-                e.shape,
-                self.store.shape(id)
-            )));
-        }
-        let bytes = ck.read_global(key)?;
+        let bytes = ck.read_f32_of(key, self.store.shape(id))?;
         self.be.upload(buf, &bytes)?;
         bar.add(bytes.len() as u64);
         Ok(())

@@ -27,11 +27,6 @@ use crate::tensorboard::TensorBoard;
 use std::path::PathBuf;
 use std::time::Instant;
 
-/// The model `cfg.model.name` names in `reg`.
-pub fn model_spec(reg: &Registry, cfg: &JobConfig) -> Result<&'static ModelSpec> {
-    reg.find(&cfg.model.name)
-}
-
 /// The compute dtype: bf16 on CUDA (torchtitan's mixed_precision_param), f32 on the CPU backend,
 /// whose reference kernels compute in f32 anyway.
 pub fn compute_dtype(cfg: &JobConfig, backend_name: &str) -> Result<DType> {
@@ -176,7 +171,7 @@ impl Trainer {
     /// real 128k-vocab output layer on built-in data, whose ids are all below it).
     pub fn with_options(mut cfg: JobConfig, reg: &Registry, flavor_vocab: bool) -> Result<Trainer> {
         cfg.validate()?;
-        let spec = model_spec(reg, &cfg)?;
+        let spec = reg.find(&cfg.model.name)?;
         cfg.model.name = spec.name.to_string();
         // Model problems (unknown flavor, seq_len beyond the model) first: they are cheap to find.
         resolve::run_args(spec, &cfg, None)?;

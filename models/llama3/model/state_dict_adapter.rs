@@ -25,7 +25,7 @@ use super::config::{Llama3Config, RopeScaling};
 use serde_json::{json, Value};
 use std::path::Path;
 use titan_engine::error::{Error, Result};
-use titan_engine::model::hf_config::{rope_type, HfFields};
+use titan_engine::model::hf_config::{read_config, rope_type, HfFields};
 use titan_engine::model::state_dict::NameTable;
 use titan_engine::model::{args_as, ModelArgs, StateDictAdapter};
 
@@ -78,10 +78,7 @@ impl StateDictAdapter for Llama3StateDictAdapter {
 /// transformers 4 spelling (top-level `rope_theta`, `rope_scaling`) and the transformers 5 one
 /// (`rope_parameters` holding both) are accepted. Unsupported architectures are refused.
 pub fn llama3_config_from_hf(path: &Path) -> Result<Llama3Config> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let v: Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Config(format!("{}: not valid JSON ({e})", path.display())))?;
-    llama3_config_from_json(&v, path)
+    llama3_config_from_json(&read_config(path)?, path)
 }
 
 /// `llama3_config_from_hf` of an already parsed `config.json` (`path` names it in errors).

@@ -19,7 +19,7 @@ use super::config::Qwen3Config;
 use serde_json::{json, Value};
 use std::path::Path;
 use titan_engine::error::{Error, Result};
-use titan_engine::model::hf_config::{rope_type, HfFields};
+use titan_engine::model::hf_config::{read_config, rope_type, HfFields};
 use titan_engine::model::state_dict::NameTable;
 use titan_engine::model::{args_as, ModelArgs, StateDictAdapter};
 
@@ -105,10 +105,7 @@ pub fn qwen3_config_from_json(v: &Value, path: &Path) -> Result<Qwen3Config> {
 
 /// `qwen3_config_from_json` of a file.
 pub fn qwen3_config_from_hf(path: &Path) -> Result<Qwen3Config> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let v: Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Config(format!("{}: not valid JSON ({e})", path.display())))?;
-    qwen3_config_from_json(&v, path)
+    qwen3_config_from_json(&read_config(path)?, path)
 }
 
 /// The `config.json` of a Qwen3Config (transformers 4 spelling, which transformers 5 reads),
