@@ -116,7 +116,8 @@ pub const GIB: f64 = (1u64 << 30) as f64;
 /// Appends one JSON object per logged step to `<dump>/metrics.jsonl`.
 pub struct MetricsWriter {
     path: PathBuf,
-    file: std::fs::File,
+    /// None on ranks that only keep the history (rank 0 writes the file).
+    file: Option<std::fs::File>,
     pub history: Vec<StepMetrics>,
 }
 
@@ -131,9 +132,17 @@ impl MetricsWriter {
             .map_err(|e| Error::io(&path, e))?;
         Ok(MetricsWriter {
             path,
-            file,
+            file: Some(file),
             history: Vec::new(),
         })
+    }
+    /// Keeps the history without writing a file (the ranks other than rank 0).
+    pub fn history_only(dir: &Path) -> Self {
+        MetricsWriter {
+            path: dir.join("metrics.jsonl"),
+            file: None,
+            history: Vec::new(),
+        }
     }
     pub fn write(&mut self, m: &StepMetrics) -> Result<()> {
         self.write_json(m)?;
@@ -142,8 +151,11 @@ impl MetricsWriter {
     }
     /// Appends any other record (validation results) as one JSON line.
     pub fn write_json(&mut self, record: &impl serde::Serialize) -> Result<()> {
+        let Some(file) = self.file.as_mut() else {
+            return Ok(());
+        };
         let line = serde_json::to_string(record).map_err(|e| Error::Other(e.to_string()))?;
-        writeln!(self.file, "{line}").map_err(|e| Error::io(&self.path, e))
+        writeln!(file, "{line}").map_err(|e| Error::io(&self.path, e))
     }
     pub fn path(&self) -> &Path {
         &self.path

@@ -5,7 +5,10 @@
 //! contiguous range of the same flat layout.
 
 use crate::backend::{Backend, Buf, DeviceMem};
+use crate::dist::Communicator;
 use crate::error::{Error, Result};
+use crate::parallel::fsdp::FsdpLayout;
+use crate::parallel::fsdp_runtime::Fsdp;
 use crate::tensor::{DType, Shape};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -24,6 +27,8 @@ pub struct ParamSpec {
 pub struct ParamStoreBuilder {
     pub params: Vec<ParamSpec>,
     pub consts: Vec<(String, Shape, Vec<f32>)>,
+    /// The FSDP units a model's `parallelize` declared (`Parallelize::fully_shard`).
+    pub fsdp_units: Vec<Vec<ParamId>>,
 }
 
 impl ParamStoreBuilder {
@@ -46,6 +51,11 @@ impl ParamStoreBuilder {
     }
 }
 
+/// The dim FSDP shards (1 for a scalar).
+fn dim0(s: &Shape) -> usize {
+    s.dims().first().copied().unwrap_or(1).max(1)
+}
+
 /// Elements per parameter slot are rounded up to this, so every slice starts 512-byte aligned.
 const SLOT: usize = 128;
 
@@ -60,6 +70,9 @@ pub struct ParamStore {
     v: Buf,
     compute: Option<Buf>,
     consts: Vec<(String, Buf)>,
+    /// Set when the parameters are sharded (FSDP): the regions above then hold this rank's
+    /// shards and `compute` / `grad` are whole tensors in the unit slots.
+    fsdp: Option<Fsdp>,
     _mem: Vec<Box<dyn DeviceMem>>,
 }
 
@@ -71,12 +84,29 @@ pub struct StateBytes {
     pub grads: usize,
     pub optimizer: usize,
     pub constants: usize,
+    /// FSDP: the gathered-parameter and unsharded-gradient slots.
+    pub gathered: usize,
+    /// FSDP: the all-gather and reduce-scatter staging buffers.
+    pub comm_buffers: usize,
 }
 
 impl StateBytes {
     pub fn total(&self) -> usize {
-        self.params + self.compute_copy + self.grads + self.optimizer + self.constants
+        self.params
+            + self.compute_copy
+            + self.grads
+            + self.optimizer
+            + self.constants
+            + self.gathered
+            + self.comm_buffers
     }
+}
+
+/// How a store is sharded: the layout, the dp_shard group and the reduce dtype.
+pub struct Sharding {
+    pub layout: FsdpLayout,
+    pub comm: Box<dyn Communicator>,
+    pub reduce_dtype: DType,
 }
 
 impl ParamStore {
@@ -88,6 +118,17 @@ impl ParamStore {
         be: &dyn Backend,
         compute_dtype: DType,
     ) -> Result<ParamStore> {
+        Self::materialize_sharded(b, be, compute_dtype, None)
+    }
+
+    /// As `materialize`, with every region holding only this rank's shards when `sharding` is
+    /// given (FSDP; see parallel/fsdp.rs).
+    pub fn materialize_sharded(
+        b: ParamStoreBuilder,
+        be: &dyn Backend,
+        compute_dtype: DType,
+        sharding: Option<Sharding>,
+    ) -> Result<ParamStore> {
         if compute_dtype == DType::I32 {
             return Err(Error::Config(
                 "compute dtype must be float32 or bfloat16".into(),
@@ -95,9 +136,17 @@ impl ParamStore {
         }
         let mut offsets = Vec::with_capacity(b.params.len());
         let mut total = 0usize;
-        for p in &b.params {
-            offsets.push(total);
-            total += p.shape.numel().div_ceil(SLOT) * SLOT;
+        match &sharding {
+            Some(sh) => {
+                offsets.extend(sh.layout.params.iter().map(|p| p.local_off));
+                total = sh.layout.local_len;
+            }
+            None => {
+                for p in &b.params {
+                    offsets.push(total);
+                    total += p.shape.numel().div_ceil(SLOT) * SLOT;
+                }
+            }
         }
         let total = total.max(SLOT);
         let f32b = total * 4;
@@ -134,6 +183,16 @@ impl ParamStore {
             consts.push((name, buf));
             off += data.len().div_ceil(SLOT) * SLOT;
         }
+        let fsdp = match sharding {
+            Some(sh) => Some(Fsdp::new(
+                sh.layout,
+                sh.comm,
+                be,
+                compute_dtype,
+                sh.reduce_dtype,
+            )?),
+            None => None,
+        };
         Ok(ParamStore {
             specs: b.params,
             compute_dtype,
@@ -145,8 +204,54 @@ impl ParamStore {
             v,
             compute,
             consts,
+            fsdp,
             _mem: vec![mem, cmem],
         })
+    }
+
+    /// The FSDP runtime of a sharded store.
+    pub fn fsdp(&self) -> Option<&Fsdp> {
+        self.fsdp.as_ref()
+    }
+
+    /// This rank's rows of parameter `id`: (first row, count); every row when unsharded.
+    pub fn shard_rows(&self, id: ParamId) -> (usize, usize) {
+        match &self.fsdp {
+            Some(f) => f.layout.my_rows(id),
+            None => (0, dim0(self.shape(id))),
+        }
+    }
+
+    /// Elements of this rank's shard of `id` (all of them when unsharded).
+    pub fn local_numel(&self, id: ParamId) -> usize {
+        match &self.fsdp {
+            Some(f) => f.layout.my_rows(id).1 * f.layout.params[id.0].row,
+            None => self.numel(id),
+        }
+    }
+
+    /// FSDP: gathers the unit of `id` into its slot unless it is there (a no-op unsharded).
+    pub fn acquire(&self, be: &dyn Backend, id: ParamId) -> Result<()> {
+        match &self.fsdp {
+            Some(f) => self.gather_unit(be, f.unit_of(id)),
+            None => Ok(()),
+        }
+    }
+
+    /// FSDP: gathers unit `u` from the local compute-dtype shards.
+    pub fn gather_unit(&self, be: &dyn Backend, u: usize) -> Result<()> {
+        match &self.fsdp {
+            Some(f) => f.acquire(be, u, self.compute.unwrap_or(self.master)),
+            None => Ok(()),
+        }
+    }
+
+    /// FSDP: reduce-scatters unit `u`'s gradients into the local gradient shard.
+    pub fn reduce_unit(&self, be: &dyn Backend, u: usize) -> Result<()> {
+        match &self.fsdp {
+            Some(f) => f.reduce(be, u, self.grad),
+            None => Ok(()),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -175,13 +280,22 @@ impl ParamStore {
         self.specs.iter().map(|s| s.shape.numel()).sum()
     }
 
+    /// This rank's part of `id` in a flat region (all of it when unsharded).
     fn slice(&self, region: &Buf, id: ParamId) -> Buf {
-        region.slice(self.offsets[id.0], self.numel(id))
+        region.slice(self.offsets[id.0], self.local_numel(id))
     }
     pub fn master(&self, id: ParamId) -> Buf {
         self.slice(&self.master, id)
     }
+    /// The whole f32 gradient backward accumulates into (FSDP: in the unit's gradient slot).
     pub fn grad(&self, id: ParamId) -> Buf {
+        match &self.fsdp {
+            Some(f) => f.grad(id, self.numel(id)),
+            None => self.slice(&self.grad, id),
+        }
+    }
+    /// This rank's shard of the reduced gradient of `id` (the whole gradient when unsharded).
+    pub fn local_grad(&self, id: ParamId) -> Buf {
         self.slice(&self.grad, id)
     }
     pub fn moment1(&self, id: ParamId) -> Buf {
@@ -191,7 +305,11 @@ impl ParamStore {
         self.slice(&self.v, id)
     }
     /// The weights ops read: the bf16 copy in mixed precision, else the f32 master itself.
+    /// FSDP: the whole tensor in its unit's slot, valid after `acquire`.
     pub fn compute(&self, id: ParamId) -> Buf {
+        if let Some(f) = &self.fsdp {
+            return f.compute(id, self.numel(id));
+        }
         match &self.compute {
             Some(c) => self.slice(c, id),
             None => self.master(id),
@@ -216,10 +334,21 @@ impl ParamStore {
     }
 
     pub fn zero_grads(&self, be: &dyn Backend) -> Result<()> {
+        if let Some(f) = &self.fsdp {
+            f.zero_grads();
+        }
         be.fill(self.grad, 0.0)
     }
 
-    /// Writes f32 values into a parameter's master copy (and its compute copy).
+    /// FSDP: the shards changed (optimizer step, load), so gathered copies are stale.
+    pub fn shards_updated(&self) {
+        if let Some(f) = &self.fsdp {
+            f.invalidate();
+        }
+    }
+
+    /// Writes f32 values of the whole parameter into its master copy (and its compute copy);
+    /// a sharded store keeps this rank's rows.
     pub fn set(&self, be: &dyn Backend, id: ParamId, data: &[f32]) -> Result<()> {
         if data.len() != self.numel(id) {
             return Err(Error::Shape {
@@ -233,10 +362,14 @@ impl ParamStore {
                 ),
             });
         }
-        be.upload(self.master(id), bytemuck::cast_slice(data))?;
-        if self.compute.is_some() {
-            be.cast(self.master(id), self.compute(id))?;
+        let (row0, rows) = self.shard_rows(id);
+        let row = data.len() / dim0(self.shape(id));
+        let mine = &data[row0 * row..(row0 + rows) * row];
+        be.upload(self.master(id), bytemuck::cast_slice(mine))?;
+        if let Some(c) = &self.compute {
+            be.cast(self.master(id), self.slice(c, id))?;
         }
+        self.shards_updated();
         Ok(())
     }
 
@@ -245,6 +378,7 @@ impl ParamStore {
         if let Some(c) = self.compute {
             be.cast(self.master, c)?;
         }
+        self.shards_updated();
         Ok(())
     }
 
@@ -255,12 +389,18 @@ impl ParamStore {
     }
 
     pub fn state_bytes(&self) -> StateBytes {
+        let (gathered, comm_buffers) = match &self.fsdp {
+            Some(f) => Fsdp::bytes(&f.layout, self.compute_dtype, f.reduce_dtype()),
+            None => (0, 0),
+        };
         StateBytes {
             params: self.total * 4,
             compute_copy: self.compute.map(|c| c.bytes()).unwrap_or(0),
             grads: self.total * 4,
             optimizer: self.total * 8,
             constants: self.consts.iter().map(|c| c.1.bytes()).sum(),
+            gathered,
+            comm_buffers,
         }
     }
 }

@@ -235,6 +235,19 @@ impl LoadedCheckpoint {
     /// The whole global tensor `name` as f32 bytes, after checking it is f32 of `shape` (a
     /// model parameter or its optimizer state); the error names the folder and the tensor.
     pub fn read_f32_of(&self, name: &str, shape: &Shape) -> Result<Vec<u8>> {
+        let rows = shape.dims().first().copied().unwrap_or(1);
+        self.read_f32_rows_of(name, shape, 0, rows)
+    }
+
+    /// Rows `start .. start + rows` (an FSDP rank's shard, in whatever layout the checkpoint
+    /// was saved) of an f32 tensor that must have the model's `shape`.
+    pub fn read_f32_rows_of(
+        &self,
+        name: &str,
+        shape: &Shape,
+        start: usize,
+        rows: usize,
+    ) -> Result<Vec<u8>> {
         let e = self.entry(name)?;
         if e.dtype != DType::F32 || e.shape != shape.0 {
             return Err(Error::Checkpoint(format!(
@@ -244,7 +257,10 @@ impl LoadedCheckpoint {
                 e.shape,
             )));
         }
-        self.read_global(name)
+        if shape.rank() == 0 {
+            return self.read_global(name);
+        }
+        self.read_rows(name, start, rows)
     }
 
     /// The whole global tensor, row-major bytes.

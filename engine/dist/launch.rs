@@ -4,6 +4,7 @@
 //! rank and master come from SLURM_NNODES, SLURM_NODEID and the first host of
 //! SLURM_JOB_NODELIST (compressed lists such as `gpu[01-04,07]` included).
 
+use super::Communicator;
 use crate::error::{Error, Result};
 
 /// torchrun's launcher flags as given on the command line (None = not given).
@@ -160,6 +161,36 @@ impl Launch {
     pub fn single_process(&self) -> bool {
         self.ranks.len() == self.world
     }
+}
+
+/// Runs `f` once per communicator, each on its own thread (ranks as threads of this process),
+/// and returns the ranks' results in rank order. A rank that panics is an error naming it; a
+/// rank that fails drops its communicator, which the others see as a lost peer, not a hang.
+pub fn run_rank_threads<T: Send>(
+    comms: Vec<Box<dyn Communicator>>,
+    f: &(dyn Fn(Box<dyn Communicator>) -> Result<T> + Sync),
+) -> Vec<Result<T>> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(r, c)| {
+                std::thread::Builder::new()
+                    .name(format!("rank-{r}"))
+                    .stack_size(16 << 20)
+                    .spawn_scoped(s, move || f(c))
+                    .map_err(|e| Error::Comm(format!("rank {r}: cannot start its thread: {e}")))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .map(|(r, h)| {
+                h?.join()
+                    .unwrap_or_else(|_| Err(Error::Comm(format!("rank {r} panicked"))))
+            })
+            .collect()
+    })
 }
 
 #[cfg(test)]

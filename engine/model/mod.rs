@@ -21,7 +21,7 @@ pub use state_dict::StateDictAdapter;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::parallel::pipeline::Stage;
-use crate::params::{ParamSpec, ParamStore, ParamStoreBuilder};
+use crate::params::{ParamId, ParamSpec, ParamStore, ParamStoreBuilder};
 use crate::tape::{Tape, Tensor};
 use crate::train::config::JobConfig;
 use serde_json::Value;
@@ -74,10 +74,31 @@ pub trait Model: Any + Send + Sync {
 }
 
 /// What `ModelSpec::parallelize` is given: the job (activation checkpointing, the parallel
-/// degrees). The distributed layers add the device mesh here, so a model's `parallelize`
-/// signature does not change when they land.
+/// degrees), and where it declares the FSDP units (torchtitan's `fully_shard` per block; the
+/// parameters not in any unit form the root unit). The engine shards by these units whenever
+/// dp_shard > 1, so a model folder only names its blocks' parameters.
 pub struct Parallelize<'a> {
     pub job: &'a JobConfig,
+    units: std::cell::RefCell<Vec<Vec<ParamId>>>,
+}
+
+impl<'a> Parallelize<'a> {
+    pub fn new(job: &'a JobConfig) -> Self {
+        Parallelize {
+            job,
+            units: Default::default(),
+        }
+    }
+
+    /// Makes `params` one FSDP unit: gathered together before its forward and backward, its
+    /// gradients reduce-scattered together after its backward. Declare units in forward order.
+    pub fn fully_shard(&self, params: Vec<ParamId>) {
+        self.units.borrow_mut().push(params);
+    }
+
+    pub fn into_units(self) -> Vec<Vec<ParamId>> {
+        self.units.into_inner()
+    }
 }
 
 /// Hugging Face `transformers` interop of one model.
@@ -133,7 +154,9 @@ impl ModelSpec {
     ) -> Result<(Box<dyn Model>, ParamStoreBuilder)> {
         let mut b = ParamStoreBuilder::default();
         let mut model = (self.build)(args, &mut b)?;
-        (self.parallelize)(model.as_mut(), &Parallelize { job })?;
+        let p = Parallelize::new(job);
+        (self.parallelize)(model.as_mut(), &p)?;
+        b.fsdp_units = p.into_units();
         Ok((model, b))
     }
 

@@ -4,4 +4,6 @@
 //! the thin glue that names its modules.
 
 pub mod ac;
+pub mod fsdp;
+pub mod fsdp_runtime;
 pub mod pipeline;

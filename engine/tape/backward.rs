@@ -27,6 +27,72 @@ impl Grads {
     }
 }
 
+/// FSDP's part of a backward pass: a unit is gathered (if its slot was reused) and its gradient
+/// slot opened before its first backward op, and its gradients are reduce-scattered after its
+/// last one, which is the lowest-numbered node reading it. Inert for an unsharded store.
+struct FsdpWalk {
+    /// Per unit: the first forward node reading it (its last in backward), if any.
+    first_use: Vec<Option<usize>>,
+    opened: Vec<bool>,
+    reduced: Vec<bool>,
+}
+
+impl FsdpWalk {
+    fn new(t: &Tape) -> FsdpWalk {
+        let n = t.store.fsdp().map_or(0, |f| f.layout.units.len());
+        let mut first_use = vec![None; n];
+        if n > 0 {
+            for ni in (0..t.nodes.len()).rev() {
+                for u in t.node_units(ni) {
+                    first_use[u] = Some(ni);
+                }
+            }
+        }
+        FsdpWalk {
+            first_use,
+            opened: vec![false; n],
+            reduced: vec![false; n],
+        }
+    }
+
+    fn before(&mut self, t: &Tape, ni: usize) -> Result<()> {
+        let Some(f) = t.store.fsdp() else {
+            return Ok(());
+        };
+        for u in t.node_units(ni) {
+            if !self.opened[u] {
+                t.store.gather_unit(t.be, u)?;
+                f.open_grads(t.be, u)?;
+                self.opened[u] = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn after(&mut self, t: &Tape, ni: usize) -> Result<()> {
+        if self.first_use.is_empty() {
+            return Ok(());
+        }
+        for u in t.node_units(ni) {
+            if self.first_use[u] == Some(ni) && !self.reduced[u] {
+                t.store.reduce_unit(t.be, u)?;
+                self.reduced[u] = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Units no node read still reduce (zeros), so every rank issues the same collectives.
+    fn finish(self, t: &Tape) -> Result<()> {
+        for (u, done) in self.reduced.iter().enumerate() {
+            if !done {
+                t.store.reduce_unit(t.be, u)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl<'a> Tape<'a> {
     /// Differentiates the tape from `loss`, which must be the output of `cross_entropy` (its
     /// gradient scale was fixed there). Parameter gradients are accumulated (+=) into the
@@ -44,25 +110,33 @@ impl<'a> Tape<'a> {
         }
         let mut grads = Grads::default();
         grads.set(loss, loss, false);
+        let mut fsdp = FsdpWalk::new(self);
         for ni in (0..self.nodes.len()).rev() {
             if let Some(r) = self.nodes[ni].region {
                 let reg = &self.regions[r as usize];
                 if reg.released_any && !reg.recomputed {
+                    let (start, end) = (reg.start, reg.end);
+                    for n in start..end {
+                        for u in self.node_units(n) {
+                            self.store.gather_unit(self.be, u)?;
+                        }
+                    }
                     self.recompute(r as usize)?;
                 }
             }
             let op = self.nodes[ni].op.clone();
-            if op.outputs().iter().all(|&o| grads.get(o).is_none()) {
-                continue;
+            if op.outputs().iter().any(|&o| grads.get(o).is_some()) {
+                fsdp.before(self, ni)?;
+                let name = super::profile::enabled().then(|| self.profile_name(&op) + " bwd");
+                super::profile::timed(
+                    self.be,
+                    || name.unwrap_or_default(),
+                    || self.backward_node(&op, &mut grads),
+                )?;
             }
-            let name = super::profile::enabled().then(|| self.profile_name(&op) + " bwd");
-            super::profile::timed(
-                self.be,
-                || name.unwrap_or_default(),
-                || self.backward_node(&op, &mut grads),
-            )?;
+            fsdp.after(self, ni)?;
         }
-        Ok(())
+        fsdp.finish(self)
     }
 
     /// Rematerialises the released buffers of a checkpoint region by replaying its nodes.

@@ -76,6 +76,8 @@ pub(crate) struct BufRec {
     pub seq: Option<usize>,
     pub first: u32,
     pub last: u32,
+    /// The FSDP unit whose slot holds this buffer (parameters of a sharded store).
+    pub unit: Option<usize>,
 }
 
 pub(crate) struct Node {
@@ -202,6 +204,7 @@ impl<'a> Tape<'a> {
             seq: Some(seq),
             first: self.clock,
             last: self.clock,
+            unit: None,
         });
         Ok(self.bufs.len() - 1)
     }
@@ -282,6 +285,7 @@ impl<'a> Tape<'a> {
         requires_grad: bool,
         param: Option<ParamId>,
     ) -> Tensor {
+        let unit = param.and_then(|id| self.store.fsdp().map(|f| f.unit_of(id)));
         self.bufs.push(BufRec {
             ptr: b.ptr,
             bytes: b.bytes(),
@@ -289,6 +293,7 @@ impl<'a> Tape<'a> {
             seq: None,
             first: 0,
             last: 0,
+            unit,
         });
         let buf = self.bufs.len() - 1;
         self.push_tensor(TMeta {
@@ -302,9 +307,24 @@ impl<'a> Tape<'a> {
     }
 
     /// Binds a parameter (its compute copy) as a leaf that accumulates into the parameter's grad.
-    pub fn param(&mut self, id: ParamId) -> Tensor {
+    /// With FSDP this is where the parameter's unit is gathered (unless its slot holds it).
+    pub fn param(&mut self, id: ParamId) -> Result<Tensor> {
+        self.store.acquire(self.be, id)?;
         let shape = self.store.shape(id).clone();
-        self.external(self.store.compute(id), shape, true, Some(id))
+        Ok(self.external(self.store.compute(id), shape, true, Some(id)))
+    }
+
+    /// The FSDP units whose parameters node `ni` reads.
+    pub(crate) fn node_units(&self, ni: usize) -> Vec<usize> {
+        let mut us: Vec<usize> = Vec::new();
+        for t in self.nodes[ni].op.inputs() {
+            if let Some(u) = self.bufs[self.tensors[t.0 as usize].buf].unit {
+                if !us.contains(&u) {
+                    us.push(u);
+                }
+            }
+        }
+        us
     }
 
     /// Binds a constant f32 buffer (no gradient).

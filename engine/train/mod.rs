@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod device;
+pub mod dist;
 pub mod initial_load;
 pub mod lock;
 pub mod lr;

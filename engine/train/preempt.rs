@@ -52,14 +52,14 @@ impl StopCause {
         }
     }
 
-    fn encode(self) -> i32 {
+    pub(crate) fn encode(self) -> i32 {
         match self {
             StopCause::Signal(s) => s,
             StopCause::OutputClosed => -1,
         }
     }
 
-    fn decode(v: i32) -> Option<StopCause> {
+    pub(crate) fn decode(v: i32) -> Option<StopCause> {
         match v {
             0 => None,
             -1 => Some(StopCause::OutputClosed),
@@ -186,9 +186,9 @@ impl StopFlag {
         StopCause::decode(self.cell().load(Ordering::SeqCst))
     }
 
-    /// Whether the run stops now. Every rank calls this at the same point of every step; with
-    /// one rank it is the local request. With several it will be an all-reduce (max) of the
-    /// ranks' requests, so that a signal reaching any rank stops all of them after the same step.
+    /// This rank's stop request. Every rank calls this at the same point of every step; with
+    /// several ranks the trainer all-reduces (max) the requests (train/dist.rs), so that a signal
+    /// reaching any rank stops all of them after the same step.
     pub fn agreed_stop(&self) -> Option<StopCause> {
         self.local()
     }

@@ -49,7 +49,9 @@ impl Trainer {
     /// data position, schedule and config.
     pub fn save(&self, kind: SaveKind) -> Result<PathBuf> {
         let be = self.be.as_ref();
-        let mut host: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+        // (name, local shape, global rows, first row, f32 data) of this rank's boxes.
+        type Box_ = (String, Vec<usize>, usize, usize, Vec<f32>);
+        let mut host: Vec<Box_> = Vec::new();
         let parts = if kind == SaveKind::Full { 3 } else { 1 };
         let bar = Progress::new(
             format!("copying step {} state to host memory", self.step),
@@ -62,27 +64,78 @@ impl Trainer {
                 bufs.push((format!("optim.exp_avg.{name}"), self.store.moment1(id)));
                 bufs.push((format!("optim.exp_avg_sq.{name}"), self.store.moment2(id)));
             }
+            let (row0, rows) = self.store.shard_rows(id);
+            if rows == 0 || !self.writes_model_state() {
+                continue;
+            }
             for (key, buf) in bufs {
                 let data = self.store.read_f32(be, buf)?;
                 bar.add(4 * data.len() as u64);
-                host.push((key, self.store.shape(id).0.clone(), data));
+                let mut shape = self.store.shape(id).0.clone();
+                let global_rows = shape.first().copied().unwrap_or(1);
+                if let Some(d0) = shape.first_mut() {
+                    *d0 = rows;
+                }
+                host.push((key, shape, global_rows, row0, data));
             }
         }
         bar.finish();
         let tensors: Vec<NamedTensor> = host
             .iter()
-            .map(|(n, s, d)| NamedTensor::full(n, DType::F32, s, bytemuck::cast_slice(d)))
+            .map(|(n, s, rows, row0, d)| {
+                let bytes = bytemuck::cast_slice(d);
+                match s.first() {
+                    Some(_) => NamedTensor::dim0_shard(n, DType::F32, s, *rows, *row0, bytes),
+                    None => NamedTensor::full(n, DType::F32, s, bytes),
+                }
+            })
             .collect();
+        let g = self.mesh.as_ref().map(|m| m.dims.degrees);
+        let degree = |f: fn(&crate::train::config::Degrees) -> usize| g.as_ref().map_or(1, f);
         let meta = CheckpointMeta {
             config_toml: self.cfg.to_toml_string()?,
-            parallel: serde_json::json!({"world_size": 1, "dp_shard": 1, "dp_replicate": 1, "tp": 1, "pp": 1, "cp": 1}),
+            parallel: serde_json::json!({
+                "world_size": self.world_size(),
+                "dp_shard": degree(|g| g.dp_shard),
+                "dp_replicate": degree(|g| g.dp_replicate),
+                "tp": 1, "pp": 1, "cp": 1
+            }),
             dataloader: self.loader.state(),
             rng: serde_json::json!({}),
             lr_scheduler: serde_json::json!({"step": self.step as i64 - self.lr_origin}),
             extra: resolve::manifest_record(&self.cfg, self.model.args()),
         };
         let keep = self.cfg.checkpoint.keep_latest_k.max(0) as usize;
-        checkpoint::save(&self.checkpoint_root(), self.step, &[tensors], &meta, keep)
+        let root = self.checkpoint_root();
+        let Some(m) = &self.mesh else {
+            return checkpoint::save(&root, self.step, &[tensors], &meta, keep);
+        };
+        // Every rank writes its shard file into one temp folder; rank 0 then builds the
+        // manifest from the files and renames the folder into place (atomic for readers).
+        let (rank, world) = (self.rank, self.world_size());
+        let tmp = checkpoint::tmp_dir(&root, self.step, self.save_tag);
+        if rank == 0 {
+            let _ = std::fs::remove_dir_all(&tmp); // an earlier crashed save of this run
+        }
+        m.world.barrier()?;
+        let wrote = checkpoint::write_shard(&tmp, self.step, rank, world, &tensors);
+        let all = self.all_ok(wrote, "writing the checkpoint shards");
+        let committed = match (all, rank) {
+            (Ok(()), 0) => checkpoint::commit(&root, self.step, &tmp, world, &meta, keep).map(|_| ()),
+            (r, _) => r,
+        };
+        if committed.is_err() && rank == 0 {
+            let _ = std::fs::remove_dir_all(&tmp); // nothing half-written stays behind
+        }
+        self.all_ok(committed, "committing the checkpoint")?;
+        Ok(checkpoint::step_dir(&root, self.step))
+    }
+
+    /// Replicas (dp_replicate > 0) hold copies of replica 0's state: only replica 0 writes it.
+    fn writes_model_state(&self) -> bool {
+        self.mesh.as_ref().is_none_or(|m| {
+            m.dims.coords(self.rank)[1] == 0 // ORDER: pp, dp_replicate, ...
+        })
     }
 
     /// Uploads checkpoint tensor `key` into `buf` (parameter `id`'s weights or one of its
@@ -96,7 +149,8 @@ impl Trainer {
         buf: Buf,
         bar: &Progress,
     ) -> Result<()> {
-        let bytes = ck.read_f32_of(key, self.store.shape(id))?;
+        let (row0, rows) = self.store.shard_rows(id);
+        let bytes = ck.read_f32_rows_of(key, self.store.shape(id), row0, rows)?;
         self.be.upload(buf, &bytes)?;
         bar.add(bytes.len() as u64);
         Ok(())

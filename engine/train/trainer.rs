@@ -15,10 +15,13 @@ use super::validate::{validation_arena_bytes, ValMetrics, Validator};
 use crate::backend::meta::MetaBackend;
 use crate::backend::{AdamW, AdamWBufs, Backend, Buf, DeviceMem};
 use crate::data::{build_loader, DataConfig, DataLoader};
+use crate::dist::mesh::Dim;
+use crate::dist::{Communicator, Mesh, ParallelDims, ReduceOp};
 use crate::error::{Error, Result};
 use crate::metrics::{self, MetricsWriter, Peak, StepMetrics, GIB};
 use crate::model::{resolve, Model, ModelArgs, ModelSpec, Registry};
-use crate::params::{ParamStore, StateBytes};
+use crate::parallel::fsdp::{FsdpLayout, Reshard};
+use crate::params::{ParamStore, Sharding, StateBytes};
 use crate::planner::Plan;
 use crate::tape::profile::timed;
 use crate::tape::{Placement, Tape};
@@ -150,6 +153,19 @@ pub struct Trainer {
     pub stop: StopFlag,
     /// Set when `fit` ended early on a stop request.
     pub stopped: Option<Stopped>,
+    /// The device mesh of a multi-rank run (None: one rank, no communicator).
+    pub mesh: Option<Mesh>,
+    /// This rank in the world (0 for one rank); rank 0 logs and writes metrics.
+    pub rank: usize,
+    /// Devices the MFU peak covers: the ranks on GPUs; 1 on the CPU, whose measured peak is the
+    /// whole machine's that the CPU ranks share.
+    pub peak_devices: usize,
+    /// Scratch for host-value collectives (token counts, losses, stop requests).
+    pub(super) comm_scalars: Buf,
+    /// Names this run's checkpoint temp folders the same on every rank (rank 0's pid).
+    pub(super) save_tag: u64,
+    /// Seconds spent in collectives by the last step (all-gathers, reduce-scatters, all-reduces).
+    pub last_comm_s: f64,
 }
 
 /// Results of one optimizer step.
@@ -158,6 +174,7 @@ pub struct StepResult {
     pub loss: f64,
     pub grad_norm: f64,
     pub lr: f64,
+    /// Tokens of the global batch (every data-parallel rank's).
     pub tokens: usize,
 }
 
@@ -169,24 +186,49 @@ impl Trainer {
 
     /// `flavor_vocab`: keep the flavor's vocabulary instead of the tokenizer's (benchmarks run a
     /// real 128k-vocab output layer on built-in data, whose ids are all below it).
-    pub fn with_options(mut cfg: JobConfig, reg: &Registry, flavor_vocab: bool) -> Result<Trainer> {
+    pub fn with_options(cfg: JobConfig, reg: &Registry, flavor_vocab: bool) -> Result<Trainer> {
+        Self::distributed(cfg, reg, flavor_vocab, None)
+    }
+
+    /// The trainer of one rank of a multi-rank run: `world` is its world communicator (None for
+    /// one rank). Every rank calls this collectively with the same config.
+    pub fn distributed(
+        mut cfg: JobConfig,
+        reg: &Registry,
+        flavor_vocab: bool,
+        world: Option<Box<dyn Communicator>>,
+    ) -> Result<Trainer> {
         cfg.validate()?;
         let spec = reg.find(&cfg.model.name)?;
         cfg.model.name = spec.name.to_string();
         // Model problems (unknown flavor, seq_len beyond the model) first: they are cheap to find.
         resolve::run_args(spec, &cfg, None)?;
-        // One process, one device: every parallel degree must resolve to 1 for a world of 1
-        // rather than be silently ignored.
-        let dp = 1;
-        cfg.parallelism.resolve(dp).map_err(|e| {
-            Error::Config(format!(
-                "{}; this release trains on one device (world size 1): multi-device FSDP, TP, \
-                 PP and CP are not built yet (`titan plan` shows what such a layout would hold)",
-                e.to_string().trim_start_matches("config error: ")
-            ))
-        })?;
+        let reshard = Reshard::parse(&cfg.parallelism.fsdp_reshard_after_forward)?;
+        let reduce_dtype = reduce_dtype(&cfg)?;
+        let world_size = world.as_ref().map_or(1, |w| w.size());
+        let dims = parallel_dims(&cfg, world_size)?;
+        let g = dims.degrees;
+        if cfg.checkpoint.last_save_in_hf && g.dp_shard > 1 {
+            return Err(Error::Config(
+                "checkpoint.last_save_in_hf with data_parallel_shard_degree > 1: the Hugging \
+                 Face export reads whole weights, which FSDP ranks do not hold; export the last \
+                 checkpoint with `titan convert` instead"
+                    .into(),
+            ));
+        }
         let be = select_backend(&cfg.training.device)?;
         let device = device_name(be.as_ref());
+        let mesh = match world {
+            Some(w) => {
+                w.set_timeout(std::time::Duration::from_secs(
+                    cfg.comm.init_timeout_seconds.max(1) as u64,
+                ));
+                Some(Mesh::new(dims, w)?)
+            }
+            None => None,
+        };
+        let rank = mesh.as_ref().map_or(0, |m| m.world.rank());
+        let dp = dims.dp();
         let accum = cfg.gradient_accumulation_steps(dp)?;
         let seed = cfg.training.seed.unwrap_or(0).max(0) as u64;
         // torchtitan's default hf_assets_path points into its own repository; when that folder is
@@ -212,11 +254,11 @@ impl Trainer {
             seq_len: cfg.training.seq_len as usize,
             batch: cfg.training.local_batch_size as usize,
             seed,
-            dp_rank: 0,
+            dp_rank: dims.dp_rank(rank),
             dp_world: dp,
             token_dtype: None,
             vocab_size: None,
-            progress: true,
+            progress: rank == 0,
         };
         let loader = build_loader(&dcfg)?;
         let vocab = if flavor_vocab {
@@ -227,9 +269,26 @@ impl Trainer {
         let dtype = compute_dtype(&cfg, be.name())?;
         // One architecture for the traced plan and the real model.
         let args = resolve::run_args(spec, &cfg, vocab)?;
-        let (plan, validation_plan, memory) = trace_plan(spec, &cfg, args.as_ref(), dtype)?;
+        let (plan, validation_plan, mut memory) = trace_plan(spec, &cfg, args.as_ref(), dtype)?;
         let (model, builder) = spec.build_for(args.as_ref(), &cfg)?;
-        let store = ParamStore::materialize(builder, be.as_ref(), dtype)?;
+        let sharding = match &mesh {
+            Some(m) if g.dp_shard > 1 => Some(Sharding {
+                layout: FsdpLayout::new(
+                    &builder.params,
+                    &builder.fsdp_units,
+                    g.dp_shard,
+                    m.dp_shard.rank(),
+                    reshard,
+                    accum > 1,
+                )?,
+                comm: m.world.split(&dims.group(rank, &[Dim::DpShard]))?,
+                reduce_dtype,
+            }),
+            _ => None,
+        };
+        let store = ParamStore::materialize_sharded(builder, be.as_ref(), dtype, sharding)?;
+        memory.state = store.state_bytes();
+        // Every rank draws the same initial weights and keeps its shard of them.
         model.init_weights(&store, be.as_ref(), seed)?;
         let arena = be.alloc(plan.peak.max(256))?;
         let validator = match validation_plan {
@@ -245,14 +304,21 @@ impl Trainer {
         };
         let scalar_mem = be.alloc(256)?;
         let scalars = Buf::new(scalar_mem.ptr(), 2, DType::F32);
+        let comm_scalars = Buf::new(scalar_mem.ptr() + 128, 16, DType::F32);
         let lr = LrSchedule::from_config(&cfg)?;
         let peak = match metrics::device_peak_flops(&device) {
             Some(f) => Peak {
                 flops: f,
                 source: format!("{device} bf16 dense peak (datasheet)"),
             },
-            None => metrics::measure_gemm_peak(be.as_ref())?,
+            // Only rank 0 reports MFU; CPU ranks share the machine, so one measures it.
+            None if rank == 0 => metrics::measure_gemm_peak(be.as_ref())?,
+            None => Peak {
+                flops: f64::NAN,
+                source: "measured on rank 0".into(),
+            },
         };
+        let peak_devices = if be.name() == "cpu" { 1 } else { world_size };
         let (_, flops_per_token) = model
             .args()
             .nparams_and_flops(cfg.training.seq_len as usize);
@@ -281,7 +347,14 @@ impl Trainer {
             dump,
             stop: StopFlag::new(),
             stopped: None,
+            mesh,
+            rank,
+            peak_devices,
+            comm_scalars,
+            save_tag: 0,
+            last_comm_s: 0.0,
         })
+        .and_then(Trainer::agree_on_save_tag)
     }
 
     pub fn checkpoint_root(&self) -> PathBuf {
@@ -296,10 +369,14 @@ impl Trainer {
         for _ in 0..self.accum {
             batches.push(self.loader.next_batch()?);
         }
-        let valid: usize = batches
+        let local_valid: usize = batches
             .iter()
             .map(|b| b.labels.iter().filter(|&&l| l >= 0).count())
             .sum();
+        let comm0 = Instant::now();
+        // The loss is the mean over the global batch's tokens: every rank scales by their count.
+        let valid = self.global_count(local_valid)?;
+        let mut comm_s = comm0.elapsed().as_secs_f64();
         let grad_scale = 1.0 / valid.max(1) as f32;
         timed(
             be,
@@ -308,7 +385,11 @@ impl Trainer {
         )?;
         let mut loss_sum = 0f64;
         let mut tokens = 0;
-        for batch in &batches {
+        for (i, batch) in batches.iter().enumerate() {
+            if let Some(f) = self.store.fsdp() {
+                // Gradient accumulation reduces once, on the step's last micro-batch.
+                f.set_sync(i + 1 == batches.len());
+            }
             let placement = Placement::Planned {
                 base: self.arena.ptr(),
                 plan: &self.plan,
@@ -323,7 +404,13 @@ impl Trainer {
             loss_sum += tape.to_vec_f32(loss)?[0] as f64;
             tokens += batch.batch * batch.seq;
         }
-        let loss = loss_sum / valid.max(1) as f64;
+        let t = Instant::now();
+        self.replicate_grads()?;
+        let mut sums = [loss_sum as f32];
+        self.all_reduce_host(&mut sums, ReduceOp::Sum)?;
+        let loss = sums[0] as f64 / valid.max(1) as f64;
+        let tokens = tokens * self.mesh.as_ref().map_or(1, |m| m.dims.dp());
+        comm_s += t.elapsed().as_secs_f64();
         let norm_sq = self.scalars.slice(0, 1);
         let coef = self.scalars.slice(1, 1);
         timed(
@@ -331,6 +418,12 @@ impl Trainer {
             || "optimizer grad_norm".into(),
             || be.sum_squares(&[self.store.flat_grad()], norm_sq),
         )?;
+        let t = Instant::now();
+        if let Some(f) = self.store.fsdp() {
+            // Shards of one replica tile the gradient: their squares sum to the global norm's.
+            f.comm().all_reduce(norm_sq, ReduceOp::Sum)?;
+        }
+        comm_s += t.elapsed().as_secs_f64();
         let max_norm = if self.cfg.training.max_norm > 0.0 {
             self.cfg.training.max_norm as f32
         } else {
@@ -371,6 +464,8 @@ impl Trainer {
                 be.adamw(&bufs, &hp)
             },
         )?;
+        self.store.shards_updated();
+        self.last_comm_s = comm_s + self.store.fsdp().map_or(0.0, |f| f.stats().time.as_secs_f64());
         self.step = step;
         Ok(StepResult {
             loss,
@@ -386,8 +481,14 @@ impl Trainer {
     pub fn fit(&mut self, quiet: bool) -> Result<Vec<StepMetrics>> {
         let steps = self.cfg.training.steps.max(0) as u64;
         let log_freq = self.cfg.metrics.log_freq.max(1) as u64;
-        let mut writer = MetricsWriter::create(&self.dump)?;
-        let mut tb = TensorBoard::open(&self.cfg, 0, 0)?; // one rank, which is the metrics rank
+        let lead = self.rank == 0;
+        let quiet = quiet || !lead;
+        let mut writer = if lead {
+            MetricsWriter::create(&self.dump)?
+        } else {
+            MetricsWriter::history_only(&self.dump)
+        };
+        let mut tb = TensorBoard::open(&self.cfg, self.rank, 0)?;
         let planned = (self.memory.total()) as f64 / GIB;
         let mut started = Instant::now();
         let first_step = self.step;
@@ -396,11 +497,14 @@ impl Trainer {
         let mut window_steps = 0u64;
         let mut saved = None;
         while self.step < steps {
-            if let Some(cause) = self.stop.agreed_stop() {
+            if let Some(cause) = self.agreed_stop()? {
                 self.stopped = Some(self.stop_run(cause, first_step, saved)?);
                 break;
             }
             let r = self.train_step()?;
+            if self.step == first_step + 1 {
+                self.set_comm_timeout(self.cfg.comm.train_timeout_seconds);
+            }
             window_tokens += r.tokens;
             window_steps += 1;
             let done = self.step;
@@ -417,7 +521,8 @@ impl Trainer {
                     lr: r.lr,
                     tokens_per_s: tps,
                     tflops,
-                    mfu_pct: 100.0 * tflops * 1e12 / self.peak.flops,
+                    mfu_pct: 100.0 * tflops * 1e12
+                        / (self.peak.flops * self.peak_devices as f64),
                     step_time_s: dt / window_steps as f64,
                     memory_planned_gib: planned,
                     memory_actual_gib: self.actual_memory() as f64 / GIB,
@@ -465,7 +570,7 @@ impl Trainer {
                 })?;
                 saved = Some(done);
             }
-            if c.last_save_in_hf && !c.load_only && last {
+            if c.last_save_in_hf && !c.load_only && last && lead {
                 let dir = self.export_hf()?;
                 if !quiet {
                     self.say(format_args!(
@@ -482,6 +587,44 @@ impl Trainer {
     pub fn actual_memory(&self) -> usize {
         let validation = self.validator.as_ref().map_or(0, Validator::own_bytes);
         self.store.state_bytes().total() + self.arena.bytes() + validation + 256
+    }
+}
+
+/// `[parallelism]` resolved for `world` ranks; degrees this release does not build are refused.
+fn parallel_dims(cfg: &JobConfig, world: usize) -> Result<ParallelDims> {
+    let dims = ParallelDims::new(&cfg.parallelism, world).map_err(|e| {
+        let hint = if world == 1 {
+            "; launch that many ranks with `titan train --nproc-per-node N` (or --nnodes, see \
+             docs/PARALLELISM.md)"
+        } else {
+            ""
+        };
+        Error::Config(format!(
+            "{}{hint}",
+            e.to_string().trim_start_matches("config error: ")
+        ))
+    })?;
+    let g = dims.degrees;
+    for (name, d) in [("tensor", g.tp), ("pipeline", g.pp), ("context", g.cp), ("expert", g.ep)] {
+        if d > 1 {
+            return Err(Error::Config(format!(
+                "parallelism: {name} parallel degree {d}: this release builds data parallelism \
+                 only (FSDP, HSDP, DDP); tensor, pipeline, context and expert parallelism are \
+                 not built yet (`titan plan` shows what such a layout would hold)"
+            )));
+        }
+    }
+    Ok(dims)
+}
+
+/// `training.mixed_precision_reduce`: the dtype gradients are reduce-scattered in.
+fn reduce_dtype(cfg: &JobConfig) -> Result<DType> {
+    match cfg.training.mixed_precision_reduce.as_str() {
+        "float32" => Ok(DType::F32),
+        "bfloat16" => Ok(DType::BF16),
+        s => Err(Error::Config(format!(
+            "training.mixed_precision_reduce = \"{s}\": expected \"float32\" or \"bfloat16\""
+        ))),
     }
 }
 

@@ -1,18 +1,36 @@
 //! Applies training techniques to a Llama 3 model from outside the model code, in torchtitan's
-//! order: tensor parallel -> activation checkpointing -> fusion / graph capture -> FSDP. Only
-//! activation checkpointing exists in this release; TP and FSDP slot in here when `dist` lands.
+//! order: tensor parallel -> activation checkpointing -> fusion / graph capture -> FSDP. Tensor
+//! parallel slots in first when it lands; the engine does the sharding, this file only names the
+//! units.
 
+use crate::llama3::model::model::TransformerBlock;
 use crate::llama3::Llama3;
 use titan_engine::error::Result;
 use titan_engine::model::{model_as_mut, Model, Parallelize};
 use titan_engine::parallel::ac::AcConfig;
+use titan_engine::params::ParamId;
 
 /// `ModelSpec::parallelize` of Llama 3.
 pub fn parallelize_llama3(model: &mut dyn Model, p: &Parallelize) -> Result<()> {
     let model = model_as_mut::<Llama3>(model, "llama3")?;
     let ac = &p.job.activation_checkpoint;
     apply_ac(model, AcConfig::parse(&ac.mode, &ac.selective_ac_option)?);
+    apply_fsdp(model, p);
     Ok(())
+}
+
+/// torchtitan's `apply_fsdp`: one unit per transformer block; embeddings, final norm and output
+/// stay in the root unit.
+pub fn apply_fsdp(model: &Llama3, p: &Parallelize) {
+    for layer in &model.layers {
+        p.fully_shard(block_params(layer));
+    }
+}
+
+fn block_params(b: &TransformerBlock) -> Vec<ParamId> {
+    let (a, f) = (&b.attention, &b.feed_forward);
+    let norms = [b.attention_norm, b.ffn_norm];
+    [a.wq, a.wk, a.wv, a.wo, f.w1, f.w2, f.w3].into_iter().chain(norms).collect()
 }
 
 /// torchtitan's `apply_ac`: one policy per transformer block.

@@ -1,12 +1,14 @@
 //! Applies training techniques to a Qwen3 model from outside the model code, in torchtitan's
 //! order: tensor parallel -> activation checkpointing -> fusion / graph capture -> FSDP. Only
-//! activation checkpointing exists in this release; TP (with the per-head q/k norms working on
-//! head shards) and FSDP slot in here when the distributed layers land.
+//! activation checkpointing and FSDP exist in this release; TP (with the per-head q/k norms
+//! working on head shards) slots in first when it lands.
 
+use crate::qwen3::model::model::TransformerBlock;
 use crate::qwen3::Qwen3;
 use titan_engine::error::Result;
 use titan_engine::model::{model_as_mut, Model, Parallelize};
 use titan_engine::parallel::ac::AcConfig;
+use titan_engine::params::ParamId;
 
 /// `ModelSpec::parallelize` of Qwen3.
 pub fn parallelize_qwen3(model: &mut dyn Model, p: &Parallelize) -> Result<()> {
@@ -16,5 +18,15 @@ pub fn parallelize_qwen3(model: &mut dyn Model, p: &Parallelize) -> Result<()> {
     for layer in &mut model.layers {
         layer.ac = ac.block_policy(layer.layer_id);
     }
+    // FSDP: one unit per block (q/k norms included); the rest is the root unit.
+    for layer in &model.layers {
+        p.fully_shard(block_params(layer));
+    }
     Ok(())
+}
+
+fn block_params(b: &TransformerBlock) -> Vec<ParamId> {
+    let (a, f) = (&b.attention, &b.feed_forward);
+    let norms = [a.q_norm, a.k_norm, b.attention_norm, b.ffn_norm];
+    [a.wq, a.wk, a.wv, a.wo, f.w1, f.w2, f.w3].into_iter().chain(norms).collect()
 }

@@ -91,12 +91,12 @@ impl Attention {
         let (b, s) = (d[0], d[1]);
         let (h, kv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let (wq, wk, wv, wo) = (
-            t.param(self.wq),
-            t.param(self.wk),
-            t.param(self.wv),
-            t.param(self.wo),
+            t.param(self.wq)?,
+            t.param(self.wk)?,
+            t.param(self.wv)?,
+            t.param(self.wo)?,
         );
-        let (qn, kn) = (t.param(self.q_norm), t.param(self.k_norm));
+        let (qn, kn) = (t.param(self.q_norm)?, t.param(self.k_norm)?);
         let q = t.linear(x, wq)?;
         let k = t.linear(x, wk)?;
         let v = t.linear(x, wv)?;
@@ -131,7 +131,7 @@ impl FeedForward {
     }
 
     fn forward(&self, t: &mut Tape, x: Tensor) -> Result<Tensor> {
-        let (w1, w2, w3) = (t.param(self.w1), t.param(self.w2), t.param(self.w3));
+        let (w1, w2, w3) = (t.param(self.w1)?, t.param(self.w2)?, t.param(self.w3)?);
         let gate = t.linear(x, w1)?;
         let up = t.linear(x, w3)?;
         let a = t.swiglu(gate, up)?;
@@ -165,10 +165,10 @@ impl TransformerBlock {
     }
 
     fn forward(&self, t: &mut Tape, x: Tensor, cx: &Ctx) -> Result<Tensor> {
-        let attn_norm = t.param(self.attention_norm);
+        let attn_norm = t.param(self.attention_norm)?;
         let xn = t.rmsnorm(x, attn_norm, cx.eps)?;
         let a = self.attention.forward(t, xn, cx)?;
-        let ffn_norm = t.param(self.ffn_norm);
+        let ffn_norm = t.param(self.ffn_norm)?;
         let (h, hn) = t.add_rmsnorm(a, x, ffn_norm, cx.eps)?;
         let f = self.feed_forward.forward(t, hn)?;
         t.add(h, f)
@@ -229,7 +229,7 @@ impl Qwen3 {
             sin: t.constant(self.rope_sin, [seq.max(1), half])?,
             eps: self.config.norm_eps as f32,
         };
-        let emb = t.param(self.tok_embeddings);
+        let emb = t.param(self.tok_embeddings)?;
         let mut h = t.embedding(emb, tokens)?;
         for layer in &self.layers {
             h = match layer.ac {
@@ -237,9 +237,9 @@ impl Qwen3 {
                 None => layer.forward(t, h, &cx)?,
             };
         }
-        let norm = t.param(self.norm);
+        let norm = t.param(self.norm)?;
         let h = t.rmsnorm(h, norm, cx.eps)?;
-        let out = t.param(self.output.unwrap_or(self.tok_embeddings));
+        let out = t.param(self.output.unwrap_or(self.tok_embeddings))?;
         t.linear(h, out)
     }
 }

@@ -1,0 +1,268 @@
+//! FSDP at run time: the gathered-parameter and gradient slots, the staging buffers and the
+//! collectives that fill and drain them (the layout is in fsdp.rs).
+//!
+//! The tape drives it: binding a parameter (`Tape::param`) gathers its unit unless the unit's slot
+//! still holds it; backward gathers a unit again before its first backward op if the slot was
+//! reused, zeroes the unit's gradient slot on first use, and after the unit's last backward op
+//! reduce-scatters the gradients into the local shard (on the step's last micro-batch only, when
+//! gradient accumulation defers the reduction). Every rank runs the same tape, so every rank
+//! issues the same collectives in the same order.
+//!
+//! Per gather of a unit: an all-gather of `ranks x shard_len` compute-dtype elements, then one
+//! copy per (parameter, rank) out of the staging buffer. Per reduce: a pack of the f32 gradients
+//! into `ranks x shard_len` (padding rows zero), one reduce-scatter (f32, or bf16 with
+//! `mixed_precision_reduce`) into the local gradient shard.
+
+use super::fsdp::FsdpLayout;
+use crate::backend::{Backend, Buf, DeviceMem};
+use crate::dist::{Communicator, ReduceOp};
+use crate::error::Result;
+use crate::params::ParamId;
+use crate::tensor::DType;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+#[derive(Default)]
+struct SlotState {
+    /// Which unit each parameter slot / gradient slot holds now.
+    param_owner: Vec<Option<usize>>,
+    grad_owner: Vec<Option<usize>>,
+    /// False on micro-batches whose gradients stay unreduced (accumulation).
+    sync: bool,
+    comm_time: Duration,
+    gathers: u64,
+    reduces: u64,
+}
+
+/// Communication counters of the current step.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CommStats {
+    pub time: Duration,
+    pub gathers: u64,
+    pub reduces: u64,
+}
+
+pub struct Fsdp {
+    pub layout: FsdpLayout,
+    comm: Box<dyn Communicator>,
+    compute_dtype: DType,
+    /// Reduce-scatter in bf16 (`mixed_precision_reduce = "bfloat16"`), else f32.
+    reduce_dtype: DType,
+    params: Buf,
+    grads: Buf,
+    gather_staging: Buf,
+    reduce_staging: Buf,
+    /// Receives a bf16 reduce-scatter before it is widened into the f32 shard.
+    reduce_recv: Option<Buf>,
+    state: Mutex<SlotState>,
+    _mem: Box<dyn DeviceMem>,
+}
+
+impl Fsdp {
+    /// Allocates the slots and staging buffers of `layout` on `be`; `comm` is the dp_shard group.
+    pub fn new(
+        layout: FsdpLayout,
+        comm: Box<dyn Communicator>,
+        be: &dyn Backend,
+        compute_dtype: DType,
+        reduce_dtype: DType,
+    ) -> Result<Fsdp> {
+        let cs = compute_dtype.size();
+        let rs = reduce_dtype.size();
+        let (pa, ga, st) = (layout.param_arena(), layout.grad_arena(), layout.staging());
+        let recv = if reduce_dtype == DType::F32 { 0 } else { layout.max_shard.max(128) };
+        let bytes = [pa * cs, ga * 4, st * cs, st * rs, recv * rs];
+        let offs: Vec<u64> = bytes
+            .iter()
+            .scan(0u64, |o, &b| {
+                let at = *o;
+                *o += b.div_ceil(512) as u64 * 512;
+                Some(at)
+            })
+            .collect();
+        let total: usize = bytes.iter().map(|b| b.div_ceil(512) * 512).sum();
+        let mem = be.alloc(total)?;
+        let base = mem.ptr();
+        let buf = |i: usize, n: usize, d: DType| Buf::new(base + offs[i], n, d);
+        let state = SlotState {
+            param_owner: vec![None; layout.param_slots.len()],
+            grad_owner: vec![None; layout.grad_slots.len()],
+            sync: true,
+            ..Default::default()
+        };
+        Ok(Fsdp {
+            params: buf(0, pa, compute_dtype),
+            grads: buf(1, ga, DType::F32),
+            gather_staging: buf(2, st, compute_dtype),
+            reduce_staging: buf(3, st, reduce_dtype),
+            reduce_recv: (recv > 0).then(|| buf(4, recv, reduce_dtype)),
+            layout,
+            comm,
+            compute_dtype,
+            reduce_dtype,
+            state: Mutex::new(state),
+            _mem: mem,
+        })
+    }
+
+    /// Bytes of the slots and staging buffers (the planner's "gathered" and "communication").
+    pub fn bytes(layout: &FsdpLayout, compute: DType, reduce: DType) -> (usize, usize) {
+        let gathered = layout.param_arena() * compute.size() + layout.grad_arena() * 4;
+        let recv = if reduce == DType::F32 { 0 } else { layout.max_shard };
+        let comm = layout.staging() * (compute.size() + reduce.size()) + recv * reduce.size();
+        (gathered, comm)
+    }
+
+    pub fn comm(&self) -> &dyn Communicator {
+        self.comm.as_ref()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn unit_of(&self, id: ParamId) -> usize {
+        self.layout.params[id.0].unit
+    }
+
+    /// The whole parameter `id` in its unit's slot (valid while the unit is gathered).
+    pub fn compute(&self, id: ParamId, numel: usize) -> Buf {
+        let p = &self.layout.params[id.0];
+        let slot = self.layout.param_slots[self.layout.units[p.unit].param_slot].0;
+        self.params.slice(slot + p.full_off, numel)
+    }
+
+    /// The whole f32 gradient of `id` in its unit's gradient slot.
+    pub fn grad(&self, id: ParamId, numel: usize) -> Buf {
+        let p = &self.layout.params[id.0];
+        let slot = self.layout.grad_slots[self.layout.units[p.unit].grad_slot].0;
+        self.grads.slice(slot + p.full_off, numel)
+    }
+
+    /// Marks every gathered copy stale (after the optimizer or a load changed the shards).
+    pub fn invalidate(&self) {
+        let mut s = self.lock();
+        s.param_owner.iter_mut().for_each(|o| *o = None);
+    }
+
+    /// Starts a step: gradient slots empty, counters reset.
+    pub fn zero_grads(&self) {
+        let mut s = self.lock();
+        s.grad_owner.iter_mut().for_each(|o| *o = None);
+        s.comm_time = Duration::ZERO;
+        s.gathers = 0;
+        s.reduces = 0;
+    }
+
+    /// Whether this micro-batch's backward reduce-scatters (the step's last micro-batch).
+    pub fn set_sync(&self, sync: bool) {
+        self.lock().sync = sync;
+    }
+
+    pub fn stats(&self) -> CommStats {
+        let s = self.lock();
+        CommStats {
+            time: s.comm_time,
+            gathers: s.gathers,
+            reduces: s.reduces,
+        }
+    }
+
+    /// Makes unit `u`'s slot hold its whole parameters, gathering them from every rank's
+    /// `shards` (the local compute-dtype region) unless the slot holds them already.
+    pub fn acquire(&self, be: &dyn Backend, u: usize, shards: Buf) -> Result<()> {
+        let slot = self.layout.units[u].param_slot;
+        if self.lock().param_owner[slot] == Some(u) {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let unit = &self.layout.units[u];
+        let n = self.layout.ranks;
+        let staging = self.gather_staging.slice(0, n * unit.shard_len);
+        self.comm.all_gather(shards.slice(unit.local_off, unit.shard_len), staging)?;
+        let base = self.layout.param_slots[slot].0;
+        for id in &unit.params {
+            let p = &self.layout.params[id.0];
+            let at = p.local_off - unit.local_off;
+            for j in 0..n {
+                let (row0, rows) = p.rows_of(j);
+                if rows == 0 {
+                    continue;
+                }
+                let src = staging.slice(j * unit.shard_len + at, rows * p.row);
+                let dst = self.params.slice(base + p.full_off + row0 * p.row, rows * p.row);
+                be.copy(src, dst)?;
+            }
+        }
+        let mut s = self.lock();
+        s.param_owner[slot] = Some(u);
+        s.gathers += 1;
+        s.comm_time += t0.elapsed();
+        Ok(())
+    }
+
+    /// Makes unit `u`'s gradient slot its own (zeroed on first use in the step); a slot it
+    /// already owns keeps accumulating.
+    pub fn open_grads(&self, be: &dyn Backend, u: usize) -> Result<()> {
+        let slot = self.layout.units[u].grad_slot;
+        if self.lock().grad_owner[slot] == Some(u) {
+            return Ok(());
+        }
+        let (off, _) = self.layout.grad_slots[slot];
+        be.fill(self.grads.slice(off, self.layout.units[u].full_len), 0.0)?;
+        self.lock().grad_owner[slot] = Some(u);
+        Ok(())
+    }
+
+    /// After unit `u`'s last backward op: on a syncing micro-batch, reduce-scatters its
+    /// gradients (summed over ranks) into `local_grads` (the local f32 gradient region).
+    pub fn reduce(&self, be: &dyn Backend, u: usize, local_grads: Buf) -> Result<()> {
+        if !self.lock().sync {
+            return Ok(());
+        }
+        self.open_grads(be, u)?; // a unit no op touched still reduces (zeros)
+        let t0 = Instant::now();
+        let unit = &self.layout.units[u];
+        let n = self.layout.ranks;
+        let staging = self.reduce_staging.slice(0, n * unit.shard_len);
+        be.fill(staging, 0.0)?;
+        let base = self.layout.grad_slots[unit.grad_slot].0;
+        for id in &unit.params {
+            let p = &self.layout.params[id.0];
+            let at = p.local_off - unit.local_off;
+            for j in 0..n {
+                let (row0, rows) = p.rows_of(j);
+                if rows == 0 {
+                    continue;
+                }
+                let src = self.grads.slice(base + p.full_off + row0 * p.row, rows * p.row);
+                let dst = staging.slice(j * unit.shard_len + at, rows * p.row);
+                if self.reduce_dtype == DType::F32 {
+                    be.copy(src, dst)?;
+                } else {
+                    be.cast(src, dst)?;
+                }
+            }
+        }
+        let out = local_grads.slice(unit.local_off, unit.shard_len);
+        match self.reduce_recv {
+            None => self.comm.reduce_scatter(staging, out, ReduceOp::Sum)?,
+            Some(r) => {
+                let r = r.slice(0, unit.shard_len);
+                self.comm.reduce_scatter(staging, r, ReduceOp::Sum)?;
+                be.cast(r, out)?;
+            }
+        }
+        let mut s = self.lock();
+        s.reduces += 1;
+        s.comm_time += t0.elapsed();
+        Ok(())
+    }
+
+    pub fn compute_dtype(&self) -> DType {
+        self.compute_dtype
+    }
+    pub fn reduce_dtype(&self) -> DType {
+        self.reduce_dtype
+    }
+}

@@ -1,0 +1,112 @@
+//! The trainer's collectives outside FSDP's own: agreeing on host values (the global token
+//! count the loss is averaged over, the loss, a stop request, the checkpoint tag) and the
+//! data-parallel gradient all-reduce of DDP / HSDP. All are no-ops for one rank.
+
+use super::preempt::StopCause;
+use super::trainer::Trainer;
+use crate::backend::Buf;
+use crate::dist::ReduceOp;
+use crate::error::Result;
+use std::time::Duration;
+
+impl Trainer {
+    /// World size (1 without a mesh).
+    pub fn world_size(&self) -> usize {
+        self.mesh.as_ref().map_or(1, |m| m.dims.world)
+    }
+
+    /// Reduces up to 16 host values over the world, through the backend's scratch buffer (the
+    /// same path for host memory and NCCL's device memory).
+    pub(super) fn all_reduce_host(&self, vals: &mut [f32], op: ReduceOp) -> Result<()> {
+        let Some(m) = &self.mesh else {
+            return Ok(());
+        };
+        let buf: Buf = self.comm_scalars.slice(0, vals.len());
+        self.be.upload(buf, bytemuck::cast_slice(vals))?;
+        m.world.all_reduce(buf, op)?;
+        self.be.download(buf, bytemuck::cast_slice_mut(vals))
+    }
+
+    /// The sum of `n` over the data-parallel ranks, exact: reduced as 16-bit halves, each far
+    /// below f32's 2^24 integer range for any real world size.
+    pub(super) fn global_count(&self, n: usize) -> Result<usize> {
+        if self.mesh.is_none() {
+            return Ok(n);
+        }
+        let mut v = [(n >> 32) as f32, ((n >> 16) & 0xffff) as f32, (n & 0xffff) as f32];
+        self.all_reduce_host(&mut v, ReduceOp::Sum)?;
+        Ok(((v[0] as usize) << 32) + ((v[1] as usize) << 16) + v[2] as usize)
+    }
+
+    /// The stop request of any rank (the largest code), so every rank stops after the same
+    /// step; an error if a rank is gone.
+    pub(super) fn agreed_stop(&self) -> Result<Option<StopCause>> {
+        let local = self.stop.agreed_stop();
+        if self.mesh.is_none() {
+            return Ok(local);
+        }
+        // Codes: 0 none, 1 stdout closed, 1 + n signal n; max picks one request.
+        let code = match local {
+            None => 0,
+            Some(StopCause::OutputClosed) => 1,
+            Some(StopCause::Signal(s)) => 1 + s,
+        };
+        let mut v = [code as f32];
+        self.all_reduce_host(&mut v, ReduceOp::Max)?;
+        Ok(match v[0] as i32 {
+            0 => None,
+            1 => Some(StopCause::OutputClosed),
+            c => StopCause::decode(c - 1),
+        })
+    }
+
+    /// DDP and HSDP: sums the data-parallel replicas' gradients (the whole flat gradient, or
+    /// the local shards), once per step.
+    pub(super) fn replicate_grads(&self) -> Result<()> {
+        match &self.mesh {
+            Some(m) if m.dims.degrees.dp_replicate > 1 => {
+                m.dp_replicate.all_reduce(self.store.flat_grad(), ReduceOp::Sum)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// `comm.init_timeout_seconds` holds until the first step is done, then this.
+    pub(super) fn set_comm_timeout(&self, seconds: i64) {
+        if let Some(m) = &self.mesh {
+            let t = Duration::from_secs(seconds.max(1) as u64);
+            m.world.set_timeout(t);
+            m.dp_shard.set_timeout(t);
+            m.dp_replicate.set_timeout(t);
+            if let Some(f) = self.store.fsdp() {
+                f.comm().set_timeout(t);
+            }
+        }
+    }
+
+    /// Rank 0's pid on every rank: the name of each save's temp folder, the same everywhere.
+    pub(super) fn agree_on_save_tag(mut self) -> Result<Trainer> {
+        let pid = std::process::id();
+        let mut v = [0f32; 2];
+        if self.rank == 0 {
+            v = [(pid >> 16) as f32, (pid & 0xffff) as f32];
+        }
+        self.all_reduce_host(&mut v, ReduceOp::Sum)?;
+        self.save_tag = ((v[0] as u64) << 16) + v[1] as u64;
+        Ok(self)
+    }
+
+    /// Every rank's verdict on a collective file operation: an error on all ranks if any failed
+    /// (the failing rank returns its own error).
+    pub(super) fn all_ok(&self, local: Result<()>, what: &str) -> Result<()> {
+        let mut v = [local.is_err() as u8 as f32];
+        self.all_reduce_host(&mut v, ReduceOp::Max)?;
+        local?;
+        if v[0] > 0.0 {
+            return Err(crate::error::Error::Checkpoint(format!(
+                "{what} failed on another rank (its log names the cause)"
+            )));
+        }
+        Ok(())
+    }
+}
