@@ -8,103 +8,208 @@ use crate::train::config::JobConfig;
 use crate::train::lock::RunLock;
 use crate::train::preempt::StopFlag;
 use crate::train::trainer::{trace_plan, Trainer};
+use crate::dist::launch::{run_rank_threads, Launch, LaunchArgs};
+use crate::dist::tcp::{Rendezvous, TcpTransport};
+use crate::dist::{Communicator, HostComm};
 use crate::{checkpoint, errln, outln};
 use std::path::Path;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// `titan train`. Holds the dump folder's run lock throughout (train/lock.rs). Exits 0 when the
 /// run reaches `training.steps`, `EXIT_STOPPED` when a stop signal ended it (train/preempt.rs).
+/// With several ranks (`--nproc-per-node`, `--nnodes`, torchrun's or SLURM's variables) this
+/// process runs its ranks as threads: over shared memory when it holds the whole world, over
+/// TCP (the rendezvous at the master address) otherwise; rank 0 logs.
 pub fn train(
     reg: &Registry,
     config: Option<&Path>,
     overrides: &[String],
     quiet: bool,
+    launch: &LaunchArgs,
 ) -> Result<ExitCode> {
     let cfg = JobConfig::load(config, overrides)?;
+    let launch = Launch::resolve(launch, &|k| std::env::var(k).ok())?;
+    let lead = launch.ranks.contains(&0);
     let dump = Path::new(&cfg.job.dump_folder);
-    let lock = RunLock::acquire(dump)?;
-    if let Some(prev) = &lock.took_over {
+    // The process of rank 0 owns the dump folder (the others may be on other machines).
+    let _lock = if lead {
+        let lock = RunLock::acquire(dump)?;
+        if let Some(prev) = &lock.took_over {
+            outln!(
+                "titan: took over {} from a run that ended without releasing it ({prev})",
+                lock.lock.path().display()
+            )?;
+        }
+        // Only now, with the lock held, can no live save own a temp folder.
+        for dir in checkpoint::remove_partial_saves(&dump.join(&cfg.checkpoint.folder))? {
+            outln!(
+                "titan: removed {}, a checkpoint save that did not finish",
+                dir.display()
+            )?;
+        }
+        if cfg.job.print_config {
+            outln!("titan: job config\n{}", cfg.to_toml_string()?)?;
+        }
+        Some(lock)
+    } else {
+        None
+    };
+    let stop = StopFlag::from_signals()?;
+    if launch.world == 1 {
+        return train_rank(reg, cfg, quiet, None, stop);
+    }
+    if lead {
         outln!(
-            "titan: took over {} from a run that ended without releasing it ({prev})",
-            lock.lock.path().display()
+            "titan: {} ranks on {} node(s); this node ({}) runs ranks {}..={} as threads over {}",
+            launch.world,
+            launch.nnodes,
+            launch.node,
+            launch.ranks[0],
+            launch.ranks[launch.ranks.len() - 1],
+            if launch.single_process() { "shared memory" } else { "tcp" }
         )?;
     }
-    // Only now, with the lock held, can no live save own a temp folder.
-    for dir in checkpoint::remove_partial_saves(&dump.join(&cfg.checkpoint.folder))? {
-        outln!(
-            "titan: removed {}, a checkpoint save that did not finish",
-            dir.display()
-        )?;
-    }
-    if cfg.job.print_config {
-        outln!("titan: job config\n{}", cfg.to_toml_string()?)?;
-    }
-    let t0 = Instant::now();
-    let mut tr = Trainer::new(cfg, reg)?;
-    if tr.cfg.checkpoint.create_seed_checkpoint {
-        // torchtitan's seed checkpoint: the initialised weights as step-0, then stop.
-        let dir = tr.save(crate::train::state::SaveKind::ModelOnly)?;
-        outln!(
-            "titan: seed checkpoint (initial weights, step 0) in {}",
-            dir.display()
-        )?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    outln!(
-        "titan: {} {} ({:.2}M params, {}) on {} | {} dtype | seq {} x batch {} x accum {}",
-        tr.cfg.model.name,
-        tr.cfg.model.flavor,
-        tr.store.num_params() as f64 / 1e6,
-        tr.model.args().summary(),
-        tr.device,
-        tr.store.compute_dtype,
-        tr.cfg.training.seq_len,
-        tr.cfg.training.local_batch_size,
-        tr.accum
-    )?;
-    outln!(
-        "titan: memory plan {:.3} GiB (state {:.3} + activations {:.3}; {:.3} without reuse), {} buffers over {} ops; data: {}; MFU peak: {:.3} TFLOP/s ({})",
-        tr.memory.total() as f64 / GIB,
-        tr.memory.state.total() as f64 / GIB,
-        tr.memory.activations_peak as f64 / GIB,
-        tr.memory.activations_unplanned as f64 / GIB,
-        tr.memory.buffers,
-        tr.memory.ops,
-        tr.loader.name(),
-        tr.peak.flops / 1e12,
-        tr.peak.source
-    )?;
-    if let Ok(h) = tr.loader.unigram_entropy() {
-        outln!("titan: dataset unigram entropy {h:.3} nats/token (a model that learns context beats this)")?;
-    }
-    match tr.maybe_resume()? {
-        Some(s) => outln!("titan: resumed from checkpoint step {s}")?,
-        None => {
-            if let Some(p) = tr
-                .cfg
-                .checkpoint
-                .initial_load_path
-                .as_deref()
-                .filter(|p| !p.is_empty())
-            {
-                let kind = if tr.cfg.checkpoint.initial_load_in_hf {
-                    "Hugging Face"
-                } else {
-                    "titan"
-                };
-                outln!("titan: initial weights from {kind} checkpoint {p}")?;
+    let results = if launch.single_process() {
+        let comms: Vec<Box<dyn Communicator>> = HostComm::local_world(launch.world)
+            .into_iter()
+            .map(|c| Box::new(c) as Box<dyn Communicator>)
+            .collect();
+        run_rank_threads(comms, &|c| {
+            train_rank(reg, cfg.clone(), quiet, Some(c), stop.clone())
+        })
+    } else {
+        let timeout = Duration::from_secs(cfg.comm.init_timeout_seconds.max(1) as u64);
+        let rdvs: Vec<Rendezvous> = launch
+            .ranks
+            .iter()
+            .map(|&rank| Rendezvous {
+                master_addr: launch.master_addr.clone(),
+                master_port: launch.master_port,
+                rank,
+                world: launch.world,
+                node: launch.node,
+                timeout,
+            })
+            .collect();
+        run_rank_threads(rdvs, &|r: Rendezvous| {
+            let t = TcpTransport::connect(&r)?;
+            let c: Box<dyn Communicator> = Box::new(HostComm::world(Arc::new(t)));
+            train_rank(reg, cfg.clone(), quiet, Some(c), stop.clone())
+        })
+    };
+    // Every failed rank is reported with its rank and node; the first failure decides nothing
+    // else, since a lost peer makes the others fail too.
+    let mut code = ExitCode::SUCCESS;
+    let mut failed = 0;
+    for (rank, r) in launch.ranks.iter().zip(results) {
+        match r {
+            Ok(c) if rank == &0 => code = c,
+            Ok(_) => {}
+            Err(Error::OutputClosed) => return Err(Error::OutputClosed),
+            Err(e) => {
+                errln!("error: rank {rank} (node {}): {e}", launch.node);
+                failed += 1;
             }
         }
     }
-    warn_if_data_repeats(&tr);
-    tr.stop = StopFlag::from_signals()?;
+    if failed > 0 {
+        return Err(Error::Other(format!(
+            "{failed} of the {} ranks of node {} failed (each is reported above)",
+            launch.ranks.len(),
+            launch.node
+        )));
+    }
+    Ok(code)
+}
+
+/// One rank of `titan train` (the whole run for one rank): builds the trainer, resumes, trains,
+/// reports. Only rank 0 prints.
+fn train_rank(
+    reg: &Registry,
+    cfg: JobConfig,
+    quiet: bool,
+    world: Option<Box<dyn Communicator>>,
+    stop: StopFlag,
+) -> Result<ExitCode> {
+    let t0 = Instant::now();
+    let mut tr = Trainer::distributed(cfg, reg, false, world)?;
+    let lead = tr.rank == 0;
+    if tr.cfg.checkpoint.create_seed_checkpoint {
+        // torchtitan's seed checkpoint: the initialised weights as step-0, then stop.
+        let dir = tr.save(crate::train::state::SaveKind::ModelOnly)?;
+        if lead {
+            outln!(
+                "titan: seed checkpoint (initial weights, step 0) in {}",
+                dir.display()
+            )?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if lead {
+        outln!(
+            "titan: {} {} ({:.2}M params, {}) on {} | {} dtype | seq {} x batch {} x accum {}{}",
+            tr.cfg.model.name,
+            tr.cfg.model.flavor,
+            tr.store.num_params() as f64 / 1e6,
+            tr.model.args().summary(),
+            tr.device,
+            tr.store.compute_dtype,
+            tr.cfg.training.seq_len,
+            tr.cfg.training.local_batch_size,
+            tr.accum,
+            layout_summary(&tr)
+        )?;
+        outln!(
+            "titan: memory plan {:.3} GiB{} (state {:.3} + activations {:.3}; {:.3} without reuse), {} buffers over {} ops; data: {}; MFU peak: {:.3} TFLOP/s ({})",
+            tr.memory.total() as f64 / GIB,
+            if tr.world_size() > 1 { " per rank" } else { "" },
+            tr.memory.state.total() as f64 / GIB,
+            tr.memory.activations_peak as f64 / GIB,
+            tr.memory.activations_unplanned as f64 / GIB,
+            tr.memory.buffers,
+            tr.memory.ops,
+            tr.loader.name(),
+            tr.peak.flops / 1e12,
+            tr.peak.source
+        )?;
+        if let Ok(h) = tr.loader.unigram_entropy() {
+            outln!("titan: dataset unigram entropy {h:.3} nats/token (a model that learns context beats this)")?;
+        }
+    }
+    let resumed = tr.maybe_resume()?;
+    if lead {
+        match resumed {
+            Some(s) => outln!("titan: resumed from checkpoint step {s}")?,
+            None => {
+                if let Some(p) = tr
+                    .cfg
+                    .checkpoint
+                    .initial_load_path
+                    .as_deref()
+                    .filter(|p| !p.is_empty())
+                {
+                    let kind = if tr.cfg.checkpoint.initial_load_in_hf {
+                        "Hugging Face"
+                    } else {
+                        "titan"
+                    };
+                    outln!("titan: initial weights from {kind} checkpoint {p}")?;
+                }
+            }
+        }
+        warn_if_data_repeats(&tr);
+    }
+    tr.stop = stop;
     let hist = tr.fit(quiet)?;
     if let Some(stopped) = &tr.stopped {
-        errln!("{}", stopped.message);
+        if lead {
+            errln!("{}", stopped.message);
+        }
         return Ok(ExitCode::from(stopped.cause.exit_code()));
     }
-    if let (Some(first), Some(last)) = (hist.first(), hist.last()) {
+    if let (true, Some(first), Some(last)) = (lead, hist.first(), hist.last()) {
         outln!(
             "titan: done {} steps in {:.1}s; loss {:.4} -> {:.4}; metrics in {}",
             tr.step,
@@ -125,6 +230,24 @@ pub fn train(
         outln!("titan: loss curve in {}", png.display())?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// " | world 4: dp_replicate 1 x dp_shard 4 (FSDP)" for multi-rank runs.
+fn layout_summary(tr: &Trainer) -> String {
+    let Some(m) = &tr.mesh else {
+        return String::new();
+    };
+    let g = m.dims.degrees;
+    let kind = match (g.dp_replicate > 1, g.dp_shard > 1) {
+        (true, true) => "HSDP",
+        (false, true) => "FSDP",
+        (true, false) => "DDP",
+        (false, false) => "replicated",
+    };
+    format!(
+        " | world {}: dp_replicate {} x dp_shard {} ({kind})",
+        m.dims.world, g.dp_replicate, g.dp_shard
+    )
 }
 
 fn gib(b: usize) -> String {

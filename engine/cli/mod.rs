@@ -8,6 +8,7 @@ pub mod eval;
 
 pub use commands::{bench, list_models, plan, train};
 
+use crate::dist::launch::LaunchArgs;
 use crate::error::{Error, Result};
 use crate::model::Registry;
 use crate::train::preempt::EXIT_OUTPUT_CLOSED;
@@ -40,6 +41,19 @@ enum Cmd {
         /// Print only the final summary.
         #[arg(long)]
         quiet: bool,
+        /// Ranks this process runs (one per local GPU, or CPU ranks sharing the cores).
+        #[arg(long)]
+        nproc_per_node: Option<usize>,
+        /// Nodes of the run (torchrun's flags; under SLURM they default to its variables).
+        #[arg(long)]
+        nnodes: Option<usize>,
+        #[arg(long)]
+        node_rank: Option<usize>,
+        /// Host of node rank 0, where the rendezvous store listens.
+        #[arg(long)]
+        master_addr: Option<String>,
+        #[arg(long)]
+        master_port: Option<u16>,
         /// Config overrides, `--section.key value` or `--section.key=value`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         overrides: Vec<String>,
@@ -210,11 +224,30 @@ fn run(reg: &Registry, cli: Cli) -> Result<ExitCode> {
         Cmd::Train {
             config,
             quiet,
+            nproc_per_node,
+            nnodes,
+            node_rank,
+            master_addr,
+            master_port,
             overrides,
         } => {
             let (config, mut overrides) = take_config(config, overrides)?;
             let quiet = take_flag(&mut overrides, "--quiet") || quiet;
-            train(reg, config.as_deref(), &overrides, quiet)
+            let o = &mut overrides;
+            let number = |o: &mut Vec<String>, n| take_number(o, n).map(|v| v.map(|v| v as usize));
+            let launch = LaunchArgs {
+                nproc_per_node: number(o, "--nproc-per-node")?.or(nproc_per_node),
+                nnodes: number(o, "--nnodes")?.or(nnodes),
+                node_rank: number(o, "--node-rank")?.or(node_rank),
+                master_addr: take_value(o, "--master-addr")?.or(master_addr),
+                master_port: match take_number(o, "--master-port")? {
+                    Some(p) => Some(u16::try_from(p).map_err(|_| {
+                        Error::Config(format!("--master-port {p} is not a port number"))
+                    })?),
+                    None => master_port,
+                },
+            };
+            train(reg, config.as_deref(), &overrides, quiet, &launch)
         }
         Cmd::Plan {
             config,

@@ -4,7 +4,6 @@
 //! rank and master come from SLURM_NNODES, SLURM_NODEID and the first host of
 //! SLURM_JOB_NODELIST (compressed lists such as `gpu[01-04,07]` included).
 
-use super::Communicator;
 use crate::error::{Error, Result};
 
 /// torchrun's launcher flags as given on the command line (None = not given).
@@ -163,15 +162,16 @@ impl Launch {
     }
 }
 
-/// Runs `f` once per communicator, each on its own thread (ranks as threads of this process),
-/// and returns the ranks' results in rank order. A rank that panics is an error naming it; a
-/// rank that fails drops its communicator, which the others see as a lost peer, not a hang.
-pub fn run_rank_threads<T: Send>(
-    comms: Vec<Box<dyn Communicator>>,
-    f: &(dyn Fn(Box<dyn Communicator>) -> Result<T> + Sync),
+/// Runs `f` once per input (a rank's communicator, or what it connects with), each on its own
+/// thread (ranks as threads of this process), and returns the ranks' results in order. A rank
+/// that panics is an error naming it; a rank that fails drops its communicator, which the others
+/// see as a lost peer, not a hang.
+pub fn run_rank_threads<I: Send, T: Send>(
+    inputs: Vec<I>,
+    f: &(dyn Fn(I) -> Result<T> + Sync),
 ) -> Vec<Result<T>> {
     std::thread::scope(|s| {
-        let handles: Vec<_> = comms
+        let handles: Vec<_> = inputs
             .into_iter()
             .enumerate()
             .map(|(r, c)| {
