@@ -102,6 +102,24 @@ impl StateBytes {
     }
 }
 
+impl StateBytes {
+    /// The state of one FSDP rank of `layout` (what a sharded store allocates): the local
+    /// shards, the unit slots and the staging buffers.
+    pub fn sharded(layout: &FsdpLayout, compute: DType, reduce: DType, constants: usize) -> Self {
+        let local = layout.local_len.max(SLOT);
+        let (gathered, comm_buffers) = Fsdp::bytes(layout, compute, reduce);
+        StateBytes {
+            params: local * 4,
+            compute_copy: if compute == DType::BF16 { local * 2 } else { 0 },
+            grads: local * 4,
+            optimizer: local * 8,
+            constants,
+            gathered,
+            comm_buffers,
+        }
+    }
+}
+
 /// How a store is sharded: the layout, the dp_shard group and the reduce dtype.
 pub struct Sharding {
     pub layout: FsdpLayout,
@@ -389,16 +407,17 @@ impl ParamStore {
     }
 
     pub fn state_bytes(&self) -> StateBytes {
-        let (gathered, comm_buffers) = match &self.fsdp {
-            Some(f) => Fsdp::bytes(&f.layout, self.compute_dtype, f.reduce_dtype()),
-            None => (0, 0),
-        };
+        let constants = self.consts.iter().map(|c| c.1.bytes()).sum();
+        if let Some(f) = &self.fsdp {
+            return StateBytes::sharded(&f.layout, self.compute_dtype, f.reduce_dtype(), constants);
+        }
+        let (gathered, comm_buffers) = (0, 0);
         StateBytes {
             params: self.total * 4,
             compute_copy: self.compute.map(|c| c.bytes()).unwrap_or(0),
             grads: self.total * 4,
             optimizer: self.total * 8,
-            constants: self.consts.iter().map(|c| c.1.bytes()).sum(),
+            constants,
             gathered,
             comm_buffers,
         }

@@ -191,6 +191,58 @@ fn plan_405b_and_list_models() {
 }
 
 #[test]
+fn plan_per_rank_for_fsdp_layouts() {
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut a = vec!["plan", "--json", "--config", "configs/llama3_8b.toml"];
+        a.extend(args);
+        let o = titan(&a);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let one = json(&[]);
+    let eight = json(&["--world-size", "8", "--parallelism.data_parallel_shard_degree", "8"]);
+    let p1 = one["state"]["params"].as_f64().unwrap();
+    let p8 = eight["state"]["params"].as_f64().unwrap();
+    // Each rank keeps an eighth of the f32 masters (rows rounded up, shards aligned).
+    assert!(p8 >= p1 / 8.0 && p8 < p1 / 8.0 * 1.01, "{p8} vs {p1} / 8");
+    assert!(eight["state"]["gathered"].as_f64().unwrap() > 0.0);
+    assert!(eight["state"]["comm_buffers"].as_f64().unwrap() > 0.0);
+    assert_eq!(one["state"]["gathered"].as_f64(), Some(0.0));
+    // HSDP shards over dp_shard only: the same per-rank state as FSDP 8 at world 16.
+    let hsdp = json(&[
+        "--world-size",
+        "16",
+        "--parallelism.data_parallel_replicate_degree",
+        "2",
+        "--parallelism.data_parallel_shard_degree",
+        "8",
+    ]);
+    assert_eq!(hsdp["state"], eight["state"]);
+    let o = titan(&[
+        "plan",
+        "--config",
+        "configs/llama3_70b.toml",
+        "--world-size",
+        "64",
+        "--parallelism.tensor_parallel_degree",
+        "1",
+        "--parallelism.data_parallel_shard_degree",
+        "64",
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("world 64 = dp_replicate 1 x dp_shard 64") && out.contains("per rank"), "{out}");
+    // Degrees that do not multiply to the world, and a shard degree above a parameter's dim 0.
+    let o = titan(&["plan", "--config", "configs/llama3_debugmodel.toml", "--world-size", "6",
+        "--parallelism.data_parallel_shard_degree", "4"]);
+    assert_clean_error(&o, "world size is 6");
+    let o = titan(&["plan", "--config", "configs/llama3_debugmodel.toml", "--world-size", "512",
+        "--parallelism.data_parallel_shard_degree", "512"]);
+    assert_clean_error(&o, "larger than dim 0");
+}
+
+#[test]
 fn qwen3_plan_list_models_and_hf_eval() {
     let o = titan(&["plan", "--config", "configs/qwen3_8b.toml"]);
     let (out, err) = text(&o);

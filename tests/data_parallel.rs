@@ -15,14 +15,23 @@ use train_common::{debug_config, tmp};
 const DEADLINE: Duration = Duration::from_secs(240);
 const STEPS: usize = 5;
 
-/// Runs `f` on a helper thread and fails the test if it does not finish within DEADLINE.
+/// Runs `f` on a helper thread and fails the test if it does not finish within DEADLINE (a
+/// panic inside `f` is re-raised here).
 fn within_deadline<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
+    let h = std::thread::spawn(move || {
         let _ = tx.send(f());
     });
-    rx.recv_timeout(DEADLINE)
-        .expect("the multi-rank run did not finish within its deadline")
+    match rx.recv_timeout(DEADLINE) {
+        Ok(v) => v,
+        Err(mpsc::RecvTimeoutError::Disconnected) => match h.join() {
+            Err(p) => std::panic::resume_unwind(p),
+            Ok(()) => unreachable!("the sender sent or panicked"),
+        },
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            panic!("the multi-rank run did not finish within {DEADLINE:?}")
+        }
+    }
 }
 
 fn base(dir: &std::path::Path, extra: &[String]) -> Vec<String> {
@@ -132,17 +141,100 @@ fn hsdp_and_ddp_match_one_rank() {
 }
 
 #[test]
-fn tmp_fsdp_vs_ddp() {
+fn reshard_policies_and_activation_checkpointing_agree_bitwise() {
+    // The same two-rank data split as FSDP, DDP and FSDP with re-gathers in backward and
+    // recomputed blocks: the same collectives' sums, so the same bits.
     within_deadline(|| {
         let run = |tag: &str, o: &[&str]| {
             let d = tmp(tag);
-            let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
+            let mut o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
+            o.push("--training.local_batch_size=2".into());
             losses(2, d.clone(), base(&d, &o)).unwrap()
         };
-        let a = run("tf", &["--training.local_batch_size=2", "--parallelism.data_parallel_shard_degree=2"]);
-        let b = run("td", &["--training.local_batch_size=2", "--parallelism.data_parallel_replicate_degree=2", "--parallelism.data_parallel_shard_degree=1"]);
-        let c = run("ta", &["--training.local_batch_size=2", "--parallelism.data_parallel_shard_degree=2", "--parallelism.fsdp_reshard_after_forward=always", "--activation_checkpoint.mode=full"]);
-        println!("{a:?}\n{b:?}\n{c:?}");
-        assert!(rel(&a, &b) < 1e-5 && rel(&c, &b) < 1e-5);
+        let ddp = run(
+            "agree-ddp",
+            &[
+                "--parallelism.data_parallel_replicate_degree=2",
+                "--parallelism.data_parallel_shard_degree=1",
+            ],
+        );
+        for policy in ["default", "always", "never"] {
+            for ac in ["none", "full"] {
+                let got = run(
+                    &format!("agree-{policy}-{ac}"),
+                    &[
+                        "--parallelism.data_parallel_shard_degree=2",
+                        &format!("--parallelism.fsdp_reshard_after_forward={policy}"),
+                        &format!("--activation_checkpoint.mode={ac}"),
+                    ],
+                );
+                assert_eq!(got, ddp, "reshard {policy}, AC {ac}");
+            }
+        }
+    });
+}
+
+/// Trains steps 1..=`steps` on `world` ranks with `degrees`, checkpointing every `every` steps,
+/// resuming from `dir`'s newest checkpoint if there is one.
+fn leg(dir: &std::path::Path, world: usize, degrees: &[&str], steps: usize, every: usize) -> Vec<f64> {
+    let mut o: Vec<String> = degrees.iter().map(|s| s.to_string()).collect();
+    o.extend([
+        format!("--training.steps={steps}"),
+        "--checkpoint.enable".into(),
+        format!("--checkpoint.interval={every}"),
+    ]);
+    losses(world, dir.to_path_buf(), base(dir, &o)).unwrap()
+}
+
+#[test]
+fn resharded_resumes_continue_the_uninterrupted_run() {
+    within_deadline(|| {
+        let fsdp4 = ["--training.local_batch_size=1", "--parallelism.data_parallel_shard_degree=4"];
+        let fsdp2 = ["--training.local_batch_size=2", "--parallelism.data_parallel_shard_degree=2"];
+        let one = ["--training.local_batch_size=4"];
+        let d = tmp("reshard-ref");
+        let reference = leg(&d, 1, &one, 5, 100);
+        // (saved under, resumed under)
+        let cases: [(usize, &[&str], usize, &[&str]); 3] =
+            [(4, &fsdp4, 2, &fsdp2), (4, &fsdp4, 1, &one), (1, &one, 4, &fsdp4)];
+        for (k, (w0, a, w1, b)) in cases.into_iter().enumerate() {
+            let d = tmp(&format!("reshard-{k}"));
+            let first = leg(&d, w0, a, 3, 3);
+            let rest = leg(&d, w1, b, 5, 100);
+            let got: Vec<f64> = first.iter().chain(&rest).copied().collect();
+            let e = rel(&got, &reference);
+            println!("saved at world {w0}, resumed at world {w1}: rel {e:.2e}");
+            assert_eq!(got.len(), 5, "{got:?}");
+            assert!(e < 1e-5, "world {w0} -> {w1}: {got:?} vs {reference:?}");
+        }
+    });
+}
+
+#[test]
+fn bad_layouts_are_clear_errors_before_any_work() {
+    within_deadline(|| {
+        let err = |tag: &str, world: usize, o: &[&str]| {
+            let d = tmp(tag);
+            let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
+            let e = losses(world, d.clone(), base(&d, &o)).unwrap_err().to_string();
+            assert!(!d.join("metrics.jsonl").exists(), "{tag}: no step may run");
+            e
+        };
+        let e = err("bad-product", 3, &["--parallelism.data_parallel_shard_degree=2"]);
+        assert!(e.contains("world size 3") && e.contains("dp_shard 2"), "{e}");
+        let e = err("bad-one", 1, &["--parallelism.data_parallel_shard_degree=2"]);
+        assert!(e.contains("--nproc-per-node"), "{e}");
+        let e = err("bad-tp", 2, &["--parallelism.tensor_parallel_degree=2"]);
+        assert!(e.contains("tensor parallel degree 2") && e.contains("not built yet"), "{e}");
+        let e = err(
+            "bad-batch",
+            2,
+            &[
+                "--parallelism.data_parallel_shard_degree=2",
+                "--training.local_batch_size=2",
+                "--training.global_batch_size=6",
+            ],
+        );
+        assert!(e.contains("global_batch_size = 6"), "{e}");
     });
 }

@@ -10,7 +10,9 @@ use crate::train::preempt::StopFlag;
 use crate::train::trainer::{trace_plan, Trainer};
 use crate::dist::launch::{run_rank_threads, Launch, LaunchArgs};
 use crate::dist::tcp::{Rendezvous, TcpTransport};
-use crate::dist::{Communicator, HostComm};
+use crate::dist::{Communicator, HostComm, ParallelDims};
+use crate::parallel::fsdp::{FsdpLayout, Reshard};
+use crate::params::StateBytes;
 use crate::{checkpoint, errln, outln};
 use std::path::Path;
 use std::process::ExitCode;
@@ -260,13 +262,37 @@ pub fn plan(
     overrides: &[String],
     dtype: &str,
     json: bool,
+    world_size: usize,
 ) -> Result<()> {
     let cfg = JobConfig::load(config, overrides)?;
     let dtype = DType::parse(dtype)?;
     let t0 = Instant::now();
     let spec = reg.find(&cfg.model.name)?;
     let args = resolve::run_args(spec, &cfg, None)?;
-    let (_, _, mp) = trace_plan(spec, &cfg, args.as_ref(), dtype)?;
+    // One device plans the model alone, whatever layout the config names (a note says how
+    // to plan that layout).
+    let one = crate::train::config::Parallelism::default();
+    let layout = if world_size == 1 { &one } else { &cfg.parallelism };
+    let dims = ParallelDims::new(layout, world_size)?;
+    let g = dims.degrees;
+    if g.tp > 1 || g.pp > 1 || g.cp > 1 || g.ep > 1 {
+        return Err(Error::Config(format!(
+            "plan: tp {} x pp {} x cp {} x ep {}: this release plans data-parallel layouts \
+             (FSDP, HSDP, DDP); tensor, pipeline, context and expert parallel planning comes \
+             with them",
+            g.tp, g.pp, g.cp, g.ep
+        )));
+    }
+    let (_, _, mut mp) = trace_plan(spec, &cfg, args.as_ref(), dtype)?;
+    let accum = cfg.gradient_accumulation_steps(dims.dp())?;
+    if g.dp_shard > 1 {
+        // Rank 0 holds the largest shards (ceil division), so its state is the per-rank peak.
+        let (_, b) = spec.build_for(args.as_ref(), &cfg)?;
+        let reshard = Reshard::parse(&cfg.parallelism.fsdp_reshard_after_forward)?;
+        let layout = FsdpLayout::new(&b.params, &b.fsdp_units, g.dp_shard, 0, reshard, accum > 1)?;
+        let reduce = DType::parse(&cfg.training.mixed_precision_reduce)?;
+        mp.state = StateBytes::sharded(&layout, dtype, reduce, mp.state.constants);
+    }
     if json {
         outln!(
             "{}",
@@ -276,20 +302,46 @@ pub fn plan(
     }
     let s = &mp.state;
     outln!(
-        "memory plan: {} {} | {:.3}B params | local batch {} x seq {} | compute {} | AC {}",
+        "memory plan: {} {} | {:.3}B params | local batch {} x seq {} x accum {} | compute {} | AC {}",
         spec.name,
         cfg.model.flavor,
         mp.num_params as f64 / 1e9,
         cfg.training.local_batch_size,
         cfg.training.seq_len,
+        accum,
         dtype,
         cfg.activation_checkpoint.mode
     )?;
+    if world_size > 1 {
+        outln!(
+            "  layout: world {world_size} = dp_replicate {} x dp_shard {}{}; figures per rank",
+            g.dp_replicate,
+            g.dp_shard,
+            if g.dp_shard > 1 {
+                format!(
+                    " (FSDP, reshard_after_forward {})",
+                    cfg.parallelism.fsdp_reshard_after_forward
+                )
+            } else {
+                " (DDP)".into()
+            }
+        )?;
+    }
     outln!("  parameters (f32 master)   {}", gib(s.params))?;
     outln!("  compute copy ({dtype})      {}", gib(s.compute_copy))?;
     outln!("  gradients (f32)           {}", gib(s.grads))?;
     outln!("  optimizer (AdamW m, v)    {}", gib(s.optimizer))?;
     outln!("  constants (rope tables)   {}", gib(s.constants))?;
+    if g.dp_shard > 1 {
+        outln!(
+            "  gathered units (FSDP)     {}   (whole parameters and f32 gradients of the units in flight)",
+            gib(s.gathered)
+        )?;
+        outln!(
+            "  comm buffers (FSDP)       {}   (all-gather and reduce-scatter staging)",
+            gib(s.comm_buffers)
+        )?;
+    }
     outln!(
         "  activations (planned)     {}   ({} without reuse; {} buffers, {} ops)",
         gib(mp.activations_peak),
@@ -303,12 +355,22 @@ pub fn plan(
             gib(mp.validation_activations)
         )?;
     }
-    outln!("  peak, one device          {}", gib(mp.total()))?;
-    let shard = cfg.parallelism.data_parallel_shard_degree;
-    if shard > 1 {
+    let per = if world_size > 1 { "per rank" } else { "one device" };
+    outln!("  peak, {per:<18} {}", gib(mp.total()))?;
+    let p = &cfg.parallelism;
+    let named = [
+        p.data_parallel_replicate_degree,
+        p.data_parallel_shard_degree,
+        p.tensor_parallel_degree,
+        p.pipeline_parallel_degree,
+        p.context_parallel_degree,
+    ]
+    .iter()
+    .map(|&d| d.max(1))
+    .product::<i64>();
+    if world_size == 1 && named > 1 {
         outln!(
-            "  state per rank if sharded {shard}-way (FSDP layout; FSDP execution is not in this release): {}",
-            gib(s.total() / shard as usize).trim()
+            "  (the config's [parallelism] names {named} ranks; `--world-size N` plans each rank of it)"
         )?;
     }
     outln!(

@@ -70,6 +70,10 @@ enum Cmd {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Ranks of the layout to plan (`[parallelism]` degrees resolved against it); the
+        /// figures are per rank.
+        #[arg(long, default_value_t = 1)]
+        world_size: usize,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         overrides: Vec<String>,
     },
@@ -253,12 +257,14 @@ fn run(reg: &Registry, cli: Cli) -> Result<ExitCode> {
             config,
             dtype,
             json,
+            world_size,
             overrides,
         } => {
             let (config, mut overrides) = take_config(config, overrides)?;
             let json = take_flag(&mut overrides, "--json") || json;
             let dtype = take_value(&mut overrides, "--dtype")?.unwrap_or(dtype);
-            done(plan(reg, config.as_deref(), &overrides, &dtype, json))
+            let world = take_number(&mut overrides, "--world-size")?.map_or(world_size, |w| w as usize);
+            done(plan(reg, config.as_deref(), &overrides, &dtype, json, world))
         }
         Cmd::Bench {
             config,

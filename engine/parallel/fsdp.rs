@@ -18,19 +18,18 @@
 //! Slots are planned statically, like activations: a unit always uses the same slot, so the
 //! pointers the tape records in forward are valid again in backward. Units whose lifetimes
 //! overlap get different slots:
-//! - the root unit has its own slots: its embedding is used first in forward and last in
-//!   backward, its output layer last in forward and first in backward (FSDP2 never reshards the
-//!   root after forward either);
-//! - `fsdp_reshard_after_forward = "never"` gives every block its own parameter slot: gathered
+//! - the root unit (parameters no declared unit holds, e.g. a tied embedding used first and
+//!   last) has its own slots (FSDP2 never reshards the root after forward either);
+//! - `fsdp_reshard_after_forward = "never"` gives every unit its own parameter slot: gathered
 //!   once per step, no re-gather in backward;
-//! - `"always"` rotates the blocks through two parameter slots: block k computes in one while
-//!   block k + 1 is gathered into the other, and backward gathers again;
-//! - `"default"` is `"always"` except that the last block keeps its own slot (backward starts
-//!   with it, so resharding it would only re-gather it at once), as torchtitan does.
+//! - `"always"` rotates the declared units through two parameter slots: unit k computes in one
+//!   while unit k + 1 is gathered into the other, and backward gathers again;
+//! - `"default"` is `"always"` except that the last declared unit (the final norm and output,
+//!   which backward starts with) keeps its own slot, as torchtitan does.
 //!
-//! Gradient slots: the root's is its own (its gradients span the whole backward); blocks rotate
-//! through two when each micro-batch reduces (one step = one micro-batch), and have one each when
-//! gradient accumulation defers the reduce-scatter to the step's last micro-batch.
+//! Gradient slots: the root's is its own (its gradients may span the whole backward); declared
+//! units rotate through two when each micro-batch reduces (one step = one micro-batch), and have
+//! one each when gradient accumulation defers the reduce-scatter to the step's last micro-batch.
 
 use crate::error::{Error, Result};
 use crate::params::{ParamId, ParamSpec};

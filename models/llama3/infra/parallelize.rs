@@ -19,11 +19,16 @@ pub fn parallelize_llama3(model: &mut dyn Model, p: &Parallelize) -> Result<()> 
     Ok(())
 }
 
-/// torchtitan's `apply_fsdp`: one unit per transformer block; embeddings, final norm and output
-/// stay in the root unit.
+/// torchtitan's `apply_fsdp`: the embedding, each transformer block, then the final norm with
+/// the output projection, as units in forward order. A tied embedding stays in the root unit
+/// (it is used first and last).
 pub fn apply_fsdp(model: &Llama3, p: &Parallelize) {
-    for layer in &model.layers {
-        p.fully_shard(block_params(layer));
+    if let Some(out) = model.output {
+        p.fully_shard(vec![model.tok_embeddings]);
+        model.layers.iter().for_each(|l| p.fully_shard(block_params(l)));
+        p.fully_shard(vec![model.norm, out]);
+    } else {
+        model.layers.iter().for_each(|l| p.fully_shard(block_params(l)));
     }
 }
 
