@@ -2,7 +2,8 @@
 # Runs a bundle made by scripts/gpu-bundle.sh (this script sits in its root, beside bin/, tests/,
 # benches/, configs/) on a GPU machine without Rust, most important first, under one deadline:
 #   1. the CUDA tests (--ignored): a whole training step and trainer steps against the CPU,
-#      every kernel against its CPU twin, flash attention against an f64 reference;
+#      every kernel against its CPU twin, flash attention against an f64 reference, the NCCL
+#      communicator against host computations (every GPU present);
 #   2. the end-to-end benchmark (`titan bench`, Llama 3 1B, seq 4096) and, right after it on the
 #      same GPU, the PyTorch reference (torch_llama_ref.py) when python3 has torch;
 #   3. the CUDA kernel benches (criterion, short times), then the reference with torch.compile;
@@ -59,7 +60,7 @@ run() {  # name, most seconds, command...: cut to the time left, skipped when un
 }
 
 # ---- 1. device tests --------------------------------------------------------------------------
-for n in cuda_train cuda_ops cuda_attention; do
+for n in cuda_train cuda_ops cuda_attention cuda_nccl; do
   [ -x "$here/tests/$n" ] && run "test $n" 180 "$here/tests/$n" --ignored --test-threads=1 --nocapture
 done
 

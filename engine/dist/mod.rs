@@ -2,20 +2,29 @@
 //! engine/dist). One trait, three implementations with the same semantics:
 //! - `local`: ranks as threads of one process (CPU runs and most tests);
 //! - `tcp`: CPU ranks in separate processes or machines (the multi-node path, tested on loopback);
-//! - `nccl`: GPUs (cudarc's NCCL), when built with `--features cuda`.
+//! - `nccl`: GPUs, one NCCL communicator per GPU (`NcclComm`, `--features cuda`), started through
+//!   a host communicator (the bootstrap) that carries rank 0's unique id.
 //!
 //! The host communicators share one implementation of the collectives (`host.rs`) over a
 //! point-to-point `Transport`; only moving bytes differs. Reductions run in rank order, so a
-//! run is bitwise reproducible for a given world size.
+//! run is bitwise reproducible for a given world size. Their calls complete before returning.
+//! NCCL's calls only queue work on the communicator's own CUDA stream, ordered after the compute
+//! stream's earlier work and before its later work (events, never a host wait); `wait` (once a
+//! step) is where a dead or stuck peer becomes an error instead of a hang. NCCL's reduction
+//! order is its own: results match the host communicators' to rounding, not bitwise.
 
 pub mod host;
 pub mod launch;
 pub mod mesh;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod tcp;
 pub mod transport;
 
 pub use host::HostComm;
 pub use mesh::{Mesh, ParallelDims};
+#[cfg(feature = "cuda")]
+pub use nccl::NcclComm;
 
 use crate::backend::Buf;
 use crate::error::Result;
@@ -34,7 +43,8 @@ pub enum ReduceOp {
 /// Collectives over a group of ranks. Buffers are backend memory (host memory for the host
 /// communicators, device memory for NCCL); f32 and bf16 (reduced in f32). Every member of the
 /// group must call the same collectives in the same order; a member that does not arrive
-/// within the timeout turns into an error on the others that names it.
+/// within the timeout turns into an error on the others that names it (NCCL cannot name it: its
+/// error names this rank and says that a peer is dead or stuck).
 pub trait Communicator: Send + Sync {
     /// This rank's index in the group.
     fn rank(&self) -> usize;
@@ -47,10 +57,19 @@ pub trait Communicator: Send + Sync {
     fn reduce_scatter(&self, send: Buf, recv: Buf, op: ReduceOp) -> Result<()>;
     /// Every rank's `buf` = root's.
     fn broadcast(&self, buf: Buf, root: usize) -> Result<()>;
-    /// Point to point (pipeline stages). `send` does not wait for the matching `recv`.
+    /// Point to point (pipeline stages). `send` never waits on the host for the matching
+    /// `recv`; under NCCL the pair meets on the GPU, so two ranks that exchange buffers put both
+    /// calls inside one group (`group_start` .. `group_end`).
     fn send(&self, buf: Buf, peer: usize) -> Result<()>;
     fn recv(&self, buf: Buf, peer: usize) -> Result<()>;
     fn barrier(&self) -> Result<()>;
+    /// Blocks until every collective this rank has issued is complete, or fails (a dead or stuck
+    /// peer) within the timeout. The host communicators finish each call before returning, so
+    /// theirs returns at once; NCCL's calls only queue work on the GPU, and the trainer calls
+    /// this once per step before the host reads results.
+    fn wait(&self) -> Result<()> {
+        Ok(())
+    }
     /// Batches the point-to-point calls up to `group_end` (NCCL's grouping); the host
     /// communicators never block in `send`, so for them these only mark the region.
     fn group_start(&self) -> Result<()> {

@@ -196,10 +196,14 @@ impl CudaBackend {
             .map_err(|e| backend_err("query memory", e))
     }
 
-    /// The stream every op of this backend runs on.
-    #[allow(dead_code)] // used by attention.rs (the attention helper's file)
+    /// The stream every op of this backend runs on (the communicators order theirs against it).
     pub(crate) fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// The device's context (the communicators create their streams and events in it).
+    pub(crate) fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
     }
 
     pub(crate) fn bind(&self) -> Result<()> {
