@@ -24,6 +24,7 @@ impl Trainer {
         let buf: Buf = self.comm_scalars.slice(0, vals.len());
         self.be.upload(buf, bytemuck::cast_slice(vals))?;
         m.world.all_reduce(buf, op)?;
+        m.world.wait()?;
         self.be.download(buf, bytemuck::cast_slice_mut(vals))
     }
 
@@ -65,7 +66,8 @@ impl Trainer {
     pub(super) fn replicate_grads(&self) -> Result<()> {
         match &self.mesh {
             Some(m) if m.dims.degrees.dp_replicate > 1 => {
-                m.dp_replicate.all_reduce(self.store.flat_grad(), ReduceOp::Sum)
+                m.dp_replicate.all_reduce(self.store.flat_grad(), ReduceOp::Sum)?;
+                m.dp_replicate.wait()
             }
             _ => Ok(()),
         }

@@ -7,7 +7,7 @@
 //! diverged step never touches the weights).
 
 use super::config::JobConfig;
-use super::device::{device_name, select_backend};
+use super::device::{device_name, select_rank_backend};
 use super::lr::LrSchedule;
 use super::preempt::{StopFlag, Stopped};
 use super::state::SaveKind;
@@ -216,15 +216,14 @@ impl Trainer {
                     .into(),
             ));
         }
-        let be = select_backend(&cfg.training.device)?;
+        let init_timeout = std::time::Duration::from_secs(cfg.comm.init_timeout_seconds.max(1) as u64);
+        if let Some(w) = &world {
+            w.set_timeout(init_timeout);
+        }
+        let (be, world) = select_rank_backend(&cfg.training.device, world, init_timeout)?;
         let device = device_name(be.as_ref());
         let mesh = match world {
-            Some(w) => {
-                w.set_timeout(std::time::Duration::from_secs(
-                    cfg.comm.init_timeout_seconds.max(1) as u64,
-                ));
-                Some(Mesh::new(dims, w)?)
-            }
+            Some(w) => Some(Mesh::new(dims, w)?),
             None => None,
         };
         let rank = mesh.as_ref().map_or(0, |m| m.world.rank());
@@ -405,6 +404,9 @@ impl Trainer {
             tokens += batch.batch * batch.seq;
         }
         let t = Instant::now();
+        if let Some(f) = self.store.fsdp() {
+            f.comm().wait()?; // NCCL: the reduce-scatters finished (or a peer is named lost)
+        }
         self.replicate_grads()?;
         let mut sums = [loss_sum as f32];
         self.all_reduce_host(&mut sums, ReduceOp::Sum)?;
@@ -422,6 +424,7 @@ impl Trainer {
         if let Some(f) = self.store.fsdp() {
             // Shards of one replica tile the gradient: their squares sum to the global norm's.
             f.comm().all_reduce(norm_sq, ReduceOp::Sum)?;
+            f.comm().wait()?;
         }
         comm_s += t.elapsed().as_secs_f64();
         let max_norm = if self.cfg.training.max_norm > 0.0 {
