@@ -1,5 +1,7 @@
-//! Data pipeline: tokenizers, synthetic corpus, sources, packing, stateful loader, DP split, eval
-//! token reader, and bad inputs.
+//! Data pipeline: tokenizers, synthetic corpus, sources, packing, stateful loader, eval token
+//! reader, and bad inputs; the data parallel split in data_dp/.
+
+mod data_dp;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -336,7 +338,7 @@ fn hf_tokenizer_llama3_like_byte_level_bpe_is_lossless() {
         t1.elapsed().as_secs_f64()
     );
     whole.push(262);
-    assert_eq!(l.slice_tokens(), Some(whole.len() as u64));
+    assert_eq!(l.stream_tokens(), Some(whole.len() as u64));
     assert_eq!(read_stream(&mut l, whole.len()), whole);
 }
 
@@ -518,7 +520,7 @@ fn synthetic_and_text_tokenizing_are_fast() {
     let t1 = Instant::now();
     let mut l = build_loader(&cfg(d.join("big.txt").to_str().unwrap(), 256, 8)).unwrap();
     let load = t1.elapsed().as_secs_f64();
-    assert_eq!(l.slice_tokens(), Some(text.len() as u64 + 2));
+    assert_eq!(l.stream_tokens(), Some(text.len() as u64 + 2));
     let t2 = Instant::now();
     let mut syn = build_loader(&cfg("synthetic", 256, 8)).unwrap();
     for _ in 0..200 {
@@ -574,7 +576,7 @@ fn folder_of_text_and_jsonl_is_packed_in_sorted_order_and_wraps() {
     write(&d.join(".hidden.txt"), "ignored");
     let mut l = build_loader(&cfg(d.to_str().unwrap(), 3, 2)).unwrap();
     let stream = byte_stream(&["ay", "bee", "sea", "d\n"]);
-    assert_eq!(l.slice_tokens(), Some(stream.len() as u64));
+    assert_eq!(l.stream_tokens(), Some(stream.len() as u64));
     let batches = take(&mut l, 7); // 56 tokens > 2 epochs of 18
     assert!(batches
         .iter()
@@ -757,31 +759,35 @@ fn datasets_without_text_or_shorter_than_one_sample_are_errors() {
         32,
         2,
     )));
-    // Token files, and a data parallel rank's slice.
+    // Token files; every data parallel rank walks the whole stream, so the bound is the same
+    // at any world size.
     let ids: Vec<u16> = (0..40).collect();
     u16_file(&d.join("t.u16.bin"), &ids);
-    let m = data_err(build_loader(&cfg(
-        d.join("t.u16.bin").to_str().unwrap(),
-        40,
-        1,
-    )));
-    assert!(m.contains("has 40 tokens"), "{m}");
-    let mut c = cfg(d.join("t.u16.bin").to_str().unwrap(), 20, 1);
-    build_loader(&c).unwrap();
-    c.dp_world = 2;
-    let m = data_err(build_loader(&c));
-    assert!(m.contains("rank 0's slice: 20"), "{m}");
+    for world in [1, 3] {
+        let mut c = cfg(d.join("t.u16.bin").to_str().unwrap(), 40, 1);
+        (c.dp_rank, c.dp_world) = (world - 1, world);
+        let m = data_err(build_loader(&c));
+        assert!(m.contains("has 40 tokens") && !m.contains("slice"), "{m}");
+        c.seq_len = 39;
+        build_loader(&c).unwrap().next_batch().unwrap();
+    }
 }
 
 #[test]
-fn epochs_for_counts_passes_over_the_slice() {
+fn epochs_for_counts_passes_over_the_stream() {
     let d = scratch("epochs");
     let ids: Vec<u16> = (0..330).map(|i| i % 200).collect();
     u16_file(&d.join("t.u16.bin"), &ids);
-    let l = build_loader(&cfg(d.join("t.u16.bin").to_str().unwrap(), 32, 2)).unwrap();
+    let mut c = cfg(d.join("t.u16.bin").to_str().unwrap(), 32, 2);
+    let l = build_loader(&c).unwrap();
     // Samples of 33 tokens: 10 fill the 330 tokens once, 25 read them 2.5 times.
     assert_eq!(l.epochs_for(10), Some(1.0));
     assert_eq!(l.epochs_for(25), Some(2.5));
+    // Two ranks share the stream: 10 samples of one rank are 20 of the stream.
+    (c.dp_rank, c.dp_world) = (1, 2);
+    let l = build_loader(&c).unwrap();
+    assert_eq!(l.stream_tokens(), Some(330));
+    assert_eq!(l.epochs_for(10), Some(2.0));
     assert_eq!(
         build_loader(&cfg("synthetic", 32, 2))
             .unwrap()
@@ -952,22 +958,25 @@ fn restore_rejects_mismatched_state() {
     c.seed = 1;
     data_err(build_loader(&c).unwrap().restore(&s));
     c.seed = 0;
+    c.seq_len = 9;
+    // Another data parallel layout (or seq_len) is the same stream: it resumes.
     c.dp_world = 2;
-    data_err(build_loader(&c).unwrap().restore(&s));
+    build_loader(&c).unwrap().restore(&s).unwrap();
     let d = scratch("mismatch");
     write(&d.join("t.txt"), "some text here");
     let mut t = build_loader(&cfg(d.join("t.txt").to_str().unwrap(), 4, 1)).unwrap();
     data_err(t.restore(&s));
     data_err(t.restore(&serde_json::json!({"kind": "tokens"})));
     let mut good = t.state();
-    good["slice_len"] = serde_json::json!(3);
-    data_err(t.restore(&good));
+    good["tokens"] = serde_json::json!(3);
+    let m = data_err(t.restore(&good));
+    assert!(m.contains("different dataset"), "{m}");
 
     // Same length, different text: refused through the stream fingerprint.
     let saved = t.state();
     write(&d.join("u.txt"), "some text HERE");
     let mut u = build_loader(&cfg(d.join("u.txt").to_str().unwrap(), 4, 1)).unwrap();
-    assert_eq!(u.slice_tokens(), t.slice_tokens());
+    assert_eq!(u.stream_tokens(), t.stream_tokens());
     let m = data_err(u.restore(&saved));
     assert!(m.contains("different data"), "{m}");
     // A copy of the same data elsewhere restores fine.
@@ -994,56 +1003,6 @@ fn restore_rejects_mismatched_state() {
     with_tok("tok2").restore(&s).unwrap();
     data_err(with_tok("tok3").restore(&s));
     data_err(build_loader(&cfg("synthetic", 8, 2)).unwrap().restore(&s));
-}
-
-#[test]
-fn dp_ranks_read_disjoint_slices_covering_the_stream() {
-    let d = scratch("dp");
-    let text = SyntheticCorpus::new(9).text(5);
-    write(&d.join("t.txt"), &text);
-    let full = byte_stream(&[&text]);
-    for world in [1usize, 2, 3, 7] {
-        let mut seen = Vec::new();
-        for rank in 0..world {
-            let mut c = cfg(d.join("t.txt").to_str().unwrap(), 4, 1);
-            c.dp_rank = rank;
-            c.dp_world = world;
-            let mut l = build_loader(&c).unwrap();
-            let n = l.slice_tokens().unwrap() as usize;
-            // One epoch of this rank: the first n tokens of its sample stream.
-            let mut toks = Vec::new();
-            while toks.len() < n {
-                let b = l.next_batch().unwrap();
-                toks.push(b.inputs[0] as u32);
-                toks.extend(b.labels.iter().map(|&x| x as u32));
-            }
-            toks.truncate(n);
-            seen.extend(toks);
-        }
-        assert_eq!(
-            seen, full,
-            "world {world}: rank slices in order must rebuild the stream"
-        );
-    }
-    // Synthetic: rank r reads documents r, r + w, ...; ranks never share a document.
-    let corpus = SyntheticCorpus::new(0);
-    for rank in 0..3u64 {
-        let docs: Vec<String> = (0..10).map(|k| corpus.document(rank + 3 * k)).collect();
-        let refs: Vec<&str> = docs.iter().map(String::as_str).collect();
-        let mut c = cfg("synthetic", 50, 2);
-        c.dp_rank = rank as usize;
-        c.dp_world = 3;
-        assert_packed(
-            &take(&mut build_loader(&c).unwrap(), 4),
-            &byte_stream(&refs),
-        );
-    }
-    // Too small to split: an empty document is 2 tokens (BOS, EOS), rank 0 of 3 gets none.
-    write(&d.join("tiny.txt"), "");
-    let mut c = cfg(d.join("tiny.txt").to_str().unwrap(), 4, 1);
-    c.dp_rank = 0;
-    c.dp_world = 3;
-    data_err(build_loader(&c));
 }
 
 // ---------------------------------------------------------------- eval token reader

@@ -517,7 +517,7 @@ fn warn_if_data_repeats(tr: &Trainer) {
     );
     let loader = &tr.loader;
     if let (Some(tokens), Some(epochs)) =
-        (loader.slice_tokens(), loader.epochs_for(steps * per_step))
+        (loader.stream_tokens(), loader.epochs_for(steps * per_step))
     {
         if epochs > 1.0 {
             let sample = loader.seq_len() as u64 + 1;

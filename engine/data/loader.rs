@@ -6,13 +6,19 @@
 //! samples, row-major `batch x seq_len` i32 ids. At the end of the stream the loader wraps to its
 //! start (next epoch), so `next_batch` never runs dry.
 //!
-//! Data parallel split: a token stream (text or token files) is cut into `dp_world` contiguous,
-//! disjoint slices of (nearly) equal length and rank r reads slice r; the synthetic corpus gives
-//! rank r documents r, r + world, r + 2 world, ...
+//! Data parallelism: every rank walks the same global stream (the whole token stream, or
+//! synthetic documents 0, 1, 2, ...) and takes its share of each global batch of
+//! `dp_world x batch` samples: rank r skips `r x batch` samples, reads `batch`, and skips the
+//! `(dp_world - 1 - r) x batch` of the ranks after it. So the ranks' k-th batches, concatenated
+//! in rank order, are the k-th batch of a world-1 loader with batch `dp_world x batch`, whatever
+//! the layout: a sharded run sees exactly the data of a single-device run at the same global
+//! batch (FSDP parity), and after every batch all ranks stand at the same global position, which
+//! is all `state()` holds, so a checkpoint resumes at any data parallel degree.
 //!
-//! The position is a handful of integers — (epoch, offset in the slice) or (document, offset in
+//! The position is a handful of integers — (epoch, offset in the stream) or (document, offset in
 //! the document) — because text is tokenized deterministically and synthetic documents are pure
-//! functions of (seed, index): `state()` is complete and `restore()` resumes bitwise.
+//! functions of (seed, index): `state()` is complete and `restore()` resumes bitwise. Skipping is
+//! arithmetic on a token stream; synthetic documents skipped over are generated and dropped.
 
 use std::sync::Arc;
 
@@ -22,6 +28,9 @@ use super::source::TokenFiles;
 use super::synthetic::{unigram_entropy, SyntheticCorpus};
 use super::tokenizer::{fnv1a, Tokenizer, FNV_OFFSET};
 use crate::error::{Error, Result};
+
+/// `state()`'s format: 2 since all ranks walk one stream (1 held a rank's slice position).
+const STATE_VERSION: u64 = 2;
 
 /// One batch: `inputs[b * seq + t]`, `labels` the same tokens shifted one to the left.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,17 +68,15 @@ impl Tokens {
 }
 
 pub(crate) enum Stream {
-    /// A rank's slice `[start, start + len)` of a token stream.
+    /// A whole token stream, read from `offset` in pass `epoch`.
     Flat {
         tokens: Tokens,
-        start: u64,
-        len: u64,
         epoch: u64,
         offset: u64,
-        /// Identity of the whole stream, checked on restore.
+        /// Identity of the stream, checked on restore.
         fingerprint: String,
     },
-    /// Rank-local document counter `doc` (global index rank + doc * world) and offset into it.
+    /// Global document index `doc` (`cur`, tokenized) and the offset into it.
     Synthetic {
         corpus: SyntheticCorpus,
         tokenizer: Arc<dyn Tokenizer>,
@@ -153,39 +160,24 @@ impl DataLoader {
     }
 
     pub(crate) fn new_flat(c: Common, tokens: Tokens) -> Result<Self> {
-        let (name, rank, world) = (&c.name, c.dp_rank as u64, c.dp_world as u64);
+        let name = &c.name;
         let total = tokens.len();
         if total == 0 {
             return Err(Error::Data(format!("dataset {name} is empty (no tokens)")));
         }
-        let start = total * rank / world;
-        let end = total * (rank + 1) / world;
-        if end == start {
-            return Err(Error::Data(format!(
-                "dataset {name} has {total} tokens, too few to give each of {world} data \
-                 parallel ranks a slice"
-            )));
-        }
-        // A sample is seq_len + 1 consecutive tokens; a shorter slice would repeat itself
+        // A sample is seq_len + 1 consecutive tokens; a shorter stream would repeat itself
         // inside every sample.
         let sample = c.seq_len as u64 + 1;
-        if end - start < sample {
-            let slice = if world > 1 {
-                format!(" (data parallel rank {rank}'s slice: {})", end - start)
-            } else {
-                String::new()
-            };
+        if total < sample {
             return Err(Error::Data(format!(
-                "dataset {name} has {total} tokens{slice}, fewer than one sample of seq_len {} + \
-                 1 = {sample} tokens: give it more data or lower training.seq_len",
+                "dataset {name} has {total} tokens, fewer than one sample of seq_len {} + 1 = \
+                 {sample} tokens: give it more data or lower training.seq_len",
                 c.seq_len
             )));
         }
         let fingerprint = stream_fingerprint(&tokens);
         let stream = Stream::Flat {
             tokens,
-            start,
-            len: end - start,
             epoch: 0,
             offset: 0,
             fingerprint,
@@ -198,7 +190,7 @@ impl DataLoader {
         corpus: SyntheticCorpus,
         tokenizer: Arc<dyn Tokenizer>,
     ) -> Result<Self> {
-        let cur = synthetic_doc(&corpus, tokenizer.as_ref(), c.dp_rank as u64)?;
+        let cur = synthetic_doc(&corpus, tokenizer.as_ref(), 0)?;
         c.tokenizer = Some(tokenizer.clone());
         let stream = Stream::Synthetic {
             corpus,
@@ -233,42 +225,42 @@ impl DataLoader {
     pub fn tokenizer(&self) -> Option<&dyn Tokenizer> {
         self.tokenizer.as_deref()
     }
-    /// Tokens in this rank's slice (None for the unbounded synthetic corpus).
-    pub fn slice_tokens(&self) -> Option<u64> {
+    /// Tokens in the whole stream, which every rank walks (None for the endless synthetic
+    /// corpus).
+    pub fn stream_tokens(&self) -> Option<u64> {
         match &self.stream {
-            Stream::Flat { len, .. } => Some(*len),
+            Stream::Flat { tokens, .. } => Some(tokens.len()),
             Stream::Synthetic { .. } => None,
         }
     }
 
-    /// How many times `samples` more samples read this rank's data (None for the endless
+    /// Passes over the stream that `samples` more samples of this rank make: all ranks together
+    /// move through it `dp_world` samples per sample of one rank (None for the endless
     /// synthetic corpus).
     pub fn epochs_for(&self, samples: u64) -> Option<f64> {
-        let len = self.slice_tokens()?;
-        Some((samples as f64) * (self.seq_len as f64 + 1.0) / len as f64)
+        let len = self.stream_tokens()?;
+        let global = samples as f64 * self.dp_world as f64;
+        Some(global * (self.seq_len as f64 + 1.0) / len as f64)
     }
 
-    /// Unigram entropy (nats/token) of this rank's data: its first 2^20 tokens (synthetic: the
-    /// first documents up to that many tokens). Does not move the loader.
+    /// Unigram entropy (nats/token) of the stream: its first 2^20 tokens (synthetic: the first
+    /// documents up to that many tokens). The same on every rank; does not move the loader.
     pub fn unigram_entropy(&self) -> Result<f64> {
         const N: u64 = 1 << 20;
         match &self.stream {
-            Stream::Flat {
-                tokens, start, len, ..
-            } => {
-                let mut v = vec![0u32; (*len).min(N) as usize];
-                tokens.copy(*start, &mut v);
+            Stream::Flat { tokens, .. } => {
+                let mut v = vec![0u32; tokens.len().min(N) as usize];
+                tokens.copy(0, &mut v);
                 Ok(unigram_entropy(&v))
             }
             Stream::Synthetic {
                 corpus, tokenizer, ..
             } => {
                 let mut v = Vec::new();
-                let mut k = 0u64;
+                let mut doc = 0u64;
                 while (v.len() as u64) < N {
-                    let g = self.dp_rank as u64 + k * self.dp_world as u64;
-                    v.extend(synthetic_doc(corpus, tokenizer.as_ref(), g)?);
-                    k += 1;
+                    v.extend(synthetic_doc(corpus, tokenizer.as_ref(), doc)?);
+                    doc += 1;
                 }
                 Ok(unigram_entropy(&v))
             }
@@ -296,7 +288,6 @@ impl DataLoader {
     /// Back to a `position()` taken earlier; regenerating the synthetic document cannot fail
     /// here because it was generated successfully when that position was current.
     fn set_position(&mut self, (a, b): (u64, u64)) {
-        let (rank, world) = (self.dp_rank as u64, self.dp_world as u64);
         match &mut self.stream {
             Stream::Flat { epoch, offset, .. } => (*epoch, *offset) = (a, b),
             Stream::Synthetic {
@@ -307,8 +298,7 @@ impl DataLoader {
                 cur,
             } => {
                 if *doc != a {
-                    let Ok(ids) = synthetic_doc(corpus, tokenizer.as_ref(), rank + a * world)
-                    else {
+                    let Ok(ids) = synthetic_doc(corpus, tokenizer.as_ref(), a) else {
                         return;
                     };
                     *cur = ids;
@@ -319,8 +309,13 @@ impl DataLoader {
         }
     }
 
+    /// This rank's share of the next global batch: skip the samples of the ranks before it,
+    /// read its own, skip those of the ranks after it.
     fn next_batch_inner(&mut self) -> Result<Batch> {
         let (b, t) = (self.batch, self.seq_len);
+        let sample = t as u128 + 1;
+        let (before, after) = (self.dp_rank, self.dp_world - 1 - self.dp_rank);
+        self.skip(before as u128 * b as u128 * sample)?;
         let mut inputs = Vec::with_capacity(b * t);
         let mut labels = Vec::with_capacity(b * t);
         let mut buf = std::mem::take(&mut self.buf);
@@ -331,12 +326,51 @@ impl DataLoader {
             labels.extend(buf[1..].iter().map(|&x| x as i32));
         }
         self.buf = buf;
+        self.skip(after as u128 * b as u128 * sample)?;
         Ok(Batch {
             inputs,
             labels,
             batch: b,
             seq: t,
         })
+    }
+
+    /// Move `n` tokens on without reading them (other ranks check theirs), to the position
+    /// reading them would leave: the epoch wrap in closed form on a token stream; synthetic
+    /// documents generated (each once) only to learn their length.
+    fn skip(&mut self, mut n: u128) -> Result<()> {
+        match &mut self.stream {
+            Stream::Flat {
+                tokens,
+                epoch,
+                offset,
+                ..
+            } => {
+                let (len, pos) = (tokens.len() as u128, *offset as u128 + n);
+                let wraps = u64::try_from(pos / len).unwrap_or(u64::MAX);
+                *epoch = epoch.saturating_add(wraps);
+                *offset = (pos % len) as u64;
+            }
+            Stream::Synthetic {
+                corpus,
+                tokenizer,
+                doc,
+                offset,
+                cur,
+            } => loop {
+                let left = (cur.len() - *offset) as u128;
+                if n < left {
+                    *offset += n as usize;
+                    break;
+                }
+                n -= left;
+                // As in `fill`: reaching a document's end moves on to the next one.
+                *cur = synthetic_doc(corpus, tokenizer.as_ref(), *doc + 1)?;
+                *doc += 1;
+                *offset = 0;
+            },
+        }
+        Ok(())
     }
 
     /// Next `out.len()` tokens of the stream, each checked against the vocabulary.
@@ -348,16 +382,15 @@ impl DataLoader {
         match &mut self.stream {
             Stream::Flat {
                 tokens,
-                start,
-                len,
                 epoch,
                 offset,
                 ..
             } => {
+                let len = tokens.len();
                 while done < out.len() {
-                    let n = (out.len() - done).min((*len - *offset) as usize);
+                    let n = (out.len() - done).min((len - *offset) as usize);
                     let dst = &mut out[done..done + n];
-                    let pos = *start + *offset;
+                    let pos = *offset;
                     tokens.copy(pos, dst);
                     if let Some(i) = dst.iter().position(|&x| x as u64 >= limit) {
                         return Err(Error::Data(format!(
@@ -369,7 +402,7 @@ impl DataLoader {
                     }
                     done += n;
                     *offset += n as u64;
-                    if *offset == *len {
+                    if *offset == len {
                         *offset = 0;
                         *epoch += 1;
                     }
@@ -399,8 +432,7 @@ impl DataLoader {
                     if *offset == cur.len() {
                         *doc += 1;
                         *offset = 0;
-                        let g = self.dp_rank as u64 + *doc * self.dp_world as u64;
-                        *cur = synthetic_doc(corpus, tokenizer.as_ref(), g)?;
+                        *cur = synthetic_doc(corpus, tokenizer.as_ref(), *doc)?;
                     }
                 }
             }
@@ -408,24 +440,22 @@ impl DataLoader {
         Ok(())
     }
 
-    /// Everything that determines the batches to come, as JSON (for the checkpoint manifest).
+    /// Everything that determines the batches to come, as JSON (for the checkpoint manifest):
+    /// the global stream position, the same on every rank. `dp_world` only records the layout
+    /// that saved it; any layout restores it.
     pub fn state(&self) -> Value {
         match &self.stream {
             Stream::Flat {
-                start,
-                len,
+                tokens,
                 epoch,
                 offset,
                 fingerprint,
-                ..
             } => json!({
-                "version": 1,
+                "version": STATE_VERSION,
                 "kind": "tokens",
                 "dataset": self.name,
-                "dp_rank": self.dp_rank,
                 "dp_world": self.dp_world,
-                "slice_start": start,
-                "slice_len": len,
+                "tokens": tokens.len(),
                 "fingerprint": fingerprint,
                 "epoch": epoch,
                 "offset": offset,
@@ -437,10 +467,9 @@ impl DataLoader {
                 offset,
                 ..
             } => json!({
-                "version": 1,
+                "version": STATE_VERSION,
                 "kind": "synthetic",
                 "dataset": self.name,
-                "dp_rank": self.dp_rank,
                 "dp_world": self.dp_world,
                 "seed": corpus.seed(),
                 "tokenizer": tokenizer.fingerprint(),
@@ -450,8 +479,9 @@ impl DataLoader {
         }
     }
 
-    /// Resume at a position from `state()`. The loader must be built from the same dataset,
-    /// tokenizer, seed and data parallel layout; a mismatch is an error, never a silent skip.
+    /// Resume at a position from `state()`, saved at any data parallel rank and degree. The
+    /// loader must be built from the same dataset, tokenizer and seed; a mismatch is an error,
+    /// never a silent skip.
     pub fn restore(&mut self, state: &Value) -> Result<()> {
         let bad = |what: &str| Error::Data(format!("data loader state: {what} (state: {state})"));
         let get = |k: &str| {
@@ -464,29 +494,43 @@ impl DataLoader {
             .get("kind")
             .and_then(Value::as_str)
             .ok_or_else(|| bad("no \"kind\""))?;
-        if get("dp_rank")? != self.dp_rank as u64 || get("dp_world")? != self.dp_world as u64 {
-            return Err(bad(&format!(
-                "saved for a different data parallel layout (this loader: rank {} of {})",
-                self.dp_rank, self.dp_world
-            )));
-        }
+        // Version 1 (per-rank slices) is the same position only where it had one rank.
+        let version = get("version")?;
+        let v1 = match version {
+            STATE_VERSION => false,
+            1 if get("dp_world")? == 1 => true,
+            1 => {
+                return Err(bad(&format!(
+                    "saved by an earlier titan whose data parallel ranks read separate slices \
+                     (saved at rank {} of {}); that position does not carry over to the shared \
+                     stream: set checkpoint.exclude_from_loading = \"dataloader\" to start the \
+                     data over",
+                    get("dp_rank")?,
+                    get("dp_world")?
+                )))
+            }
+            v => return Err(bad(&format!("unknown version {v}"))),
+        };
         match &mut self.stream {
             Stream::Flat {
-                start,
-                len,
+                tokens,
                 epoch,
                 offset,
                 fingerprint,
-                ..
             } => {
                 if kind != "tokens" {
                     return Err(bad(
                         "saved from a synthetic dataset, restoring into a token stream",
                     ));
                 }
-                if get("slice_start")? != *start || get("slice_len")? != *len {
+                let total = tokens.len();
+                let (saved, start) = match v1 {
+                    true => (get("slice_len")?, get("slice_start")?),
+                    false => (get("tokens")?, 0),
+                };
+                if saved != total || start != 0 {
                     return Err(bad(&format!(
-                        "saved for a different dataset (this loader's slice: start {start}, {len} tokens)"
+                        "saved for a different dataset (this loader's: {total} tokens)"
                     )));
                 }
                 if state.get("fingerprint").and_then(Value::as_str) != Some(fingerprint.as_str()) {
@@ -495,8 +539,8 @@ impl DataLoader {
                     )));
                 }
                 let off = get("offset")?;
-                if off >= *len {
-                    return Err(bad("offset past the end of the slice"));
+                if off >= total {
+                    return Err(bad("offset past the end of the stream"));
                 }
                 *epoch = get("epoch")?;
                 *offset = off;
@@ -527,8 +571,7 @@ impl DataLoader {
                     )));
                 }
                 let d = get("doc")?;
-                let g = self.dp_rank as u64 + d * self.dp_world as u64;
-                let ids = synthetic_doc(corpus, tokenizer.as_ref(), g)?;
+                let ids = synthetic_doc(corpus, tokenizer.as_ref(), d)?;
                 let off = get("offset")? as usize;
                 if off >= ids.len() {
                     return Err(bad("offset past the end of its document"));

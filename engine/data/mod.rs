@@ -54,6 +54,7 @@ pub struct DataConfig {
     pub batch: usize,
     /// Seed of the synthetic corpus (file datasets are read in order and ignore it).
     pub seed: u64,
+    /// This rank's share of each global batch of `dp_world x batch` samples (see [`loader`]).
     pub dp_rank: usize,
     pub dp_world: usize,
     /// Element type of `.bin` token files; overrides the `.u16.bin` / `.u32.bin` extension.
@@ -83,8 +84,7 @@ impl Default for DataConfig {
 }
 
 /// Build the loader for this rank. Text datasets are tokenized here, in full, on every rank
-/// (progress shows on stderr for big files), so the packed stream and its split are identical
-/// everywhere.
+/// (progress shows on stderr for big files), so every rank walks the same packed stream.
 pub fn build_loader(cfg: &DataConfig) -> Result<DataLoader> {
     if cfg.seq_len == 0 || cfg.batch == 0 {
         return Err(Error::Config(format!(
@@ -186,10 +186,7 @@ pub fn build_loader(cfg: &DataConfig) -> Result<DataLoader> {
                 tok_desc(tok.as_ref())
             );
             let mut l = DataLoader::new_flat(common(vocab, Some(tok)), Tokens::Owned(stream))?;
-            l.summary = format!(
-                "{summary}, {} tokens in this slice",
-                l.slice_tokens().unwrap_or(0)
-            );
+            l.summary = summary;
             Ok(l)
         }
         Resolved::Tokens(files) => {
@@ -213,10 +210,7 @@ pub fn build_loader(cfg: &DataConfig) -> Result<DataLoader> {
                 }
             );
             let mut l = DataLoader::new_flat(common(vocab, tok), Tokens::Files(tf))?;
-            l.summary = format!(
-                "{summary}, {} tokens in this slice",
-                l.slice_tokens().unwrap_or(0)
-            );
+            l.summary = summary;
             Ok(l)
         }
     }

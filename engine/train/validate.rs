@@ -114,7 +114,7 @@ impl Validator {
         })?;
         // A finite set is read once per run, as torchtitan's non-repeating validation loader:
         // all its full batches, or the first `steps` of them.
-        let full_batches = match loader.slice_tokens() {
+        let full_batches = match loader.stream_tokens() {
             Some(tokens) => {
                 let n = (tokens / (batch * (seq + 1)) as u64) as usize;
                 if n == 0 {

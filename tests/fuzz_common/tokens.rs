@@ -312,29 +312,32 @@ fn stream_reference(
     (docs > 0 && stream.len() > 2 * docs).then_some((stream, Some(vocab.unwrap_or(259))))
 }
 
-/// The loader's reference: a rank's slice read cyclically, `batch` samples of seq_len + 1.
+/// The loader's reference: the whole stream read cyclically, this rank's `batch` samples of
+/// seq_len + 1 out of each global batch of `world x batch` (only its own ids are checked).
 struct Reference {
-    slice: Vec<u32>,
+    stream: Vec<u32>,
     limit: u64,
     seq_len: usize,
     batch: usize,
+    rank: usize,
+    world: usize,
     pos: usize,
 }
 
 impl Reference {
     fn next(&mut self) -> Option<Batch> {
-        let (t, n) = (self.seq_len, self.slice.len());
+        let (t, n) = (self.seq_len, self.stream.len());
         let mut seqs = Vec::new();
-        let mut p = self.pos;
+        let mut p = (self.pos + self.rank * self.batch * (t + 1)) % n;
         for _ in 0..self.batch {
-            let s: Vec<u32> = (0..=t).map(|k| self.slice[(p + k) % n]).collect();
+            let s: Vec<u32> = (0..=t).map(|k| self.stream[(p + k) % n]).collect();
             if s.iter().any(|&x| x as u64 >= self.limit) {
                 return None;
             }
             p = (p + t + 1) % n;
             seqs.push(s);
         }
-        self.pos = p;
+        self.pos = (p + (self.world - 1 - self.rank) * self.batch * (t + 1)) % n;
         batches_of(&seqs, self.batch).pop()
     }
 }
@@ -447,33 +450,33 @@ fn run_loader(
     };
     let total = stream.len();
     let (rank, world) = (cfg.dp_rank, cfg.dp_world);
-    let (start, end) = (
-        total * rank / world.max(1),
-        total * (rank + 1) / world.max(1),
-    );
     let mut l = match built {
-        Err(e) if world == 0 || rank >= world || start == end => {
-            return named(&e).map(|()| Verdict::Rejected)
-        }
-        // Refusing a slice shorter than one sample (issue 15's data guards) is allowed too.
-        Err(e) if end - start <= cfg.seq_len => return named(&e).map(|()| Verdict::Rejected),
+        Err(e) if world == 0 || rank >= world => return named(&e).map(|()| Verdict::Rejected),
+        // Refusing a stream shorter than one sample (issue 15's data guards) is allowed too.
+        Err(e) if total <= cfg.seq_len => return named(&e).map(|()| Verdict::Rejected),
         Err(e) => {
             return Err(format!(
                 "rejected ({e}), the reference reads {total} tokens"
             ))
         }
-        Ok(_) if start == end || rank >= world => {
-            return Err("the loader accepted an empty slice".into())
+        Ok(_) if rank >= world => return Err(format!("accepted rank {rank} of {world}")),
+        Ok(_) if total <= cfg.seq_len => {
+            return Err(format!(
+                "accepted {total} tokens at seq_len {}",
+                cfg.seq_len
+            ))
         }
         // The reference below walks seq_len tokens per sample.
         Ok(_) if cfg.seq_len > 1 << 20 => return Err(format!("accepted seq_len {}", cfg.seq_len)),
         Ok(l) => l,
     };
     let mut r = Reference {
-        slice: stream[start..end].to_vec(),
+        stream,
         limit: limit(vocab),
         seq_len: cfg.seq_len,
         batch: cfg.batch,
+        rank,
+        world,
         pos: 0,
     };
     let entropy = l.unigram_entropy().map_err(|e| e.to_string())?;
@@ -488,7 +491,7 @@ fn run_loader(
         .restore(&state)
         .map_err(|e| format!("restore of its own state: {e}"))?;
     let mut r2 = Reference {
-        slice: r.slice.clone(),
+        stream: r.stream.clone(),
         pos: r.pos,
         ..r
     };
@@ -502,10 +505,10 @@ fn run_loader(
         let pos = edited["offset"]
             .as_u64()
             .ok_or("restore accepted a state without an offset")? as usize;
-        if pos >= r2.slice.len() {
+        if pos >= r2.stream.len() {
             return Err(format!(
-                "restore accepted offset {pos} of a {}-token slice",
-                r2.slice.len()
+                "restore accepted offset {pos} of a {}-token stream",
+                r2.stream.len()
             ));
         }
         let mut r3 = Reference { pos, ..r2 };
