@@ -56,11 +56,12 @@ fn losses(world: usize, dir: std::path::PathBuf, overrides: Vec<String>) -> tita
         .into_iter()
         .map(|c| Box::new(c) as Box<dyn Communicator>)
         .collect();
+    // Loaded once: ranks each writing and reading the config file would race.
+    let o: Vec<&str> = overrides.iter().map(|s| s.as_str()).collect();
+    let cfg = debug_config(&dir, &o)?;
     let run = |c: Box<dyn Communicator>| -> titan::Result<Vec<f64>> {
-        let o: Vec<&str> = overrides.iter().map(|s| s.as_str()).collect();
-        let cfg = debug_config(&dir, &o)?;
         let world = (world > 1).then_some(c);
-        let mut tr = Trainer::distributed(cfg, &titan::registry(), false, world)?;
+        let mut tr = Trainer::distributed(cfg.clone(), &titan::registry(), false, world)?;
         tr.maybe_resume()?;
         let hist = tr.fit(true)?;
         Ok(hist.iter().map(|m| m.loss).collect())
@@ -109,9 +110,43 @@ fn fsdp_matches_one_rank() {
         vec![
             (2, vec!["--training.local_batch_size=2", "--parallelism.data_parallel_shard_degree=2"]),
             (4, vec!["--training.local_batch_size=1", "--parallelism.data_parallel_shard_degree=4"]),
+            // Gradient accumulation: two micro-batches per rank, one reduce-scatter per step.
+            (
+                2,
+                vec![
+                    "--training.local_batch_size=1",
+                    "--training.global_batch_size=4",
+                    "--parallelism.data_parallel_shard_degree=2",
+                ],
+            ),
         ],
         vec![],
     );
+}
+
+#[test]
+fn bf16_gradient_reduction_stays_close() {
+    // mixed_precision_reduce = bfloat16 rounds the reduce-scatter's operands: near, not equal.
+    within_deadline(|| {
+        let run = |tag: &str, world: usize, o: &[&str]| {
+            let d = tmp(tag);
+            let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
+            losses(world, d.clone(), base(&d, &o)).unwrap()
+        };
+        let f32 = run("bf16-ref", 1, &["--training.local_batch_size=4"]);
+        let bf16 = run(
+            "bf16",
+            2,
+            &[
+                "--training.local_batch_size=2",
+                "--parallelism.data_parallel_shard_degree=2",
+                "--training.mixed_precision_reduce=bfloat16",
+            ],
+        );
+        let e = rel(&bf16, &f32);
+        println!("bf16 reduce: rel {e:.2e}");
+        assert!(e > 0.0 && e < 1e-2, "rel {e:.2e}: {bf16:?} vs {f32:?}");
+    });
 }
 
 #[test]
@@ -221,7 +256,7 @@ fn bad_layouts_are_clear_errors_before_any_work() {
             e
         };
         let e = err("bad-product", 3, &["--parallelism.data_parallel_shard_degree=2"]);
-        assert!(e.contains("world size 3") && e.contains("dp_shard 2"), "{e}");
+        assert!(e.contains("world size is 3") && e.contains("dp_shard 2"), "{e}");
         let e = err("bad-one", 1, &["--parallelism.data_parallel_shard_degree=2"]);
         assert!(e.contains("--nproc-per-node"), "{e}");
         let e = err("bad-tp", 2, &["--parallelism.tensor_parallel_degree=2"]);
@@ -238,3 +273,4 @@ fn bad_layouts_are_clear_errors_before_any_work() {
         assert!(e.contains("global_batch_size = 6"), "{e}");
     });
 }
+

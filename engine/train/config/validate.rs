@@ -29,7 +29,7 @@ impl JobConfig {
         one_of(
             "training.mixed_precision_reduce",
             &t.mixed_precision_reduce,
-            &["float32"],
+            &["float32", "bfloat16"],
         )?;
         one_of("training.device", &t.device, &["auto", "cpu", "cuda"])?;
         if let Some(seed) = t.seed {
