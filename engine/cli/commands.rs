@@ -410,6 +410,9 @@ fn group_digits(n: usize) -> String {
 }
 
 /// Training throughput of a config on one device: warm-up steps, then `steps` timed steps.
+/// `titan bench`; with `nproc > 1` that many CPU or GPU ranks as threads of this process
+/// (FSDP / HSDP / DDP from `[parallelism]`), timed together; rank 0 reports the global
+/// tokens/s and the time each step spent in collectives.
 pub fn bench(
     reg: &Registry,
     config: Option<&Path>,
@@ -417,40 +420,81 @@ pub fn bench(
     steps: u64,
     warmup: u64,
     profile: bool,
+    nproc: usize,
 ) -> Result<()> {
     let mut ov = overrides.to_vec();
     ov.extend(["--training.dataset".to_string(), "synthetic".to_string()]);
     ov.extend(["--training.steps".to_string(), (steps + warmup).to_string()]);
     ov.extend(["--checkpoint.enable=false".to_string()]);
     let cfg = JobConfig::load(config, &ov)?;
-    let mut tr = Trainer::with_options(cfg, reg, true)?;
+    if nproc <= 1 {
+        return bench_rank(reg, cfg, steps, warmup, profile, None);
+    }
+    if profile {
+        return Err(Error::Config(
+            "bench --profile times one rank's ops; run it without --nproc-per-node".into(),
+        ));
+    }
+    let comms: Vec<Box<dyn Communicator>> = HostComm::local_world(nproc)
+        .into_iter()
+        .map(|c| Box::new(c) as Box<dyn Communicator>)
+        .collect();
+    let results = run_rank_threads(comms, &|c| {
+        bench_rank(reg, cfg.clone(), steps, warmup, false, Some(c))
+    });
+    for (rank, r) in results.into_iter().enumerate() {
+        if let Err(e) = r {
+            return Err(Error::Other(format!("bench rank {rank}: {e}")));
+        }
+    }
+    Ok(())
+}
+
+fn bench_rank(
+    reg: &Registry,
+    cfg: JobConfig,
+    steps: u64,
+    warmup: u64,
+    profile: bool,
+    world: Option<Box<dyn Communicator>>,
+) -> Result<()> {
+    let mut tr = Trainer::distributed(cfg, reg, true, world)?;
+    let lead = tr.rank == 0;
     let seq = tr.cfg.training.seq_len as usize;
     let c = tr.model.args().clone_box();
-    outln!(
-        "bench: {} {} ({:.3}B params) on {} | {} | batch {} x seq {} x accum {} | plan {:.2} GiB",
-        tr.cfg.model.name,
-        tr.cfg.model.flavor,
-        tr.store.num_params() as f64 / 1e9,
-        tr.device,
-        tr.store.compute_dtype,
-        tr.cfg.training.local_batch_size,
-        seq,
-        tr.accum,
-        tr.memory.total() as f64 / GIB
-    )?;
+    if lead {
+        outln!(
+            "bench: {} {} ({:.3}B params) on {} | {} | batch {} x seq {} x accum {}{} | plan {:.2} GiB{}",
+            tr.cfg.model.name,
+            tr.cfg.model.flavor,
+            tr.store.num_params() as f64 / 1e9,
+            tr.device,
+            tr.store.compute_dtype,
+            tr.cfg.training.local_batch_size,
+            seq,
+            tr.accum,
+            layout_summary(&tr),
+            tr.memory.total() as f64 / GIB,
+            if tr.world_size() > 1 { " per rank" } else { "" }
+        )?;
+    }
     for _ in 0..warmup {
         let r = tr.train_step()?;
-        outln!("bench: warm-up step {} loss {:.4}", tr.step, r.loss)?;
+        if lead {
+            outln!("bench: warm-up step {} loss {:.4}", tr.step, r.loss)?;
+        }
     }
     tr.be.synchronize()?;
     crate::tape::profile::enable(profile);
     let t0 = Instant::now();
     let mut tokens = 0usize;
     let mut last = 0.0;
+    let mut comm_s = 0.0;
     for _ in 0..steps {
         let r = tr.train_step()?;
         tokens += r.tokens;
         last = r.loss;
+        comm_s += tr.last_comm_s;
     }
     tr.be.synchronize()?;
     let dt = t0.elapsed().as_secs_f64();
@@ -478,12 +522,17 @@ pub fn bench(
     let tps = tokens as f64 / dt;
     let (_, f_tt) = c.nparams_and_flops(seq);
     let f_llmc = c.flops_per_token_llmc(seq);
-    let peak = tr.peak.flops;
+    if !lead {
+        return Ok(());
+    }
+    let peak = tr.peak.flops * tr.peak_devices as f64;
+    let per_step = |x: f64| 1e3 * x / steps.max(1) as f64;
     outln!(
-        "bench: {} steps in {:.3}s ({:.1} ms/step), loss {:.4}",
+        "bench: {} steps in {:.3}s ({:.1} ms/step, {:.1} ms of it in collectives on rank 0), loss {:.4}",
         steps,
         dt,
-        1e3 * dt / steps.max(1) as f64,
+        per_step(dt),
+        per_step(comm_s),
         last
     )?;
     outln!(
@@ -501,7 +550,8 @@ pub fn bench(
         serde_json::json!({"bench": "train", "flavor": tr.cfg.model.flavor, "seq_len": seq,
             "batch": tr.cfg.training.local_batch_size, "tokens_per_s": tps,
             "mfu_torchtitan_pct": 100.0 * tps * f_tt / peak, "mfu_llmc_pct": 100.0 * tps * f_llmc / peak,
-            "device": tr.device, "step_ms": 1e3 * dt / steps.max(1) as f64})
+            "device": tr.device, "step_ms": per_step(dt), "comm_ms": per_step(comm_s),
+            "world": tr.world_size()})
     )?;
     Ok(())
 }

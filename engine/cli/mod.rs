@@ -91,6 +91,9 @@ enum Cmd {
         /// Time every op (synchronising around each) and print a table.
         #[arg(long)]
         profile: bool,
+        /// Ranks as threads of this process (with `[parallelism]` degrees for them).
+        #[arg(long, default_value_t = 1)]
+        nproc_per_node: usize,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         overrides: Vec<String>,
     },
@@ -271,10 +274,13 @@ fn run(reg: &Registry, cli: Cli) -> Result<ExitCode> {
             steps,
             warmup,
             profile,
+            nproc_per_node,
             overrides,
         } => {
             let (config, mut overrides) = take_config(config, overrides)?;
             let profile = take_flag(&mut overrides, "--profile") || profile;
+            let nproc = take_number(&mut overrides, "--nproc-per-node")?
+                .map_or(nproc_per_node, |n| n as usize);
             let steps = take_number(&mut overrides, "--steps")?.unwrap_or(steps);
             let warmup = take_number(&mut overrides, "--warmup")?.unwrap_or(warmup);
             done(bench(
@@ -284,6 +290,7 @@ fn run(reg: &Registry, cli: Cli) -> Result<ExitCode> {
                 steps,
                 warmup,
                 profile,
+                nproc,
             ))
         }
         Cmd::ListModels => done(list_models(reg)),
