@@ -201,7 +201,12 @@ fn plan_per_rank_for_fsdp_layouts() {
         serde_json::from_str(&out).unwrap()
     };
     let one = json(&[]);
-    let eight = json(&["--world-size", "8", "--parallelism.data_parallel_shard_degree", "8"]);
+    let eight = json(&[
+        "--world-size",
+        "8",
+        "--parallelism.data_parallel_shard_degree",
+        "8",
+    ]);
     let p1 = one["state"]["params"].as_f64().unwrap();
     let p8 = eight["state"]["params"].as_f64().unwrap();
     // Each rank keeps an eighth of the f32 masters (rows rounded up, shards aligned).
@@ -232,13 +237,30 @@ fn plan_per_rank_for_fsdp_layouts() {
     ]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
-    assert!(out.contains("world 64 = dp_replicate 1 x dp_shard 64") && out.contains("per rank"), "{out}");
+    assert!(
+        out.contains("world 64 = dp_replicate 1 x dp_shard 64") && out.contains("per rank"),
+        "{out}"
+    );
     // Degrees that do not multiply to the world, and a shard degree above a parameter's dim 0.
-    let o = titan(&["plan", "--config", "configs/llama3_debugmodel.toml", "--world-size", "6",
-        "--parallelism.data_parallel_shard_degree", "4"]);
+    let o = titan(&[
+        "plan",
+        "--config",
+        "configs/llama3_debugmodel.toml",
+        "--world-size",
+        "6",
+        "--parallelism.data_parallel_shard_degree",
+        "4",
+    ]);
     assert_clean_error(&o, "world size is 6");
-    let o = titan(&["plan", "--config", "configs/llama3_debugmodel.toml", "--world-size", "512",
-        "--parallelism.data_parallel_shard_degree", "512"]);
+    let o = titan(&[
+        "plan",
+        "--config",
+        "configs/llama3_debugmodel.toml",
+        "--world-size",
+        "512",
+        "--parallelism.data_parallel_shard_degree",
+        "512",
+    ]);
     assert_clean_error(&o, "larger than dim 0");
 }
 

@@ -51,7 +51,11 @@ fn base(dir: &std::path::Path, extra: &[String]) -> Vec<String> {
 }
 
 /// Losses of `steps` steps on `world` rank threads (rank 0's, which every rank agrees on).
-fn losses(world: usize, dir: std::path::PathBuf, overrides: Vec<String>) -> titan::Result<Vec<f64>> {
+fn losses(
+    world: usize,
+    dir: std::path::PathBuf,
+    overrides: Vec<String>,
+) -> titan::Result<Vec<f64>> {
     let comms: Vec<Box<dyn Communicator>> = HostComm::local_world(world)
         .into_iter()
         .map(|c| Box::new(c) as Box<dyn Communicator>)
@@ -69,7 +73,12 @@ fn losses(world: usize, dir: std::path::PathBuf, overrides: Vec<String>) -> tita
     let mut results = run_rank_threads(comms, &run);
     let first = results.remove(0)?;
     for (r, other) in results.into_iter().enumerate() {
-        assert_eq!(other?, first, "rank {} logged other losses than rank 0", r + 1);
+        assert_eq!(
+            other?,
+            first,
+            "rank {} logged other losses than rank 0",
+            r + 1
+        );
     }
     Ok(first)
 }
@@ -108,8 +117,20 @@ fn fsdp_matches_one_rank() {
     parity(
         "fsdp",
         vec![
-            (2, vec!["--training.local_batch_size=2", "--parallelism.data_parallel_shard_degree=2"]),
-            (4, vec!["--training.local_batch_size=1", "--parallelism.data_parallel_shard_degree=4"]),
+            (
+                2,
+                vec![
+                    "--training.local_batch_size=2",
+                    "--parallelism.data_parallel_shard_degree=2",
+                ],
+            ),
+            (
+                4,
+                vec![
+                    "--training.local_batch_size=1",
+                    "--parallelism.data_parallel_shard_degree=4",
+                ],
+            ),
             // Gradient accumulation: two micro-batches per rank, one reduce-scatter per step.
             (
                 2,
@@ -211,7 +232,13 @@ fn reshard_policies_and_activation_checkpointing_agree_bitwise() {
 
 /// Trains steps 1..=`steps` on `world` ranks with `degrees`, checkpointing every `every` steps,
 /// resuming from `dir`'s newest checkpoint if there is one.
-fn leg(dir: &std::path::Path, world: usize, degrees: &[&str], steps: usize, every: usize) -> Vec<f64> {
+fn leg(
+    dir: &std::path::Path,
+    world: usize,
+    degrees: &[&str],
+    steps: usize,
+    every: usize,
+) -> Vec<f64> {
     let mut o: Vec<String> = degrees.iter().map(|s| s.to_string()).collect();
     o.extend([
         format!("--training.steps={steps}"),
@@ -224,14 +251,23 @@ fn leg(dir: &std::path::Path, world: usize, degrees: &[&str], steps: usize, ever
 #[test]
 fn resharded_resumes_continue_the_uninterrupted_run() {
     within_deadline(|| {
-        let fsdp4 = ["--training.local_batch_size=1", "--parallelism.data_parallel_shard_degree=4"];
-        let fsdp2 = ["--training.local_batch_size=2", "--parallelism.data_parallel_shard_degree=2"];
+        let fsdp4 = [
+            "--training.local_batch_size=1",
+            "--parallelism.data_parallel_shard_degree=4",
+        ];
+        let fsdp2 = [
+            "--training.local_batch_size=2",
+            "--parallelism.data_parallel_shard_degree=2",
+        ];
         let one = ["--training.local_batch_size=4"];
         let d = tmp("reshard-ref");
         let reference = leg(&d, 1, &one, 5, 100);
         // (saved under, resumed under)
-        let cases: [(usize, &[&str], usize, &[&str]); 3] =
-            [(4, &fsdp4, 2, &fsdp2), (4, &fsdp4, 1, &one), (1, &one, 4, &fsdp4)];
+        let cases: [(usize, &[&str], usize, &[&str]); 3] = [
+            (4, &fsdp4, 2, &fsdp2),
+            (4, &fsdp4, 1, &one),
+            (1, &one, 4, &fsdp4),
+        ];
         for (k, (w0, a, w1, b)) in cases.into_iter().enumerate() {
             let d = tmp(&format!("reshard-{k}"));
             let first = leg(&d, w0, a, 3, 3);
@@ -251,16 +287,32 @@ fn bad_layouts_are_clear_errors_before_any_work() {
         let err = |tag: &str, world: usize, o: &[&str]| {
             let d = tmp(tag);
             let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
-            let e = losses(world, d.clone(), base(&d, &o)).unwrap_err().to_string();
+            let e = losses(world, d.clone(), base(&d, &o))
+                .unwrap_err()
+                .to_string();
             assert!(!d.join("metrics.jsonl").exists(), "{tag}: no step may run");
             e
         };
-        let e = err("bad-product", 3, &["--parallelism.data_parallel_shard_degree=2"]);
-        assert!(e.contains("world size is 3") && e.contains("dp_shard 2"), "{e}");
-        let e = err("bad-one", 1, &["--parallelism.data_parallel_shard_degree=2"]);
+        let e = err(
+            "bad-product",
+            3,
+            &["--parallelism.data_parallel_shard_degree=2"],
+        );
+        assert!(
+            e.contains("world size is 3") && e.contains("dp_shard 2"),
+            "{e}"
+        );
+        let e = err(
+            "bad-one",
+            1,
+            &["--parallelism.data_parallel_shard_degree=2"],
+        );
         assert!(e.contains("--nproc-per-node"), "{e}");
         let e = err("bad-tp", 2, &["--parallelism.tensor_parallel_degree=2"]);
-        assert!(e.contains("tensor parallel degree 2") && e.contains("not built yet"), "{e}");
+        assert!(
+            e.contains("tensor parallel degree 2") && e.contains("not built yet"),
+            "{e}"
+        );
         let e = err(
             "bad-batch",
             2,
@@ -273,4 +325,3 @@ fn bad_layouts_are_clear_errors_before_any_work() {
         assert!(e.contains("global_batch_size = 6"), "{e}");
     });
 }
-

@@ -39,7 +39,10 @@ fn node_args(dump: &std::path::Path, port: u16, node: usize, extra: &[&str]) -> 
 }
 
 fn loss_values(dump: &std::path::Path) -> Vec<f64> {
-    losses(dump).iter().map(|&(_, b)| f64::from_bits(b)).collect()
+    losses(dump)
+        .iter()
+        .map(|&(_, b)| f64::from_bits(b))
+        .collect()
 }
 
 #[test]
@@ -75,10 +78,7 @@ fn two_processes_on_loopback_match_one_rank() {
 fn a_killed_node_fails_the_other_naming_the_lost_rank() {
     let dump = tmp("mn-kill");
     let port = free_port();
-    let extra = [
-        "--training.steps=100000",
-        "--comm.train_timeout_seconds=20",
-    ];
+    let extra = ["--training.steps=100000", "--comm.train_timeout_seconds=20"];
     let n1 = Titan::spawn(&node_args(&dump, port, 1, &extra));
     let mut n0 = Titan::spawn(&node_args(&dump, port, 0, &extra));
     n0.wait_for_steps(&dump, 2);
@@ -92,6 +92,10 @@ fn a_killed_node_fails_the_other_naming_the_lost_rank() {
         took < Duration::from_secs(20 + 10),
         "node 0 took {took:?} to notice"
     );
-    assert!(f.stderr.contains("rank 1"), "the error names the lost rank: {}", f.stderr);
+    assert!(
+        f.stderr.contains("rank 1"),
+        "the error names the lost rank: {}",
+        f.stderr
+    );
     let _ = n1.wait();
 }

@@ -1,18 +1,18 @@
 //! `titan train`, `plan`, `bench` and `list-models`.
 
+use crate::dist::launch::{run_rank_threads, Launch, LaunchArgs};
+use crate::dist::tcp::{Rendezvous, TcpTransport};
+use crate::dist::{Communicator, HostComm, ParallelDims};
 use crate::error::{Error, Result};
 use crate::metrics::GIB;
 use crate::model::{resolve, Registry};
+use crate::parallel::fsdp::{FsdpLayout, Reshard};
+use crate::params::StateBytes;
 use crate::tensor::DType;
 use crate::train::config::JobConfig;
 use crate::train::lock::RunLock;
 use crate::train::preempt::StopFlag;
 use crate::train::trainer::{trace_plan, Trainer};
-use crate::dist::launch::{run_rank_threads, Launch, LaunchArgs};
-use crate::dist::tcp::{Rendezvous, TcpTransport};
-use crate::dist::{Communicator, HostComm, ParallelDims};
-use crate::parallel::fsdp::{FsdpLayout, Reshard};
-use crate::params::StateBytes;
 use crate::{checkpoint, errln, outln};
 use std::path::Path;
 use std::process::ExitCode;
@@ -70,7 +70,11 @@ pub fn train(
             launch.node,
             launch.ranks[0],
             launch.ranks[launch.ranks.len() - 1],
-            if launch.single_process() { "shared memory" } else { "tcp" }
+            if launch.single_process() {
+                "shared memory"
+            } else {
+                "tcp"
+            }
         )?;
     }
     let results = if launch.single_process() {
@@ -272,7 +276,11 @@ pub fn plan(
     // One device plans the model alone, whatever layout the config names (a note says how
     // to plan that layout).
     let one = crate::train::config::Parallelism::default();
-    let layout = if world_size == 1 { &one } else { &cfg.parallelism };
+    let layout = if world_size == 1 {
+        &one
+    } else {
+        &cfg.parallelism
+    };
     let dims = ParallelDims::new(layout, world_size)?;
     let g = dims.degrees;
     if g.tp > 1 || g.pp > 1 || g.cp > 1 || g.ep > 1 {
@@ -355,7 +363,11 @@ pub fn plan(
             gib(mp.validation_activations)
         )?;
     }
-    let per = if world_size > 1 { "per rank" } else { "one device" };
+    let per = if world_size > 1 {
+        "per rank"
+    } else {
+        "one device"
+    };
     outln!("  peak, {per:<18} {}", gib(mp.total()))?;
     let p = &cfg.parallelism;
     let named = [

@@ -266,8 +266,16 @@ fn run(reg: &Registry, cli: Cli) -> Result<ExitCode> {
             let (config, mut overrides) = take_config(config, overrides)?;
             let json = take_flag(&mut overrides, "--json") || json;
             let dtype = take_value(&mut overrides, "--dtype")?.unwrap_or(dtype);
-            let world = take_number(&mut overrides, "--world-size")?.map_or(world_size, |w| w as usize);
-            done(plan(reg, config.as_deref(), &overrides, &dtype, json, world))
+            let world =
+                take_number(&mut overrides, "--world-size")?.map_or(world_size, |w| w as usize);
+            done(plan(
+                reg,
+                config.as_deref(),
+                &overrides,
+                &dtype,
+                json,
+                world,
+            ))
         }
         Cmd::Bench {
             config,

@@ -165,20 +165,32 @@ impl Launch {
 /// Runs `f` once per input (a rank's communicator, or what it connects with), each on its own
 /// thread (ranks as threads of this process), and returns the ranks' results in order. A rank
 /// that panics is an error naming it; a rank that fails drops its communicator, which the others
-/// see as a lost peer, not a hang.
+/// see as a lost peer, not a hang. Each rank computes in its own rayon pool of cores / ranks
+/// threads, as one process per device would: CPU ranks do not steal each other's kernel work.
 pub fn run_rank_threads<I: Send, T: Send>(
     inputs: Vec<I>,
     f: &(dyn Fn(I) -> Result<T> + Sync),
 ) -> Vec<Result<T>> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_rank = (cores / inputs.len().max(1)).max(1);
     std::thread::scope(|s| {
         let handles: Vec<_> = inputs
             .into_iter()
             .enumerate()
             .map(|(r, c)| {
+                let run = move || -> Result<T> {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(per_rank)
+                        .stack_size(16 << 20)
+                        .thread_name(move |i| format!("rank-{r}-{i}"))
+                        .build()
+                        .map_err(|e| Error::Comm(format!("rank {r}: thread pool: {e}")))?;
+                    pool.install(|| f(c))
+                };
                 std::thread::Builder::new()
                     .name(format!("rank-{r}"))
                     .stack_size(16 << 20)
-                    .spawn_scoped(s, move || f(c))
+                    .spawn_scoped(s, run)
                     .map_err(|e| Error::Comm(format!("rank {r}: cannot start its thread: {e}")))
             })
             .collect();

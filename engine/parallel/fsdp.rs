@@ -126,7 +126,10 @@ pub struct FsdpLayout {
 
 /// Assigns each unit (by position) a slot: units with `Some(k)` share rotating slot k, the rest
 /// have their own. Returns slot per unit and slot sizes.
-fn plan_slots(units: &[Unit], rotating: &dyn Fn(usize) -> Option<usize>) -> (Vec<usize>, Vec<usize>) {
+fn plan_slots(
+    units: &[Unit],
+    rotating: &dyn Fn(usize) -> Option<usize>,
+) -> (Vec<usize>, Vec<usize>) {
     let mut sizes: Vec<usize> = Vec::new();
     let mut shared: Vec<Option<usize>> = Vec::new(); // rotating index -> slot
     let mut slot_of = Vec::with_capacity(units.len());
@@ -177,15 +180,17 @@ impl FsdpLayout {
         defer_reduce: bool,
     ) -> Result<FsdpLayout> {
         if ranks == 0 || rank >= ranks {
-            return Err(Error::Config(format!(
-                "FSDP rank {rank} of {ranks} ranks"
-            )));
+            return Err(Error::Config(format!("FSDP rank {rank} of {ranks} ranks")));
         }
         let mut unit_of = vec![usize::MAX; specs.len()];
         for (m, ids) in modules.iter().enumerate() {
             for id in ids {
                 let u = unit_of.get_mut(id.0).ok_or_else(|| {
-                    Error::Config(format!("FSDP unit {m} names parameter {} of {}", id.0, specs.len()))
+                    Error::Config(format!(
+                        "FSDP unit {m} names parameter {} of {}",
+                        id.0,
+                        specs.len()
+                    ))
                 })?;
                 if *u != usize::MAX {
                     return Err(Error::Config(format!(
@@ -263,7 +268,10 @@ impl FsdpLayout {
             ranks,
             rank,
             reshard,
-            params: params.into_iter().map(|p| p.expect("every parameter is in a unit")).collect(),
+            params: params
+                .into_iter()
+                .map(|p| p.expect("every parameter is in a unit"))
+                .collect(),
             units,
             local_len: local.max(ALIGN),
             param_slots: offsets(&psizes),
@@ -274,10 +282,16 @@ impl FsdpLayout {
 
     /// Elements of the gathered-parameter arena and of the gradient arena.
     pub fn param_arena(&self) -> usize {
-        self.param_slots.last().map_or(0, |&(o, n)| o + align(n)).max(ALIGN)
+        self.param_slots
+            .last()
+            .map_or(0, |&(o, n)| o + align(n))
+            .max(ALIGN)
     }
     pub fn grad_arena(&self) -> usize {
-        self.grad_slots.last().map_or(0, |&(o, n)| o + align(n)).max(ALIGN)
+        self.grad_slots
+            .last()
+            .map_or(0, |&(o, n)| o + align(n))
+            .max(ALIGN)
     }
     /// Elements of one staging buffer (every rank's shard of the largest unit).
     pub fn staging(&self) -> usize {

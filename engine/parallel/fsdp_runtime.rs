@@ -70,7 +70,11 @@ impl Fsdp {
         let cs = compute_dtype.size();
         let rs = reduce_dtype.size();
         let (pa, ga, st) = (layout.param_arena(), layout.grad_arena(), layout.staging());
-        let recv = if reduce_dtype == DType::F32 { 0 } else { layout.max_shard.max(128) };
+        let recv = if reduce_dtype == DType::F32 {
+            0
+        } else {
+            layout.max_shard.max(128)
+        };
         let bytes = [pa * cs, ga * 4, st * cs, st * rs, recv * rs];
         let offs: Vec<u64> = bytes
             .iter()
@@ -108,7 +112,11 @@ impl Fsdp {
     /// Bytes of the slots and staging buffers (the planner's "gathered" and "communication").
     pub fn bytes(layout: &FsdpLayout, compute: DType, reduce: DType) -> (usize, usize) {
         let gathered = layout.param_arena() * compute.size() + layout.grad_arena() * 4;
-        let recv = if reduce == DType::F32 { 0 } else { layout.max_shard };
+        let recv = if reduce == DType::F32 {
+            0
+        } else {
+            layout.max_shard
+        };
         let comm = layout.staging() * (compute.size() + reduce.size()) + recv * reduce.size();
         (gathered, comm)
     }
@@ -179,7 +187,8 @@ impl Fsdp {
         let unit = &self.layout.units[u];
         let n = self.layout.ranks;
         let staging = self.gather_staging.slice(0, n * unit.shard_len);
-        self.comm.all_gather(shards.slice(unit.local_off, unit.shard_len), staging)?;
+        self.comm
+            .all_gather(shards.slice(unit.local_off, unit.shard_len), staging)?;
         let base = self.layout.param_slots[slot].0;
         for id in &unit.params {
             let p = &self.layout.params[id.0];
@@ -190,7 +199,9 @@ impl Fsdp {
                     continue;
                 }
                 let src = staging.slice(j * unit.shard_len + at, rows * p.row);
-                let dst = self.params.slice(base + p.full_off + row0 * p.row, rows * p.row);
+                let dst = self
+                    .params
+                    .slice(base + p.full_off + row0 * p.row, rows * p.row);
                 be.copy(src, dst)?;
             }
         }
@@ -235,7 +246,9 @@ impl Fsdp {
                 if rows == 0 {
                     continue;
                 }
-                let src = self.grads.slice(base + p.full_off + row0 * p.row, rows * p.row);
+                let src = self
+                    .grads
+                    .slice(base + p.full_off + row0 * p.row, rows * p.row);
                 let dst = staging.slice(j * unit.shard_len + at, rows * p.row);
                 if self.reduce_dtype == DType::F32 {
                     be.copy(src, dst)?;

@@ -18,6 +18,9 @@ pub fn select_backend(device: &str) -> Result<Box<dyn Backend>> {
     }
 }
 
+/// A rank's backend and the communicator its collectives run on (None for one rank).
+pub type RankDevice = (Box<dyn Backend>, Option<Box<dyn Communicator>>);
+
 /// The backend of one rank and the communicator its collectives run on: on the CPU the host
 /// communicator itself; on CUDA rank r takes GPU r mod (visible GPUs) (ranks of a node are
 /// contiguous, one per GPU) and an NCCL communicator bootstrapped over the host one.
@@ -25,7 +28,7 @@ pub fn select_rank_backend(
     device: &str,
     world: Option<Box<dyn Communicator>>,
     timeout: Duration,
-) -> Result<(Box<dyn Backend>, Option<Box<dyn Communicator>>)> {
+) -> Result<RankDevice> {
     let Some(world) = world else {
         return Ok((select_backend(device)?, None));
     };
@@ -39,10 +42,7 @@ pub fn select_rank_backend(
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_rank(
-    world: Box<dyn Communicator>,
-    timeout: Duration,
-) -> Result<(Box<dyn Backend>, Option<Box<dyn Communicator>>)> {
+fn cuda_rank(world: Box<dyn Communicator>, timeout: Duration) -> Result<RankDevice> {
     let count = cudarc::driver::CudaContext::device_count()
         .map_err(|e| Error::Backend(format!("cuda: device count: {e}")))?
         .max(1) as usize;
@@ -52,10 +52,7 @@ fn cuda_rank(
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_rank(
-    _world: Box<dyn Communicator>,
-    _timeout: Duration,
-) -> Result<(Box<dyn Backend>, Option<Box<dyn Communicator>>)> {
+fn cuda_rank(_world: Box<dyn Communicator>, _timeout: Duration) -> Result<RankDevice> {
     cuda_backend().map(|b| (b, None))
 }
 

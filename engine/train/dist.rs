@@ -34,7 +34,11 @@ impl Trainer {
         if self.mesh.is_none() {
             return Ok(n);
         }
-        let mut v = [(n >> 32) as f32, ((n >> 16) & 0xffff) as f32, (n & 0xffff) as f32];
+        let mut v = [
+            (n >> 32) as f32,
+            ((n >> 16) & 0xffff) as f32,
+            (n & 0xffff) as f32,
+        ];
         self.all_reduce_host(&mut v, ReduceOp::Sum)?;
         Ok(((v[0] as usize) << 32) + ((v[1] as usize) << 16) + v[2] as usize)
     }
@@ -66,7 +70,8 @@ impl Trainer {
     pub(super) fn replicate_grads(&self) -> Result<()> {
         match &self.mesh {
             Some(m) if m.dims.degrees.dp_replicate > 1 => {
-                m.dp_replicate.all_reduce(self.store.flat_grad(), ReduceOp::Sum)?;
+                m.dp_replicate
+                    .all_reduce(self.store.flat_grad(), ReduceOp::Sum)?;
                 m.dp_replicate.wait()
             }
             _ => Ok(()),

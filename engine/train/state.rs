@@ -121,7 +121,9 @@ impl Trainer {
         let wrote = checkpoint::write_shard(&tmp, self.step, rank, world, &tensors);
         let all = self.all_ok(wrote, "writing the checkpoint shards");
         let committed = match (all, rank) {
-            (Ok(()), 0) => checkpoint::commit(&root, self.step, &tmp, world, &meta, keep).map(|_| ()),
+            (Ok(()), 0) => {
+                checkpoint::commit(&root, self.step, &tmp, world, &meta, keep).map(|_| ())
+            }
             (r, _) => r,
         };
         if committed.is_err() && rank == 0 {

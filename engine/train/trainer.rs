@@ -216,7 +216,8 @@ impl Trainer {
                     .into(),
             ));
         }
-        let init_timeout = std::time::Duration::from_secs(cfg.comm.init_timeout_seconds.max(1) as u64);
+        let init_timeout =
+            std::time::Duration::from_secs(cfg.comm.init_timeout_seconds.max(1) as u64);
         if let Some(w) = &world {
             w.set_timeout(init_timeout);
         }
@@ -468,7 +469,11 @@ impl Trainer {
             },
         )?;
         self.store.shards_updated();
-        self.last_comm_s = comm_s + self.store.fsdp().map_or(0.0, |f| f.stats().time.as_secs_f64());
+        self.last_comm_s = comm_s
+            + self
+                .store
+                .fsdp()
+                .map_or(0.0, |f| f.stats().time.as_secs_f64());
         self.step = step;
         Ok(StepResult {
             loss,
@@ -524,8 +529,7 @@ impl Trainer {
                     lr: r.lr,
                     tokens_per_s: tps,
                     tflops,
-                    mfu_pct: 100.0 * tflops * 1e12
-                        / (self.peak.flops * self.peak_devices as f64),
+                    mfu_pct: 100.0 * tflops * 1e12 / (self.peak.flops * self.peak_devices as f64),
                     step_time_s: dt / window_steps as f64,
                     memory_planned_gib: planned,
                     memory_actual_gib: self.actual_memory() as f64 / GIB,
@@ -608,7 +612,12 @@ fn parallel_dims(cfg: &JobConfig, world: usize) -> Result<ParallelDims> {
         ))
     })?;
     let g = dims.degrees;
-    for (name, d) in [("tensor", g.tp), ("pipeline", g.pp), ("context", g.cp), ("expert", g.ep)] {
+    for (name, d) in [
+        ("tensor", g.tp),
+        ("pipeline", g.pp),
+        ("context", g.cp),
+        ("expert", g.ep),
+    ] {
         if d > 1 {
             return Err(Error::Config(format!(
                 "parallelism: {name} parallel degree {d}: this release builds data parallelism \

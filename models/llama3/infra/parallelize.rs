@@ -25,17 +25,26 @@ pub fn parallelize_llama3(model: &mut dyn Model, p: &Parallelize) -> Result<()> 
 pub fn apply_fsdp(model: &Llama3, p: &Parallelize) {
     if let Some(out) = model.output {
         p.fully_shard(vec![model.tok_embeddings]);
-        model.layers.iter().for_each(|l| p.fully_shard(block_params(l)));
+        model
+            .layers
+            .iter()
+            .for_each(|l| p.fully_shard(block_params(l)));
         p.fully_shard(vec![model.norm, out]);
     } else {
-        model.layers.iter().for_each(|l| p.fully_shard(block_params(l)));
+        model
+            .layers
+            .iter()
+            .for_each(|l| p.fully_shard(block_params(l)));
     }
 }
 
 fn block_params(b: &TransformerBlock) -> Vec<ParamId> {
     let (a, f) = (&b.attention, &b.feed_forward);
     let norms = [b.attention_norm, b.ffn_norm];
-    [a.wq, a.wk, a.wv, a.wo, f.w1, f.w2, f.w3].into_iter().chain(norms).collect()
+    [a.wq, a.wk, a.wv, a.wo, f.w1, f.w2, f.w3]
+        .into_iter()
+        .chain(norms)
+        .collect()
 }
 
 /// torchtitan's `apply_ac`: one policy per transformer block.

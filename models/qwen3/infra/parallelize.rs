@@ -22,10 +22,16 @@ pub fn parallelize_qwen3(model: &mut dyn Model, p: &Parallelize) -> Result<()> {
     // embedding stays in the root unit.
     if let Some(out) = model.output {
         p.fully_shard(vec![model.tok_embeddings]);
-        model.layers.iter().for_each(|l| p.fully_shard(block_params(l)));
+        model
+            .layers
+            .iter()
+            .for_each(|l| p.fully_shard(block_params(l)));
         p.fully_shard(vec![model.norm, out]);
     } else {
-        model.layers.iter().for_each(|l| p.fully_shard(block_params(l)));
+        model
+            .layers
+            .iter()
+            .for_each(|l| p.fully_shard(block_params(l)));
     }
     Ok(())
 }
@@ -33,5 +39,8 @@ pub fn parallelize_qwen3(model: &mut dyn Model, p: &Parallelize) -> Result<()> {
 fn block_params(b: &TransformerBlock) -> Vec<ParamId> {
     let (a, f) = (&b.attention, &b.feed_forward);
     let norms = [a.q_norm, a.k_norm, b.attention_norm, b.ffn_norm];
-    [a.wq, a.wk, a.wv, a.wo, f.w1, f.w2, f.w3].into_iter().chain(norms).collect()
+    [a.wq, a.wk, a.wv, a.wo, f.w1, f.w2, f.w3]
+        .into_iter()
+        .chain(norms)
+        .collect()
 }
