@@ -344,7 +344,7 @@ fn bad_inputs_fail_with_one_clear_error() {
         &titan(&["train", "--config", CFG, "--training.seq_len", "200000"]),
         "seq_len",
     );
-    // Parallel degrees this single-device release cannot honour are refused, not ignored.
+    // Degrees a one-rank launch cannot honour are refused, not ignored, and say how to launch.
     for degree in [
         "--parallelism.tensor_parallel_degree=2",
         "--parallelism.data_parallel_shard_degree=4",
@@ -352,7 +352,7 @@ fn bad_inputs_fail_with_one_clear_error() {
     ] {
         assert_clean_error(
             &titan(&["train", "--config", CFG, degree]),
-            "this release trains on one device",
+            "--nproc-per-node",
         );
     }
     // No GPU here: asking for CUDA is one clear error, whether or not the binary has CUDA built in.

@@ -99,3 +99,34 @@ fn a_killed_node_fails_the_other_naming_the_lost_rank() {
     );
     let _ = n1.wait();
 }
+
+#[test]
+fn four_cpu_ranks_in_one_process_have_the_loss_curve_of_one() {
+    // The README's command: `titan train --nproc-per-node 4` with dp_shard 4.
+    let one = tmp("mn-four-ref");
+    let f = run(&train_args(
+        &one,
+        &["--training.steps=4", "--training.local_batch_size=8"],
+    ));
+    assert_eq!(f.code, Some(0), "{}", f.stderr);
+    let four = tmp("mn-four");
+    let f = run(&train_args(
+        &four,
+        &[
+            "--nproc-per-node",
+            "4",
+            "--parallelism.data_parallel_shard_degree",
+            "4",
+            "--training.steps=4",
+            "--training.local_batch_size=2",
+        ],
+    ));
+    assert_no_panic(&f);
+    assert_eq!(f.code, Some(0), "{}", f.stderr);
+    assert!(f.stdout.contains("over shared memory"), "{}", f.stdout);
+    let (a, b) = (loss_values(&four), loss_values(&one));
+    assert_eq!(a.len(), 4);
+    for (x, y) in a.iter().zip(&b) {
+        assert!(((x - y) / y).abs() < 1e-5, "{a:?} vs {b:?}");
+    }
+}
