@@ -248,10 +248,15 @@ impl ParamStore {
         }
     }
 
-    /// FSDP: gathers the unit of `id` into its slot unless it is there (a no-op unsharded).
+    /// FSDP, in forward: gathers the unit of `id` into its slot unless it is there, and
+    /// prefetches the next unit in forward (declaration) order. A no-op unsharded.
     pub fn acquire(&self, be: &dyn Backend, id: ParamId) -> Result<()> {
         match &self.fsdp {
-            Some(f) => self.gather_unit(be, f.unit_of(id)),
+            Some(f) => {
+                let u = f.unit_of(id);
+                self.gather_unit(be, u)?;
+                self.prefetch_unit(u + 1)
+            }
             None => Ok(()),
         }
     }
@@ -261,6 +266,16 @@ impl ParamStore {
         match &self.fsdp {
             Some(f) => f.acquire(be, u, self.compute.unwrap_or(self.master)),
             None => Ok(()),
+        }
+    }
+
+    /// FSDP: issues unit `u`'s gather ahead of its use (see `Fsdp::prefetch`).
+    pub fn prefetch_unit(&self, u: usize) -> Result<()> {
+        match &self.fsdp {
+            Some(f) if u < f.layout.units.len() => {
+                f.prefetch(u, self.compute.unwrap_or(self.master))
+            }
+            _ => Ok(()),
         }
     }
 

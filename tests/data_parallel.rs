@@ -325,3 +325,50 @@ fn bad_layouts_are_clear_errors_before_any_work() {
         assert!(e.contains("global_batch_size = 6"), "{e}");
     });
 }
+
+#[test]
+fn every_gather_but_the_first_is_prefetched() {
+    // One step on two ranks: forward gathers each unit while the previous computes, backward
+    // re-gathers the units whose slots were reused, each issued while the unit before computes.
+    within_deadline(|| {
+        for (policy, regathered) in [("always", true), ("default", true), ("never", false)] {
+            let d = tmp(&format!("prefetch-{policy}"));
+            let o = base(
+                &d,
+                &[
+                    "--training.local_batch_size=1".into(),
+                    "--parallelism.data_parallel_shard_degree=2".into(),
+                    format!("--parallelism.fsdp_reshard_after_forward={policy}"),
+                ],
+            );
+            let o: Vec<&str> = o.iter().map(|s| s.as_str()).collect();
+            let cfg = debug_config(&d, &o).unwrap();
+            let comms: Vec<Box<dyn Communicator>> = HostComm::local_world(2)
+                .into_iter()
+                .map(|c| Box::new(c) as Box<dyn Communicator>)
+                .collect();
+            let stats = run_rank_threads(comms, &|c| {
+                let mut tr = Trainer::distributed(cfg.clone(), &titan::registry(), false, Some(c))?;
+                tr.train_step()?;
+                let units = tr.store.fsdp().unwrap().layout.units.len();
+                Ok((tr.store.fsdp().unwrap().stats(), units))
+            });
+            for r in stats {
+                let (s, units) = r.unwrap();
+                // The root unit is empty (untied embedding): every other unit is gathered in
+                // forward; with reuse some again in backward.
+                assert!(s.gathers >= (units - 1) as u64, "{policy}: {s:?}");
+                assert_eq!(
+                    s.gathers > (units - 1) as u64,
+                    regathered,
+                    "{policy}: {s:?}"
+                );
+                assert_eq!(s.prefetched, s.gathers - 1, "{policy}: {s:?}");
+                assert_eq!(
+                    s.reduces, units as u64,
+                    "{policy}: one reduce-scatter per unit"
+                );
+            }
+        }
+    });
+}

@@ -53,6 +53,18 @@ pub trait Communicator: Send + Sync {
     fn all_reduce(&self, buf: Buf, op: ReduceOp) -> Result<()>;
     /// `recv` (size x send.len) = the ranks' `send` buffers in rank order.
     fn all_gather(&self, send: Buf, recv: Buf) -> Result<()>;
+    /// As `all_gather`, but later compute is not ordered after it until `order_compute`: FSDP's
+    /// prefetch issues the next unit's gather and computes this one meanwhile. The host
+    /// communicators complete it before returning.
+    fn all_gather_start(&self, send: Buf, recv: Buf) -> Result<()> {
+        self.all_gather(send, recv)
+    }
+    /// Orders later compute after everything this communicator has issued (NCCL: the compute
+    /// stream waits on an event, the host does not block; host communicators have nothing in
+    /// flight).
+    fn order_compute(&self) -> Result<()> {
+        Ok(())
+    }
     /// `recv` (send.len / size) = the reduction of every rank's slice `rank` of `send`.
     fn reduce_scatter(&self, send: Buf, recv: Buf, op: ReduceOp) -> Result<()>;
     /// Every rank's `buf` = root's.

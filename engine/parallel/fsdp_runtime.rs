@@ -2,8 +2,10 @@
 //! collectives that fill and drain them (the layout is in fsdp.rs).
 //!
 //! The tape drives it: binding a parameter (`Tape::param`) gathers its unit unless the unit's slot
-//! still holds it; backward gathers a unit again before its first backward op if the slot was
-//! reused, zeroes the unit's gradient slot on first use, and after the unit's last backward op
+//! still holds it, and prefetches the next unit (issues its all-gather, which NCCL runs on its own
+//! stream while this unit computes; the copy-out waits for it); backward gathers a unit again
+//! before its first backward op if the slot was reused (prefetching the unit backward reaches
+//! next), zeroes the unit's gradient slot on first use, and after the unit's last backward op
 //! reduce-scatters the gradients into the local shard (on the step's last micro-batch only, when
 //! gradient accumulation defers the reduction). Every rank runs the same tape, so every rank
 //! issues the same collectives in the same order.
@@ -29,8 +31,13 @@ struct SlotState {
     grad_owner: Vec<Option<usize>>,
     /// False on micro-batches whose gradients stay unreduced (accumulation).
     sync: bool,
+    /// A prefetched gather in flight: (unit, staging buffer).
+    pending: Option<(usize, usize)>,
+    /// The staging buffer the next gather uses (they alternate).
+    next_staging: usize,
     comm_time: Duration,
     gathers: u64,
+    prefetched: u64,
     reduces: u64,
 }
 
@@ -38,7 +45,10 @@ struct SlotState {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CommStats {
     pub time: Duration,
+    /// All-gathers issued (prefetches included).
     pub gathers: u64,
+    /// Acquires a prefetch had already issued the gather for.
+    pub prefetched: u64,
     pub reduces: u64,
 }
 
@@ -50,7 +60,8 @@ pub struct Fsdp {
     reduce_dtype: DType,
     params: Buf,
     grads: Buf,
-    gather_staging: Buf,
+    /// Two: a prefetched gather fills one while the other is copied out.
+    gather_staging: [Buf; 2],
     reduce_staging: Buf,
     /// Receives a bf16 reduce-scatter before it is widened into the f32 shard.
     reduce_recv: Option<Buf>,
@@ -75,7 +86,7 @@ impl Fsdp {
         } else {
             layout.max_shard.max(128)
         };
-        let bytes = [pa * cs, ga * 4, st * cs, st * rs, recv * rs];
+        let bytes = [pa * cs, ga * 4, st * cs, st * cs, st * rs, recv * rs];
         let offs: Vec<u64> = bytes
             .iter()
             .scan(0u64, |o, &b| {
@@ -97,9 +108,9 @@ impl Fsdp {
         Ok(Fsdp {
             params: buf(0, pa, compute_dtype),
             grads: buf(1, ga, DType::F32),
-            gather_staging: buf(2, st, compute_dtype),
-            reduce_staging: buf(3, st, reduce_dtype),
-            reduce_recv: (recv > 0).then(|| buf(4, recv, reduce_dtype)),
+            gather_staging: [buf(2, st, compute_dtype), buf(3, st, compute_dtype)],
+            reduce_staging: buf(4, st, reduce_dtype),
+            reduce_recv: (recv > 0).then(|| buf(5, recv, reduce_dtype)),
             layout,
             comm,
             compute_dtype,
@@ -117,7 +128,7 @@ impl Fsdp {
         } else {
             layout.max_shard
         };
-        let comm = layout.staging() * (compute.size() + reduce.size()) + recv * reduce.size();
+        let comm = layout.staging() * (2 * compute.size() + reduce.size()) + recv * reduce.size();
         (gathered, comm)
     }
 
@@ -159,6 +170,7 @@ impl Fsdp {
         s.grad_owner.iter_mut().for_each(|o| *o = None);
         s.comm_time = Duration::ZERO;
         s.gathers = 0;
+        s.prefetched = 0;
         s.reduces = 0;
     }
 
@@ -172,23 +184,44 @@ impl Fsdp {
         CommStats {
             time: s.comm_time,
             gathers: s.gathers,
+            prefetched: s.prefetched,
             reduces: s.reduces,
         }
     }
 
     /// Makes unit `u`'s slot hold its whole parameters, gathering them from every rank's
-    /// `shards` (the local compute-dtype region) unless the slot holds them already.
+    /// `shards` (the local compute-dtype region) unless the slot holds them already; a
+    /// prefetched gather of `u` is only waited for.
     pub fn acquire(&self, be: &dyn Backend, u: usize, shards: Buf) -> Result<()> {
         let slot = self.layout.units[u].param_slot;
-        if self.lock().param_owner[slot] == Some(u) {
-            return Ok(());
-        }
         let t0 = Instant::now();
+        let (prefetched, staging) = {
+            let mut s = self.lock();
+            if s.param_owner[slot] == Some(u) {
+                return Ok(());
+            }
+            match s.pending {
+                Some((p, i)) if p == u => {
+                    s.pending = None;
+                    (true, i)
+                }
+                // Not the one in flight: the other staging buffer.
+                Some((_, i)) => (false, 1 - i),
+                None => {
+                    s.next_staging = 1 - s.next_staging;
+                    (false, s.next_staging)
+                }
+            }
+        };
         let unit = &self.layout.units[u];
         let n = self.layout.ranks;
-        let staging = self.gather_staging.slice(0, n * unit.shard_len);
-        self.comm
-            .all_gather(shards.slice(unit.local_off, unit.shard_len), staging)?;
+        let staging = self.gather_staging[staging].slice(0, n * unit.shard_len);
+        if prefetched {
+            self.comm.order_compute()?;
+        } else {
+            self.comm
+                .all_gather(shards.slice(unit.local_off, unit.shard_len), staging)?;
+        }
         let base = self.layout.param_slots[slot].0;
         for id in &unit.params {
             let p = &self.layout.params[id.0];
@@ -207,8 +240,46 @@ impl Fsdp {
         }
         let mut s = self.lock();
         s.param_owner[slot] = Some(u);
+        s.gathers += !prefetched as u64;
+        s.prefetched += prefetched as u64;
+        s.comm_time += t0.elapsed();
+        Ok(())
+    }
+
+    /// Issues the all-gather of unit `u` into a staging buffer while the current unit computes
+    /// (FSDP's prefetch); `acquire(u)` then only waits for it and copies it out. One prefetch is
+    /// in flight at a time; a unit already in its slot is not fetched.
+    pub fn prefetch(&self, u: usize, shards: Buf) -> Result<()> {
+        let t0 = Instant::now();
+        let i = {
+            let mut s = self.lock();
+            let slot = self.layout.units[u].param_slot;
+            if s.pending.is_some() || s.param_owner[slot] == Some(u) {
+                return Ok(());
+            }
+            s.next_staging = 1 - s.next_staging;
+            s.pending = Some((u, s.next_staging));
+            s.next_staging
+        };
+        let unit = &self.layout.units[u];
+        let staging = self.gather_staging[i].slice(0, self.layout.ranks * unit.shard_len);
+        let r = self
+            .comm
+            .all_gather_start(shards.slice(unit.local_off, unit.shard_len), staging);
+        let mut s = self.lock();
+        if r.is_err() {
+            s.pending = None;
+        }
         s.gathers += 1;
         s.comm_time += t0.elapsed();
+        r
+    }
+
+    /// Waits for a prefetch nobody acquired (before the optimizer rewrites the shards it reads).
+    pub fn drain(&self) -> Result<()> {
+        if self.lock().pending.take().is_some() {
+            self.comm.order_compute()?;
+        }
         Ok(())
     }
 

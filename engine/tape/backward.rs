@@ -33,6 +33,8 @@ impl Grads {
 struct FsdpWalk {
     /// Per unit: the first forward node reading it (its last in backward), if any.
     first_use: Vec<Option<usize>>,
+    /// Per unit: the unit backward opens after it (the prefetch target).
+    next: Vec<Option<usize>>,
     opened: Vec<bool>,
     reduced: Vec<bool>,
 }
@@ -41,15 +43,25 @@ impl FsdpWalk {
     fn new(t: &Tape) -> FsdpWalk {
         let n = t.store.fsdp().map_or(0, |f| f.layout.units.len());
         let mut first_use = vec![None; n];
+        let mut last_use: Vec<Option<usize>> = vec![None; n];
         if n > 0 {
             for ni in (0..t.nodes.len()).rev() {
                 for u in t.node_units(ni) {
                     first_use[u] = Some(ni);
+                    last_use[u].get_or_insert(ni);
                 }
             }
         }
+        // Backward opens units by their last forward use, latest first.
+        let mut order: Vec<usize> = (0..n).filter(|&u| last_use[u].is_some()).collect();
+        order.sort_by_key(|&u| std::cmp::Reverse(last_use[u]));
+        let mut next = vec![None; n];
+        for w in order.windows(2) {
+            next[w[0]] = Some(w[1]);
+        }
         FsdpWalk {
             first_use,
+            next,
             opened: vec![false; n],
             reduced: vec![false; n],
         }
@@ -64,6 +76,9 @@ impl FsdpWalk {
                 t.store.gather_unit(t.be, u)?;
                 f.open_grads(t.be, u)?;
                 self.opened[u] = true;
+                if let Some(v) = self.next[u] {
+                    t.store.prefetch_unit(v)?;
+                }
             }
         }
         Ok(())
@@ -89,7 +104,10 @@ impl FsdpWalk {
                 t.store.reduce_unit(t.be, u)?;
             }
         }
-        Ok(())
+        match t.store.fsdp() {
+            Some(f) => f.drain(),
+            None => Ok(()),
+        }
     }
 }
 

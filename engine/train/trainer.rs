@@ -452,6 +452,9 @@ impl Trainer {
             weight_decay: o.weight_decay as f32,
             step,
         };
+        if let Some(f) = self.store.fsdp() {
+            f.drain()?; // no gather may still read the shards AdamW rewrites
+        }
         let (m, v) = self.store.flat_moments();
         timed(
             be,

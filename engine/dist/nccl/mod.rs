@@ -348,6 +348,17 @@ impl NcclComm {
         what: &str,
         call: impl FnOnce(sys::ncclComm_t, sys::cudaStream_t) -> sys::ncclResult_t,
     ) -> Result<()> {
+        self.launch_ordered(what, call, true)
+    }
+
+    /// `launch`; `order` = false leaves compute unordered after it (`all_gather_start`), until
+    /// `order_compute`.
+    fn launch_ordered(
+        &self,
+        what: &str,
+        call: impl FnOnce(sys::ncclComm_t, sys::cudaStream_t) -> sys::ncclResult_t,
+        order: bool,
+    ) -> Result<()> {
         let mut st = self.lock()?;
         self.bind()?;
         let grouped = st.depth > 0;
@@ -358,9 +369,34 @@ impl NcclComm {
         self.check(&mut st, what, r)?;
         if !grouped {
             self.settle(&mut st, what)?;
-            self.before_compute()?;
+            if order {
+                self.before_compute()?;
+            } else {
+                // `wait` polls `done`: it must cover this launch too.
+                self.done
+                    .record(&self.stream)
+                    .map_err(|e| backend_err("record the communication stream's event", e))?;
+            }
         }
         Ok(())
+    }
+
+    /// All-gather; `order` as in `launch_ordered`.
+    fn gather(&self, send: Buf, recv: Buf, order: bool) -> Result<()> {
+        let dt = data_type("all_gather", send)?;
+        data_type("all_gather", recv)?;
+        if recv.dtype != send.dtype || recv.len != send.len * self.size {
+            return Err(Error::Comm(format!(
+                "all_gather: receive buffer {} x {} must be {} x the send buffer ({} x {})",
+                recv.len, recv.dtype, self.size, send.len, send.dtype
+            )));
+        }
+        let (src, dst) = (send.ptr as *const c_void, recv.ptr as *mut c_void);
+        self.launch_ordered(
+            "all_gather",
+            |comm, s| unsafe { sys::ncclAllGather(src, dst, send.len, dt, comm, s) },
+            order,
+        )
     }
 
     fn check_peer(&self, op: &str, peer: usize) -> Result<()> {
@@ -394,18 +430,17 @@ impl Communicator for NcclComm {
     }
 
     fn all_gather(&self, send: Buf, recv: Buf) -> Result<()> {
-        let dt = data_type("all_gather", send)?;
-        data_type("all_gather", recv)?;
-        if recv.dtype != send.dtype || recv.len != send.len * self.size {
-            return Err(Error::Comm(format!(
-                "all_gather: receive buffer {} x {} must be {} x the send buffer ({} x {})",
-                recv.len, recv.dtype, self.size, send.len, send.dtype
-            )));
-        }
-        let (src, dst) = (send.ptr as *const c_void, recv.ptr as *mut c_void);
-        self.launch("all_gather", |comm, s| unsafe {
-            sys::ncclAllGather(src, dst, send.len, dt, comm, s)
-        })
+        self.gather(send, recv, true)
+    }
+
+    fn all_gather_start(&self, send: Buf, recv: Buf) -> Result<()> {
+        self.gather(send, recv, false)
+    }
+
+    fn order_compute(&self) -> Result<()> {
+        let _st = self.lock()?;
+        self.bind()?;
+        self.before_compute()
     }
 
     fn reduce_scatter(&self, send: Buf, recv: Buf, op: ReduceOp) -> Result<()> {
