@@ -221,3 +221,39 @@ fn trainer_steps_on_cuda_track_cpu_and_allocate_nothing_after_the_first() {
     println!("masters after {steps} steps: rel_l2 {e:.2e}");
     assert!(e < 5e-2, "masters after {steps} steps: rel L2 {e}");
 }
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn nccl_world_1_trains_like_the_plain_cuda_run() {
+    // The multi-rank code path on one GPU: a world communicator of one rank makes the trainer
+    // build its mesh on an NCCL communicator (bootstrapped over the local one), so the token
+    // count, loss, stop agreement and checkpoint tag go through NCCL; the losses must be those
+    // of the plain run (the same kernels in the same order).
+    let steps = 4;
+    let mut plain = trainer_on("cuda", steps);
+    let dir = tmp("cuda-train-nccl");
+    let cfg = train_common::debug_config(
+        &dir,
+        &[
+            "--training.device=cuda",
+            "--training.steps=4",
+            "--training.seq_len=128",
+            "--training.local_batch_size=4",
+        ],
+    )
+    .unwrap();
+    let world: Vec<Box<dyn titan::dist::Communicator>> = titan::dist::HostComm::local_world(1)
+        .into_iter()
+        .map(|c| Box::new(c) as Box<dyn titan::dist::Communicator>)
+        .collect();
+    let world = world.into_iter().next();
+    let mut nccl = Trainer::distributed(cfg, &titan::registry(), false, world).unwrap();
+    let described = nccl.mesh.as_ref().unwrap().world.describe();
+    assert!(described.contains("nccl"), "{described}");
+    for step in 1..=steps {
+        let a = plain.train_step().unwrap();
+        let b = nccl.train_step().unwrap();
+        println!("step {step}: plain {:.6} nccl {:.6}", a.loss, b.loss);
+        assert!(((a.loss - b.loss) / a.loss).abs() < 1e-5, "step {step}");
+    }
+}

@@ -30,8 +30,10 @@ pub fn train(
     overrides: &[String],
     quiet: bool,
     launch: &LaunchArgs,
+    log_ranks: Option<&str>,
 ) -> Result<ExitCode> {
     let cfg = JobConfig::load(config, overrides)?;
+    let logs = LogRanks::parse(log_ranks)?;
     let launch = Launch::resolve(launch, &|k| std::env::var(k).ok())?;
     let lead = launch.ranks.contains(&0);
     let dump = Path::new(&cfg.job.dump_folder);
@@ -60,7 +62,7 @@ pub fn train(
     };
     let stop = StopFlag::from_signals()?;
     if launch.world == 1 {
-        return train_rank(reg, cfg, quiet, None, stop);
+        return train_rank(reg, cfg, quiet, None, stop, &logs);
     }
     if lead {
         outln!(
@@ -83,7 +85,7 @@ pub fn train(
             .map(|c| Box::new(c) as Box<dyn Communicator>)
             .collect();
         run_rank_threads(comms, &|c| {
-            train_rank(reg, cfg.clone(), quiet, Some(c), stop.clone())
+            train_rank(reg, cfg.clone(), quiet, Some(c), stop.clone(), &logs)
         })
     } else {
         let timeout = Duration::from_secs(cfg.comm.init_timeout_seconds.max(1) as u64);
@@ -102,7 +104,7 @@ pub fn train(
         run_rank_threads(rdvs, &|r: Rendezvous| {
             let t = TcpTransport::connect(&r)?;
             let c: Box<dyn Communicator> = Box::new(HostComm::world(Arc::new(t)));
-            train_rank(reg, cfg.clone(), quiet, Some(c), stop.clone())
+            train_rank(reg, cfg.clone(), quiet, Some(c), stop.clone(), &logs)
         })
     };
     // Every failed rank is reported with its rank and node; the first failure decides nothing
@@ -138,10 +140,12 @@ fn train_rank(
     quiet: bool,
     world: Option<Box<dyn Communicator>>,
     stop: StopFlag,
+    logs: &LogRanks,
 ) -> Result<ExitCode> {
     let t0 = Instant::now();
     let mut tr = Trainer::distributed(cfg, reg, false, world)?;
     let lead = tr.rank == 0;
+    tr.logs = logs.includes(tr.rank);
     if tr.cfg.checkpoint.create_seed_checkpoint {
         // torchtitan's seed checkpoint: the initialised weights as step-0, then stop.
         let dir = tr.save(crate::train::state::SaveKind::ModelOnly)?;
@@ -236,6 +240,39 @@ fn train_rank(
         outln!("titan: loss curve in {}", png.display())?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--log-ranks`: whose step lines print (rank 0's by default).
+pub enum LogRanks {
+    All,
+    Some(Vec<usize>),
+}
+
+impl LogRanks {
+    fn parse(s: Option<&str>) -> Result<LogRanks> {
+        match s {
+            None => Ok(LogRanks::Some(vec![0])),
+            Some("all") => Ok(LogRanks::All),
+            Some(list) => list
+                .split(',')
+                .map(|r| {
+                    r.trim().parse().map_err(|_| {
+                        Error::Config(format!(
+                            "--log-ranks {list:?}: expected \"all\" or ranks such as 0,3"
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<usize>>>()
+                .map(LogRanks::Some),
+        }
+    }
+
+    fn includes(&self, rank: usize) -> bool {
+        match self {
+            LogRanks::All => true,
+            LogRanks::Some(v) => v.contains(&rank),
+        }
+    }
 }
 
 /// " | world 4: dp_replicate 1 x dp_shard 4 (FSDP)" for multi-rank runs.
@@ -583,12 +620,14 @@ fn warn_if_data_repeats(tr: &Trainer) {
     {
         if epochs > 1.0 {
             let sample = loader.seq_len() as u64 + 1;
+            // epochs_for counts every data-parallel rank's reads; so does this product.
+            let global = per_step * tr.mesh.as_ref().map_or(1, |m| m.dims.dp()) as u64;
             errln!(
-                "titan: warning: dataset {} holds {tokens} tokens; {steps} steps x {per_step} \
+                "titan: warning: dataset {} holds {tokens} tokens; {steps} steps x {global} \
                  sequences x {sample} tokens = {} tokens read it {epochs:.1} times (it starts \
                  over at its end)",
                 loader.name(),
-                steps * per_step * sample
+                steps * global * sample
             );
         }
     }

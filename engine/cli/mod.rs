@@ -54,6 +54,10 @@ enum Cmd {
         master_addr: Option<String>,
         #[arg(long)]
         master_port: Option<u16>,
+        /// Whose step lines print: "all" or ranks such as 0,3 (default: rank 0). Rank 0 alone
+        /// writes metrics, checkpoints' manifest and the loss curve.
+        #[arg(long)]
+        log_ranks: Option<String>,
         /// Config overrides, `--section.key value` or `--section.key=value`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         overrides: Vec<String>,
@@ -236,6 +240,7 @@ fn run(reg: &Registry, cli: Cli) -> Result<ExitCode> {
             node_rank,
             master_addr,
             master_port,
+            log_ranks,
             overrides,
         } => {
             let (config, mut overrides) = take_config(config, overrides)?;
@@ -254,7 +259,15 @@ fn run(reg: &Registry, cli: Cli) -> Result<ExitCode> {
                     None => master_port,
                 },
             };
-            train(reg, config.as_deref(), &overrides, quiet, &launch)
+            let log_ranks = take_value(&mut overrides, "--log-ranks")?.or(log_ranks);
+            train(
+                reg,
+                config.as_deref(),
+                &overrides,
+                quiet,
+                &launch,
+                log_ranks.as_deref(),
+            )
         }
         Cmd::Plan {
             config,

@@ -260,7 +260,12 @@ impl Trainer {
     /// A log line on stdout. A closed stdout asks the run to stop like a signal, so the step is
     /// still checkpointed and the run ends quietly.
     pub(super) fn say(&self, args: std::fmt::Arguments) -> Result<()> {
-        match crate::out::line(args) {
+        // Other ranks' lines (`--log-ranks`) say whose they are.
+        let line = match self.rank {
+            0 => crate::out::line(args),
+            r => crate::out::line(format_args!("[rank {r}] {args}")),
+        };
+        match line {
             Err(Error::OutputClosed) => {
                 self.stop.request(StopCause::OutputClosed);
                 Ok(())

@@ -155,8 +155,10 @@ pub struct Trainer {
     pub stopped: Option<Stopped>,
     /// The device mesh of a multi-rank run (None: one rank, no communicator).
     pub mesh: Option<Mesh>,
-    /// This rank in the world (0 for one rank); rank 0 logs and writes metrics.
+    /// This rank in the world (0 for one rank); rank 0 writes metrics.
     pub rank: usize,
+    /// Whether `fit` prints this rank's step lines (rank 0's by default; `--log-ranks`).
+    pub logs: bool,
     /// Devices the MFU peak covers: the ranks on GPUs; 1 on the CPU, whose measured peak is the
     /// whole machine's that the CPU ranks share.
     pub peak_devices: usize,
@@ -349,6 +351,7 @@ impl Trainer {
             stopped: None,
             mesh,
             rank,
+            logs: rank == 0,
             peak_devices,
             comm_scalars,
             save_tag: 0,
@@ -493,7 +496,7 @@ impl Trainer {
         let steps = self.cfg.training.steps.max(0) as u64;
         let log_freq = self.cfg.metrics.log_freq.max(1) as u64;
         let lead = self.rank == 0;
-        let quiet = quiet || !lead;
+        let quiet = quiet || !self.logs;
         let mut writer = if lead {
             MetricsWriter::create(&self.dump)?
         } else {
