@@ -67,6 +67,11 @@ pub trait Communicator: Send + Sync {
     }
     /// `recv` (send.len / size) = the reduction of every rank's slice `rank` of `send`.
     fn reduce_scatter(&self, send: Buf, recv: Buf, op: ReduceOp) -> Result<()>;
+    /// As `reduce_scatter`, but later compute is not ordered after it until `order_compute`
+    /// (FSDP reduces a unit's gradients while backward goes on).
+    fn reduce_scatter_start(&self, send: Buf, recv: Buf, op: ReduceOp) -> Result<()> {
+        self.reduce_scatter(send, recv, op)
+    }
     /// Every rank's `buf` = root's.
     fn broadcast(&self, buf: Buf, root: usize) -> Result<()>;
     /// Point to point (pipeline stages). `send` never waits on the host for the matching

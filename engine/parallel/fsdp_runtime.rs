@@ -10,10 +10,12 @@
 //! gradient accumulation defers the reduction). Every rank runs the same tape, so every rank
 //! issues the same collectives in the same order.
 //!
-//! Per gather of a unit: an all-gather of `ranks x shard_len` compute-dtype elements, then one
-//! copy per (parameter, rank) out of the staging buffer. Per reduce: a pack of the f32 gradients
-//! into `ranks x shard_len` (padding rows zero), one reduce-scatter (f32, or bf16 with
-//! `mixed_precision_reduce`) into the local gradient shard.
+//! Per gather of a unit: an all-gather of `ranks x shard_len` compute-dtype elements into one of
+//! two staging buffers, then one copy per (parameter, rank) out of it. Per reduce: a pack of the
+//! f32 gradients into `ranks x shard_len` (padding rows zero), one reduce-scatter (f32, or bf16
+//! with `mixed_precision_reduce`) into the local gradient shard. On NCCL the prefetched gathers
+//! and the f32 reduce-scatters leave the compute stream running; it waits for them at the
+//! copy-out, before the next pack, and in `drain` (end of backward, before the optimizer).
 
 use super::fsdp::FsdpLayout;
 use crate::backend::{Backend, Buf, DeviceMem};
@@ -35,6 +37,8 @@ struct SlotState {
     pending: Option<(usize, usize)>,
     /// The staging buffer the next gather uses (they alternate).
     next_staging: usize,
+    /// A reduce-scatter issued and not yet ordered before compute.
+    reduces_in_flight: bool,
     comm_time: Duration,
     gathers: u64,
     prefetched: u64,
@@ -275,9 +279,22 @@ impl Fsdp {
         r
     }
 
-    /// Waits for a prefetch nobody acquired (before the optimizer rewrites the shards it reads).
+    /// Orders compute after the reduce-scatters issued so far.
+    fn order_reduces(&self) -> Result<()> {
+        let in_flight = std::mem::take(&mut self.lock().reduces_in_flight);
+        if in_flight {
+            self.comm.order_compute()?;
+        }
+        Ok(())
+    }
+
+    /// Orders compute after everything in flight: a prefetch nobody acquired (before the
+    /// optimizer rewrites the shards it reads) and the last reduce-scatters (before the grad
+    /// norm reads the gradient shards).
     pub fn drain(&self) -> Result<()> {
-        if self.lock().pending.take().is_some() {
+        let pending = self.lock().pending.take().is_some();
+        let reduces = std::mem::take(&mut self.lock().reduces_in_flight);
+        if pending || reduces {
             self.comm.order_compute()?;
         }
         Ok(())
@@ -306,6 +323,10 @@ impl Fsdp {
         let t0 = Instant::now();
         let unit = &self.layout.units[u];
         let n = self.layout.ranks;
+        // The previous unit's reduce-scatter, which ran while this unit's backward computed,
+        // reads the staging buffer: it must be done before the pack (NCCL: compute waits on the
+        // communication stream here; the host communicators are always done).
+        self.order_reduces()?;
         let staging = self.reduce_staging.slice(0, n * unit.shard_len);
         be.fill(staging, 0.0)?;
         let base = self.layout.grad_slots[unit.grad_slot].0;
@@ -330,7 +351,11 @@ impl Fsdp {
         }
         let out = local_grads.slice(unit.local_off, unit.shard_len);
         match self.reduce_recv {
-            None => self.comm.reduce_scatter(staging, out, ReduceOp::Sum)?,
+            None => {
+                self.comm
+                    .reduce_scatter_start(staging, out, ReduceOp::Sum)?;
+                self.lock().reduces_in_flight = true;
+            }
             Some(r) => {
                 let r = r.slice(0, unit.shard_len);
                 self.comm.reduce_scatter(staging, r, ReduceOp::Sum)?;

@@ -381,6 +381,26 @@ impl NcclComm {
         Ok(())
     }
 
+    /// Reduce-scatter; `order` as in `launch_ordered`.
+    fn scatter(&self, send: Buf, recv: Buf, op: ReduceOp, order: bool) -> Result<()> {
+        let dt = data_type("reduce_scatter", send)?;
+        data_type("reduce_scatter", recv)?;
+        if recv.dtype != send.dtype || send.len != recv.len * self.size {
+            return Err(Error::Comm(format!(
+                "reduce_scatter: send buffer {} x {} must be {} x the receive buffer ({} x {})",
+                send.len, send.dtype, self.size, recv.len, recv.dtype
+            )));
+        }
+        let (src, dst) = (send.ptr as *const c_void, recv.ptr as *mut c_void);
+        self.launch_ordered(
+            "reduce_scatter",
+            |comm, s| unsafe {
+                sys::ncclReduceScatter(src, dst, recv.len, dt, red_op(op), comm, s)
+            },
+            order,
+        )
+    }
+
     /// All-gather; `order` as in `launch_ordered`.
     fn gather(&self, send: Buf, recv: Buf, order: bool) -> Result<()> {
         let dt = data_type("all_gather", send)?;
@@ -444,18 +464,11 @@ impl Communicator for NcclComm {
     }
 
     fn reduce_scatter(&self, send: Buf, recv: Buf, op: ReduceOp) -> Result<()> {
-        let dt = data_type("reduce_scatter", send)?;
-        data_type("reduce_scatter", recv)?;
-        if recv.dtype != send.dtype || send.len != recv.len * self.size {
-            return Err(Error::Comm(format!(
-                "reduce_scatter: send buffer {} x {} must be {} x the receive buffer ({} x {})",
-                send.len, send.dtype, self.size, recv.len, recv.dtype
-            )));
-        }
-        let (src, dst) = (send.ptr as *const c_void, recv.ptr as *mut c_void);
-        self.launch("reduce_scatter", |comm, s| unsafe {
-            sys::ncclReduceScatter(src, dst, recv.len, dt, red_op(op), comm, s)
-        })
+        self.scatter(send, recv, op, true)
+    }
+
+    fn reduce_scatter_start(&self, send: Buf, recv: Buf, op: ReduceOp) -> Result<()> {
+        self.scatter(send, recv, op, false)
     }
 
     fn broadcast(&self, buf: Buf, root: usize) -> Result<()> {
