@@ -130,3 +130,41 @@ fn four_cpu_ranks_in_one_process_have_the_loss_curve_of_one() {
         assert!(((x - y) / y).abs() < 1e-5, "{a:?} vs {b:?}");
     }
 }
+
+#[test]
+fn a_process_per_rank_as_torchrun_starts_them() {
+    // torchrun / `srun --ntasks-per-node=GPUs`: no launcher flags, RANK and WORLD_SIZE set.
+    let one = tmp("mn-torchrun-ref");
+    let f = run(&train_args(
+        &one,
+        &["--training.steps=3", "--training.local_batch_size=4"],
+    ));
+    assert_eq!(f.code, Some(0), "{}", f.stderr);
+    let dump = tmp("mn-torchrun");
+    let port = free_port().to_string();
+    let extra = [
+        "--training.steps=3",
+        "--training.local_batch_size=2",
+        "--parallelism.data_parallel_shard_degree=2",
+    ];
+    let env = |rank: usize| {
+        vec![
+            ("RANK", rank.to_string()),
+            ("LOCAL_RANK", rank.to_string()),
+            ("WORLD_SIZE", "2".to_string()),
+            ("LOCAL_WORLD_SIZE", "2".to_string()),
+            ("MASTER_ADDR", "127.0.0.1".to_string()),
+            ("MASTER_PORT", port.clone()),
+        ]
+    };
+    let r1 = Titan::spawn_with_env(&train_args(&dump, &extra), &env(1));
+    let r0 = Titan::spawn_with_env(&train_args(&dump, &extra), &env(0));
+    let (f0, f1) = (r0.wait(), r1.wait());
+    assert_eq!(f0.code, Some(0), "rank 0: {}", f0.stderr);
+    assert_eq!(f1.code, Some(0), "rank 1: {}", f1.stderr);
+    let (a, b) = (loss_values(&dump), loss_values(&one));
+    assert_eq!(a.len(), 3);
+    for (x, y) in a.iter().zip(&b) {
+        assert!(((x - y) / y).abs() < 1e-5, "{a:?} vs {b:?}");
+    }
+}

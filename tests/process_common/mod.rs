@@ -90,8 +90,14 @@ pub struct Finished {
 
 impl Titan {
     pub fn spawn(args: &[String]) -> Titan {
+        Self::spawn_with_env(args, &[])
+    }
+
+    /// `spawn` with extra environment variables (torchrun's RANK, WORLD_SIZE, ...).
+    pub fn spawn_with_env(args: &[String], env: &[(&str, String)]) -> Titan {
         let mut child = Command::new(env!("CARGO_BIN_EXE_titan"))
             .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
