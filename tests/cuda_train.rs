@@ -242,10 +242,7 @@ fn nccl_world_1_trains_like_the_plain_cuda_run() {
         ],
     )
     .unwrap();
-    let world: Vec<Box<dyn titan::dist::Communicator>> = titan::dist::HostComm::local_world(1)
-        .into_iter()
-        .map(|c| Box::new(c) as Box<dyn titan::dist::Communicator>)
-        .collect();
+    let world = titan::dist::HostComm::local_comms(1);
     let world = world.into_iter().next();
     let mut nccl = Trainer::distributed(cfg, &titan::registry(), false, world).unwrap();
     let described = nccl.mesh.as_ref().unwrap().world.describe();

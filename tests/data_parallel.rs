@@ -56,10 +56,7 @@ fn losses(
     dir: std::path::PathBuf,
     overrides: Vec<String>,
 ) -> titan::Result<Vec<f64>> {
-    let comms: Vec<Box<dyn Communicator>> = HostComm::local_world(world)
-        .into_iter()
-        .map(|c| Box::new(c) as Box<dyn Communicator>)
-        .collect();
+    let comms = HostComm::local_comms(world);
     // Loaded once: ranks each writing and reading the config file would race.
     let o: Vec<&str> = overrides.iter().map(|s| s.as_str()).collect();
     let cfg = debug_config(&dir, &o)?;
@@ -343,10 +340,7 @@ fn every_gather_but_the_first_is_prefetched() {
             );
             let o: Vec<&str> = o.iter().map(|s| s.as_str()).collect();
             let cfg = debug_config(&d, &o).unwrap();
-            let comms: Vec<Box<dyn Communicator>> = HostComm::local_world(2)
-                .into_iter()
-                .map(|c| Box::new(c) as Box<dyn Communicator>)
-                .collect();
+            let comms = HostComm::local_comms(2);
             let stats = run_rank_threads(comms, &|c| {
                 let mut tr = Trainer::distributed(cfg.clone(), &titan::registry(), false, Some(c))?;
                 tr.train_step()?;

@@ -80,10 +80,7 @@ pub fn train(
         )?;
     }
     let results = if launch.single_process() {
-        let comms: Vec<Box<dyn Communicator>> = HostComm::local_world(launch.world)
-            .into_iter()
-            .map(|c| Box::new(c) as Box<dyn Communicator>)
-            .collect();
+        let comms = HostComm::local_comms(launch.world);
         run_rank_threads(comms, &|c| {
             train_rank(reg, cfg.clone(), quiet, Some(c), stop.clone(), &logs)
         })
@@ -484,10 +481,7 @@ pub fn bench(
             "bench --profile times one rank's ops; run it without --nproc-per-node".into(),
         ));
     }
-    let comms: Vec<Box<dyn Communicator>> = HostComm::local_world(nproc)
-        .into_iter()
-        .map(|c| Box::new(c) as Box<dyn Communicator>)
-        .collect();
+    let comms = HostComm::local_comms(nproc);
     let results = run_rank_threads(comms, &|c| {
         bench_rank(reg, cfg.clone(), steps, warmup, false, Some(c))
     });

@@ -40,6 +40,14 @@ impl HostComm {
         }
     }
 
+    /// `local_world` as trait objects, what `run_rank_threads` and the trainer take.
+    pub fn local_comms(n: usize) -> Vec<Box<dyn Communicator>> {
+        Self::local_world(n)
+            .into_iter()
+            .map(|c| Box::new(c) as Box<dyn Communicator>)
+            .collect()
+    }
+
     /// `n` ranks as threads of this process: hand one communicator to each thread.
     pub fn local_world(n: usize) -> Vec<HostComm> {
         LocalTransport::world(n)

@@ -96,6 +96,25 @@ impl<'a> Parallelize<'a> {
         self.units.borrow_mut().push(params);
     }
 
+    /// torchtitan's `apply_fsdp` for a decoder: the embedding, each block, then the final norm
+    /// with the output projection, as units in forward order. A tied output (`None`) leaves the
+    /// embedding, used first and last, in the root unit.
+    pub fn fully_shard_decoder(
+        &self,
+        embedding: ParamId,
+        blocks: impl IntoIterator<Item = Vec<ParamId>>,
+        norm: ParamId,
+        output: Option<ParamId>,
+    ) {
+        if let Some(out) = output {
+            self.fully_shard(vec![embedding]);
+            blocks.into_iter().for_each(|b| self.fully_shard(b));
+            self.fully_shard(vec![norm, out]);
+        } else {
+            blocks.into_iter().for_each(|b| self.fully_shard(b));
+        }
+    }
+
     pub fn into_units(self) -> Vec<Vec<ParamId>> {
         self.units.into_inner()
     }

@@ -302,6 +302,27 @@ impl FsdpLayout {
     pub fn my_rows(&self, id: ParamId) -> (usize, usize) {
         self.params[id.0].rows_of(self.rank)
     }
+
+    /// Every (rank j's rows of a parameter of unit `u`) block, as (offset in a staging buffer of
+    /// `ranks x shard_len`, offset in the unit's slot, elements): the copy-out after an
+    /// all-gather and the pack before a reduce-scatter.
+    pub fn blocks(&self, u: usize) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        let unit = &self.units[u];
+        unit.params.iter().flat_map(move |id| {
+            let p = &self.params[id.0];
+            let at = p.local_off - unit.local_off;
+            (0..self.ranks).filter_map(move |j| {
+                let (row0, rows) = p.rows_of(j);
+                (rows > 0).then(|| {
+                    (
+                        j * unit.shard_len + at,
+                        p.full_off + row0 * p.row,
+                        rows * p.row,
+                    )
+                })
+            })
+        })
+    }
 }
 
 #[cfg(test)]

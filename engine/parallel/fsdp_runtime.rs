@@ -227,20 +227,8 @@ impl Fsdp {
                 .all_gather(shards.slice(unit.local_off, unit.shard_len), staging)?;
         }
         let base = self.layout.param_slots[slot].0;
-        for id in &unit.params {
-            let p = &self.layout.params[id.0];
-            let at = p.local_off - unit.local_off;
-            for j in 0..n {
-                let (row0, rows) = p.rows_of(j);
-                if rows == 0 {
-                    continue;
-                }
-                let src = staging.slice(j * unit.shard_len + at, rows * p.row);
-                let dst = self
-                    .params
-                    .slice(base + p.full_off + row0 * p.row, rows * p.row);
-                be.copy(src, dst)?;
-            }
+        for (at, to, len) in self.layout.blocks(u) {
+            be.copy(staging.slice(at, len), self.params.slice(base + to, len))?;
         }
         let mut s = self.lock();
         s.param_owner[slot] = Some(u);
@@ -330,23 +318,12 @@ impl Fsdp {
         let staging = self.reduce_staging.slice(0, n * unit.shard_len);
         be.fill(staging, 0.0)?;
         let base = self.layout.grad_slots[unit.grad_slot].0;
-        for id in &unit.params {
-            let p = &self.layout.params[id.0];
-            let at = p.local_off - unit.local_off;
-            for j in 0..n {
-                let (row0, rows) = p.rows_of(j);
-                if rows == 0 {
-                    continue;
-                }
-                let src = self
-                    .grads
-                    .slice(base + p.full_off + row0 * p.row, rows * p.row);
-                let dst = staging.slice(j * unit.shard_len + at, rows * p.row);
-                if self.reduce_dtype == DType::F32 {
-                    be.copy(src, dst)?;
-                } else {
-                    be.cast(src, dst)?;
-                }
+        for (at, from, len) in self.layout.blocks(u) {
+            let (src, dst) = (self.grads.slice(base + from, len), staging.slice(at, len));
+            if self.reduce_dtype == DType::F32 {
+                be.copy(src, dst)?;
+            } else {
+                be.cast(src, dst)?;
             }
         }
         let out = local_grads.slice(unit.local_off, unit.shard_len);

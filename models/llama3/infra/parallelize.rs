@@ -19,23 +19,10 @@ pub fn parallelize_llama3(model: &mut dyn Model, p: &Parallelize) -> Result<()> 
     Ok(())
 }
 
-/// torchtitan's `apply_fsdp`: the embedding, each transformer block, then the final norm with
-/// the output projection, as units in forward order. A tied embedding stays in the root unit
-/// (it is used first and last).
+/// torchtitan's `apply_fsdp`: the embedding, each block, then norm + output as FSDP units.
 pub fn apply_fsdp(model: &Llama3, p: &Parallelize) {
-    if let Some(out) = model.output {
-        p.fully_shard(vec![model.tok_embeddings]);
-        model
-            .layers
-            .iter()
-            .for_each(|l| p.fully_shard(block_params(l)));
-        p.fully_shard(vec![model.norm, out]);
-    } else {
-        model
-            .layers
-            .iter()
-            .for_each(|l| p.fully_shard(block_params(l)));
-    }
+    let blocks = model.layers.iter().map(block_params);
+    p.fully_shard_decoder(model.tok_embeddings, blocks, model.norm, model.output);
 }
 
 fn block_params(b: &TransformerBlock) -> Vec<ParamId> {

@@ -18,21 +18,9 @@ pub fn parallelize_qwen3(model: &mut dyn Model, p: &Parallelize) -> Result<()> {
     for layer in &mut model.layers {
         layer.ac = ac.block_policy(layer.layer_id);
     }
-    // FSDP as Llama 3's: embedding, blocks (q/k norms included), norm + output; a tied
-    // embedding stays in the root unit.
-    if let Some(out) = model.output {
-        p.fully_shard(vec![model.tok_embeddings]);
-        model
-            .layers
-            .iter()
-            .for_each(|l| p.fully_shard(block_params(l)));
-        p.fully_shard(vec![model.norm, out]);
-    } else {
-        model
-            .layers
-            .iter()
-            .for_each(|l| p.fully_shard(block_params(l)));
-    }
+    // FSDP as Llama 3's; the q/k norms are in their block's unit.
+    let blocks = model.layers.iter().map(block_params);
+    p.fully_shard_decoder(model.tok_embeddings, blocks, model.norm, model.output);
     Ok(())
 }
 
