@@ -5,8 +5,10 @@
 pub mod commands;
 pub mod convert;
 pub mod eval;
+pub mod train;
 
-pub use commands::{bench, list_models, plan, train};
+pub use commands::{bench, list_models, plan};
+pub use train::train;
 
 use crate::dist::launch::LaunchArgs;
 use crate::error::{Error, Result};

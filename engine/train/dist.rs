@@ -2,11 +2,13 @@
 //! count the loss is averaged over, the loss, a stop request, the checkpoint tag) and the
 //! data-parallel gradient all-reduce of DDP / HSDP. All are no-ops for one rank.
 
+use super::config::JobConfig;
 use super::preempt::StopCause;
 use super::trainer::Trainer;
 use crate::backend::Buf;
-use crate::dist::ReduceOp;
-use crate::error::Result;
+use crate::dist::{ParallelDims, ReduceOp};
+use crate::error::{Error, Result};
+use crate::tensor::DType;
 use std::time::Duration;
 
 impl Trainer {
@@ -110,10 +112,53 @@ impl Trainer {
         self.all_reduce_host(&mut v, ReduceOp::Max)?;
         local?;
         if v[0] > 0.0 {
-            return Err(crate::error::Error::Checkpoint(format!(
+            return Err(Error::Checkpoint(format!(
                 "{what} failed on another rank (its log names the cause)"
             )));
         }
         Ok(())
+    }
+}
+
+/// `[parallelism]` resolved for `world` ranks; degrees this release does not build are refused.
+pub(super) fn parallel_dims(cfg: &JobConfig, world: usize) -> Result<ParallelDims> {
+    let dims = ParallelDims::new(&cfg.parallelism, world).map_err(|e| {
+        let hint = if world == 1 {
+            "; launch that many ranks with `titan train --nproc-per-node N` (or --nnodes, see \
+             docs/PARALLELISM.md)"
+        } else {
+            ""
+        };
+        Error::Config(format!(
+            "{}{hint}",
+            e.to_string().trim_start_matches("config error: ")
+        ))
+    })?;
+    let g = dims.degrees;
+    for (name, d) in [
+        ("tensor", g.tp),
+        ("pipeline", g.pp),
+        ("context", g.cp),
+        ("expert", g.ep),
+    ] {
+        if d > 1 {
+            return Err(Error::Config(format!(
+                "parallelism: {name} parallel degree {d}: this release builds data parallelism \
+                 only (FSDP, HSDP, DDP); tensor, pipeline, context and expert parallelism are \
+                 not built yet (`titan plan` shows what such a layout would hold)"
+            )));
+        }
+    }
+    Ok(dims)
+}
+
+/// `training.mixed_precision_reduce`: the dtype gradients are reduce-scattered in.
+pub(super) fn reduce_dtype(cfg: &JobConfig) -> Result<DType> {
+    match cfg.training.mixed_precision_reduce.as_str() {
+        "float32" => Ok(DType::F32),
+        "bfloat16" => Ok(DType::BF16),
+        s => Err(Error::Config(format!(
+            "training.mixed_precision_reduce = \"{s}\": expected \"float32\" or \"bfloat16\""
+        ))),
     }
 }

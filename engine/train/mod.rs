@@ -6,6 +6,7 @@ pub mod dist;
 pub mod initial_load;
 pub mod lock;
 pub mod lr;
+pub mod memory;
 pub mod preempt;
 pub mod state;
 pub mod trainer;

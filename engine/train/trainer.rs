@@ -8,20 +8,21 @@
 
 use super::config::JobConfig;
 use super::device::{device_name, select_rank_backend};
+use super::dist::{parallel_dims, reduce_dtype};
 use super::lr::LrSchedule;
+pub use super::memory::{compute_dtype, trace_plan, MemoryPlan};
 use super::preempt::{StopFlag, Stopped};
 use super::state::SaveKind;
-use super::validate::{validation_arena_bytes, ValMetrics, Validator};
-use crate::backend::meta::MetaBackend;
+use super::validate::{ValMetrics, Validator};
 use crate::backend::{AdamW, AdamWBufs, Backend, Buf, DeviceMem};
 use crate::data::{build_loader, DataConfig, DataLoader};
 use crate::dist::mesh::Dim;
-use crate::dist::{Communicator, Mesh, ParallelDims, ReduceOp};
+use crate::dist::{Communicator, Mesh, ReduceOp};
 use crate::error::{Error, Result};
 use crate::metrics::{self, MetricsWriter, Peak, StepMetrics, GIB};
-use crate::model::{resolve, Model, ModelArgs, ModelSpec, Registry};
+use crate::model::{resolve, Model, ModelSpec, Registry};
 use crate::parallel::fsdp::{FsdpLayout, Reshard};
-use crate::params::{ParamStore, Sharding, StateBytes};
+use crate::params::{ParamStore, Sharding};
 use crate::planner::Plan;
 use crate::tape::profile::timed;
 use crate::tape::{Placement, Tape};
@@ -29,100 +30,6 @@ use crate::tensor::DType;
 use crate::tensorboard::TensorBoard;
 use std::path::PathBuf;
 use std::time::Instant;
-
-/// The compute dtype: bf16 on CUDA (torchtitan's mixed_precision_param), f32 on the CPU backend,
-/// whose reference kernels compute in f32 anyway.
-pub fn compute_dtype(cfg: &JobConfig, backend_name: &str) -> Result<DType> {
-    if backend_name == "cpu" {
-        return Ok(DType::F32);
-    }
-    DType::parse(&cfg.training.mixed_precision_param)
-}
-
-/// Memory of one configuration, computed on the meta backend without allocating it.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct MemoryPlan {
-    pub state: StateBytes,
-    pub activations_peak: usize,
-    pub activations_unplanned: usize,
-    /// Validation's own arena, when its forward pass does not fit in the training arena.
-    pub validation_activations: usize,
-    pub buffers: usize,
-    pub ops: usize,
-    pub num_params: usize,
-}
-
-impl MemoryPlan {
-    pub fn total(&self) -> usize {
-        self.state.total() + self.activations_peak + self.validation_activations
-    }
-}
-
-/// Traces one micro-batch of `batch x seq` tokens (forward, and backward when `backward`) of the
-/// architecture `args` on the meta backend and plans it. Returns the plan, the number of ops and
-/// the store's sizes.
-fn trace(
-    spec: &ModelSpec,
-    cfg: &JobConfig,
-    args: &dyn ModelArgs,
-    dtype: DType,
-    (b, s): (usize, usize),
-    backward: bool,
-) -> Result<(Plan, usize, StateBytes, usize)> {
-    let (model, builder) = spec.build_for(args, cfg)?;
-    let meta = MetaBackend::new();
-    let store = ParamStore::materialize(builder, &meta, dtype)?;
-    let zeros = vec![0i32; b * s];
-    let mut tape = Tape::new(&meta, &store, Placement::Owned);
-    let tokens = tape.input_i32(&zeros, [b, s])?;
-    let labels = tape.input_i32(&zeros, [b * s])?;
-    let loss = spec.loss_of(model.as_ref(), &mut tape, tokens, labels, 1.0)?;
-    if backward {
-        tape.backward(loss)?;
-    }
-    tape.to_vec_f32(loss)?;
-    Ok((
-        tape.plan(),
-        tape.num_nodes(),
-        store.state_bytes(),
-        store.num_params(),
-    ))
-}
-
-/// Traces one training micro-batch (forward, backward) of the architecture `args` on the meta
-/// backend and plans it; with validation enabled, also the validation batch's forward pass.
-/// Returns (training plan, validation plan, memory).
-pub fn trace_plan(
-    spec: &ModelSpec,
-    cfg: &JobConfig,
-    args: &dyn ModelArgs,
-    dtype: DType,
-) -> Result<(Plan, Option<Plan>, MemoryPlan)> {
-    let shape = (
-        cfg.training.local_batch_size as usize,
-        cfg.training.seq_len as usize,
-    );
-    let (plan, ops, state, num_params) = trace(spec, cfg, args, dtype, shape, true)?;
-    let v = &cfg.validation;
-    let validation = if v.enable {
-        let shape = (v.local_batch_size as usize, v.seq_len as usize);
-        Some(trace(spec, cfg, args, dtype, shape, false)?.0)
-    } else {
-        None
-    };
-    let mp = MemoryPlan {
-        state,
-        activations_peak: plan.peak,
-        activations_unplanned: plan.unplanned,
-        validation_activations: validation
-            .as_ref()
-            .map_or(0, |vp| validation_arena_bytes(plan.peak, vp.peak)),
-        buffers: plan.requests.len(),
-        ops,
-        num_params,
-    };
-    Ok((plan, validation, mp))
-}
 
 pub struct Trainer {
     pub cfg: JobConfig,
@@ -600,49 +507,6 @@ impl Trainer {
     pub fn actual_memory(&self) -> usize {
         let validation = self.validator.as_ref().map_or(0, Validator::own_bytes);
         self.store.state_bytes().total() + self.arena.bytes() + validation + 256
-    }
-}
-
-/// `[parallelism]` resolved for `world` ranks; degrees this release does not build are refused.
-fn parallel_dims(cfg: &JobConfig, world: usize) -> Result<ParallelDims> {
-    let dims = ParallelDims::new(&cfg.parallelism, world).map_err(|e| {
-        let hint = if world == 1 {
-            "; launch that many ranks with `titan train --nproc-per-node N` (or --nnodes, see \
-             docs/PARALLELISM.md)"
-        } else {
-            ""
-        };
-        Error::Config(format!(
-            "{}{hint}",
-            e.to_string().trim_start_matches("config error: ")
-        ))
-    })?;
-    let g = dims.degrees;
-    for (name, d) in [
-        ("tensor", g.tp),
-        ("pipeline", g.pp),
-        ("context", g.cp),
-        ("expert", g.ep),
-    ] {
-        if d > 1 {
-            return Err(Error::Config(format!(
-                "parallelism: {name} parallel degree {d}: this release builds data parallelism \
-                 only (FSDP, HSDP, DDP); tensor, pipeline, context and expert parallelism are \
-                 not built yet (`titan plan` shows what such a layout would hold)"
-            )));
-        }
-    }
-    Ok(dims)
-}
-
-/// `training.mixed_precision_reduce`: the dtype gradients are reduce-scattered in.
-fn reduce_dtype(cfg: &JobConfig) -> Result<DType> {
-    match cfg.training.mixed_precision_reduce.as_str() {
-        "float32" => Ok(DType::F32),
-        "bfloat16" => Ok(DType::BF16),
-        s => Err(Error::Config(format!(
-            "training.mixed_precision_reduce = \"{s}\": expected \"float32\" or \"bfloat16\""
-        ))),
     }
 }
 
