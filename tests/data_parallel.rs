@@ -274,6 +274,7 @@ fn resharded_resumes_continue_the_uninterrupted_run() {
             println!("saved at world {w0}, resumed at world {w1}: rel {e:.2e}");
             assert_eq!(got.len(), 5, "{got:?}");
             assert!(e < 1e-5, "world {w0} -> {w1}: {got:?} vs {reference:?}");
+            let _ = std::fs::remove_dir_all(&d); // checkpoints: tens of MB each
         }
     });
 }
