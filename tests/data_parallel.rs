@@ -13,7 +13,6 @@ use titan::train::trainer::Trainer;
 use train_common::{debug_config, tmp};
 
 const DEADLINE: Duration = Duration::from_secs(240);
-const STEPS: usize = 5;
 
 /// Runs `f` on a helper thread and fails the test if it does not finish within DEADLINE (a
 /// panic inside `f` is re-raised here).
@@ -95,7 +94,7 @@ fn parity(tag: &'static str, layouts: Vec<(usize, Vec<&'static str>)>, extra: Ve
         one.push(format!("--training.local_batch_size={global}"));
         let d = tmp(&format!("dp-{tag}-1"));
         let reference = losses(1, d.clone(), base(&d, &one)).unwrap();
-        assert_eq!(reference.len(), STEPS);
+        assert!(reference.len() >= 3, "{reference:?}");
         assert!(reference.iter().all(|l| l.is_finite()));
         for (world, degrees) in layouts {
             let mut o = extra.clone();
@@ -139,6 +138,23 @@ fn fsdp_matches_one_rank() {
             ),
         ],
         vec![],
+    );
+}
+
+#[test]
+fn qwen3_fsdp_matches_one_rank() {
+    // Per-head q/k norms in their block's unit, the tied embedding in the root unit (gathered
+    // once, used first and last).
+    parity(
+        "qwen3",
+        vec![(
+            2,
+            vec![
+                "--training.local_batch_size=2",
+                "--parallelism.data_parallel_shard_degree=2",
+            ],
+        )],
+        vec!["--model.name=qwen3", "--training.steps=3"],
     );
 }
 
