@@ -276,10 +276,23 @@ fn resharded_resumes_continue_the_uninterrupted_run() {
         let d = tmp("reshard-ref");
         let reference = leg(&d, 1, &one, 5, 100);
         // (saved under, resumed under)
-        let cases: [(usize, &[&str], usize, &[&str]); 3] = [
+        // Replicas write no duplicate boxes: DDP's and HSDP's checkpoints hold one copy.
+        let ddp2 = [
+            "--training.local_batch_size=2",
+            "--parallelism.data_parallel_replicate_degree=2",
+            "--parallelism.data_parallel_shard_degree=1",
+        ];
+        let hsdp = [
+            "--training.local_batch_size=1",
+            "--parallelism.data_parallel_replicate_degree=2",
+            "--parallelism.data_parallel_shard_degree=2",
+        ];
+        let cases: [(usize, &[&str], usize, &[&str]); 5] = [
             (4, &fsdp4, 2, &fsdp2),
             (4, &fsdp4, 1, &one),
             (1, &one, 4, &fsdp4),
+            (2, &ddp2, 4, &hsdp),
+            (4, &hsdp, 2, &ddp2),
         ];
         for (k, (w0, a, w1, b)) in cases.into_iter().enumerate() {
             let d = tmp(&format!("reshard-{k}"));
