@@ -55,16 +55,27 @@ fn losses(
     dir: std::path::PathBuf,
     overrides: Vec<String>,
 ) -> titan::Result<Vec<f64>> {
+    Ok(losses_and_validation(world, dir, overrides)?.0)
+}
+
+/// Training losses and validation losses of a run on `world` rank threads (rank 0's, which every
+/// rank agrees on).
+fn losses_and_validation(
+    world: usize,
+    dir: std::path::PathBuf,
+    overrides: Vec<String>,
+) -> titan::Result<(Vec<f64>, Vec<f64>)> {
     let comms = HostComm::local_comms(world);
     // Loaded once: ranks each writing and reading the config file would race.
     let o: Vec<&str> = overrides.iter().map(|s| s.as_str()).collect();
     let cfg = debug_config(&dir, &o)?;
-    let run = |c: Box<dyn Communicator>| -> titan::Result<Vec<f64>> {
+    let run = |c: Box<dyn Communicator>| -> titan::Result<(Vec<f64>, Vec<f64>)> {
         let world = (world > 1).then_some(c);
         let mut tr = Trainer::distributed(cfg.clone(), &titan::registry(), false, world)?;
         tr.maybe_resume()?;
         let hist = tr.fit(true)?;
-        Ok(hist.iter().map(|m| m.loss).collect())
+        let val = tr.validation_history.iter().map(|v| v.validation_loss);
+        Ok((hist.iter().map(|m| m.loss).collect(), val.collect()))
     };
     let mut results = run_rank_threads(comms, &run);
     let first = results.remove(0)?;
@@ -394,5 +405,40 @@ fn every_gather_but_the_first_is_prefetched() {
                 );
             }
         }
+    });
+}
+
+#[test]
+fn validation_is_split_over_the_ranks_and_matches_one_rank() {
+    // 3 validation batches over 2 ranks: rank 1 runs a second forward it discards (FSDP needs
+    // every rank in every gather), and the all-reduced loss is the one-rank loss.
+    within_deadline(|| {
+        let val = [
+            "--validation.enable",
+            "--validation.freq=2",
+            "--validation.steps=3",
+            "--validation.local_batch_size=2",
+            "--validation.seq_len=64",
+            "--training.steps=4",
+        ];
+        let run = |tag: &str, world: usize, o: &[&str]| {
+            let d = tmp(tag);
+            let o: Vec<String> = val.iter().chain(o).map(|s| s.to_string()).collect();
+            losses_and_validation(world, d.clone(), base(&d, &o)).unwrap()
+        };
+        let (t1, v1) = run("val-1", 1, &["--training.local_batch_size=4"]);
+        let (t2, v2) = run(
+            "val-2",
+            2,
+            &[
+                "--training.local_batch_size=2",
+                "--parallelism.data_parallel_shard_degree=2",
+            ],
+        );
+        assert_eq!(v1.len(), 3, "after steps 1, 2 and 4: {v1:?} (train {t1:?})");
+        assert!(rel(&t2, &t1) < 1e-5);
+        let e = rel(&v2, &v1);
+        println!("validation world 2 {v2:?} vs world 1 {v1:?}: rel {e:.2e}");
+        assert!(e < 1e-5, "{v2:?} vs {v1:?}");
     });
 }

@@ -13,7 +13,7 @@ use super::lr::LrSchedule;
 pub use super::memory::{compute_dtype, trace_plan, MemoryPlan};
 use super::preempt::{StopFlag, Stopped};
 use super::state::SaveKind;
-use super::validate::{ValMetrics, Validator};
+use super::validate::{ValMetrics, ValRun, Validator};
 use crate::backend::{AdamW, AdamWBufs, Backend, Buf, DeviceMem};
 use crate::data::{build_loader, DataConfig, DataLoader};
 use crate::dist::mesh::Dim;
@@ -208,6 +208,7 @@ impl Trainer {
                 tokenizer,
                 be.as_ref(),
                 arena.bytes(),
+                (dims.dp_rank(rank), dp),
             )?),
             None => None,
         };
@@ -457,15 +458,21 @@ impl Trainer {
                 window_steps = 0;
                 window_start = Instant::now();
             }
-            if let Some(v) = self.validator.as_mut().filter(|v| v.should_run(done)) {
-                let m = v.run(
-                    done,
-                    self.spec,
-                    self.model.as_ref(),
-                    &self.store,
-                    self.be.as_ref(),
-                    self.arena.ptr(),
-                )?;
+            let due = self.validator.as_ref().is_some_and(|v| v.should_run(done));
+            // Taken out for the run, so that it can all-reduce through `self`; put back below.
+            if let Some(mut v) = due.then(|| self.validator.take()).flatten() {
+                let reduce = |vals: &mut [f32]| self.all_reduce_host(vals, ReduceOp::Sum);
+                let on = ValRun {
+                    spec: self.spec,
+                    model: self.model.as_ref(),
+                    store: &self.store,
+                    be: self.be.as_ref(),
+                    train_arena: self.arena.ptr(),
+                    all_reduce: &reduce,
+                };
+                let m = v.run(done, &on);
+                self.validator = Some(v);
+                let m = m?;
                 if !quiet {
                     self.say(format_args!("{}", m.log_line()))?;
                 }

@@ -7,6 +7,11 @@
 //! corpus is drawn with another seed than training's (same grammar and tasks, other documents).
 //! `validation.steps = -1` means one pass over the whole set, which needs a finite one (a file).
 //!
+//! Data parallel: rank r of n evaluates batches r, r + n, ... of the same sequence of batches
+//! (the loader's data-parallel split), and the loss sums and token counts are all-reduced, so
+//! every layout reports the one-rank number n times faster. Every rank runs the same number of
+//! forward passes (FSDP gathers in each); a rank past the last batch discards its result.
+//!
 //! Memory: the forward pass is traced and planned on the meta backend like the training step.
 //! When its peak fits in the training arena (idle between steps) it runs there; otherwise it gets
 //! an arena of its own, which the memory plan counts (`MemoryPlan::validation_activations`).
@@ -57,11 +62,26 @@ pub fn validation_arena_bytes(train_peak: usize, validation_peak: usize) -> usiz
     }
 }
 
+/// What a validation run evaluates on.
+#[derive(Clone, Copy)]
+pub struct ValRun<'a> {
+    pub spec: &'a ModelSpec,
+    pub model: &'a dyn Model,
+    pub store: &'a ParamStore,
+    pub be: &'a dyn Backend,
+    /// The training step's arena, free while no step runs.
+    pub train_arena: u64,
+    /// Sums host values over the data-parallel ranks.
+    pub all_reduce: &'a dyn Fn(&mut [f32]) -> Result<()>,
+}
+
 pub struct Validator {
     loader: DataLoader,
     /// The loader's position before its first batch: every run restarts there.
     start: serde_json::Value,
     batches: usize,
+    /// This rank among the data-parallel ranks, and their number.
+    dp: (usize, usize),
     freq: u64,
     plan: Plan,
     own_arena: Option<Box<dyn DeviceMem>>,
@@ -70,7 +90,7 @@ pub struct Validator {
 impl Validator {
     /// The validator of `cfg.validation` for a model of architecture `args` (whose vocabulary every
     /// validation id must fit), running the forward pass `plan` (from `trace_plan`), with
-    /// `train_arena_bytes` of training arena to borrow.
+    /// `train_arena_bytes` of training arena to borrow, as data-parallel rank `dp.0` of `dp.1`.
     pub fn new(
         cfg: &JobConfig,
         args: &dyn ModelArgs,
@@ -78,6 +98,7 @@ impl Validator {
         tokenizer: Option<PathBuf>,
         be: &dyn Backend,
         train_arena_bytes: usize,
+        dp: (usize, usize),
     ) -> Result<Validator> {
         let v = &cfg.validation;
         let (batch, seq) = (v.local_batch_size as usize, v.seq_len as usize);
@@ -93,11 +114,11 @@ impl Validator {
             seq_len: seq,
             batch,
             seed,
-            dp_rank: 0,
-            dp_world: 1,
+            dp_rank: dp.0,
+            dp_world: dp.1,
             token_dtype: None,
             vocab_size: Some(args.vocab_size()),
-            progress: true,
+            progress: dp.0 == 0,
         };
         if dcfg.dataset_path.is_none() && needs_download(v.dataset.trim()) {
             return Err(Error::Data(format!(
@@ -149,6 +170,7 @@ impl Validator {
             loader,
             start,
             batches,
+            dp,
             freq: v.freq.max(1) as u64,
             plan,
             own_arena,
@@ -174,22 +196,22 @@ impl Validator {
         self.own_arena.as_ref().map_or(0, |m| m.bytes())
     }
 
-    /// Mean loss over the validation batches of the weights in `store`. `train_arena` is the
-    /// training step's arena, free while no step runs.
-    pub fn run(
-        &mut self,
-        step: u64,
-        spec: &ModelSpec,
-        model: &dyn Model,
-        store: &ParamStore,
-        be: &dyn Backend,
-        train_arena: u64,
-    ) -> Result<ValMetrics> {
+    /// Mean loss over the validation batches of the weights in `on.store`.
+    pub fn run(&mut self, step: u64, on: &ValRun) -> Result<ValMetrics> {
+        let ValRun {
+            spec,
+            model,
+            store,
+            be,
+            train_arena,
+            all_reduce,
+        } = *on;
         let t0 = Instant::now();
         self.loader.restore(&self.start)?;
         let base = self.own_arena.as_ref().map_or(train_arena, |m| m.ptr());
         let (mut total, mut tokens) = (0f64, 0usize);
-        for _ in 0..self.batches {
+        let (rank, ranks) = self.dp;
+        for k in 0..self.batches.div_ceil(ranks) {
             let b = self.loader.next_batch()?;
             let placement = Placement::Planned {
                 base,
@@ -199,8 +221,22 @@ impl Validator {
             let inputs = tape.input_i32(&b.inputs, [b.batch, b.seq])?;
             let labels = tape.input_i32(&b.labels, [b.batch * b.seq])?;
             let loss = spec.loss_of(model, &mut tape, inputs, labels, 1.0)?;
-            total += tape.to_vec_f32(loss)?[0] as f64;
-            tokens += b.labels.iter().filter(|&&l| l >= 0).count();
+            let sum = tape.to_vec_f32(loss)?[0] as f64;
+            if k * ranks + rank < self.batches {
+                total += sum;
+                tokens += b.labels.iter().filter(|&&l| l >= 0).count();
+            }
+        }
+        if ranks > 1 {
+            // Token counts as 16-bit halves: exact in f32 for any real world size.
+            let mut v = [
+                total as f32,
+                (tokens >> 16) as f32,
+                (tokens & 0xffff) as f32,
+            ];
+            all_reduce(&mut v)?;
+            total = v[0] as f64;
+            tokens = ((v[1] as usize) << 16) + v[2] as usize;
         }
         Ok(ValMetrics {
             step,
