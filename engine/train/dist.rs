@@ -93,15 +93,19 @@ impl Trainer {
         }
     }
 
-    /// Rank 0's pid on every rank: the name of each save's temp folder, the same everywhere.
-    pub(super) fn agree_on_save_tag(mut self) -> Result<Trainer> {
+    /// Rank 0's values on every rank: its pid (the name of each save's temp folder, the same
+    /// everywhere) and the MFU peak it measured (the CPU ranks share one machine).
+    pub(super) fn agree_at_start(mut self) -> Result<Trainer> {
         let pid = std::process::id();
-        let mut v = [0f32; 2];
+        let mut v = [0f32; 3];
         if self.rank == 0 {
-            v = [(pid >> 16) as f32, (pid & 0xffff) as f32];
+            v = [(pid >> 16) as f32, (pid & 0xffff) as f32, (self.peak.flops / 1e9) as f32];
         }
         self.all_reduce_host(&mut v, ReduceOp::Sum)?;
         self.save_tag = ((v[0] as u64) << 16) + v[1] as u64;
+        if self.peak.flops.is_nan() {
+            self.peak.flops = v[2] as f64 * 1e9;
+        }
         Ok(self)
     }
 

@@ -265,7 +265,7 @@ impl Trainer {
             save_tag: 0,
             last_comm_s: 0.0,
         })
-        .and_then(Trainer::agree_on_save_tag)
+        .and_then(Trainer::agree_at_start)
     }
 
     pub fn checkpoint_root(&self) -> PathBuf {
