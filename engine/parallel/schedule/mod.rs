@@ -164,6 +164,19 @@ impl Schedule {
     /// stages per rank (torchtitan's default when `pipeline_parallel_layers_per_stage` is unset;
     /// that key is not read yet).
     pub fn for_config(p: &Parallelism, local_batch_size: i64) -> Result<Self> {
+        let (kind, pp, v, m) = Self::config_layout(p, local_batch_size)?;
+        Self::of(kind, pp, v, m)
+    }
+
+    /// The checks `for_config` makes, without building the schedule (config validation).
+    pub fn check_config(p: &Parallelism, local_batch_size: i64) -> Result<()> {
+        Self::config_layout(p, local_batch_size).map(|_| ())
+    }
+
+    fn config_layout(
+        p: &Parallelism,
+        local_batch_size: i64,
+    ) -> Result<(Kind, usize, usize, usize)> {
         let kind = Kind::parse(&p.pipeline_parallel_schedule)?;
         let (pp, mbs) = (
             p.pipeline_parallel_degree,
@@ -175,45 +188,28 @@ impl Schedule {
                  {local_batch_size} must be positive, the batch a multiple of the microbatch"
             )));
         }
-        let m = (local_batch_size / mbs) as usize;
+        let (pp, m) = (pp as usize, (local_batch_size / mbs) as usize);
         let v = if kind.interleaved() { 2 } else { 1 };
-        Self::of(kind, pp as usize, v, m).map_err(|e| match e {
+        check_layout(kind, pp, v, m).map_err(|e| match e {
             Error::Config(msg) => Error::Config(format!(
                 "{msg} (microbatches = training.local_batch_size {local_batch_size} / \
                  parallelism.pipeline_parallel_microbatch_size {mbs})"
             )),
             other => other,
-        })
+        })?;
+        Ok((kind, pp, v, m))
     }
 
     pub fn of(kind: Kind, pp: usize, stages_per_rank: usize, microbatches: usize) -> Result<Self> {
         let (v, m) = (stages_per_rank, microbatches);
-        let bad = |msg: String| Err(Error::Config(format!("{} schedule: {msg}", kind.name())));
-        if pp == 0 {
-            return bad("pipeline_parallel_degree must be at least 1".into());
-        }
-        if m < pp {
-            return bad(format!(
-                "{m} microbatches for {pp} pipeline ranks: needs at least one microbatch per \
-                 rank to fill the pipeline"
-            ));
-        }
-        if kind.interleaved() {
-            if v < 2 {
-                return bad(format!(
-                    "{v} stage per rank: interleaved schedules need at least 2 (else use 1F1B)"
-                ));
-            }
-            if m % pp != 0 {
-                return bad(format!(
-                    "{m} microbatches is not a multiple of the {pp} pipeline ranks"
-                ));
-            }
-        } else if v != 1 {
-            return bad(format!(
-                "{v} stages per rank: this schedule places one stage per rank (use \
-                 Interleaved1F1B or InterleavedZeroBubble for more)"
-            ));
+        check_layout(kind, pp, v, m)?;
+        let actions = pp.saturating_mul(v).saturating_mul(m).saturating_mul(3);
+        if actions > MAX_ACTIONS {
+            return Err(Error::Config(format!(
+                "{} schedule: pp {pp} x {v} stages per rank x {m} microbatches is {actions} \
+                 actions, more than the {MAX_ACTIONS} a schedule is built for",
+                kind.name()
+            )));
         }
         let per_rank = (0..pp)
             .map(|r| match kind {
@@ -381,6 +377,45 @@ pub(crate) fn label(a: &Action, stages_per_rank: usize) -> String {
     } else {
         format!("{}{}", a.letter(), a.microbatch())
     }
+}
+
+/// A bound on the actions a schedule is built with (pp 64 x v 8 x 2048 microbatches fits), so
+/// that an absurd layout is an error rather than an allocation failure.
+const MAX_ACTIONS: usize = 1 << 22;
+
+/// The layout rules of PyTorch's schedules (the stage count of `pp * v` must fit a `usize`).
+fn check_layout(kind: Kind, pp: usize, v: usize, m: usize) -> Result<()> {
+    let bad = |msg: String| Err(Error::Config(format!("{} schedule: {msg}", kind.name())));
+    if pp == 0 {
+        return bad("pipeline_parallel_degree must be at least 1".into());
+    }
+    if m < pp {
+        return bad(format!(
+            "{m} microbatches for {pp} pipeline ranks: needs at least one microbatch per \
+             rank to fill the pipeline"
+        ));
+    }
+    if kind.interleaved() {
+        if v < 2 {
+            return bad(format!(
+                "{v} stage per rank: interleaved schedules need at least 2 (else use 1F1B)"
+            ));
+        }
+        if !m.is_multiple_of(pp) {
+            return bad(format!(
+                "{m} microbatches is not a multiple of the {pp} pipeline ranks"
+            ));
+        }
+    } else if v != 1 {
+        return bad(format!(
+            "{v} stages per rank: this schedule places one stage per rank (use \
+             Interleaved1F1B or InterleavedZeroBubble for more)"
+        ));
+    }
+    if pp.checked_mul(v).is_none() {
+        return bad(format!("pp {pp} x {v} stages per rank is too many stages"));
+    }
+    Ok(())
 }
 
 fn gpipe(rank: usize, m: usize) -> Vec<Action> {

@@ -426,3 +426,17 @@ fn interleaved_warm_up_hides_latency_in_the_steady_state() {
         }
     }
 }
+
+#[test]
+fn an_absurd_layout_is_an_error_not_an_allocation() {
+    let e = Schedule::of(Kind::GPipe, 1 << 20, 1, 1 << 30)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("actions"), "{e}");
+    let p = Parallelism {
+        pipeline_parallel_degree: i64::MAX / 2,
+        ..Default::default()
+    };
+    assert!(Schedule::check_config(&p, i64::MAX).is_ok());
+    assert!(Schedule::for_config(&p, i64::MAX).is_err());
+}

@@ -169,11 +169,6 @@ impl JobConfig {
                 ),
             );
         }
-        if p.pipeline_parallel_degree > 1 {
-            // Builds the schedule once: too few microbatches for the stages, or an interleaved
-            // count that does not divide, is an error at load rather than at the first step.
-            crate::parallel::schedule::Schedule::for_config(p, t.local_batch_size)?;
-        }
         if p.data_parallel_shard_degree > 0 {
             let (rep, shard) = (
                 p.data_parallel_replicate_degree,
