@@ -320,6 +320,8 @@ fn bad_layouts_are_one_clear_error() {
     let e = err("GPipe", 4, 2, 8);
     assert!(e.contains("one stage per rank"), "{e}");
     assert!(Schedule::new("interleavedzerobubble", 4, 2, 8).is_ok());
+    // The config accepts exactly the schedules built here.
+    assert_eq!(Kind::ALL.map(Kind::name).as_slice(), PIPELINE_SCHEDULES);
 
     let mut p = Parallelism {
         pipeline_parallel_degree: 4,
