@@ -7,3 +7,4 @@ pub mod ac;
 pub mod fsdp;
 pub mod fsdp_runtime;
 pub mod pipeline;
+pub mod schedule;

@@ -362,7 +362,8 @@ impl Degrees {
 }
 
 /// Pipeline schedules titan implements (torchtitan's names; matched case-insensitively).
-pub const PIPELINE_SCHEDULES: &[&str] = &["GPipe", "1F1B", "Interleaved1F1B"];
+pub const PIPELINE_SCHEDULES: &[&str] =
+    &["GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble"];
 
 impl JobConfig {
     /// Loads a TOML file (or torchtitan's defaults when `path` is None), applies CLI overrides

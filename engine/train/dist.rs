@@ -8,6 +8,7 @@ use super::trainer::Trainer;
 use crate::backend::Buf;
 use crate::dist::{ParallelDims, ReduceOp};
 use crate::error::{Error, Result};
+use crate::parallel::schedule::Schedule;
 use crate::tensor::DType;
 use std::time::Duration;
 
@@ -139,6 +140,11 @@ pub(super) fn parallel_dims(cfg: &JobConfig, world: usize) -> Result<ParallelDim
         ))
     })?;
     let g = dims.degrees;
+    if g.pp > 1 {
+        // The schedule's layout rules (enough microbatches for the stages, an interleaved count
+        // that divides) come first: they hold whenever pipelines run.
+        Schedule::check_config(&cfg.parallelism, cfg.training.local_batch_size)?;
+    }
     for (name, d) in [
         ("tensor", g.tp),
         ("pipeline", g.pp),
@@ -164,5 +170,54 @@ pub(super) fn reduce_dtype(cfg: &JobConfig) -> Result<DType> {
         s => Err(Error::Config(format!(
             "training.mixed_precision_reduce = \"{s}\": expected \"float32\" or \"bfloat16\""
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(overrides: &[&str]) -> JobConfig {
+        let ov: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        JobConfig::from_toml_str("", "test.toml", &ov).unwrap()
+    }
+
+    #[test]
+    fn pipeline_layouts_meet_the_schedule_rules_before_the_refusal() {
+        let e = parallel_dims(
+            &cfg(&[
+                "--parallelism.pipeline_parallel_degree=4",
+                "--training.local_batch_size=2",
+            ]),
+            4,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("2 microbatches for 4 pipeline ranks"), "{e}");
+        let e = parallel_dims(
+            &cfg(&[
+                "--parallelism.pipeline_parallel_degree=4",
+                "--parallelism.pipeline_parallel_schedule=Interleaved1F1B",
+                "--training.local_batch_size=6",
+            ]),
+            4,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not a multiple of the 4 pipeline ranks"), "{e}");
+        // A layout the schedules accept is still refused: pipelines do not run yet.
+        let e = parallel_dims(
+            &cfg(&[
+                "--parallelism.pipeline_parallel_degree=4",
+                "--training.local_batch_size=8",
+            ]),
+            4,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("pipeline parallel degree 4") && e.contains("not built yet"),
+            "{e}"
+        );
     }
 }
