@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Predicted (`titan plan --device cpu`) vs measured (`titan bench`) step time of the debug model
+# on this CPU at world 1, 2 and 4 (FSDP, the same global batch of 8 x 256). A benchmark: run it
+# by hand on a quiet machine, never from tests.
+#   scripts/cost_calibration.sh [ROUNDS]
+# Each bench run measures the GEMM peak at its start-up (metrics::measure_gemm_peak); the plan of
+# the same round is given that peak (--peak-tflops), so both sides see the machine at one moment;
+# the plan measures the copy bandwidth itself.
+set -euo pipefail
+TITAN=${TITAN:-target/release/titan}
+CFG=configs/llama3_debugmodel.toml
+ROUNDS=${1:-1}
+printf '| round | world | measured ms/step | bench peak TFLOP/s | predicted ms/step | predicted / measured |\n'
+printf '| --- | --- | --- | --- | --- | --- |\n'
+for r in $(seq 1 "$ROUNDS"); do
+  for w in 1 2 4; do
+    b=$((8 / w))
+    layout=(--training.local_batch_size "$b" --parallelism.data_parallel_shard_degree "$w")
+    out=$("$TITAN" bench --nproc-per-node "$w" --config "$CFG" --steps 10 --warmup 3 "${layout[@]}")
+    meas=$(grep -o '([0-9.]* ms/step' <<<"$out" | tr -d '(' | cut -d' ' -f1)
+    peak=$(grep -o 'peak [0-9.]* TFLOP/s' <<<"$out" | cut -d' ' -f2)
+    pred=$("$TITAN" plan --config "$CFG" --device cpu --world-size "$w" --peak-tflops "$peak" \
+      "${layout[@]}" | awk '$1 == "step" {print $2}')
+    ratio=$(awk -v p="$pred" -v m="$meas" 'BEGIN {printf "%.2f", p / m}')
+    printf '| %s | %s | %s | %s | %s | %s |\n' "$r" "$w" "$meas" "$peak" "$pred" "$ratio"
+  done
+done
