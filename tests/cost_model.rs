@@ -177,6 +177,34 @@ fn fsdp_collectives_follow_the_layouts_units_and_slots() {
         } else {
             assert!(!regathered.is_empty());
         }
+        // Forward: the first unit's gather blocks, every later one was prefetched (issued while
+        // the previous unit computed), so the model can hide it.
+        let forward: Vec<bool> = t
+            .events
+            .iter()
+            .take_while(|e| {
+                !matches!(
+                    e,
+                    MetaEvent::Collective {
+                        kind: CollKind::ReduceScatter,
+                        ..
+                    }
+                )
+            })
+            .filter_map(|e| match e {
+                MetaEvent::Collective {
+                    kind: CollKind::AllGather,
+                    started,
+                    ..
+                } => Some(*started),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(forward.len(), held.len(), "{reshard}");
+        assert!(
+            !forward[0] && forward[1..].iter().all(|&s| s),
+            "{reshard}: {forward:?}"
+        );
         // The ring sends (n - 1) / n of each buffer per rank.
         let c = step_cost(&t.events, &Assumptions::h100());
         assert!((c.all_gather.ring_bytes - ag * (n - 1.0) / n).abs() < 1e-6 * ag);
