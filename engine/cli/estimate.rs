@@ -82,7 +82,8 @@ impl Machine {
         if let Some(g) = self.hbm_gbps {
             a.mem_bw = g * 1e9;
             if !a.overlap {
-                a.intra_bw = a.mem_bw; // host collectives are copies
+                // Host collectives are copies, inside the machine or (TCP aside) across.
+                (a.intra_bw, a.inter_bw) = (a.mem_bw, a.mem_bw);
             }
         }
         if let Some(g) = self.nvlink_gbps {
@@ -139,9 +140,10 @@ pub fn print(e: &Estimate) -> Result<()> {
     let a = &e.assumptions;
     let c = &e.cost;
     let unit = if a.device == "cpu" { "rank" } else { "GPU" };
+    let per_node = if a.gpus_per_node == 1 { "" } else { "s" };
     outln!(
         "step-time estimate on {}: peak {:.3} TFLOP/s ({}), memory {:.0} GB/s, intra-node {:.0} GB/s \
-         {:.0} us, network {:.0} GB/s {:.0} us, {} {unit}s per node{}",
+         {:.0} us, network {:.0} GB/s {:.0} us, {} {unit}{per_node} per node{}",
         a.device,
         a.peak_flops / 1e12,
         a.peak_source,
