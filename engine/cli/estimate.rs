@@ -57,9 +57,17 @@ impl Machine {
                 let be = CpuBackend::new();
                 let (peak, source) = match self.peak_tflops {
                     Some(_) => (0.0, String::new()),
+                    // The best of three measurements: on a shared machine one of them can
+                    // fall into a busy moment and halve the figure.
                     None => {
-                        let p = measure_gemm_peak(&be)?;
-                        (p.flops, p.source)
+                        let mut best = measure_gemm_peak(&be)?;
+                        for _ in 0..2 {
+                            let p = measure_gemm_peak(&be)?;
+                            if p.flops > best.flops {
+                                best = p;
+                            }
+                        }
+                        (best.flops, format!("best of 3 x {}", best.source))
                     }
                 };
                 let bw = match self.hbm_gbps {
