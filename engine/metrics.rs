@@ -62,6 +62,31 @@ pub fn measure_gemm_peak(be: &dyn Backend) -> Result<Peak> {
     })
 }
 
+/// Measures the backend's copy rate (bytes read + written per second, the median of 9 copies
+/// of a 16 MiB buffer after a warm-up): the memory bandwidth the CPU cost model uses. The median
+/// and a buffer past the caches, because on this VM the best of several 8 MiB copies ranged
+/// from 57 to 176 GB/s between runs, far above what the step's memory-bound kernels reach
+/// (33-49 GB/s, docs/PERFORMANCE.md).
+pub fn measure_copy_bandwidth(be: &dyn Backend) -> Result<f64> {
+    let n = 4 << 20; // f32 elements: 16 MiB
+    let mem = be.alloc(2 * n * 4)?;
+    let a = Buf::new(mem.ptr(), n, DType::F32);
+    let b = Buf::new(mem.ptr() + (n * 4) as u64, n, DType::F32);
+    be.fill(a, 1.0)?;
+    be.fill(b, 0.0)?;
+    be.copy(a, b)?;
+    be.synchronize()?;
+    let mut times = Vec::with_capacity(9);
+    for _ in 0..9 {
+        let t = Instant::now();
+        be.copy(a, b)?;
+        be.synchronize()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(2.0 * (n * 4) as f64 / times[times.len() / 2])
+}
+
 /// One step's numbers.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct StepMetrics {

@@ -1,5 +1,6 @@
 //! `titan plan`, `bench` and `list-models` (`train` is in train.rs).
 
+use super::estimate::{estimate, print as print_estimate, Machine};
 use crate::dist::launch::run_rank_threads;
 use crate::dist::{Communicator, HostComm, ParallelDims};
 use crate::error::{Error, Result};
@@ -36,16 +37,30 @@ fn gib(b: usize) -> String {
     format!("{:>10.3} GiB", b as f64 / GIB)
 }
 
+/// `titan plan`'s options besides the config.
+#[derive(Clone, Debug, Default)]
+pub struct PlanOpts {
+    /// Compute dtype (default: bfloat16, float32 with `--device cpu`).
+    pub dtype: Option<String>,
+    pub json: bool,
+    pub world_size: usize,
+    pub machine: Machine,
+}
+
 pub fn plan(
     reg: &Registry,
     config: Option<&Path>,
     overrides: &[String],
-    dtype: &str,
-    json: bool,
-    world_size: usize,
+    opts: &PlanOpts,
 ) -> Result<()> {
+    let (json, world_size) = (opts.json, opts.world_size);
     let cfg = JobConfig::load(config, overrides)?;
-    let dtype = DType::parse(dtype)?;
+    let default_dtype = if opts.machine.is_cpu() {
+        "float32"
+    } else {
+        "bfloat16"
+    };
+    let dtype = DType::parse(opts.dtype.as_deref().unwrap_or(default_dtype))?;
     let t0 = Instant::now();
     let spec = reg.find(&cfg.model.name)?;
     let args = resolve::run_args(spec, &cfg, None)?;
@@ -77,11 +92,22 @@ pub fn plan(
         let reduce = DType::parse(&cfg.training.mixed_precision_reduce)?;
         mp.state = StateBytes::sharded(&layout, dtype, reduce, mp.state.constants);
     }
+    let traced_s = t0.elapsed().as_secs_f64();
+    let machine = opts.machine.assumptions(world_size)?;
+    let est = estimate(
+        spec,
+        &cfg,
+        args.as_ref(),
+        dtype,
+        &dims,
+        &machine,
+        mp.total(),
+    )?;
     if json {
-        outln!(
-            "{}",
-            serde_json::to_string(&mp).map_err(|e| Error::Other(e.to_string()))?
-        )?;
+        let mut v = serde_json::to_value(&mp).map_err(|e| Error::Other(e.to_string()))?;
+        let e = serde_json::to_value(&est).map_err(|e| Error::Other(e.to_string()))?;
+        v["estimate"] = e;
+        outln!("{v}")?;
         return Ok(());
     }
     let s = &mp.state;
@@ -163,9 +189,9 @@ pub fn plan(
     }
     outln!(
         "  (traced on the meta backend in {:.2}s, nothing allocated)",
-        t0.elapsed().as_secs_f64()
+        traced_s
     )?;
-    Ok(())
+    print_estimate(&est)
 }
 
 /// Every registered model and flavor with its parameter count (at the flavor's own vocabulary).

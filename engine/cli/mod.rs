@@ -4,10 +4,11 @@
 
 pub mod commands;
 pub mod convert;
+pub mod estimate;
 pub mod eval;
 pub mod train;
 
-pub use commands::{bench, list_models, plan};
+pub use commands::{bench, list_models, plan, PlanOpts};
 pub use train::train;
 
 use crate::dist::launch::LaunchArgs;
@@ -15,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::model::Registry;
 use crate::train::preempt::EXIT_OUTPUT_CLOSED;
 use clap::{Parser, Subcommand};
+use estimate::Machine;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -65,14 +67,35 @@ enum Cmd {
         overrides: Vec<String>,
     },
     /// Print the memory plan (parameters, gradients, optimizer state, activations, peak) of a
-    /// config without allocating it.
+    /// config without allocating it, and an estimate of its step time, tokens/s and MFU (a
+    /// roofline of every traced kernel plus the layout's collectives; the machine's numbers are
+    /// printed and set by the flags below).
     #[command(allow_hyphen_values = true)]
     Plan {
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Compute dtype to plan for (bfloat16 = the CUDA default, float32 = the CPU backend).
-        #[arg(long, default_value = "bfloat16")]
-        dtype: String,
+        /// Compute dtype to plan for (default bfloat16, the CUDA default; float32 with
+        /// `--device cpu`, the CPU backend's).
+        #[arg(long)]
+        dtype: Option<String>,
+        /// The machine of the estimate: h100 (H100 SXM datasheet numbers) or cpu (this machine:
+        /// its GEMM rate and copy bandwidth measured, CPU ranks as threads sharing it).
+        #[arg(long)]
+        device: Option<String>,
+        /// Peak dense FLOP/s of one device, in TFLOP/s.
+        #[arg(long)]
+        peak_tflops: Option<f64>,
+        /// Memory (HBM) bandwidth of one device, GB/s.
+        #[arg(long)]
+        hbm_gbps: Option<f64>,
+        /// Intra-node (NVLink) bandwidth per GPU and direction, GB/s.
+        #[arg(long)]
+        nvlink_gbps: Option<f64>,
+        /// Inter-node (network) bandwidth per GPU, GB/s.
+        #[arg(long)]
+        net_gbps: Option<f64>,
+        #[arg(long)]
+        gpus_per_node: Option<usize>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -211,6 +234,16 @@ fn take_number(overrides: &mut Vec<String>, name: &str) -> Result<Option<u64>> {
         .transpose()
 }
 
+/// `take_value` parsed as a real number.
+fn take_float(overrides: &mut Vec<String>, name: &str) -> Result<Option<f64>> {
+    take_value(overrides, name)?
+        .map(|v| {
+            v.parse()
+                .map_err(|_| Error::Config(format!("{name} {v:?} is not a number")))
+        })
+        .transpose()
+}
+
 /// Parses the process's arguments and runs the subcommand with the models of `reg`.
 pub fn main(reg: Registry) -> ExitCode {
     let cli = Cli::parse();
@@ -274,23 +307,38 @@ fn run(reg: &Registry, cli: Cli) -> Result<ExitCode> {
         Cmd::Plan {
             config,
             dtype,
+            device,
+            peak_tflops,
+            hbm_gbps,
+            nvlink_gbps,
+            net_gbps,
+            gpus_per_node,
             json,
             world_size,
             overrides,
         } => {
             let (config, mut overrides) = take_config(config, overrides)?;
-            let json = take_flag(&mut overrides, "--json") || json;
-            let dtype = take_value(&mut overrides, "--dtype")?.unwrap_or(dtype);
-            let world =
-                take_number(&mut overrides, "--world-size")?.map_or(world_size, |w| w as usize);
-            done(plan(
-                reg,
-                config.as_deref(),
-                &overrides,
-                &dtype,
+            let o = &mut overrides;
+            let json = take_flag(o, "--json") || json;
+            let dtype = take_value(o, "--dtype")?.or(dtype);
+            let world = take_number(o, "--world-size")?.map_or(world_size, |w| w as usize);
+            let machine = Machine {
+                device: take_value(o, "--device")?.or(device),
+                peak_tflops: take_float(o, "--peak-tflops")?.or(peak_tflops),
+                hbm_gbps: take_float(o, "--hbm-gbps")?.or(hbm_gbps),
+                nvlink_gbps: take_float(o, "--nvlink-gbps")?.or(nvlink_gbps),
+                net_gbps: take_float(o, "--net-gbps")?.or(net_gbps),
+                gpus_per_node: take_number(o, "--gpus-per-node")?
+                    .map(|n| n as usize)
+                    .or(gpus_per_node),
+            };
+            let opts = PlanOpts {
+                dtype,
                 json,
-                world,
-            ))
+                world_size: world,
+                machine,
+            };
+            done(plan(reg, config.as_deref(), &overrides, &opts))
         }
         Cmd::Bench {
             config,

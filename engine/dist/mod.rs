@@ -16,6 +16,7 @@
 pub mod host;
 pub mod launch;
 pub mod mesh;
+pub mod meta;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod tcp;

@@ -9,5 +9,6 @@ pub mod lr;
 pub mod memory;
 pub mod preempt;
 pub mod state;
+pub mod step_trace;
 pub mod trainer;
 pub mod validate;

@@ -5,6 +5,8 @@
 //! already placed buffers whose lifetimes overlap (best fit over the gaps). Replays then take the
 //! k-th request's offset from the plan and allocate nothing.
 
+pub mod cost;
+
 use crate::error::{Error, Result};
 
 pub const ALIGN: usize = 256;
