@@ -100,7 +100,11 @@ impl Trainer {
         let pid = std::process::id();
         let mut v = [0f32; 3];
         if self.rank == 0 {
-            v = [(pid >> 16) as f32, (pid & 0xffff) as f32, (self.peak.flops / 1e9) as f32];
+            v = [
+                (pid >> 16) as f32,
+                (pid & 0xffff) as f32,
+                (self.peak.flops / 1e9) as f32,
+            ];
         }
         self.all_reduce_host(&mut v, ReduceOp::Sum)?;
         self.save_tag = ((v[0] as u64) << 16) + v[1] as u64;
