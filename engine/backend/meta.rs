@@ -3,8 +3,9 @@
 //! touching memory, so `titan plan` works for a 405B model on a laptop.
 
 use super::{
-    AdamW, AdamWBufs, AttnBwd, AttnFwd, Backend, Buf, CrossEntropy, DeviceMem, Gemm, RmsNorm,
-    RmsNormBwd, RmsNormResidual, RopeShape,
+    AdamW, AdamWBufs, AttnBwd, AttnFwd, Backend, Buf, Copy2d, CrossEntropy, CrossEntropyShard,
+    CrossEntropyStats, DeviceMem, EmbeddingShard, Gemm, RmsNorm, RmsNormBwd, RmsNormResidual,
+    RopeShape,
 };
 use crate::error::Result;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -150,6 +151,11 @@ impl Backend for MetaBackend {
         self.mem("copy", &[src, dst]);
         Ok(())
     }
+    fn copy_2d(&self, a: &Copy2d) -> Result<()> {
+        let block = Buf::new(0, a.rows * a.cols, a.src.dtype);
+        self.mem("copy_2d", &[block, block]);
+        Ok(())
+    }
     fn cast(&self, src: Buf, dst: Buf) -> Result<()> {
         self.mem("cast", &[src, dst]);
         Ok(())
@@ -178,6 +184,15 @@ impl Backend for MetaBackend {
         // dout read, the touched f32 rows of dtable read and written.
         let rows = Buf::new(0, dout.len, dtable.dtype);
         self.mem("embedding_bwd", &[dout, ids, rows, rows]);
+        Ok(())
+    }
+    fn embedding_shard_fwd(&self, a: &EmbeddingShard) -> Result<()> {
+        self.mem("embedding_shard_fwd", &[a.ids, a.out, a.out]);
+        Ok(())
+    }
+    fn embedding_shard_bwd(&self, a: &EmbeddingShard) -> Result<()> {
+        let rows = Buf::new(0, a.out.len, a.table.dtype);
+        self.mem("embedding_shard_bwd", &[a.out, a.ids, rows, rows]);
         Ok(())
     }
     fn rmsnorm_fwd(&self, a: &RmsNorm) -> Result<()> {
@@ -241,6 +256,15 @@ impl Backend for MetaBackend {
     }
     fn cross_entropy(&self, a: &CrossEntropy) -> Result<()> {
         self.mem("cross_entropy", &[a.logits, a.targets, a.losses, a.dlogits]);
+        Ok(())
+    }
+    fn cross_entropy_stats(&self, a: &CrossEntropyStats) -> Result<()> {
+        self.mem("cross_entropy_stats", &[a.logits, a.targets, a.stats]);
+        Ok(())
+    }
+    fn cross_entropy_shard(&self, a: &CrossEntropyShard) -> Result<()> {
+        let io = [a.logits, a.targets, a.stats, a.losses, a.dlogits];
+        self.mem("cross_entropy_shard", &io);
         Ok(())
     }
     fn sum(&self, x: Buf, out: Buf) -> Result<()> {

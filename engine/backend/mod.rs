@@ -310,6 +310,71 @@ pub struct CrossEntropy {
     pub grad_scale: f32,
 }
 
+/// `Backend::embedding_shard_fwd` / `_bwd`: the vocabulary-parallel embedding. `table` holds
+/// rows `row0 .. row0 + table rows` of a vocabulary of `vocab` ids (another rank holds the rest).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EmbeddingShard {
+    /// Forward: this rank's rows [rows, dim]. Backward: their f32 gradient (accumulated).
+    pub table: Buf,
+    /// `[n]` I32 token ids, every one in `0 .. vocab`.
+    pub ids: Buf,
+    /// Forward: the output `[n, dim]` (zero rows for ids another rank holds). Backward: dout.
+    pub out: Buf,
+    pub dim: usize,
+    pub row0: usize,
+    pub vocab: usize,
+}
+
+/// `Backend::cross_entropy_stats`: pass 1 of the vocabulary-parallel loss. Per row of this
+/// rank's logits columns `col0 .. col0 + vocab`: `stats[r] = (max, sum of exp(x - max),
+/// x[target - col0] if this rank holds the target column, else 0)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CrossEntropyStats {
+    /// `[rows, vocab]` (this rank's columns).
+    pub logits: Buf,
+    /// `[rows]` I32 global class ids.
+    pub targets: Buf,
+    /// `[rows, 3]` f32.
+    pub stats: Buf,
+    pub rows: usize,
+    pub vocab: usize,
+    pub col0: usize,
+    pub ignore_index: i32,
+}
+
+/// `Backend::cross_entropy_shard`: pass 2, once every rank's stats are gathered (`stats`
+/// `[shards, rows, 3]` in rank order). With M = max of the maxima, S = sum of s * exp(m - M) and
+/// xt = sum of the target logits: `losses[r] = ln S + M - xt` (0 for ignored rows) and `dlogits =
+/// (exp(x - M) / S - onehot) * grad_scale` over this rank's columns. dlogits may alias logits.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CrossEntropyShard {
+    pub logits: Buf,
+    pub targets: Buf,
+    pub stats: Buf,
+    pub losses: Buf,
+    pub dlogits: Buf,
+    pub rows: usize,
+    pub vocab: usize,
+    pub col0: usize,
+    pub shards: usize,
+    /// The whole vocabulary (a target outside it that is not ignore_index is an error).
+    pub vocab_total: usize,
+    pub ignore_index: i32,
+    pub grad_scale: f32,
+}
+
+/// `Backend::copy_2d`: `dst[r * dst_stride + c] = src[r * src_stride + c]` for `r < rows`, `c <
+/// cols` (same dtype; the buffers start at the first element), e.g. a column block of a matrix.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Copy2d {
+    pub src: Buf,
+    pub dst: Buf,
+    pub rows: usize,
+    pub cols: usize,
+    pub src_stride: usize,
+    pub dst_stride: usize,
+}
+
 /// The kernel boundary. All methods are asynchronous with respect to the host on device backends
 /// except `upload`, `download` and `synchronize`. Output buffers must not overlap inputs unless a
 /// method says so. Every CUDA kernel behind these methods has a CPU twin of the same name in `cpu`.
@@ -338,6 +403,8 @@ pub trait Backend: Send + Sync {
     fn fill(&self, dst: Buf, value: f32) -> Result<()>;
     /// dst = src, same dtype and length.
     fn copy(&self, src: Buf, dst: Buf) -> Result<()>;
+    /// A strided block copy (see [`Copy2d`]).
+    fn copy_2d(&self, a: &Copy2d) -> Result<()>;
     /// dst = src converted (f32 <-> bf16, or same dtype copy), round-to-nearest-even.
     fn cast(&self, src: Buf, dst: Buf) -> Result<()>;
     /// out = a + b elementwise; `out` may alias `a` or `b`. All three share a dtype.
@@ -353,6 +420,10 @@ pub trait Backend: Send + Sync {
     fn embedding_fwd(&self, table: Buf, ids: Buf, out: Buf, dim: usize) -> Result<()>;
     /// dtable[ids[n], :] += dout[n, :] (dtable f32), deterministic: no float atomics.
     fn embedding_bwd(&self, dout: Buf, ids: Buf, dtable: Buf, dim: usize) -> Result<()>;
+    /// The vocabulary-parallel lookup (see [`EmbeddingShard`]).
+    fn embedding_shard_fwd(&self, a: &EmbeddingShard) -> Result<()>;
+    /// table[ids[n] - row0, :] += out[n, :] for the ids this rank holds, deterministic.
+    fn embedding_shard_bwd(&self, a: &EmbeddingShard) -> Result<()>;
 
     // ---- rmsnorm -----------------------------------------------------------------------
     /// out = x / sqrt(mean(x²) + eps) * w per row; rstd saved for backward (see [`RmsNorm`]).
@@ -392,6 +463,10 @@ pub trait Backend: Send + Sync {
     /// Fused log-softmax + cross-entropy over `vocab` for each of `rows`, with its gradient
     /// (see [`CrossEntropy`]).
     fn cross_entropy(&self, a: &CrossEntropy) -> Result<()>;
+    /// Vocabulary-parallel loss, pass 1 (see [`CrossEntropyStats`]).
+    fn cross_entropy_stats(&self, a: &CrossEntropyStats) -> Result<()>;
+    /// Vocabulary-parallel loss, pass 2 (see [`CrossEntropyShard`]).
+    fn cross_entropy_shard(&self, a: &CrossEntropyShard) -> Result<()>;
 
     // ---- reductions / optimizer ----------------------------------------------------------
     /// out[0] (f32) = sum of x (f32), deterministic order.

@@ -4,7 +4,7 @@ use super::{
     check_dtype, check_len, f32_to_bf16_bits, overlaps, shape_err, view, view_mut, with_scratch,
     Float, SendPtr, FLOATS,
 };
-use crate::backend::CrossEntropy;
+use crate::backend::{CrossEntropy, CrossEntropyShard, CrossEntropyStats};
 use crate::error::Result;
 use crate::tensor::DType;
 use rayon::prelude::*;
@@ -182,4 +182,133 @@ pub(super) fn cross_entropy_op(a: &CrossEntropy) -> Result<()> {
         })
     });
     Ok(())
+}
+
+/// The stats row of one logits row: (max, sum of exp(x - max), x[target - col0] or 0).
+fn stats_row(x: &[f32], target: i32, col0: usize, ignore_index: i32) -> [f32; 3] {
+    let mx = f32::max_slice(x);
+    let s: f32 = x.iter().map(|&v| (v - mx).exp()).sum();
+    let t = target as i64 - col0 as i64;
+    let xt = if target != ignore_index && (0..x.len() as i64).contains(&t) {
+        x[t as usize]
+    } else {
+        0.0
+    };
+    [mx, s, xt]
+}
+
+/// `Backend::cross_entropy_stats` (pass 1 of the vocabulary-parallel loss).
+pub(super) fn cross_entropy_stats_op(a: &CrossEntropyStats) -> Result<()> {
+    const OP: &str = "cross_entropy_stats";
+    let CrossEntropyStats {
+        logits,
+        targets,
+        stats,
+        rows,
+        vocab,
+        col0,
+        ignore_index,
+    } = *a;
+    check_dtype(OP, "targets", targets, &[DType::I32])?;
+    check_dtype(OP, "stats", stats, &[DType::F32])?;
+    check_len(OP, "logits", logits, rows * vocab)?;
+    check_len(OP, "targets", targets, rows)?;
+    check_len(OP, "stats", stats, rows * 3)?;
+    if overlaps(stats, logits) || overlaps(stats, targets) {
+        return Err(shape_err(OP, "stats overlaps an input".into()));
+    }
+    // SAFETY: live buffers of the checked dtypes; stats overlaps no input.
+    unsafe {
+        let x = super::load(OP, "logits", logits)?;
+        let tg = view::<i32>(targets);
+        view_mut::<f32>(stats)
+            .par_chunks_mut(3)
+            .enumerate()
+            .for_each(|(r, st)| {
+                st.copy_from_slice(&stats_row(
+                    &x[r * vocab..(r + 1) * vocab],
+                    tg[r],
+                    col0,
+                    ignore_index,
+                ))
+            });
+    }
+    Ok(())
+}
+
+/// `Backend::cross_entropy_shard` (pass 2 of the vocabulary-parallel loss).
+pub(super) fn cross_entropy_shard_op(a: &CrossEntropyShard) -> Result<()> {
+    const OP: &str = "cross_entropy_shard";
+    let CrossEntropyShard {
+        logits,
+        targets,
+        stats,
+        losses,
+        dlogits,
+        rows,
+        vocab,
+        col0,
+        shards,
+        vocab_total,
+        ignore_index,
+        grad_scale,
+    } = *a;
+    check_dtype(OP, "targets", targets, &[DType::I32])?;
+    check_dtype(OP, "stats", stats, &[DType::F32])?;
+    check_dtype(OP, "losses", losses, &[DType::F32])?;
+    check_dtype(OP, "dlogits", dlogits, FLOATS)?;
+    check_len(OP, "logits", logits, rows * vocab)?;
+    check_len(OP, "dlogits", dlogits, rows * vocab)?;
+    check_len(OP, "targets", targets, rows)?;
+    check_len(OP, "losses", losses, rows)?;
+    check_len(OP, "stats", stats, shards * rows * 3)?;
+    if overlaps(logits, dlogits) && (logits.ptr != dlogits.ptr || logits.dtype != dlogits.dtype) {
+        return Err(shape_err(
+            OP,
+            "dlogits overlaps logits without being the same buffer".into(),
+        ));
+    }
+    for (what, b) in [("logits", logits), ("targets", targets), ("stats", stats)] {
+        if overlaps(losses, b) || (what != "logits" && overlaps(dlogits, b)) {
+            return Err(shape_err(OP, format!("an output overlaps {what}")));
+        }
+    }
+    // SAFETY: live buffers of the checked dtypes; the outputs overlap no input but dlogits may be
+    // logits itself, which is read in full (into `x`) before dlogits is written.
+    unsafe {
+        let tg = view::<i32>(targets);
+        check_targets(tg, vocab_total, ignore_index)?;
+        let st = view::<f32>(stats);
+        let x = super::load(OP, "logits", logits)?.into_owned();
+        let ls = view_mut::<f32>(losses);
+        super::store(OP, "dlogits", dlogits, false, |d| {
+            d.par_chunks_mut(vocab)
+                .zip(ls.par_iter_mut())
+                .enumerate()
+                .for_each(|(r, (d, loss))| {
+                    let t = tg[r];
+                    if t == ignore_index {
+                        d.fill(0.0);
+                        *loss = 0.0;
+                        return;
+                    }
+                    // Combined in rank order, the same on every rank.
+                    let row = |k: usize| &st[(k * rows + r) * 3..(k * rows + r) * 3 + 3];
+                    let m = (0..shards)
+                        .map(|k| row(k)[0])
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    let s: f32 = (0..shards).map(|k| row(k)[1] * (row(k)[0] - m).exp()).sum();
+                    let xt: f32 = (0..shards).map(|k| row(k)[2]).sum();
+                    *loss = s.ln() + m - xt;
+                    let k = grad_scale / s;
+                    let xr = &x[r * vocab..(r + 1) * vocab];
+                    for (j, (o, &v)) in d.iter_mut().zip(xr).enumerate() {
+                        *o = (v - m).exp() * k;
+                        if j + col0 == t as usize {
+                            *o -= grad_scale;
+                        }
+                    }
+                })
+        })
+    }
 }

@@ -22,6 +22,7 @@ pub mod adamw;
 pub mod attention;
 #[cfg(target_arch = "x86_64")]
 mod attention_x86;
+mod copy;
 pub mod cross_entropy;
 pub mod elementwise;
 pub mod embedding;
@@ -38,8 +39,9 @@ pub mod vecmath;
 pub use float::Float;
 
 use super::{
-    AdamW, AdamWBufs, AttnBwd, AttnFwd, Backend, Buf, CrossEntropy, DeviceMem, Gemm, RmsNorm,
-    RmsNormBwd, RmsNormResidual, RopeShape,
+    AdamW, AdamWBufs, AttnBwd, AttnFwd, Backend, Buf, Copy2d, CrossEntropy, CrossEntropyShard,
+    CrossEntropyStats, DeviceMem, EmbeddingShard, Gemm, RmsNorm, RmsNormBwd, RmsNormResidual,
+    RopeShape,
 };
 use crate::error::{Error, Result};
 use crate::tensor::DType;
@@ -361,6 +363,9 @@ impl Backend for CpuBackend {
     fn copy(&self, src: Buf, dst: Buf) -> Result<()> {
         elementwise::copy(src, dst)
     }
+    fn copy_2d(&self, a: &Copy2d) -> Result<()> {
+        copy::copy_2d_op(a)
+    }
     fn cast(&self, src: Buf, dst: Buf) -> Result<()> {
         elementwise::cast(src, dst)
     }
@@ -380,6 +385,12 @@ impl Backend for CpuBackend {
     }
     fn embedding_bwd(&self, dout: Buf, ids: Buf, dtable: Buf, dim: usize) -> Result<()> {
         embedding::embedding_bwd_op(dout, ids, dtable, dim)
+    }
+    fn embedding_shard_fwd(&self, a: &EmbeddingShard) -> Result<()> {
+        embedding::embedding_shard_fwd_op(a)
+    }
+    fn embedding_shard_bwd(&self, a: &EmbeddingShard) -> Result<()> {
+        embedding::embedding_shard_bwd_op(a)
     }
 
     fn rmsnorm_fwd(&self, a: &RmsNorm) -> Result<()> {
@@ -419,6 +430,12 @@ impl Backend for CpuBackend {
 
     fn cross_entropy(&self, a: &CrossEntropy) -> Result<()> {
         cross_entropy::cross_entropy_op(a)
+    }
+    fn cross_entropy_stats(&self, a: &CrossEntropyStats) -> Result<()> {
+        cross_entropy::cross_entropy_stats_op(a)
+    }
+    fn cross_entropy_shard(&self, a: &CrossEntropyShard) -> Result<()> {
+        cross_entropy::cross_entropy_shard_op(a)
     }
 
     fn sum(&self, x: Buf, out: Buf) -> Result<()> {

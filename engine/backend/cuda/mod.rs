@@ -15,10 +15,12 @@ mod gemm;
 mod loss;
 mod norm;
 mod optim;
+mod tensor_parallel;
 
 use super::{
-    AdamW, AdamWBufs, AttnBwd, AttnFwd, Backend, Buf, CrossEntropy, DeviceMem, Gemm, RmsNorm,
-    RmsNormBwd, RmsNormResidual, RopeShape,
+    AdamW, AdamWBufs, AttnBwd, AttnFwd, Backend, Buf, Copy2d, CrossEntropy, CrossEntropyShard,
+    CrossEntropyStats, DeviceMem, EmbeddingShard, Gemm, RmsNorm, RmsNormBwd, RmsNormResidual,
+    RopeShape,
 };
 use crate::error::{Error, Result};
 use crate::tensor::DType;
@@ -493,6 +495,9 @@ impl Backend for CudaBackend {
     fn copy(&self, src: Buf, dst: Buf) -> Result<()> {
         self.copy_impl(src, dst)
     }
+    fn copy_2d(&self, a: &Copy2d) -> Result<()> {
+        self.copy_2d_impl(a)
+    }
     fn cast(&self, src: Buf, dst: Buf) -> Result<()> {
         self.cast_impl(src, dst)
     }
@@ -512,6 +517,12 @@ impl Backend for CudaBackend {
     }
     fn embedding_bwd(&self, dout: Buf, ids: Buf, dtable: Buf, dim: usize) -> Result<()> {
         self.embedding_bwd_impl(dout, ids, dtable, dim)
+    }
+    fn embedding_shard_fwd(&self, a: &EmbeddingShard) -> Result<()> {
+        self.embedding_shard_fwd_impl(a)
+    }
+    fn embedding_shard_bwd(&self, a: &EmbeddingShard) -> Result<()> {
+        self.embedding_shard_bwd_impl(a)
     }
 
     fn rmsnorm_fwd(&self, a: &RmsNorm) -> Result<()> {
@@ -548,6 +559,12 @@ impl Backend for CudaBackend {
 
     fn cross_entropy(&self, a: &CrossEntropy) -> Result<()> {
         self.cross_entropy_impl(a)
+    }
+    fn cross_entropy_stats(&self, a: &CrossEntropyStats) -> Result<()> {
+        self.cross_entropy_stats_impl(a)
+    }
+    fn cross_entropy_shard(&self, a: &CrossEntropyShard) -> Result<()> {
+        self.cross_entropy_shard_impl(a)
     }
 
     fn sum(&self, x: Buf, out: Buf) -> Result<()> {
