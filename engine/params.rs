@@ -9,6 +9,7 @@ use crate::dist::Communicator;
 use crate::error::{Error, Result};
 use crate::parallel::fsdp::FsdpLayout;
 use crate::parallel::fsdp_runtime::Fsdp;
+use crate::parallel::tp::TensorParallel;
 use crate::tensor::{DType, Shape};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -29,9 +30,20 @@ pub struct ParamStoreBuilder {
     pub consts: Vec<(String, Shape, Vec<f32>)>,
     /// The FSDP units a model's `parallelize` declared (`Parallelize::fully_shard`).
     pub fsdp_units: Vec<Vec<ParamId>>,
+    /// The tensor-parallel plan a model's `parallelize` declared: (weight, dim it is split on).
+    pub tp_plan: Vec<(ParamId, usize)>,
 }
 
 impl ParamStoreBuilder {
+    /// Per parameter: the dim the tensor-parallel plan splits it on.
+    pub fn tp_dims(&self) -> Vec<Option<usize>> {
+        let mut d = vec![None; self.params.len()];
+        for &(id, k) in &self.tp_plan {
+            d[id.0] = Some(k);
+        }
+        d
+    }
+
     pub fn param(&mut self, name: impl Into<String>, shape: impl Into<Shape>) -> ParamId {
         self.params.push(ParamSpec {
             name: name.into(),
@@ -73,6 +85,11 @@ pub struct ParamStore {
     /// Set when the parameters are sharded (FSDP): the regions above then hold this rank's
     /// shards and `compute` / `grad` are whole tensors in the unit slots.
     fsdp: Option<Fsdp>,
+    /// Tensor parallel: the plan and group. Each parameter is then this rank's slice of it
+    /// (`local_shape`), which FSDP shards further.
+    tp: Option<TensorParallel>,
+    /// Per parameter: the shape this rank computes with (its tensor-parallel slice).
+    local: Vec<Shape>,
     _mem: Vec<Box<dyn DeviceMem>>,
 }
 
@@ -136,22 +153,33 @@ impl ParamStore {
         be: &dyn Backend,
         compute_dtype: DType,
     ) -> Result<ParamStore> {
-        Self::materialize_sharded(b, be, compute_dtype, None)
+        Self::materialize_sharded(b, be, compute_dtype, None, None)
     }
 
-    /// As `materialize`, with every region holding only this rank's shards when `sharding` is
-    /// given (FSDP; see parallel/fsdp.rs).
+    /// As `materialize`, with every parameter this rank's tensor-parallel slice when `tp` is
+    /// given (its FSDP layout must be of those slices, `parallel::tp::local_specs`), and every
+    /// region holding only this rank's shards when `sharding` is given (FSDP; see
+    /// parallel/fsdp.rs).
     pub fn materialize_sharded(
         b: ParamStoreBuilder,
         be: &dyn Backend,
         compute_dtype: DType,
         sharding: Option<Sharding>,
+        tp: Option<TensorParallel>,
     ) -> Result<ParamStore> {
         if compute_dtype == DType::I32 {
             return Err(Error::Config(
                 "compute dtype must be float32 or bfloat16".into(),
             ));
         }
+        let local: Vec<Shape> = match &tp {
+            Some(t) => {
+                crate::parallel::tp::check_plan(&b.params, &t.dims, t.degree)?;
+                let specs = crate::parallel::tp::local_specs(&b.params, &t.dims, t.degree, t.rank);
+                specs.into_iter().map(|s| s.shape).collect()
+            }
+            None => b.params.iter().map(|p| p.shape.clone()).collect(),
+        };
         let mut offsets = Vec::with_capacity(b.params.len());
         let mut total = 0usize;
         match &sharding {
@@ -160,9 +188,9 @@ impl ParamStore {
                 total = sh.layout.local_len;
             }
             None => {
-                for p in &b.params {
+                for p in &local {
                     offsets.push(total);
-                    total += p.shape.numel().div_ceil(SLOT) * SLOT;
+                    total += p.numel().div_ceil(SLOT) * SLOT;
                 }
             }
         }
@@ -223,6 +251,8 @@ impl ParamStore {
             compute,
             consts,
             fsdp,
+            tp,
+            local,
             _mem: vec![mem, cmem],
         })
     }
@@ -232,19 +262,47 @@ impl ParamStore {
         self.fsdp.as_ref()
     }
 
-    /// This rank's rows of parameter `id`: (first row, count); every row when unsharded.
+    /// The tensor-parallel state of a store split over a tp group.
+    pub fn tp(&self) -> Option<&TensorParallel> {
+        self.tp.as_ref()
+    }
+
+    /// The shape of this rank's tensor-parallel slice of `id` (its whole shape without TP):
+    /// what the ops compute with.
+    pub fn local_shape(&self, id: ParamId) -> &Shape {
+        &self.local[id.0]
+    }
+
+    /// This rank's FSDP rows of its slice of `id`: (first row, count); every row when
+    /// unsharded.
     pub fn shard_rows(&self, id: ParamId) -> (usize, usize) {
         match &self.fsdp {
             Some(f) => f.layout.my_rows(id),
-            None => (0, dim0(self.shape(id))),
+            None => (0, dim0(self.local_shape(id))),
         }
     }
 
-    /// Elements of this rank's shard of `id` (all of them when unsharded).
+    /// The box of the whole tensor `id` this rank's master holds: (offset, shape) per dim.
+    pub fn local_box(&self, id: ParamId) -> (Vec<usize>, Vec<usize>) {
+        let local = self.local_shape(id);
+        let mut offset = match &self.tp {
+            Some(t) => t.offset(id, self.shape(id)),
+            None => vec![0; local.rank()],
+        };
+        let mut shape = local.0.clone();
+        let (row0, rows) = self.shard_rows(id);
+        if let (Some(o), Some(d)) = (offset.first_mut(), shape.first_mut()) {
+            *o += row0;
+            *d = rows;
+        }
+        (offset, shape)
+    }
+
+    /// Elements of this rank's shard of `id` (all of its slice when unsharded).
     pub fn local_numel(&self, id: ParamId) -> usize {
         match &self.fsdp {
             Some(f) => f.layout.my_rows(id).1 * f.layout.params[id.0].row,
-            None => self.numel(id),
+            None => self.local_shape(id).numel(),
         }
     }
 
@@ -323,7 +381,7 @@ impl ParamStore {
     /// The whole f32 gradient backward accumulates into (FSDP: in the unit's gradient slot).
     pub fn grad(&self, id: ParamId) -> Buf {
         match &self.fsdp {
-            Some(f) => f.grad(id, self.numel(id)),
+            Some(f) => f.grad(id, self.local_shape(id).numel()),
             None => self.slice(&self.grad, id),
         }
     }
@@ -341,7 +399,7 @@ impl ParamStore {
     /// FSDP: the whole tensor in its unit's slot, valid after `acquire`.
     pub fn compute(&self, id: ParamId) -> Buf {
         if let Some(f) = &self.fsdp {
-            return f.compute(id, self.numel(id));
+            return f.compute(id, self.local_shape(id).numel());
         }
         match &self.compute {
             Some(c) => self.slice(c, id),
@@ -395,10 +453,9 @@ impl ParamStore {
                 ),
             });
         }
-        let (row0, rows) = self.shard_rows(id);
-        let row = data.len() / dim0(self.shape(id));
-        let mine = &data[row0 * row..(row0 + rows) * row];
-        be.upload(self.master(id), bytemuck::cast_slice(mine))?;
+        let (offset, shape) = self.local_box(id);
+        let mine = box_of(data, &self.shape(id).0, &offset, &shape);
+        be.upload(self.master(id), bytemuck::cast_slice(&mine))?;
         if let Some(c) = &self.compute {
             be.cast(self.master(id), self.slice(c, id))?;
         }
@@ -437,4 +494,18 @@ impl ParamStore {
             comm_buffers,
         }
     }
+}
+
+/// The elements of the box `offset .. offset + shape` of a row-major tensor of `dims`.
+pub fn box_of(data: &[f32], dims: &[usize], offset: &[usize], shape: &[usize]) -> Vec<f32> {
+    if dims.is_empty() || shape == dims {
+        return data.to_vec();
+    }
+    let inner: usize = dims[1..].iter().product();
+    let mut out = Vec::with_capacity(shape.iter().product());
+    for r in offset[0]..offset[0] + shape[0] {
+        let row = &data[r * inner..(r + 1) * inner];
+        out.extend(box_of(row, &dims[1..], &offset[1..], &shape[1..]));
+    }
+    out
 }

@@ -262,7 +262,7 @@ fn llama3_8b_on_8_h100s() {
     let reg = titan::registry();
     let spec = reg.find("llama3").unwrap();
     let args = resolve::run_args(spec, &cfg, None).unwrap();
-    let (_, _, mp) = trace_plan(spec, &cfg, args.as_ref(), DType::BF16).unwrap();
+    let (_, _, mp) = trace_plan(spec, &cfg, args.as_ref(), DType::BF16, 0).unwrap();
     let a = Assumptions::h100();
     let cost = step_cost(&t.events, &a);
     let (_, fpt) = args.nparams_and_flops(cfg.training.seq_len as usize);

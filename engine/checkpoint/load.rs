@@ -248,6 +248,31 @@ impl LoadedCheckpoint {
         start: usize,
         rows: usize,
     ) -> Result<Vec<u8>> {
+        self.check_f32(name, shape)?;
+        if shape.rank() == 0 {
+            return self.read_global(name);
+        }
+        self.read_rows(name, start, rows)
+    }
+
+    /// The box `offset .. offset + shape` (a tensor-parallel slice and its FSDP rows, in whatever
+    /// layout the checkpoint was saved) of an f32 tensor that must have the model's `global`.
+    pub fn read_f32_box_of(
+        &self,
+        name: &str,
+        global: &Shape,
+        offset: &[usize],
+        shape: &[usize],
+    ) -> Result<Vec<u8>> {
+        self.check_f32(name, global)?;
+        if global.rank() == 0 {
+            return self.read_global(name);
+        }
+        self.read_slice(name, offset, shape)
+    }
+
+    /// Tensor `name` is f32 of the model's `shape`.
+    fn check_f32(&self, name: &str, shape: &Shape) -> Result<()> {
         let e = self.entry(name)?;
         if e.dtype != DType::F32 || e.shape != shape.0 {
             return Err(Error::Checkpoint(format!(
@@ -257,10 +282,7 @@ impl LoadedCheckpoint {
                 e.shape,
             )));
         }
-        if shape.rank() == 0 {
-            return self.read_global(name);
-        }
-        self.read_rows(name, start, rows)
+        Ok(())
     }
 
     /// The whole global tensor, row-major bytes.

@@ -55,6 +55,26 @@ impl<'a> NamedTensor<'a> {
         }
     }
 
+    /// The box `offset .. offset + shape` of a tensor of `global_shape` (a tensor-parallel
+    /// slice, further split in rows by FSDP).
+    pub fn boxed(
+        name: &str,
+        dtype: DType,
+        global_shape: &[usize],
+        offset: &[usize],
+        shape: &[usize],
+        bytes: &'a [u8],
+    ) -> Self {
+        NamedTensor {
+            name: name.to_string(),
+            dtype,
+            shape: shape.to_vec(),
+            global_shape: global_shape.to_vec(),
+            offset: offset.to_vec(),
+            bytes,
+        }
+    }
+
     /// Rows `row_offset .. row_offset + local_shape[0]` of a tensor with `global_rows` rows (FSDP).
     pub fn dim0_shard(
         name: &str,

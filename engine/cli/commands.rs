@@ -82,7 +82,7 @@ pub fn plan(
             g.tp, g.pp, g.cp, g.ep
         )));
     }
-    let (_, _, mut mp) = trace_plan(spec, &cfg, args.as_ref(), dtype)?;
+    let (_, _, mut mp) = trace_plan(spec, &cfg, args.as_ref(), dtype, 0)?;
     let accum = cfg.gradient_accumulation_steps(dims.dp())?;
     if g.dp_shard > 1 {
         // Rank 0 holds the largest shards (ceil division), so its state is the per-rank peak.

@@ -110,6 +110,11 @@ pub struct Mesh {
     pub dp_shard: Box<dyn Communicator>,
     /// dp_replicate (HSDP's / DDP's all-reduce group).
     pub dp_replicate: Box<dyn Communicator>,
+    /// Every data-parallel rank (replicate x shard): sums of per-batch values (tokens, losses).
+    pub dp: Box<dyn Communicator>,
+    /// The ranks of one data-parallel replica (pp x dp_shard x cp x tp): together they hold one
+    /// copy of the model, so their gradient squares sum to the global norm's.
+    pub replica: Box<dyn Communicator>,
 }
 
 impl Mesh {
@@ -125,11 +130,15 @@ impl Mesh {
         let r = world.rank();
         let dp_shard = world.split(&dims.group(r, &[Dim::DpShard]))?;
         let dp_replicate = world.split(&dims.group(r, &[Dim::DpReplicate]))?;
+        let dp = world.split(&dims.group(r, &[Dim::DpReplicate, Dim::DpShard]))?;
+        let replica = world.split(&dims.group(r, &[Dim::Pp, Dim::DpShard, Dim::Cp, Dim::Tp]))?;
         Ok(Mesh {
             dims,
             world,
             dp_shard,
             dp_replicate,
+            dp,
+            replica,
         })
     }
 }

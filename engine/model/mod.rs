@@ -80,6 +80,7 @@ pub trait Model: Any + Send + Sync {
 pub struct Parallelize<'a> {
     pub job: &'a JobConfig,
     units: std::cell::RefCell<Vec<Vec<ParamId>>>,
+    tp_plan: std::cell::RefCell<Vec<(ParamId, usize)>>,
 }
 
 impl<'a> Parallelize<'a> {
@@ -87,6 +88,76 @@ impl<'a> Parallelize<'a> {
         Parallelize {
             job,
             units: Default::default(),
+            tp_plan: Default::default(),
+        }
+    }
+
+    /// `parallelism.tensor_parallel_degree` (1: no tensor parallel).
+    pub fn tp_degree(&self) -> usize {
+        self.job.parallelism.tensor_parallel_degree.max(1) as usize
+    }
+
+    /// Column-parallel linears (torchtitan's `ColwiseParallel`): each weight `[out, in]` is
+    /// split on its output features; the tape gathers the input (sequence parallel) or marks it
+    /// replicated, and the output stays split on its last dim.
+    pub fn colwise_parallel(&self, weights: &[ParamId]) {
+        self.tp_split(weights, 0);
+    }
+
+    /// Row-parallel linears (`RowwiseParallel`): each weight is split on its input features;
+    /// the tape reduce-scatters the partial outputs onto token shards (sequence parallel) or
+    /// all-reduces them.
+    pub fn rowwise_parallel(&self, weights: &[ParamId]) {
+        self.tp_split(weights, 1);
+    }
+
+    /// A vocabulary-parallel embedding table `[vocab, dim]` (`RowwiseParallel` of an
+    /// embedding): each rank looks up the ids it holds, the partial rows are reduced like a
+    /// row-parallel output. A tied output projection reads the same split as column-parallel.
+    pub fn vocab_parallel(&self, table: ParamId) {
+        self.tp_split(&[table], 0);
+    }
+
+    /// torchtitan's `apply_tp` for a decoder: the embedding vocabulary-parallel, in each block
+    /// the q/k/v and gate/up projections column-parallel and the attention output and down
+    /// projections row-parallel, the output projection column-parallel (its logits stay split
+    /// on the vocabulary for loss parallel; a tied one (`None`) is the embedding's split).
+    /// Heads must divide by the degree (each rank attends with whole heads).
+    pub fn tensor_parallel_decoder(
+        &self,
+        model: &str,
+        (n_heads, n_kv_heads): (usize, usize),
+        embedding: ParamId,
+        blocks: impl IntoIterator<Item = BlockTp>,
+        output: Option<ParamId>,
+    ) -> Result<()> {
+        let tp = self.tp_degree();
+        if tp == 1 {
+            return Ok(());
+        }
+        for (what, n) in [("n_heads", n_heads), ("n_kv_heads", n_kv_heads)] {
+            if !n.is_multiple_of(tp) {
+                return Err(Error::Config(format!(
+                    "{model}: {what} {n} is not divisible by tensor_parallel_degree {tp} (each \
+                     rank computes whole attention heads)"
+                )));
+            }
+        }
+        self.vocab_parallel(embedding);
+        for b in blocks {
+            self.colwise_parallel(&b.colwise);
+            self.rowwise_parallel(&b.rowwise);
+        }
+        if let Some(out) = output {
+            self.colwise_parallel(&[out]);
+        }
+        Ok(())
+    }
+
+    fn tp_split(&self, weights: &[ParamId], dim: usize) {
+        if self.tp_degree() > 1 {
+            let mut plan = self.tp_plan.borrow_mut();
+            plan.extend(weights.iter().map(|&w| (w, dim)));
         }
     }
 
@@ -115,9 +186,18 @@ impl<'a> Parallelize<'a> {
         }
     }
 
-    pub fn into_units(self) -> Vec<Vec<ParamId>> {
-        self.units.into_inner()
+    /// (FSDP units, tensor-parallel plan).
+    pub fn into_parts(self) -> (Vec<Vec<ParamId>>, Vec<(ParamId, usize)>) {
+        (self.units.into_inner(), self.tp_plan.into_inner())
     }
+}
+
+/// One block's tensor-parallel weights (`Parallelize::tensor_parallel_decoder`).
+pub struct BlockTp {
+    /// Split on their output features: wq, wk, wv, w1, w3.
+    pub colwise: Vec<ParamId>,
+    /// Split on their input features: wo, w2.
+    pub rowwise: Vec<ParamId>,
 }
 
 /// Hugging Face `transformers` interop of one model.
@@ -175,7 +255,7 @@ impl ModelSpec {
         let mut model = (self.build)(args, &mut b)?;
         let p = Parallelize::new(job);
         (self.parallelize)(model.as_mut(), &p)?;
-        b.fsdp_units = p.into_units();
+        (b.fsdp_units, b.tp_plan) = p.into_parts();
         Ok((model, b))
     }
 

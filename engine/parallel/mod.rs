@@ -8,3 +8,4 @@ pub mod fsdp;
 pub mod fsdp_runtime;
 pub mod pipeline;
 pub mod schedule;
+pub mod tp;

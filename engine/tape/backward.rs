@@ -3,7 +3,7 @@
 
 use super::ops::{attn_shape, rope_shape, Op};
 use super::{Tape, Tensor};
-use crate::backend::{AttnBwd, Gemm, RmsNormBwd};
+use crate::backend::{AttnBwd, EmbeddingShard, Gemm, RmsNormBwd};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Shape};
 
@@ -119,7 +119,12 @@ impl<'a> Tape<'a> {
         let is_loss = self
             .nodes
             .iter()
-            .any(|n| matches!(n.op, Op::CrossEntropy { loss: l, .. } if l == loss));
+            .any(|n| match n.op {
+                Op::CrossEntropy { loss: l, .. } | Op::CrossEntropyShard { loss: l, .. } => {
+                    l == loss
+                }
+                _ => false,
+            });
         if !is_loss {
             return Err(Error::Shape {
                 op: "backward",
@@ -235,13 +240,28 @@ impl<'a> Tape<'a> {
                     self.accumulate(grads, x, gv, false)?;
                 }
             }
-            Op::Embedding { table, ids, out } => {
+            Op::Embedding {
+                table,
+                ids,
+                out,
+                shard,
+            } => {
                 let (g, _) = grads.get(out).unwrap();
                 if self.requires_grad(table) {
                     let dim = self.shape(table).0[1];
                     let dt = self.weight_grad(table, "embedding")?;
                     let (gb, ib, db) = (self.touch(g)?, self.touch(ids)?, self.touch(dt)?);
-                    be.embedding_bwd(gb, ib, db, dim)?;
+                    match shard {
+                        None => be.embedding_bwd(gb, ib, db, dim)?,
+                        Some((row0, vocab)) => be.embedding_shard_bwd(&EmbeddingShard {
+                            table: db,
+                            ids: ib,
+                            out: gb,
+                            dim,
+                            row0,
+                            vocab,
+                        })?,
+                    }
                     self.tick();
                 }
             }
@@ -400,7 +420,21 @@ impl<'a> Tape<'a> {
                 self.accumulate(grads, a, g, false)?;
                 self.accumulate(grads, b, g, false)?;
             }
+            Op::Tp { kind, x, out, .. } => {
+                if let Some((g, owned)) = grads.get(out) {
+                    if self.requires_grad(x) {
+                        let (gx, owned) = self.tp_backward(kind, x, g, owned)?;
+                        self.accumulate(grads, x, gx, owned)?;
+                    }
+                }
+            }
             Op::CrossEntropy {
+                logits,
+                loss,
+                dlogits,
+                ..
+            }
+            | Op::CrossEntropyShard {
                 logits,
                 loss,
                 dlogits,

@@ -19,6 +19,7 @@
 mod backward;
 mod ops;
 pub mod profile;
+mod tp;
 
 use crate::backend::{Backend, Buf, DeviceMem};
 use crate::error::{Error, Result};
@@ -27,6 +28,7 @@ use crate::planner::{Plan, Request};
 use crate::tensor::{DType, Shape};
 
 pub use ops::Op;
+pub use tp::{Tp, TpKind};
 
 /// A tensor on the tape: a small id, cheap to copy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -57,6 +59,10 @@ pub(crate) struct TMeta {
     pub offset: usize,
     pub requires_grad: bool,
     pub param: Option<ParamId>,
+    /// How the tensor lies over the tensor-parallel group (Replicate without TP).
+    pub tp: Tp,
+    /// The whole (logical) shape when `tp` is not Replicate: what `dims` reports.
+    pub logical: Option<Shape>,
 }
 
 pub(crate) enum Mem {
@@ -102,6 +108,9 @@ pub struct Tape<'a> {
     pub(crate) nodes: Vec<Node>,
     pub(crate) regions: Vec<Region>,
     open_region: Option<u32>,
+    /// Column-parallel inputs already gathered / marked (per source tensor and region), so
+    /// wq, wk and wv share one all-gather.
+    tp_inputs: std::collections::HashMap<(Tensor, Option<u32>), Tensor>,
     clock: u32,
     seq: usize,
     /// Dtype of activations and activation gradients (the compute dtype).
@@ -119,6 +128,7 @@ impl<'a> Tape<'a> {
             nodes: Vec::new(),
             regions: Vec::new(),
             open_region: None,
+            tp_inputs: Default::default(),
             clock: 0,
             seq: 0,
             act_dtype: store.compute_dtype,
@@ -132,8 +142,11 @@ impl<'a> Tape<'a> {
     pub fn shape(&self, t: Tensor) -> &Shape {
         &self.tensors[t.0 as usize].shape
     }
+    /// The tensor's whole (logical) dims: what the model sees, whatever this rank holds of it
+    /// under tensor parallel (`shape` is the local part the kernels see).
     pub fn dims(&self, t: Tensor) -> Vec<usize> {
-        self.tensors[t.0 as usize].shape.0.clone()
+        let m = &self.tensors[t.0 as usize];
+        m.logical.as_ref().unwrap_or(&m.shape).0.clone()
     }
     pub fn dtype(&self, t: Tensor) -> DType {
         self.tensors[t.0 as usize].dtype
@@ -229,6 +242,8 @@ impl<'a> Tape<'a> {
             offset: 0,
             requires_grad,
             param: None,
+            tp: Tp::Replicate,
+            logical: None,
         }))
     }
 
@@ -242,6 +257,8 @@ impl<'a> Tape<'a> {
             offset: m.offset,
             requires_grad,
             param: None,
+            tp: Tp::Replicate,
+            logical: None,
         };
         self.push_tensor(meta)
     }
@@ -303,6 +320,8 @@ impl<'a> Tape<'a> {
             offset: 0,
             requires_grad,
             param,
+            tp: Tp::Replicate,
+            logical: None,
         })
     }
 
@@ -310,8 +329,12 @@ impl<'a> Tape<'a> {
     /// With FSDP this is where the parameter's unit is gathered (unless its slot holds it).
     pub fn param(&mut self, id: ParamId) -> Result<Tensor> {
         self.store.acquire(self.be, id)?;
-        let shape = self.store.shape(id).clone();
-        Ok(self.external(self.store.compute(id), shape, true, Some(id)))
+        let shape = self.store.local_shape(id).clone();
+        let t = self.external(self.store.compute(id), shape, true, Some(id));
+        if let Some(k) = self.store.tp().and_then(|tp| tp.dim(id)) {
+            self.set_tp(t, Tp::Shard(k), self.store.shape(id).clone());
+        }
+        Ok(t)
     }
 
     /// The FSDP units whose parameters node `ni` reads.

@@ -2,9 +2,14 @@
 //! kernel launch lives in `Tape::run_forward`, so activation-checkpoint replay runs the very same
 //! code as the first forward.
 
+use super::tp::{Tp, TpKind};
 use super::{Node, Tape, Tensor};
-use crate::backend::{AttnFwd, AttnShape, CrossEntropy, Gemm, RmsNorm, RmsNormResidual, RopeShape};
+use crate::backend::{
+    AttnFwd, AttnShape, CrossEntropy, CrossEntropyShard, CrossEntropyStats, EmbeddingShard, Gemm,
+    RmsNorm, RmsNormResidual, RopeShape,
+};
 use crate::error::{Error, Result};
+use crate::parallel::tp::split;
 use crate::tensor::{DType, Shape};
 
 #[derive(Clone, Debug)]
@@ -17,6 +22,8 @@ pub enum Op {
         table: Tensor,
         ids: Tensor,
         out: Tensor,
+        /// Vocabulary parallel: (first row this rank holds, whole vocabulary).
+        shard: Option<(usize, usize)>,
     },
     /// out = x · wᵀ with w [out_features, in_features].
     Linear {
@@ -75,6 +82,28 @@ pub enum Op {
         ignore_index: i32,
         grad_scale: f32,
     },
+    /// Loss parallel: the fused loss over vocabulary-sharded logits (this rank's columns
+    /// `col0 ..`), its row statistics all-gathered over the tp group in between.
+    CrossEntropyShard {
+        logits: Tensor,
+        targets: Tensor,
+        stats: Tensor,
+        gathered: Tensor,
+        losses: Tensor,
+        loss: Tensor,
+        dlogits: Tensor,
+        col0: usize,
+        vocab_total: usize,
+        ignore_index: i32,
+        grad_scale: f32,
+    },
+    /// A tensor-parallel collective (see tape/tp.rs); `stage` is GatherLast's gather buffer.
+    Tp {
+        kind: TpKind,
+        x: Tensor,
+        out: Tensor,
+        stage: Option<Tensor>,
+    },
 }
 
 impl Op {
@@ -90,6 +119,8 @@ impl Op {
             Op::SwiGlu { .. } => "swiglu",
             Op::Add { .. } => "add",
             Op::CrossEntropy { .. } => "cross_entropy",
+            Op::CrossEntropyShard { .. } => "cross_entropy_shard",
+            Op::Tp { kind, .. } => kind.name(),
         }
     }
     pub fn inputs(&self) -> Vec<Tensor> {
@@ -105,7 +136,11 @@ impl Op {
             Op::Add { a, b, .. } => vec![a, b],
             Op::CrossEntropy {
                 logits, targets, ..
+            }
+            | Op::CrossEntropyShard {
+                logits, targets, ..
             } => vec![logits, targets],
+            Op::Tp { x, .. } => vec![x],
         }
     }
     pub fn outputs(&self) -> Vec<Tensor> {
@@ -125,6 +160,15 @@ impl Op {
                 dlogits,
                 ..
             } => vec![losses, loss, dlogits],
+            Op::CrossEntropyShard {
+                stats,
+                gathered,
+                losses,
+                loss,
+                dlogits,
+                ..
+            } => vec![stats, gathered, losses, loss, dlogits],
+            Op::Tp { out, stage, .. } => std::iter::once(out).chain(stage).collect(),
         }
     }
 }
@@ -154,7 +198,7 @@ impl<'a> Tape<'a> {
         Ok(())
     }
 
-    fn record(&mut self, op: Op) -> Result<()> {
+    pub(crate) fn record(&mut self, op: Op) -> Result<()> {
         self.nodes.push(Node {
             op,
             region: self.open_region,
@@ -169,14 +213,21 @@ impl<'a> Tape<'a> {
     /// Same storage, new shape (element count must match).
     pub fn reshape(&mut self, x: Tensor, shape: impl Into<Shape>) -> Result<Tensor> {
         let shape = shape.into();
-        if shape.numel() != self.shape(x).numel() {
+        if shape.numel() != Shape(self.dims(x)).numel() {
             return Err(shape_err(
                 "reshape",
                 format!("{} -> {} changes the element count", self.shape(x), shape),
             ));
         }
         let rg = self.requires_grad(x);
-        let out = self.view_of(x, shape, rg);
+        let out = match self.tp_reshape(x, &shape)? {
+            Some((tp, local)) => {
+                let out = self.view_of(x, local, rg);
+                self.set_tp(out, tp, shape);
+                out
+            }
+            None => self.view_of(x, shape, rg),
+        };
         self.record(Op::View { x, out })?;
         Ok(out)
     }
@@ -201,13 +252,39 @@ impl<'a> Tape<'a> {
         dims.push(ts.0[1]);
         let rg = self.requires_grad(table);
         let out = self.alloc(Shape(dims), self.dtype(table), rg)?;
-        self.record(Op::Embedding { table, ids, out })?;
+        // A vocabulary-parallel table gives each rank's partial rows, reduced like a row-parallel
+        // output.
+        let shard = match (self.tp_state(), self.placement_of(table)) {
+            (Some(tp), Tp::Shard(0)) => {
+                let vocab = self.dims(table)[0];
+                Some((split(vocab, tp.degree, tp.rank).0, vocab))
+            }
+            (_, Tp::Replicate) => None,
+            (_, p) => {
+                return Err(shape_err(
+                    "embedding",
+                    format!("a table lying as {p:?} over the tp group"),
+                ))
+            }
+        };
+        self.record(Op::Embedding {
+            table,
+            ids,
+            out,
+            shard,
+        })?;
+        if shard.is_some() {
+            let local = self.shape(out).clone();
+            self.set_tp(out, Tp::Partial, local);
+            return self.tp_reduce(out);
+        }
         Ok(out)
     }
 
     /// y = x · wᵀ, x [.., in], w [out, in] -> [.., out].
     pub fn linear(&mut self, x: Tensor, w: Tensor) -> Result<Tensor> {
         self.float_check("linear", x)?;
+        let x = self.tp_linear_in(x, w)?;
         self.same_dtype("linear", x, w)?;
         let (xs, ws) = (self.shape(x).clone(), self.shape(w).clone());
         if ws.rank() != 2 || xs.last() != ws.0[1] {
@@ -221,7 +298,7 @@ impl<'a> Tape<'a> {
         let rg = self.any_grad(&[x, w]);
         let out = self.alloc(Shape(dims), self.dtype(x), rg)?;
         self.record(Op::Linear { x, w, out })?;
-        Ok(out)
+        self.tp_linear_out(x, w, out)
     }
 
     fn norm_check(&self, x: Tensor, w: Tensor) -> Result<()> {
@@ -239,6 +316,7 @@ impl<'a> Tape<'a> {
 
     pub fn rmsnorm(&mut self, x: Tensor, w: Tensor, eps: f32) -> Result<Tensor> {
         self.norm_check(x, w)?;
+        self.tp_norm("rmsnorm", x, w)?;
         let xs = self.shape(x).clone();
         let rg = self.any_grad(&[x, w]);
         let out = self.alloc(xs.clone(), self.dtype(x), rg)?;
@@ -250,6 +328,7 @@ impl<'a> Tape<'a> {
             rstd,
             eps,
         })?;
+        self.tp_follow(out, x);
         Ok(out)
     }
 
@@ -263,6 +342,8 @@ impl<'a> Tape<'a> {
     ) -> Result<(Tensor, Tensor)> {
         self.norm_check(x, w)?;
         self.same_dtype("add_rmsnorm", x, residual)?;
+        self.tp_same("add_rmsnorm", &[x, residual])?;
+        self.tp_norm("add_rmsnorm", x, w)?;
         if self.shape(x) != self.shape(residual) {
             return Err(shape_err(
                 "add_rmsnorm",
@@ -283,6 +364,8 @@ impl<'a> Tape<'a> {
             rstd,
             eps,
         })?;
+        self.tp_follow(h, x);
+        self.tp_follow(out, x);
         Ok((h, out))
     }
 
@@ -303,9 +386,16 @@ impl<'a> Tape<'a> {
                 format!("tables {cs} do not cover x {xs}"),
             ));
         }
+        if !matches!(self.placement_of(x), Tp::Replicate | Tp::Shard(2)) {
+            return Err(shape_err(
+                "rope",
+                format!("x lies as {:?}: rotary positions need whole sequences", self.placement_of(x)),
+            ));
+        }
         let rg = self.requires_grad(x);
         let out = self.alloc(xs, self.dtype(x), rg)?;
         self.record(Op::Rope { x, cos, sin, out })?;
+        self.tp_follow(out, x);
         Ok(out)
     }
 
@@ -333,6 +423,14 @@ impl<'a> Tape<'a> {
                 format!("q {qs}, k {ks}, v {vs} (need [b, s, h, d] with h % h_kv == 0)"),
             ));
         }
+        let place = [q, k, v].map(|t| self.placement_of(t));
+        if !(place.iter().all(|p| *p == Tp::Replicate) || place.iter().all(|p| *p == Tp::Shard(2)))
+        {
+            return Err(shape_err(
+                "attention",
+                format!("q, k, v must all be replicated or all split on heads, got {place:?}"),
+            ));
+        }
         let scale = 1.0 / (qs.0[3] as f32).sqrt();
         let rg = self.any_grad(&[q, k, v]);
         let out = self.alloc(qs.clone(), self.dtype(q), rg)?;
@@ -345,6 +443,7 @@ impl<'a> Tape<'a> {
             lse,
             scale,
         })?;
+        self.tp_follow(out, q);
         Ok(out)
     }
 
@@ -352,12 +451,14 @@ impl<'a> Tape<'a> {
     pub fn swiglu(&mut self, gate: Tensor, up: Tensor) -> Result<Tensor> {
         let out = self.elementwise_out("swiglu", gate, up)?;
         self.record(Op::SwiGlu { gate, up, out })?;
+        self.tp_follow(out, gate);
         Ok(out)
     }
 
     pub fn add(&mut self, a: Tensor, b: Tensor) -> Result<Tensor> {
         let out = self.elementwise_out("add", a, b)?;
         self.record(Op::Add { a, b, out })?;
+        self.tp_follow(out, a);
         Ok(out)
     }
 
@@ -366,6 +467,7 @@ impl<'a> Tape<'a> {
     fn elementwise_out(&mut self, op: &'static str, a: Tensor, b: Tensor) -> Result<Tensor> {
         self.float_check(op, a)?;
         self.same_dtype(op, a, b)?;
+        self.tp_same(op, &[a, b])?;
         if self.shape(a) != self.shape(b) {
             return Err(shape_err(
                 op,
@@ -394,6 +496,21 @@ impl<'a> Tape<'a> {
                 msg: format!("targets must be i32, got {}", self.dtype(targets)),
             });
         }
+        let logits = match self.placement_of(logits) {
+            Tp::Replicate => logits,
+            Tp::Shard(1) if self.dims(logits).len() == 2 => {
+                if self.tp_state().is_some_and(|t| t.loss_parallel) {
+                    return self.cross_entropy_shard(logits, targets, ignore_index, grad_scale);
+                }
+                self.tp_op(TpKind::GatherLast, logits)?
+            }
+            p => {
+                return Err(shape_err(
+                    "cross_entropy",
+                    format!("logits lying as {p:?} over the tp group"),
+                ))
+            }
+        };
         let ls = self.shape(logits).clone();
         if ls.rows() != self.shape(targets).numel() {
             return Err(shape_err(
@@ -411,6 +528,47 @@ impl<'a> Tape<'a> {
             losses,
             loss,
             dlogits,
+            ignore_index,
+            grad_scale,
+        })?;
+        Ok(loss)
+    }
+
+    /// Loss parallel: the loss of vocabulary-sharded logits [rows, vocab / tp] (see
+    /// `Op::CrossEntropyShard`); the same value and gradient as `cross_entropy` of the whole.
+    fn cross_entropy_shard(
+        &mut self,
+        logits: Tensor,
+        targets: Tensor,
+        ignore_index: i32,
+        grad_scale: f32,
+    ) -> Result<Tensor> {
+        let tp = self.tp_state().expect("loss parallel without tensor parallel");
+        let ls = self.shape(logits).clone();
+        if ls.rows() != self.shape(targets).numel() {
+            return Err(shape_err(
+                "cross_entropy",
+                format!("logits {ls} vs targets {}", self.shape(targets)),
+            ));
+        }
+        let rows = ls.rows();
+        let vocab_total = self.dims(logits)[1];
+        let rg = self.requires_grad(logits);
+        let stats = self.alloc(Shape(vec![rows, 3]), DType::F32, false)?;
+        let gathered = self.alloc(Shape(vec![tp.degree * rows, 3]), DType::F32, false)?;
+        let losses = self.alloc(Shape(vec![rows]), DType::F32, false)?;
+        let loss = self.alloc(Shape(vec![1]), DType::F32, rg)?;
+        let dlogits = self.view_of(logits, ls.clone(), false);
+        self.record(Op::CrossEntropyShard {
+            logits,
+            targets,
+            stats,
+            gathered,
+            losses,
+            loss,
+            dlogits,
+            col0: split(vocab_total, tp.degree, tp.rank).0,
+            vocab_total,
             ignore_index,
             grad_scale,
         })?;
@@ -448,9 +606,24 @@ impl<'a> Tape<'a> {
         let be = self.be;
         match op {
             Op::View { .. } => {}
-            Op::Embedding { table, ids, out } => {
+            Op::Embedding {
+                table,
+                ids,
+                out,
+                shard,
+            } => {
                 let dim = self.shape(table).0[1];
-                be.embedding_fwd(self.buf(table), self.buf(ids), self.buf(out), dim)?
+                match shard {
+                    None => be.embedding_fwd(self.buf(table), self.buf(ids), self.buf(out), dim)?,
+                    Some((row0, vocab)) => be.embedding_shard_fwd(&EmbeddingShard {
+                        table: self.buf(table),
+                        ids: self.buf(ids),
+                        out: self.buf(out),
+                        dim,
+                        row0,
+                        vocab,
+                    })?,
+                }
             }
             Op::Linear { x, w, out } => {
                 let (n, k) = (self.shape(x).rows(), self.shape(x).last());
@@ -553,6 +726,53 @@ impl<'a> Tape<'a> {
                 })?;
                 be.sum(self.buf(losses), self.buf(loss))?
             }
+            Op::CrossEntropyShard {
+                logits,
+                targets,
+                stats,
+                gathered,
+                losses,
+                loss,
+                dlogits,
+                col0,
+                vocab_total,
+                ignore_index,
+                grad_scale,
+            } => {
+                let tp = self.tp_state().expect("loss parallel without tensor parallel");
+                let (rows, vocab) = (self.shape(logits).rows(), self.shape(logits).last());
+                be.cross_entropy_stats(&CrossEntropyStats {
+                    logits: self.buf(logits),
+                    targets: self.buf(targets),
+                    stats: self.buf(stats),
+                    rows,
+                    vocab,
+                    col0,
+                    ignore_index,
+                })?;
+                tp.comm.all_gather(self.buf(stats), self.buf(gathered))?;
+                be.cross_entropy_shard(&CrossEntropyShard {
+                    logits: self.buf(logits),
+                    targets: self.buf(targets),
+                    stats: self.buf(gathered),
+                    losses: self.buf(losses),
+                    dlogits: self.buf(dlogits),
+                    rows,
+                    vocab,
+                    col0,
+                    shards: tp.degree,
+                    vocab_total,
+                    ignore_index,
+                    grad_scale,
+                })?;
+                be.sum(self.buf(losses), self.buf(loss))?
+            }
+            Op::Tp {
+                kind,
+                x,
+                out,
+                stage,
+            } => self.run_tp(kind, x, out, stage)?,
         }
         self.tick();
         Ok(())

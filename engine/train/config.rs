@@ -208,6 +208,9 @@ pub struct Parallelism {
     pub fsdp_reshard_after_forward: String,
     pub tensor_parallel_degree: i64,
     pub disable_loss_parallel: bool,
+    /// With tensor parallel: norms and the residual stream on token shards (torchtitan's later
+    /// `enable_sequence_parallel`, default on).
+    pub enable_sequence_parallel: bool,
     pub pipeline_parallel_degree: i64,
     pub pipeline_parallel_schedule: String,
     pub pipeline_parallel_microbatch_size: i64,
@@ -226,6 +229,7 @@ impl Default for Parallelism {
             fsdp_reshard_after_forward: "default".into(),
             tensor_parallel_degree: 1,
             disable_loss_parallel: false,
+            enable_sequence_parallel: true,
             pipeline_parallel_degree: 1,
             pipeline_parallel_schedule: "1F1B".into(),
             pipeline_parallel_microbatch_size: 1,

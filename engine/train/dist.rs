@@ -6,7 +6,7 @@ use super::config::JobConfig;
 use super::preempt::StopCause;
 use super::trainer::Trainer;
 use crate::backend::Buf;
-use crate::dist::{ParallelDims, ReduceOp};
+use crate::dist::{Communicator, ParallelDims, ReduceOp};
 use crate::error::{Error, Result};
 use crate::parallel::schedule::Schedule;
 use crate::tensor::DType;
@@ -21,14 +21,74 @@ impl Trainer {
     /// Reduces up to 16 host values over the world, through the backend's scratch buffer (the
     /// same path for host memory and NCCL's device memory).
     pub(super) fn all_reduce_host(&self, vals: &mut [f32], op: ReduceOp) -> Result<()> {
-        let Some(m) = &self.mesh else {
-            return Ok(());
-        };
+        match &self.mesh {
+            Some(m) => self.all_reduce_host_on(m.world.as_ref(), vals, op),
+            None => Ok(()),
+        }
+    }
+
+    /// As `all_reduce_host`, over the data-parallel ranks only: a value every tensor-parallel
+    /// rank of a batch holds alike (its token count, its loss) is counted once.
+    pub(super) fn all_reduce_dp(&self, vals: &mut [f32], op: ReduceOp) -> Result<()> {
+        match &self.mesh {
+            Some(m) => self.all_reduce_host_on(m.dp.as_ref(), vals, op),
+            None => Ok(()),
+        }
+    }
+
+    fn all_reduce_host_on(
+        &self,
+        comm: &dyn Communicator,
+        vals: &mut [f32],
+        op: ReduceOp,
+    ) -> Result<()> {
         let buf: Buf = self.comm_scalars.slice(0, vals.len());
         self.be.upload(buf, bytemuck::cast_slice(vals))?;
-        m.world.all_reduce(buf, op)?;
-        m.world.wait()?;
+        comm.all_reduce(buf, op)?;
+        comm.wait()?;
         self.be.download(buf, bytemuck::cast_slice_mut(vals))
+    }
+
+    /// Tensor parallel: sums the partial gradients of the replicated weights that met sharded
+    /// activations (norms under sequence parallel) over the tp group, once per step.
+    pub(super) fn reduce_tp_partials(&self) -> Result<()> {
+        let Some(tp) = self.store.tp() else {
+            return Ok(());
+        };
+        for id in tp.partial_params() {
+            tp.comm.all_reduce(self.store.local_grad(id), ReduceOp::Sum)?;
+        }
+        tp.comm.wait()
+    }
+
+    /// The squared global gradient norm into `out` (device), as the sum over one replica's
+    /// ranks of their gradients' squares: FSDP shards tile the gradient, tensor-parallel slices
+    /// too, and a replicated weight counts on the first tp rank only.
+    pub(super) fn grad_norm_sq(&self, out: Buf) -> Result<()> {
+        let be = self.be.as_ref();
+        match self.store.tp() {
+            None => {
+                be.sum_squares(&[self.store.flat_grad()], out)?;
+                if let Some(f) = self.store.fsdp() {
+                    f.comm().all_reduce(out, ReduceOp::Sum)?;
+                    f.comm().wait()?;
+                }
+                Ok(())
+            }
+            Some(tp) => {
+                let bufs: Vec<Buf> = self
+                    .store
+                    .ids()
+                    .filter(|&id| tp.rank == 0 || tp.dim(id).is_some())
+                    .map(|id| self.store.local_grad(id))
+                    .filter(|b| b.len > 0)
+                    .collect();
+                be.sum_squares(&bufs, out)?;
+                let m = self.mesh.as_ref().expect("tensor parallel has a mesh");
+                m.replica.all_reduce(out, ReduceOp::Sum)?;
+                m.replica.wait()
+            }
+        }
     }
 
     /// The sum of `n` over the data-parallel ranks, exact: reduced as 16-bit halves, each far
@@ -42,7 +102,7 @@ impl Trainer {
             ((n >> 16) & 0xffff) as f32,
             (n & 0xffff) as f32,
         ];
-        self.all_reduce_host(&mut v, ReduceOp::Sum)?;
+        self.all_reduce_dp(&mut v, ReduceOp::Sum)?;
         Ok(((v[0] as usize) << 32) + ((v[1] as usize) << 16) + v[2] as usize)
     }
 
@@ -88,6 +148,11 @@ impl Trainer {
             m.world.set_timeout(t);
             m.dp_shard.set_timeout(t);
             m.dp_replicate.set_timeout(t);
+            m.dp.set_timeout(t);
+            m.replica.set_timeout(t);
+            if let Some(tp) = self.store.tp() {
+                tp.comm.set_timeout(t);
+            }
             if let Some(f) = self.store.fsdp() {
                 f.comm().set_timeout(t);
             }
@@ -150,16 +215,15 @@ pub(super) fn parallel_dims(cfg: &JobConfig, world: usize) -> Result<ParallelDim
         Schedule::check_config(&cfg.parallelism, cfg.training.local_batch_size)?;
     }
     for (name, d) in [
-        ("tensor", g.tp),
         ("pipeline", g.pp),
         ("context", g.cp),
         ("expert", g.ep),
     ] {
         if d > 1 {
             return Err(Error::Config(format!(
-                "parallelism: {name} parallel degree {d}: this release builds data parallelism \
-                 only (FSDP, HSDP, DDP); tensor, pipeline, context and expert parallelism are \
-                 not built yet (`titan plan` shows what such a layout would hold)"
+                "parallelism: {name} parallel degree {d}: this release builds data \
+                 parallelism (FSDP, HSDP, DDP) and tensor parallelism; {name} parallelism is \
+                 not built yet"
             )));
         }
     }

@@ -7,6 +7,7 @@ use super::validate::validation_arena_bytes;
 use crate::backend::meta::MetaBackend;
 use crate::error::Result;
 use crate::model::{ModelArgs, ModelSpec};
+use crate::parallel::tp::TensorParallel;
 use crate::params::{ParamStore, StateBytes};
 use crate::planner::Plan;
 use crate::tape::{Placement, Tape};
@@ -50,10 +51,12 @@ fn trace(
     dtype: DType,
     (b, s): (usize, usize),
     backward: bool,
+    tp_rank: usize,
 ) -> Result<(Plan, usize, StateBytes, usize)> {
     let (model, builder) = spec.build_for(args, cfg)?;
     let meta = MetaBackend::new();
-    let store = ParamStore::materialize(builder, &meta, dtype)?;
+    let tp = TensorParallel::meta(&cfg.parallelism, builder.tp_dims(), meta.log(), tp_rank);
+    let store = ParamStore::materialize_sharded(builder, &meta, dtype, None, tp)?;
     let zeros = vec![0i32; b * s];
     let mut tape = Tape::new(&meta, &store, Placement::Owned);
     let tokens = tape.input_i32(&zeros, [b, s])?;
@@ -73,22 +76,24 @@ fn trace(
 
 /// Traces one training micro-batch (forward, backward) of the architecture `args` on the meta
 /// backend and plans it; with validation enabled, also the validation batch's forward pass.
-/// Returns (training plan, validation plan, memory).
+/// Returns (training plan, validation plan, memory). `tp_rank`: the tensor-parallel rank whose
+/// slices are traced (they differ by a row where a split dim does not divide).
 pub fn trace_plan(
     spec: &ModelSpec,
     cfg: &JobConfig,
     args: &dyn ModelArgs,
     dtype: DType,
+    tp_rank: usize,
 ) -> Result<(Plan, Option<Plan>, MemoryPlan)> {
     let shape = (
         cfg.training.local_batch_size as usize,
         cfg.training.seq_len as usize,
     );
-    let (plan, ops, state, num_params) = trace(spec, cfg, args, dtype, shape, true)?;
+    let (plan, ops, state, num_params) = trace(spec, cfg, args, dtype, shape, true, tp_rank)?;
     let v = &cfg.validation;
     let validation = if v.enable {
         let shape = (v.local_batch_size as usize, v.seq_len as usize);
-        Some(trace(spec, cfg, args, dtype, shape, false)?.0)
+        Some(trace(spec, cfg, args, dtype, shape, false, tp_rank)?.0)
     } else {
         None
     };

@@ -49,8 +49,8 @@ impl Trainer {
     /// data position, schedule and config.
     pub fn save(&self, kind: SaveKind) -> Result<PathBuf> {
         let be = self.be.as_ref();
-        // (name, local shape, global rows, first row, f32 data) of this rank's boxes.
-        type Box_ = (String, Vec<usize>, usize, usize, Vec<f32>);
+        // (name, global shape, box offset, box shape, f32 data) of this rank's boxes.
+        type Box_ = (String, Vec<usize>, Vec<usize>, Vec<usize>, Vec<f32>);
         let mut host: Vec<Box_> = Vec::new();
         let parts = if kind == SaveKind::Full { 3 } else { 1 };
         let bar = Progress::new(
@@ -64,31 +64,26 @@ impl Trainer {
                 bufs.push((format!("optim.exp_avg.{name}"), self.store.moment1(id)));
                 bufs.push((format!("optim.exp_avg_sq.{name}"), self.store.moment2(id)));
             }
-            let (row0, rows) = self.store.shard_rows(id);
-            if rows == 0 || !self.writes_model_state() {
+            let (offset, shape) = self.store.local_box(id);
+            // Tensor-parallel ranks but the first hold copies of a replicated parameter.
+            let copy = self
+                .store
+                .tp()
+                .is_some_and(|t| t.rank > 0 && t.dim(id).is_none());
+            if shape.first() == Some(&0) || copy || !self.writes_model_state() {
                 continue;
             }
             for (key, buf) in bufs {
                 let data = self.store.read_f32(be, buf)?;
                 bar.add(4 * data.len() as u64);
-                let mut shape = self.store.shape(id).0.clone();
-                let global_rows = shape.first().copied().unwrap_or(1);
-                if let Some(d0) = shape.first_mut() {
-                    *d0 = rows;
-                }
-                host.push((key, shape, global_rows, row0, data));
+                let global = self.store.shape(id).0.clone();
+                host.push((key, global, offset.clone(), shape.clone(), data));
             }
         }
         bar.finish();
         let tensors: Vec<NamedTensor> = host
             .iter()
-            .map(|(n, s, rows, row0, d)| {
-                let bytes = bytemuck::cast_slice(d);
-                match s.first() {
-                    Some(_) => NamedTensor::dim0_shard(n, DType::F32, s, *rows, *row0, bytes),
-                    None => NamedTensor::full(n, DType::F32, s, bytes),
-                }
-            })
+            .map(|(n, g, o, s, d)| NamedTensor::boxed(n, DType::F32, g, o, s, bytemuck::cast_slice(d)))
             .collect();
         let g = self.mesh.as_ref().map(|m| m.dims.degrees);
         let degree = |f: fn(&crate::train::config::Degrees) -> usize| g.as_ref().map_or(1, f);
@@ -98,7 +93,7 @@ impl Trainer {
                 "world_size": self.world_size(),
                 "dp_shard": degree(|g| g.dp_shard),
                 "dp_replicate": degree(|g| g.dp_replicate),
-                "tp": 1, "pp": 1, "cp": 1
+                "tp": degree(|g| g.tp), "pp": 1, "cp": 1
             }),
             dataloader: self.loader.state(),
             rng: serde_json::json!({}),
@@ -151,8 +146,8 @@ impl Trainer {
         buf: Buf,
         bar: &Progress,
     ) -> Result<()> {
-        let (row0, rows) = self.store.shard_rows(id);
-        let bytes = ck.read_f32_rows_of(key, self.store.shape(id), row0, rows)?;
+        let (offset, shape) = self.store.local_box(id);
+        let bytes = ck.read_f32_box_of(key, self.store.shape(id), &offset, &shape)?;
         self.be.upload(buf, &bytes)?;
         bar.add(bytes.len() as u64);
         Ok(())

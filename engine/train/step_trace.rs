@@ -14,6 +14,7 @@ use crate::dist::{Communicator, ParallelDims, ReduceOp};
 use crate::error::Result;
 use crate::model::{ModelArgs, ModelSpec};
 use crate::parallel::fsdp::{FsdpLayout, Reshard};
+use crate::parallel::tp::{local_specs, TensorParallel};
 use crate::params::{ParamStore, Sharding};
 use crate::tape::{Placement, Tape};
 use crate::tensor::DType;
@@ -46,10 +47,12 @@ pub fn trace_step(
     let log = meta.log();
     let (model, builder) = spec.build_for(args, cfg)?;
     let mut layout = None;
+    let tp = TensorParallel::meta(&cfg.parallelism, builder.tp_dims(), log.clone(), 0);
+    let local = local_specs(&builder.params, &builder.tp_dims(), g.tp, 0);
     let sharding = if g.dp_shard > 1 {
         let reshard = Reshard::parse(&cfg.parallelism.fsdp_reshard_after_forward)?;
         let l = FsdpLayout::new(
-            &builder.params,
+            &local,
             &builder.fsdp_units,
             g.dp_shard,
             0,
@@ -66,7 +69,7 @@ pub fn trace_step(
     } else {
         None
     };
-    let store = ParamStore::materialize_sharded(builder, &meta, dtype, sharding)?;
+    let store = ParamStore::materialize_sharded(builder, &meta, dtype, sharding, tp)?;
     let scalars = meta.alloc(256)?;
     let scalar = |i: usize| crate::backend::Buf::new(scalars.ptr() + 4 * i as u64, 1, DType::F32);
     meta.take_events(); // set-up is not part of a step

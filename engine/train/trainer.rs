@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::metrics::{self, MetricsWriter, Peak, StepMetrics, GIB};
 use crate::model::{resolve, Model, ModelSpec, Registry};
 use crate::parallel::fsdp::{FsdpLayout, Reshard};
+use crate::parallel::tp::{local_specs, TensorParallel};
 use crate::params::{ParamStore, Sharding};
 use crate::planner::Plan;
 use crate::tape::profile::timed;
@@ -117,11 +118,12 @@ impl Trainer {
         let world_size = world.as_ref().map_or(1, |w| w.size());
         let dims = parallel_dims(&cfg, world_size)?;
         let g = dims.degrees;
-        if cfg.checkpoint.last_save_in_hf && g.dp_shard > 1 {
+        if cfg.checkpoint.last_save_in_hf && (g.dp_shard > 1 || g.tp > 1) {
             return Err(Error::Config(
-                "checkpoint.last_save_in_hf with data_parallel_shard_degree > 1: the Hugging \
-                 Face export reads whole weights, which FSDP ranks do not hold; export the last \
-                 checkpoint with `titan convert` instead"
+                "checkpoint.last_save_in_hf with data_parallel_shard_degree or \
+                 tensor_parallel_degree > 1: the Hugging Face export reads whole weights, which \
+                 FSDP and TP ranks do not hold; export the last checkpoint with `titan convert` \
+                 instead"
                     .into(),
             ));
         }
@@ -178,12 +180,24 @@ impl Trainer {
         let dtype = compute_dtype(&cfg, be.name())?;
         // One architecture for the traced plan and the real model.
         let args = resolve::run_args(spec, &cfg, vocab)?;
-        let (plan, validation_plan, mut memory) = trace_plan(spec, &cfg, args.as_ref(), dtype)?;
+        let tp_rank = dims.coords(rank)[4];
+        let (plan, validation_plan, mut memory) =
+            trace_plan(spec, &cfg, args.as_ref(), dtype, tp_rank)?;
         let (model, builder) = spec.build_for(args.as_ref(), &cfg)?;
+        let tp = match &mesh {
+            Some(m) if g.tp > 1 => Some(TensorParallel::new(
+                m.world.split(&dims.group(rank, &[Dim::Tp]))?,
+                builder.tp_dims(),
+                cfg.parallelism.enable_sequence_parallel,
+                !cfg.parallelism.disable_loss_parallel,
+            )),
+            _ => None,
+        };
+        let local_specs = local_specs(&builder.params, &builder.tp_dims(), g.tp, tp_rank);
         let sharding = match &mesh {
             Some(m) if g.dp_shard > 1 => Some(Sharding {
                 layout: FsdpLayout::new(
-                    &builder.params,
+                    &local_specs,
                     &builder.fsdp_units,
                     g.dp_shard,
                     m.dp_shard.rank(),
@@ -195,7 +209,7 @@ impl Trainer {
             }),
             _ => None,
         };
-        let store = ParamStore::materialize_sharded(builder, be.as_ref(), dtype, sharding)?;
+        let store = ParamStore::materialize_sharded(builder, be.as_ref(), dtype, sharding, tp)?;
         memory.state = store.state_bytes();
         // Every rank draws the same initial weights and keeps its shard of them.
         model.init_weights(&store, be.as_ref(), seed)?;
@@ -319,25 +333,21 @@ impl Trainer {
         if let Some(f) = self.store.fsdp() {
             f.comm().wait()?; // NCCL: the reduce-scatters finished (or a peer is named lost)
         }
+        self.reduce_tp_partials()?;
         self.replicate_grads()?;
         let mut sums = [loss_sum as f32];
-        self.all_reduce_host(&mut sums, ReduceOp::Sum)?;
+        self.all_reduce_dp(&mut sums, ReduceOp::Sum)?;
         let loss = sums[0] as f64 / valid.max(1) as f64;
         let tokens = tokens * self.mesh.as_ref().map_or(1, |m| m.dims.dp());
         comm_s += t.elapsed().as_secs_f64();
         let norm_sq = self.scalars.slice(0, 1);
         let coef = self.scalars.slice(1, 1);
+        let t = Instant::now();
         timed(
             be,
             || "optimizer grad_norm".into(),
-            || be.sum_squares(&[self.store.flat_grad()], norm_sq),
+            || self.grad_norm_sq(norm_sq),
         )?;
-        let t = Instant::now();
-        if let Some(f) = self.store.fsdp() {
-            // Shards of one replica tile the gradient: their squares sum to the global norm's.
-            f.comm().all_reduce(norm_sq, ReduceOp::Sum)?;
-            f.comm().wait()?;
-        }
         comm_s += t.elapsed().as_secs_f64();
         let max_norm = if self.cfg.training.max_norm > 0.0 {
             self.cfg.training.max_norm as f32
@@ -461,7 +471,7 @@ impl Trainer {
             let due = self.validator.as_ref().is_some_and(|v| v.should_run(done));
             // Taken out for the run, so that it can all-reduce through `self`; put back below.
             if let Some(mut v) = due.then(|| self.validator.take()).flatten() {
-                let reduce = |vals: &mut [f32]| self.all_reduce_host(vals, ReduceOp::Sum);
+                let reduce = |vals: &mut [f32]| self.all_reduce_dp(vals, ReduceOp::Sum);
                 let on = ValRun {
                     spec: self.spec,
                     model: self.model.as_ref(),

@@ -203,6 +203,7 @@ pub(crate) fn section_keys(section: &str) -> &'static [(&'static str, Kind, Use)
             ("fsdp_reshard_after_forward", Str, Yes),
             ("tensor_parallel_degree", Int, Yes),
             ("disable_loss_parallel", Bool, Yes),
+            ("enable_sequence_parallel", Bool, Yes),
             ("pipeline_parallel_degree", Int, Yes),
             ("pipeline_parallel_schedule", Str, Yes),
             ("pipeline_parallel_microbatch_size", Int, Yes),

@@ -1,0 +1,128 @@
+//! What the multi-rank parity tests share: a deadline per test, the small-run overrides, the
+//! losses of a run on rank threads (every rank must log the same), and the relative error.
+
+#![allow(dead_code)]
+
+use std::sync::mpsc;
+use std::time::Duration;
+use titan::dist::launch::run_rank_threads;
+use titan::dist::{Communicator, HostComm};
+use titan::train::trainer::Trainer;
+use crate::train_common::{debug_config, tmp};
+
+pub const DEADLINE: Duration = Duration::from_secs(240);
+
+/// Runs `f` on a helper thread and fails the test if it does not finish within DEADLINE (a
+/// panic inside `f` is re-raised here).
+pub fn within_deadline<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    let h = std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(DEADLINE) {
+        Ok(v) => v,
+        Err(mpsc::RecvTimeoutError::Disconnected) => match h.join() {
+            Err(p) => std::panic::resume_unwind(p),
+            Ok(()) => unreachable!("the sender sent or panicked"),
+        },
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            panic!("the multi-rank run did not finish within {DEADLINE:?}")
+        }
+    }
+}
+
+pub fn base(dir: &std::path::Path, extra: &[String]) -> Vec<String> {
+    let mut o: Vec<String> = [
+        "--training.seq_len=64",
+        "--training.steps=5",
+        "--metrics.log_freq=1",
+        "--comm.init_timeout_seconds=60",
+        "--comm.train_timeout_seconds=60",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    o.push(format!("--job.dump_folder={}", dir.display()));
+    o.extend(extra.iter().cloned());
+    o
+}
+
+/// Losses of `steps` steps on `world` rank threads (rank 0's, which every rank agrees on).
+pub fn losses(
+    world: usize,
+    dir: std::path::PathBuf,
+    overrides: Vec<String>,
+) -> titan::Result<Vec<f64>> {
+    Ok(losses_and_validation(world, dir, overrides)?.0)
+}
+
+/// Training losses and validation losses of a run on `world` rank threads (rank 0's, which every
+/// rank agrees on).
+pub fn losses_and_validation(
+    world: usize,
+    dir: std::path::PathBuf,
+    overrides: Vec<String>,
+) -> titan::Result<(Vec<f64>, Vec<f64>)> {
+    let comms = HostComm::local_comms(world);
+    // Loaded once: ranks each writing and reading the config file would race.
+    let o: Vec<&str> = overrides.iter().map(|s| s.as_str()).collect();
+    let cfg = debug_config(&dir, &o)?;
+    let run = |c: Box<dyn Communicator>| -> titan::Result<(Vec<f64>, Vec<f64>)> {
+        let world = (world > 1).then_some(c);
+        let mut tr = Trainer::distributed(cfg.clone(), &titan::registry(), false, world)?;
+        tr.maybe_resume()?;
+        let hist = tr.fit(true)?;
+        let val = tr.validation_history.iter().map(|v| v.validation_loss);
+        Ok((hist.iter().map(|m| m.loss).collect(), val.collect()))
+    };
+    let mut results = run_rank_threads(comms, &run);
+    if results.iter().any(|r| r.is_err()) {
+        // Every rank's error: the first failing rank's names the cause, the others a lost peer.
+        let errs: Vec<String> = results
+            .iter()
+            .enumerate()
+            .filter_map(|(r, e)| e.as_ref().err().map(|e| format!("rank {r}: {e}")))
+            .collect();
+        return Err(titan::Error::Other(errs.join("\n")));
+    }
+    let first = results.remove(0)?;
+    for (r, other) in results.into_iter().enumerate() {
+        assert_eq!(
+            other?,
+            first,
+            "rank {} logged other losses than rank 0",
+            r + 1
+        );
+    }
+    Ok(first)
+}
+
+pub fn rel(a: &[f64], b: &[f64]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    (num / den).sqrt()
+}
+
+/// World 1 at local batch `global`, then each layout at the same global batch.
+pub fn parity(tag: &'static str, layouts: Vec<(usize, Vec<&'static str>)>, extra: Vec<&'static str>) {
+    within_deadline(move || {
+        let global = 4;
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut one = extra.clone();
+        one.push(format!("--training.local_batch_size={global}"));
+        let d = tmp(&format!("dp-{tag}-1"));
+        let reference = losses(1, d.clone(), base(&d, &one)).unwrap();
+        assert!(reference.len() >= 3, "{reference:?}");
+        assert!(reference.iter().all(|l| l.is_finite()));
+        for (world, degrees) in layouts {
+            let mut o = extra.clone();
+            o.extend(degrees.iter().map(|s| s.to_string()));
+            let d = tmp(&format!("dp-{tag}-{world}-{}", degrees.join("").len()));
+            let got = losses(world, d.clone(), base(&d, &o)).unwrap();
+            let e = rel(&got, &reference);
+            println!("{tag} world {world} {degrees:?}: {got:?} vs {reference:?}: rel {e:.2e}");
+            assert!(e < 1e-5, "{degrees:?}: rel {e:.2e}\n{got:?}\n{reference:?}");
+        }
+    });
+}
+
