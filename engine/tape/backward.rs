@@ -116,15 +116,10 @@ impl<'a> Tape<'a> {
     /// gradient scale was fixed there). Parameter gradients are accumulated (+=) into the
     /// parameter store, so calling this once per micro-batch accumulates over the global batch.
     pub fn backward(&mut self, loss: Tensor) -> Result<()> {
-        let is_loss = self
-            .nodes
-            .iter()
-            .any(|n| match n.op {
-                Op::CrossEntropy { loss: l, .. } | Op::CrossEntropyShard { loss: l, .. } => {
-                    l == loss
-                }
-                _ => false,
-            });
+        let is_loss = self.nodes.iter().any(|n| match n.op {
+            Op::CrossEntropy { loss: l, .. } | Op::CrossEntropyShard { loss: l, .. } => l == loss,
+            _ => false,
+        });
         if !is_loss {
             return Err(Error::Shape {
                 op: "backward",

@@ -389,7 +389,10 @@ impl<'a> Tape<'a> {
         if !matches!(self.placement_of(x), Tp::Replicate | Tp::Shard(2)) {
             return Err(shape_err(
                 "rope",
-                format!("x lies as {:?}: rotary positions need whole sequences", self.placement_of(x)),
+                format!(
+                    "x lies as {:?}: rotary positions need whole sequences",
+                    self.placement_of(x)
+                ),
             ));
         }
         let rg = self.requires_grad(x);
@@ -543,7 +546,9 @@ impl<'a> Tape<'a> {
         ignore_index: i32,
         grad_scale: f32,
     ) -> Result<Tensor> {
-        let tp = self.tp_state().expect("loss parallel without tensor parallel");
+        let tp = self
+            .tp_state()
+            .expect("loss parallel without tensor parallel");
         let ls = self.shape(logits).clone();
         if ls.rows() != self.shape(targets).numel() {
             return Err(shape_err(
@@ -739,7 +744,9 @@ impl<'a> Tape<'a> {
                 ignore_index,
                 grad_scale,
             } => {
-                let tp = self.tp_state().expect("loss parallel without tensor parallel");
+                let tp = self
+                    .tp_state()
+                    .expect("loss parallel without tensor parallel");
                 let (rows, vocab) = (self.shape(logits).rows(), self.shape(logits).last());
                 be.cross_entropy_stats(&CrossEntropyStats {
                     logits: self.buf(logits),

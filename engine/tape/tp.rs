@@ -116,8 +116,7 @@ impl<'a> Tape<'a> {
             )),
             Tp::Partial => Err(tp_err(op, "input is an unreduced partial sum".into())),
             _ => {
-                if let (Some(tp), Some(id)) = (self.tp_state(), self.tensors[w.0 as usize].param)
-                {
+                if let (Some(tp), Some(id)) = (self.tp_state(), self.tensors[w.0 as usize].param) {
                     if self.placement_of(w) == Tp::Replicate {
                         tp.mark_partial(id);
                     }

@@ -56,7 +56,8 @@ impl Trainer {
             return Ok(());
         };
         for id in tp.partial_params() {
-            tp.comm.all_reduce(self.store.local_grad(id), ReduceOp::Sum)?;
+            tp.comm
+                .all_reduce(self.store.local_grad(id), ReduceOp::Sum)?;
         }
         tp.comm.wait()
     }
@@ -214,11 +215,7 @@ pub(super) fn parallel_dims(cfg: &JobConfig, world: usize) -> Result<ParallelDim
         // that divides) come first: they hold whenever pipelines run.
         Schedule::check_config(&cfg.parallelism, cfg.training.local_batch_size)?;
     }
-    for (name, d) in [
-        ("pipeline", g.pp),
-        ("context", g.cp),
-        ("expert", g.ep),
-    ] {
+    for (name, d) in [("pipeline", g.pp), ("context", g.cp), ("expert", g.ep)] {
         if d > 1 {
             return Err(Error::Config(format!(
                 "parallelism: {name} parallel degree {d}: this release builds data \

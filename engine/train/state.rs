@@ -83,7 +83,9 @@ impl Trainer {
         bar.finish();
         let tensors: Vec<NamedTensor> = host
             .iter()
-            .map(|(n, g, o, s, d)| NamedTensor::boxed(n, DType::F32, g, o, s, bytemuck::cast_slice(d)))
+            .map(|(n, g, o, s, d)| {
+                NamedTensor::boxed(n, DType::F32, g, o, s, bytemuck::cast_slice(d))
+            })
             .collect();
         let g = self.mesh.as_ref().map(|m| m.dims.degrees);
         let degree = |f: fn(&crate::train::config::Degrees) -> usize| g.as_ref().map_or(1, f);

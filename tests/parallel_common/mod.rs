@@ -3,12 +3,12 @@
 
 #![allow(dead_code)]
 
+use crate::train_common::{debug_config, tmp};
 use std::sync::mpsc;
 use std::time::Duration;
 use titan::dist::launch::run_rank_threads;
 use titan::dist::{Communicator, HostComm};
 use titan::train::trainer::Trainer;
-use crate::train_common::{debug_config, tmp};
 
 pub const DEADLINE: Duration = Duration::from_secs(240);
 
@@ -47,33 +47,54 @@ pub fn base(dir: &std::path::Path, extra: &[String]) -> Vec<String> {
     o
 }
 
+/// What a run logged: per step the loss and the gradient norm, and the validation losses.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Curves {
+    pub loss: Vec<f64>,
+    pub grad_norm: Vec<f64>,
+    pub validation: Vec<f64>,
+}
+
 /// Losses of `steps` steps on `world` rank threads (rank 0's, which every rank agrees on).
 pub fn losses(
     world: usize,
     dir: std::path::PathBuf,
     overrides: Vec<String>,
 ) -> titan::Result<Vec<f64>> {
-    Ok(losses_and_validation(world, dir, overrides)?.0)
+    Ok(curves(world, dir, overrides)?.loss)
 }
 
-/// Training losses and validation losses of a run on `world` rank threads (rank 0's, which every
-/// rank agrees on).
+/// Training losses and validation losses of a run on `world` rank threads.
 pub fn losses_and_validation(
     world: usize,
     dir: std::path::PathBuf,
     overrides: Vec<String>,
 ) -> titan::Result<(Vec<f64>, Vec<f64>)> {
+    let c = curves(world, dir, overrides)?;
+    Ok((c.loss, c.validation))
+}
+
+/// The curves of a run on `world` rank threads (rank 0's, which every rank must agree on).
+pub fn curves(
+    world: usize,
+    dir: std::path::PathBuf,
+    overrides: Vec<String>,
+) -> titan::Result<Curves> {
     let comms = HostComm::local_comms(world);
     // Loaded once: ranks each writing and reading the config file would race.
     let o: Vec<&str> = overrides.iter().map(|s| s.as_str()).collect();
     let cfg = debug_config(&dir, &o)?;
-    let run = |c: Box<dyn Communicator>| -> titan::Result<(Vec<f64>, Vec<f64>)> {
+    let run = |c: Box<dyn Communicator>| -> titan::Result<Curves> {
         let world = (world > 1).then_some(c);
         let mut tr = Trainer::distributed(cfg.clone(), &titan::registry(), false, world)?;
         tr.maybe_resume()?;
         let hist = tr.fit(true)?;
         let val = tr.validation_history.iter().map(|v| v.validation_loss);
-        Ok((hist.iter().map(|m| m.loss).collect(), val.collect()))
+        Ok(Curves {
+            loss: hist.iter().map(|m| m.loss).collect(),
+            grad_norm: hist.iter().map(|m| m.grad_norm).collect(),
+            validation: val.collect(),
+        })
     };
     let mut results = run_rank_threads(comms, &run);
     if results.iter().any(|r| r.is_err()) {
@@ -103,26 +124,38 @@ pub fn rel(a: &[f64], b: &[f64]) -> f64 {
     (num / den).sqrt()
 }
 
-/// World 1 at local batch `global`, then each layout at the same global batch.
-pub fn parity(tag: &'static str, layouts: Vec<(usize, Vec<&'static str>)>, extra: Vec<&'static str>) {
+/// World 1 at local batch `global`, then each layout at the same global batch: the losses and
+/// the gradient norms agree (relative 1e-5).
+pub fn parity(
+    tag: &'static str,
+    layouts: Vec<(usize, Vec<&'static str>)>,
+    extra: Vec<&'static str>,
+) {
     within_deadline(move || {
         let global = 4;
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let mut one = extra.clone();
         one.push(format!("--training.local_batch_size={global}"));
         let d = tmp(&format!("dp-{tag}-1"));
-        let reference = losses(1, d.clone(), base(&d, &one)).unwrap();
-        assert!(reference.len() >= 3, "{reference:?}");
-        assert!(reference.iter().all(|l| l.is_finite()));
+        let reference = curves(1, d.clone(), base(&d, &one)).unwrap();
+        assert!(reference.loss.len() >= 3, "{reference:?}");
+        assert!(reference.loss.iter().all(|l| l.is_finite()));
         for (world, degrees) in layouts {
             let mut o = extra.clone();
             o.extend(degrees.iter().map(|s| s.to_string()));
             let d = tmp(&format!("dp-{tag}-{world}-{}", degrees.join("").len()));
-            let got = losses(world, d.clone(), base(&d, &o)).unwrap();
-            let e = rel(&got, &reference);
-            println!("{tag} world {world} {degrees:?}: {got:?} vs {reference:?}: rel {e:.2e}");
+            let got = curves(world, d.clone(), base(&d, &o)).unwrap();
+            let e = rel(&got.loss, &reference.loss);
+            let en = rel(&got.grad_norm, &reference.grad_norm);
+            println!(
+                "{tag} world {world} {degrees:?}: {:?} vs {:?}: rel {e:.2e}, grad norms rel {en:.2e}",
+                got.loss, reference.loss
+            );
             assert!(e < 1e-5, "{degrees:?}: rel {e:.2e}\n{got:?}\n{reference:?}");
+            assert!(
+                en < 1e-5,
+                "{degrees:?}: grad norms rel {en:.2e}\n{got:?}\n{reference:?}"
+            );
         }
     });
 }
-
