@@ -6,7 +6,7 @@
 mod parallel_common;
 mod train_common;
 
-use parallel_common::{base, losses, losses_and_validation, parity, rel, within_deadline};
+use parallel_common::{base, leg, losses, losses_and_validation, parity, rel, within_deadline};
 use titan::dist::launch::run_rank_threads;
 use titan::dist::HostComm;
 use titan::train::trainer::Trainer;
@@ -149,22 +149,6 @@ fn reshard_policies_and_activation_checkpointing_agree_bitwise() {
 
 /// Trains steps 1..=`steps` on `world` ranks with `degrees`, checkpointing every `every` steps,
 /// resuming from `dir`'s newest checkpoint if there is one.
-fn leg(
-    dir: &std::path::Path,
-    world: usize,
-    degrees: &[&str],
-    steps: usize,
-    every: usize,
-) -> Vec<f64> {
-    let mut o: Vec<String> = degrees.iter().map(|s| s.to_string()).collect();
-    o.extend([
-        format!("--training.steps={steps}"),
-        "--checkpoint.enable".into(),
-        format!("--checkpoint.interval={every}"),
-    ]);
-    losses(world, dir.to_path_buf(), base(dir, &o)).unwrap()
-}
-
 #[test]
 fn resharded_resumes_continue_the_uninterrupted_run() {
     within_deadline(|| {
@@ -239,9 +223,9 @@ fn bad_layouts_are_clear_errors_before_any_work() {
             &["--parallelism.data_parallel_shard_degree=2"],
         );
         assert!(e.contains("--nproc-per-node"), "{e}");
-        let e = err("bad-tp", 2, &["--parallelism.tensor_parallel_degree=2"]);
+        let e = err("bad-cp", 2, &["--parallelism.context_parallel_degree=2"]);
         assert!(
-            e.contains("tensor parallel degree 2") && e.contains("not built yet"),
+            e.contains("context parallel degree 2") && e.contains("not built yet"),
             "{e}"
         );
         let e = err(

@@ -7,7 +7,7 @@
 mod parallel_common;
 mod train_common;
 
-use parallel_common::{base, losses, parity, rel, within_deadline};
+use parallel_common::{base, curves, leg, losses, parity, rel, within_deadline};
 use train_common::tmp;
 
 const TP2: &str = "--parallelism.tensor_parallel_degree=2";
@@ -57,4 +57,148 @@ fn qwen3_tp2_matches_one_rank() {
         ],
         vec!["--model.name=qwen3", "--training.steps=3"],
     );
+}
+
+#[test]
+fn tp_composes_with_fsdp_ddp_accumulation_and_checkpointing() {
+    parity(
+        "tp-compose",
+        vec![
+            (
+                4,
+                vec![
+                    TP2,
+                    "--parallelism.data_parallel_shard_degree=2",
+                    "--training.local_batch_size=2",
+                ],
+            ),
+            (
+                4,
+                vec![
+                    TP2,
+                    "--parallelism.data_parallel_replicate_degree=2",
+                    "--parallelism.data_parallel_shard_degree=1",
+                    "--training.local_batch_size=2",
+                ],
+            ),
+            (
+                2,
+                vec![
+                    TP2,
+                    "--training.local_batch_size=2",
+                    "--training.global_batch_size=4",
+                    "--activation_checkpoint.mode=full",
+                ],
+            ),
+        ],
+        vec!["--training.steps=4"],
+    );
+}
+
+#[test]
+fn validation_under_tp_matches_one_rank() {
+    within_deadline(|| {
+        let val = [
+            "--validation.enable",
+            "--validation.freq=2",
+            "--validation.steps=2",
+            "--validation.local_batch_size=2",
+            "--validation.seq_len=64",
+            "--training.steps=2",
+        ];
+        let run = |tag: &str, world: usize, o: &[&str]| {
+            let d = tmp(tag);
+            let o: Vec<String> = val.iter().chain(o).map(|s| s.to_string()).collect();
+            curves(world, d.clone(), base(&d, &o)).unwrap()
+        };
+        let one = run("tp-val-1", 1, &["--training.local_batch_size=4"]);
+        let tp = run("tp-val-2", 2, &[TP2, "--training.local_batch_size=4"]);
+        assert_eq!(one.validation.len(), 2, "{one:?}");
+        let e = rel(&tp.validation, &one.validation);
+        println!(
+            "validation tp 2 {:?} vs 1 {:?}: rel {e:.2e}",
+            tp.validation, one.validation
+        );
+        assert!(e < 1e-5);
+    });
+}
+
+#[test]
+fn resumes_across_tp_layouts_continue_the_uninterrupted_run() {
+    within_deadline(|| {
+        let one = ["--training.local_batch_size=4"];
+        let tp2 = [TP2, "--training.local_batch_size=4"];
+        let tp2_fsdp2 = [
+            TP2,
+            "--parallelism.data_parallel_shard_degree=2",
+            "--training.local_batch_size=2",
+        ];
+        let fsdp2 = [
+            "--parallelism.data_parallel_shard_degree=2",
+            "--training.local_batch_size=2",
+        ];
+        let d = tmp("tp-resume-ref");
+        let reference = leg(&d, 1, &one, 5, 100);
+        let cases: [(usize, &[&str], usize, &[&str]); 3] = [
+            (2, &tp2, 1, &one),
+            (1, &one, 4, &tp2_fsdp2),
+            (4, &tp2_fsdp2, 2, &fsdp2),
+        ];
+        for (k, (w0, a, w1, b)) in cases.into_iter().enumerate() {
+            let d = tmp(&format!("tp-resume-{k}"));
+            let first = leg(&d, w0, a, 3, 3);
+            let rest = leg(&d, w1, b, 5, 100);
+            let got: Vec<f64> = first.iter().chain(&rest).copied().collect();
+            let e = rel(&got, &reference);
+            println!("saved {a:?}, resumed {b:?}: rel {e:.2e}");
+            assert_eq!(got.len(), 5, "{got:?}");
+            assert!(e < 1e-5, "{a:?} -> {b:?}: {got:?} vs {reference:?}");
+            let _ = std::fs::remove_dir_all(&d);
+        }
+    });
+}
+
+#[test]
+fn bad_tp_layouts_are_clear_errors_before_any_work() {
+    within_deadline(|| {
+        let err = |tag: &str, world: usize, o: &[&str]| {
+            let d = tmp(tag);
+            let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
+            let e = losses(world, d.clone(), base(&d, &o))
+                .unwrap_err()
+                .to_string();
+            assert!(!d.join("metrics.jsonl").exists(), "{tag}: no step may run");
+            e
+        };
+        let e = err("tp-heads", 3, &["--parallelism.tensor_parallel_degree=3"]);
+        assert!(
+            e.contains("n_heads 16 is not divisible by tensor_parallel_degree 3"),
+            "{e}"
+        );
+        let e = err(
+            "tp-qwen3-heads",
+            3,
+            &[
+                "--parallelism.tensor_parallel_degree=3",
+                "--model.name=qwen3",
+            ],
+        );
+        assert!(e.contains("qwen3: n_heads"), "{e}");
+        // 1 x 63 tokens cannot lie on two token shards.
+        let e = err(
+            "tp-tokens",
+            2,
+            &[
+                TP2,
+                "--training.local_batch_size=1",
+                "--training.seq_len=63",
+            ],
+        );
+        assert!(
+            e.contains("63 tokens") && e.contains("enable_sequence_parallel"),
+            "{e}"
+        );
+        let e = err("tp-world", 2, &["--parallelism.tensor_parallel_degree=4"]);
+        assert!(e.contains("world size 2 is not divisible"), "{e}");
+    });
 }

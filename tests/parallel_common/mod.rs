@@ -159,3 +159,20 @@ pub fn parity(
         }
     });
 }
+
+/// One leg of a resume test: `steps` steps under `degrees`, checkpointing every `every`.
+pub fn leg(
+    dir: &std::path::Path,
+    world: usize,
+    degrees: &[&str],
+    steps: usize,
+    every: usize,
+) -> Vec<f64> {
+    let mut o: Vec<String> = degrees.iter().map(|s| s.to_string()).collect();
+    o.extend([
+        format!("--training.steps={steps}"),
+        "--checkpoint.enable".into(),
+        format!("--checkpoint.interval={every}"),
+    ]);
+    losses(world, dir.to_path_buf(), base(dir, &o)).unwrap()
+}
