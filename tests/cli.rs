@@ -224,6 +224,26 @@ fn plan_per_rank_for_fsdp_layouts() {
         "8",
     ]);
     assert_eq!(hsdp["state"], eight["state"]);
+    // Tensor parallel 8: each rank holds an eighth of every split weight (norms whole), and
+    // fewer activations than one rank of the whole model.
+    let tp8 = json(&[
+        "--world-size",
+        "8",
+        "--parallelism.tensor_parallel_degree",
+        "8",
+        "--parallelism.data_parallel_shard_degree",
+        "1",
+    ]);
+    let pt = tp8["state"]["params"].as_f64().unwrap();
+    assert!(pt >= p1 / 8.0 && pt < p1 / 8.0 * 1.01, "{pt} vs {p1} / 8");
+    assert_eq!(tp8["state"]["gathered"].as_f64(), Some(0.0));
+    let act = |v: &serde_json::Value| v["activations_peak"].as_f64().unwrap();
+    assert!(
+        act(&tp8) < act(&one) / 2.0,
+        "{} vs {}",
+        act(&tp8),
+        act(&one)
+    );
     let o = titan(&[
         "plan",
         "--config",

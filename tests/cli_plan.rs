@@ -113,7 +113,7 @@ fn plan_estimates_step_time_and_takes_the_machine_from_flags() {
         "MFU",
         "tokens/s",
         "does not fit in 80 GB",
-        "pipeline parallelism are not in the model",
+        "pipeline parallelism is not in the model",
     ] {
         assert!(out.contains(want), "{want}: {out}");
     }

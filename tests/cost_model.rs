@@ -266,7 +266,7 @@ fn llama3_8b_on_8_h100s() {
     let a = Assumptions::h100();
     let cost = step_cost(&t.events, &a);
     let (_, fpt) = args.nparams_and_flops(cfg.training.seq_len as usize);
-    let e = Estimate::new(&a, cost, t.tokens, dims.dp(), fpt, mp.total());
+    let e = Estimate::new(&a, cost, (t.tokens, dims.dp(), dims.world), fpt, mp.total());
     assert!(e.mfu_pct > 0.0 && e.mfu_pct < 100.0, "{}", e.mfu_pct);
     assert!(e.tokens_per_s_per_rank > 0.0);
     assert!((e.tokens_per_s - 8.0 * e.tokens_per_s_per_rank).abs() < 1e-6 * e.tokens_per_s);

@@ -8,6 +8,7 @@ use crate::metrics::GIB;
 use crate::model::{resolve, Registry};
 use crate::outln;
 use crate::parallel::fsdp::{FsdpLayout, Reshard};
+use crate::parallel::tp::local_specs;
 use crate::params::StateBytes;
 use crate::tensor::DType;
 use crate::train::config::JobConfig;
@@ -27,10 +28,23 @@ pub(super) fn layout_summary(tr: &Trainer) -> String {
         (true, false) => "DDP",
         (false, false) => "replicated",
     };
+    let tp = if g.tp > 1 {
+        format!(" x tp {}", g.tp)
+    } else {
+        String::new()
+    };
     format!(
-        " | world {}: dp_replicate {} x dp_shard {} ({kind})",
+        " | world {}: dp_replicate {} x dp_shard {}{tp} ({kind})",
         m.dims.world, g.dp_replicate, g.dp_shard
     )
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
 }
 
 fn gib(b: usize) -> String {
@@ -54,7 +68,7 @@ pub fn plan(
     opts: &PlanOpts,
 ) -> Result<()> {
     let (json, world_size) = (opts.json, opts.world_size);
-    let cfg = JobConfig::load(config, overrides)?;
+    let mut cfg = JobConfig::load(config, overrides)?;
     let default_dtype = if opts.machine.is_cpu() {
         "float32"
     } else {
@@ -66,20 +80,17 @@ pub fn plan(
     let args = resolve::run_args(spec, &cfg, None)?;
     // One device plans the model alone, whatever layout the config names (a note says how
     // to plan that layout).
-    let one = crate::train::config::Parallelism::default();
-    let layout = if world_size == 1 {
-        &one
-    } else {
-        &cfg.parallelism
-    };
-    let dims = ParallelDims::new(layout, world_size)?;
+    if world_size == 1 {
+        cfg.parallelism = crate::train::config::Parallelism::default();
+    }
+    let dims = ParallelDims::new(&cfg.parallelism, world_size)?;
     let g = dims.degrees;
-    if g.tp > 1 || g.pp > 1 || g.cp > 1 || g.ep > 1 {
+    if g.pp > 1 || g.cp > 1 || g.ep > 1 {
         return Err(Error::Config(format!(
-            "plan: tp {} x pp {} x cp {} x ep {}: this release plans data-parallel layouts \
-             (FSDP, HSDP, DDP); tensor, pipeline, context and expert parallel planning comes \
+            "plan: pp {} x cp {} x ep {}: this release plans data-parallel and tensor-parallel \
+             layouts (FSDP, HSDP, DDP, TP); pipeline, context and expert parallel planning comes \
              with them",
-            g.tp, g.pp, g.cp, g.ep
+            g.pp, g.cp, g.ep
         )));
     }
     let (_, _, mut mp) = trace_plan(spec, &cfg, args.as_ref(), dtype, 0)?;
@@ -88,7 +99,8 @@ pub fn plan(
         // Rank 0 holds the largest shards (ceil division), so its state is the per-rank peak.
         let (_, b) = spec.build_for(args.as_ref(), &cfg)?;
         let reshard = Reshard::parse(&cfg.parallelism.fsdp_reshard_after_forward)?;
-        let layout = FsdpLayout::new(&b.params, &b.fsdp_units, g.dp_shard, 0, reshard, accum > 1)?;
+        let local = local_specs(&b.params, &b.tp_dims(), g.tp, 0);
+        let layout = FsdpLayout::new(&local, &b.fsdp_units, g.dp_shard, 0, reshard, accum > 1)?;
         let reduce = DType::parse(&cfg.training.mixed_precision_reduce)?;
         mp.state = StateBytes::sharded(&layout, dtype, reduce, mp.state.constants);
     }
@@ -124,9 +136,20 @@ pub fn plan(
     )?;
     if world_size > 1 {
         outln!(
-            "  layout: world {world_size} = dp_replicate {} x dp_shard {}{}; figures per rank",
+            "  layout: world {world_size} = dp_replicate {} x dp_shard {} x tp {}{}{}; figures per \
+             rank",
             g.dp_replicate,
             g.dp_shard,
+            g.tp,
+            if g.tp > 1 {
+                format!(
+                    " (TP: sequence parallel {}, loss parallel {})",
+                    on_off(cfg.parallelism.enable_sequence_parallel),
+                    on_off(!cfg.parallelism.disable_loss_parallel)
+                )
+            } else {
+                String::new()
+            },
             if g.dp_shard > 1 {
                 format!(
                     " (FSDP, reshard_after_forward {})",

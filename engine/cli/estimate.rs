@@ -124,8 +124,7 @@ pub fn estimate(
     Ok(Estimate::new(
         a,
         cost,
-        trace.tokens,
-        dims.dp(),
+        (trace.tokens, dims.dp(), dims.world),
         flops_per_token,
         memory,
     ))

@@ -281,22 +281,24 @@ pub struct Estimate {
 }
 
 impl Estimate {
-    /// `data_ranks`: ranks that see different data; `flops_per_token`: the model's
-    /// `nparams_and_flops`; `memory`: the planned bytes per rank.
+    /// `tokens_per_data_rank`: the tokens one data-parallel rank trains on per step (its
+    /// tensor-parallel ranks share them); `data_ranks`: ranks that see different data, of
+    /// `world`; `flops_per_token`: the model's `nparams_and_flops`; `memory`: the planned bytes
+    /// per rank.
     pub fn new(
         a: &Assumptions,
         cost: StepCost,
-        tokens_per_rank: usize,
-        data_ranks: usize,
+        (tokens_per_data_rank, data_ranks, world): (usize, usize, usize),
         flops_per_token: f64,
         memory: usize,
     ) -> Estimate {
+        let tokens_per_rank = tokens_per_data_rank * data_ranks / world.max(1);
         let per_rank = tokens_per_rank as f64 / cost.step_s.max(1e-12);
         let mfu_pct = 100.0 * per_rank * flops_per_token / a.rank_peak();
         let fits = a.mem_capacity.map(|cap| memory as f64 <= cap);
         let mut notes = vec![
-            "tensor and pipeline parallelism are not in the model yet (no TP collectives, no \
-             pipeline bubble): this release plans data-parallel layouts only"
+            "pipeline parallelism is not in the model yet (no pipeline bubble): this release \
+             plans data-parallel and tensor-parallel layouts"
                 .to_string(),
         ];
         if !a.overlap {
@@ -318,7 +320,7 @@ impl Estimate {
             cost,
             tokens_per_step_per_rank: tokens_per_rank,
             tokens_per_s_per_rank: per_rank,
-            tokens_per_s: per_rank * data_ranks as f64,
+            tokens_per_s: per_rank * world.max(1) as f64,
             mfu_pct,
             fits,
             notes,

@@ -60,7 +60,8 @@ pub fn trace_step(
             accum > 1,
         )?;
         layout = Some(l.clone());
-        let comm = MetaComm::new((0, g.dp_shard, 1), "dp_shard", log.clone());
+        // Mesh order pp, dp_replicate, dp_shard, cp, tp: dp_shard ranks are cp x tp apart.
+        let comm = MetaComm::new((0, g.dp_shard, g.cp * g.tp), "dp_shard", log.clone());
         Some(Sharding {
             layout: l,
             comm: Box::new(comm),
@@ -119,13 +120,22 @@ pub fn trace_step(
         f.comm().wait()?;
     }
     if g.dp_replicate > 1 {
-        let rep = MetaComm::new((0, g.dp_replicate, g.dp_shard), "dp_replicate", log.clone());
+        let stride = g.dp_shard * g.cp * g.tp;
+        let rep = MetaComm::new((0, g.dp_replicate, stride), "dp_replicate", log.clone());
         rep.all_reduce(store.flat_grad(), ReduceOp::Sum)?;
         rep.wait()?;
     }
     host_reduce(1)?; // the loss
     meta.sum_squares(&[store.flat_grad()], scalar(0))?;
-    if let Some(f) = store.fsdp() {
+    if let Some(tp) = store.tp() {
+        // The replicated weights' partial gradients, then the norm over the whole replica.
+        for id in tp.partial_params() {
+            tp.comm.all_reduce(store.local_grad(id), ReduceOp::Sum)?;
+        }
+        let replica = MetaComm::new((0, dims.world / g.dp_replicate, 1), "replica", log.clone());
+        replica.all_reduce(scalar(0), ReduceOp::Sum)?;
+        replica.wait()?;
+    } else if let Some(f) = store.fsdp() {
         f.comm().all_reduce(scalar(0), ReduceOp::Sum)?;
         f.comm().wait()?;
     }
