@@ -75,6 +75,37 @@ fn two_processes_on_loopback_match_one_rank() {
 }
 
 #[test]
+fn tensor_parallel_over_tcp_processes_matches_one_rank() {
+    // The TP collectives (token all-gathers, reduce-scatters, the loss's stats gather) between
+    // two processes.
+    let steps = ["--training.steps=3", "--training.local_batch_size=4"];
+    let one = tmp("mn-tp-one");
+    let f = run(&train_args(&one, &steps));
+    assert_eq!(f.code, Some(0), "{}", f.stderr);
+    let reference = loss_values(&one);
+    let two = tmp("mn-tp-two");
+    let port = free_port();
+    let mut extra = steps.to_vec();
+    extra.extend([
+        "--parallelism.data_parallel_shard_degree=1",
+        "--parallelism.tensor_parallel_degree=2",
+    ]);
+    let n1 = Titan::spawn(&node_args(&two, port, 1, &extra));
+    let n0 = Titan::spawn(&node_args(&two, port, 0, &extra));
+    let (f0, f1) = (n0.wait(), n1.wait());
+    assert_no_panic(&f0);
+    assert_no_panic(&f1);
+    assert_eq!(f0.code, Some(0), "node 0: {}", f0.stderr);
+    assert_eq!(f1.code, Some(0), "node 1: {}", f1.stderr);
+    assert!(f0.stdout.contains("x tp 2"), "{}", f0.stdout);
+    let got = loss_values(&two);
+    assert_eq!(got.len(), reference.len(), "{got:?}");
+    for (g, r) in got.iter().zip(&reference) {
+        assert!(((g - r) / r).abs() < 1e-5, "{got:?} vs {reference:?}");
+    }
+}
+
+#[test]
 fn a_killed_node_fails_the_other_naming_the_lost_rank() {
     let dump = tmp("mn-kill");
     let port = free_port();

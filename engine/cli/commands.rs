@@ -26,6 +26,7 @@ pub(super) fn layout_summary(tr: &Trainer) -> String {
         (true, true) => "HSDP",
         (false, true) => "FSDP",
         (true, false) => "DDP",
+        (false, false) if g.tp > 1 => "TP",
         (false, false) => "replicated",
     };
     let tp = if g.tp > 1 {
