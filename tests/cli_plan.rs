@@ -127,3 +127,78 @@ fn plan_estimates_step_time_and_takes_the_machine_from_flags() {
     bad(&["--net-gbps", "fast"], "--net-gbps");
     bad(&["--gpus-per-node", "0"], "--gpus-per-node 0");
 }
+
+#[test]
+fn plan_search_ranks_the_layouts_of_a_world_size() {
+    let o = titan(&[
+        "plan",
+        "--config",
+        "configs/llama3_8b.toml",
+        "--world-size",
+        "8",
+        "--search",
+        "--json",
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rows = v["layouts"].as_array().unwrap();
+    // tp 1, 2, 4, 8 times the dp splits of 8, 4, 2, 1 ranks: 4 + 3 + 2 + 1 layouts.
+    assert_eq!(
+        rows.len() + v["refused"].as_array().unwrap().len(),
+        10,
+        "{v}"
+    );
+    let key = |r: &serde_json::Value| {
+        let e = &r["estimate"];
+        (
+            e["fits"].as_bool() != Some(false),
+            e["tokens_per_s_per_rank"].as_f64().unwrap(),
+        )
+    };
+    for w in rows.windows(2) {
+        let (a, b) = (key(&w[0]), key(&w[1]));
+        assert!(
+            (a.0 && !b.0) || (a.0 == b.0 && a.1 >= b.1),
+            "not ranked: {a:?} before {b:?}"
+        );
+    }
+    for r in rows {
+        let n: u64 = ["dp_replicate", "dp_shard", "tp"]
+            .iter()
+            .map(|k| r[k].as_u64().unwrap())
+            .product();
+        assert_eq!(n, 8, "{r}");
+    }
+    // The table lists the best first and says how many fit.
+    let o = titan(&[
+        "plan",
+        "--config",
+        "configs/llama3_8b.toml",
+        "--world-size",
+        "8",
+        "--search",
+        "--top",
+        "3",
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        out.contains("layouts planned") && out.contains("fit in 80 GB"),
+        "{out}"
+    );
+    let listed = out
+        .lines()
+        .filter(|l| {
+            l.contains(" GiB ")
+                && l.split_whitespace()
+                    .next()
+                    .is_some_and(|w| w.parse::<u32>().is_ok())
+        })
+        .count();
+    assert_eq!(listed, 3, "{out}");
+    assert_clean_error(
+        &titan(&["plan", "--config", "configs/llama3_8b.toml", "--search"]),
+        "--world-size",
+    );
+}

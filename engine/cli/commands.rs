@@ -5,14 +5,15 @@ use crate::dist::launch::run_rank_threads;
 use crate::dist::{Communicator, HostComm, ParallelDims};
 use crate::error::{Error, Result};
 use crate::metrics::GIB;
-use crate::model::{resolve, Registry};
+use crate::model::{resolve, ModelArgs, ModelSpec, Registry};
 use crate::outln;
 use crate::parallel::fsdp::{FsdpLayout, Reshard};
 use crate::parallel::tp::local_specs;
 use crate::params::StateBytes;
+use crate::planner::cost::{Assumptions, Estimate};
 use crate::tensor::DType;
 use crate::train::config::JobConfig;
-use crate::train::trainer::{trace_plan, Trainer};
+use crate::train::trainer::{trace_plan, MemoryPlan, Trainer};
 use std::path::Path;
 use std::time::Instant;
 
@@ -60,6 +61,43 @@ pub struct PlanOpts {
     pub json: bool,
     pub world_size: usize,
     pub machine: Machine,
+    /// `--search`: list the best layouts of the world size instead of planning the config's.
+    pub search: bool,
+    /// `--top K`: how many layouts `--search` lists.
+    pub top: usize,
+}
+
+/// One layout's memory per rank and step-time estimate (what `plan` prints, `--search` ranks).
+pub(super) fn plan_layout(
+    spec: &ModelSpec,
+    cfg: &JobConfig,
+    args: &dyn ModelArgs,
+    dtype: DType,
+    dims: &ParallelDims,
+    machine: &Assumptions,
+) -> Result<(MemoryPlan, Estimate)> {
+    let g = dims.degrees;
+    if g.pp > 1 || g.cp > 1 || g.ep > 1 {
+        return Err(Error::Config(format!(
+            "plan: pp {} x cp {} x ep {}: this release plans data-parallel and tensor-parallel \
+             layouts (FSDP, HSDP, DDP, TP); pipeline, context and expert parallel planning comes \
+             with them",
+            g.pp, g.cp, g.ep
+        )));
+    }
+    let (_, _, mut mp) = trace_plan(spec, cfg, args, dtype, 0)?;
+    let accum = cfg.gradient_accumulation_steps(dims.dp())?;
+    if g.dp_shard > 1 {
+        // Rank 0 holds the largest shards (ceil division), so its state is the per-rank peak.
+        let (_, b) = spec.build_for(args, cfg)?;
+        let reshard = Reshard::parse(&cfg.parallelism.fsdp_reshard_after_forward)?;
+        let local = local_specs(&b.params, &b.tp_dims(), g.tp, 0);
+        let layout = FsdpLayout::new(&local, &b.fsdp_units, g.dp_shard, 0, reshard, accum > 1)?;
+        let reduce = DType::parse(&cfg.training.mixed_precision_reduce)?;
+        mp.state = StateBytes::sharded(&layout, dtype, reduce, mp.state.constants);
+    }
+    let est = estimate(spec, cfg, args, dtype, dims, machine, mp.total())?;
+    Ok((mp, est))
 }
 
 pub fn plan(
@@ -79,6 +117,9 @@ pub fn plan(
     let t0 = Instant::now();
     let spec = reg.find(&cfg.model.name)?;
     let args = resolve::run_args(spec, &cfg, None)?;
+    if opts.search {
+        return super::search::search(spec, &cfg, args.as_ref(), dtype, opts);
+    }
     // One device plans the model alone, whatever layout the config names (a note says how
     // to plan that layout).
     if world_size == 1 {
@@ -86,36 +127,10 @@ pub fn plan(
     }
     let dims = ParallelDims::new(&cfg.parallelism, world_size)?;
     let g = dims.degrees;
-    if g.pp > 1 || g.cp > 1 || g.ep > 1 {
-        return Err(Error::Config(format!(
-            "plan: pp {} x cp {} x ep {}: this release plans data-parallel and tensor-parallel \
-             layouts (FSDP, HSDP, DDP, TP); pipeline, context and expert parallel planning comes \
-             with them",
-            g.pp, g.cp, g.ep
-        )));
-    }
-    let (_, _, mut mp) = trace_plan(spec, &cfg, args.as_ref(), dtype, 0)?;
     let accum = cfg.gradient_accumulation_steps(dims.dp())?;
-    if g.dp_shard > 1 {
-        // Rank 0 holds the largest shards (ceil division), so its state is the per-rank peak.
-        let (_, b) = spec.build_for(args.as_ref(), &cfg)?;
-        let reshard = Reshard::parse(&cfg.parallelism.fsdp_reshard_after_forward)?;
-        let local = local_specs(&b.params, &b.tp_dims(), g.tp, 0);
-        let layout = FsdpLayout::new(&local, &b.fsdp_units, g.dp_shard, 0, reshard, accum > 1)?;
-        let reduce = DType::parse(&cfg.training.mixed_precision_reduce)?;
-        mp.state = StateBytes::sharded(&layout, dtype, reduce, mp.state.constants);
-    }
-    let traced_s = t0.elapsed().as_secs_f64();
     let machine = opts.machine.assumptions(world_size)?;
-    let est = estimate(
-        spec,
-        &cfg,
-        args.as_ref(),
-        dtype,
-        &dims,
-        &machine,
-        mp.total(),
-    )?;
+    let (mp, est) = plan_layout(spec, &cfg, args.as_ref(), dtype, &dims, &machine)?;
+    let traced_s = t0.elapsed().as_secs_f64();
     if json {
         let mut v = serde_json::to_value(&mp).map_err(|e| Error::Other(e.to_string()))?;
         let e = serde_json::to_value(&est).map_err(|e| Error::Other(e.to_string()))?;

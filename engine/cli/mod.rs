@@ -6,6 +6,7 @@ pub mod commands;
 pub mod convert;
 pub mod estimate;
 pub mod eval;
+mod search;
 pub mod train;
 
 pub use commands::{bench, list_models, plan, PlanOpts};
@@ -103,6 +104,13 @@ enum Cmd {
         /// figures are per rank.
         #[arg(long, default_value_t = 1)]
         world_size: usize,
+        /// Plan every layout of --world-size (dp_replicate x dp_shard x tp, tp inside a node)
+        /// and list the best by estimated tokens/s per GPU among those that fit.
+        #[arg(long)]
+        search: bool,
+        /// How many layouts --search lists.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         overrides: Vec<String>,
     },
@@ -315,6 +323,8 @@ fn run(reg: &Registry, cli: Cli) -> Result<ExitCode> {
             gpus_per_node,
             json,
             world_size,
+            search,
+            top,
             overrides,
         } => {
             let (config, mut overrides) = take_config(config, overrides)?;
@@ -332,11 +342,15 @@ fn run(reg: &Registry, cli: Cli) -> Result<ExitCode> {
                     .map(|n| n as usize)
                     .or(gpus_per_node),
             };
+            let search = take_flag(o, "--search") || search;
+            let top = take_number(o, "--top")?.map_or(top, |n| n as usize);
             let opts = PlanOpts {
                 dtype,
                 json,
                 world_size: world,
                 machine,
+                search,
+                top,
             };
             done(plan(reg, config.as_deref(), &overrides, &opts))
         }
