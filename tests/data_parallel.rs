@@ -6,7 +6,7 @@
 mod parallel_common;
 mod train_common;
 
-use parallel_common::{base, leg, losses, losses_and_validation, parity, rel, within_deadline};
+use parallel_common::{base, leg, losses, parity, rel, with_validation, within_deadline};
 use titan::dist::launch::run_rank_threads;
 use titan::dist::HostComm;
 use titan::train::trainer::Trainer;
@@ -290,31 +290,16 @@ fn validation_is_split_over_the_ranks_and_matches_one_rank() {
     // 3 validation batches over 2 ranks: rank 1 runs a second forward it discards (FSDP needs
     // every rank in every gather), and the all-reduced loss is the one-rank loss.
     within_deadline(|| {
-        let val = [
-            "--validation.enable",
-            "--validation.freq=2",
-            "--validation.steps=3",
-            "--validation.local_batch_size=2",
-            "--validation.seq_len=64",
-            "--training.steps=4",
+        let one = with_validation("val-1", 1, &["--training.local_batch_size=4"], 4, 3);
+        let fsdp = [
+            "--training.local_batch_size=2",
+            "--parallelism.data_parallel_shard_degree=2",
         ];
-        let run = |tag: &str, world: usize, o: &[&str]| {
-            let d = tmp(tag);
-            let o: Vec<String> = val.iter().chain(o).map(|s| s.to_string()).collect();
-            losses_and_validation(world, d.clone(), base(&d, &o)).unwrap()
-        };
-        let (t1, v1) = run("val-1", 1, &["--training.local_batch_size=4"]);
-        let (t2, v2) = run(
-            "val-2",
-            2,
-            &[
-                "--training.local_batch_size=2",
-                "--parallelism.data_parallel_shard_degree=2",
-            ],
-        );
-        assert_eq!(v1.len(), 3, "after steps 1, 2 and 4: {v1:?} (train {t1:?})");
-        assert!(rel(&t2, &t1) < 1e-5);
-        let e = rel(&v2, &v1);
+        let two = with_validation("val-2", 2, &fsdp, 4, 3);
+        let (v1, v2) = (&one.validation, &two.validation);
+        assert_eq!(v1.len(), 3, "after steps 1, 2 and 4: {v1:?} ({one:?})");
+        assert!(rel(&two.loss, &one.loss) < 1e-5);
+        let e = rel(v2, v1);
         println!("validation world 2 {v2:?} vs world 1 {v1:?}: rel {e:.2e}");
         assert!(e < 1e-5, "{v2:?} vs {v1:?}");
     });

@@ -38,6 +38,22 @@ fn node_args(dump: &std::path::Path, port: u16, node: usize, extra: &[&str]) -> 
     train_args(dump, &a)
 }
 
+/// Runs both nodes of a two-node run to success (node 0's output must name `says`) and returns
+/// rank 0's losses.
+fn two_nodes(tag: &str, extra: &[&str], says: &str) -> Vec<f64> {
+    let dump = tmp(tag);
+    let port = free_port();
+    let n1 = Titan::spawn(&node_args(&dump, port, 1, extra));
+    let n0 = Titan::spawn(&node_args(&dump, port, 0, extra));
+    let (f0, f1) = (n0.wait(), n1.wait());
+    assert_no_panic(&f0);
+    assert_no_panic(&f1);
+    assert_eq!(f0.code, Some(0), "node 0: {}", f0.stderr);
+    assert_eq!(f1.code, Some(0), "node 1: {}", f1.stderr);
+    assert!(f0.stdout.contains(says), "{}", f0.stdout);
+    loss_values(&dump)
+}
+
 fn loss_values(dump: &std::path::Path) -> Vec<f64> {
     losses(dump)
         .iter()
@@ -56,18 +72,8 @@ fn two_processes_on_loopback_match_one_rank() {
     let reference = loss_values(&one);
     assert_eq!(reference.len(), 5);
 
-    let two = tmp("mn-two");
-    let port = free_port();
     let extra = ["--training.steps=5", "--training.local_batch_size=2"];
-    let n1 = Titan::spawn(&node_args(&two, port, 1, &extra));
-    let n0 = Titan::spawn(&node_args(&two, port, 0, &extra));
-    let (f0, f1) = (n0.wait(), n1.wait());
-    assert_no_panic(&f0);
-    assert_no_panic(&f1);
-    assert_eq!(f0.code, Some(0), "node 0: {}", f0.stderr);
-    assert_eq!(f1.code, Some(0), "node 1: {}", f1.stderr);
-    assert!(f0.stdout.contains("over tcp"), "{}", f0.stdout);
-    let got = loss_values(&two);
+    let got = two_nodes("mn-two", &extra, "over tcp");
     assert_eq!(got.len(), 5, "rank 0 logs every step: {got:?}");
     for (g, r) in got.iter().zip(&reference) {
         assert!(((g - r) / r).abs() < 1e-5, "{got:?} vs {reference:?}");
@@ -83,22 +89,12 @@ fn tensor_parallel_over_tcp_processes_matches_one_rank() {
     let f = run(&train_args(&one, &steps));
     assert_eq!(f.code, Some(0), "{}", f.stderr);
     let reference = loss_values(&one);
-    let two = tmp("mn-tp-two");
-    let port = free_port();
     let mut extra = steps.to_vec();
     extra.extend([
         "--parallelism.data_parallel_shard_degree=1",
         "--parallelism.tensor_parallel_degree=2",
     ]);
-    let n1 = Titan::spawn(&node_args(&two, port, 1, &extra));
-    let n0 = Titan::spawn(&node_args(&two, port, 0, &extra));
-    let (f0, f1) = (n0.wait(), n1.wait());
-    assert_no_panic(&f0);
-    assert_no_panic(&f1);
-    assert_eq!(f0.code, Some(0), "node 0: {}", f0.stderr);
-    assert_eq!(f1.code, Some(0), "node 1: {}", f1.stderr);
-    assert!(f0.stdout.contains("x tp 2"), "{}", f0.stdout);
-    let got = loss_values(&two);
+    let got = two_nodes("mn-tp-two", &extra, "x tp 2");
     assert_eq!(got.len(), reference.len(), "{got:?}");
     for (g, r) in got.iter().zip(&reference) {
         assert!(((g - r) / r).abs() < 1e-5, "{got:?} vs {reference:?}");

@@ -7,7 +7,7 @@
 mod parallel_common;
 mod train_common;
 
-use parallel_common::{base, curves, leg, losses, parity, rel, within_deadline};
+use parallel_common::{base, leg, losses, parity, rel, with_validation, within_deadline};
 use train_common::tmp;
 
 const TP2: &str = "--parallelism.tensor_parallel_degree=2";
@@ -98,21 +98,8 @@ fn tp_composes_with_fsdp_ddp_accumulation_and_checkpointing() {
 #[test]
 fn validation_under_tp_matches_one_rank() {
     within_deadline(|| {
-        let val = [
-            "--validation.enable",
-            "--validation.freq=2",
-            "--validation.steps=2",
-            "--validation.local_batch_size=2",
-            "--validation.seq_len=64",
-            "--training.steps=2",
-        ];
-        let run = |tag: &str, world: usize, o: &[&str]| {
-            let d = tmp(tag);
-            let o: Vec<String> = val.iter().chain(o).map(|s| s.to_string()).collect();
-            curves(world, d.clone(), base(&d, &o)).unwrap()
-        };
-        let one = run("tp-val-1", 1, &["--training.local_batch_size=4"]);
-        let tp = run("tp-val-2", 2, &[TP2, "--training.local_batch_size=4"]);
+        let one = with_validation("tp-val-1", 1, &["--training.local_batch_size=4"], 2, 2);
+        let tp = with_validation("tp-val-2", 2, &[TP2, "--training.local_batch_size=4"], 2, 2);
         assert_eq!(one.validation.len(), 2, "{one:?}");
         let e = rel(&tp.validation, &one.validation);
         println!(

@@ -176,3 +176,27 @@ pub fn leg(
     ]);
     losses(world, dir.to_path_buf(), base(dir, &o)).unwrap()
 }
+
+/// The curves of a run validating `batches` held-out batches every 2 steps (and after step 1).
+pub fn with_validation(
+    tag: &str,
+    world: usize,
+    o: &[&str],
+    steps: usize,
+    batches: usize,
+) -> Curves {
+    let d = tmp(tag);
+    let mut v: Vec<String> = [
+        "--validation.enable",
+        "--validation.freq=2",
+        "--validation.local_batch_size=2",
+        "--validation.seq_len=64",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.push(format!("--validation.steps={batches}"));
+    v.push(format!("--training.steps={steps}"));
+    v.extend(o.iter().map(|s| s.to_string()));
+    curves(world, d.clone(), base(&d, &v)).unwrap()
+}

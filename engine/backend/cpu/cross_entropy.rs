@@ -4,7 +4,7 @@ use super::{
     check_dtype, check_len, f32_to_bf16_bits, overlaps, shape_err, view, view_mut, with_scratch,
     Float, SendPtr, FLOATS,
 };
-use crate::backend::{CrossEntropy, CrossEntropyShard, CrossEntropyStats};
+use crate::backend::{Buf, CrossEntropy, CrossEntropyShard, CrossEntropyStats};
 use crate::error::Result;
 use crate::tensor::DType;
 use rayon::prelude::*;
@@ -72,6 +72,33 @@ pub fn cross_entropy<T: Float>(
     Ok(())
 }
 
+/// The buffers of a fused loss: dtypes, lengths, and dlogits either disjoint from logits or
+/// logits itself.
+fn check_loss_buffers(
+    op: &'static str,
+    logits: Buf,
+    targets: Buf,
+    losses: Buf,
+    dlogits: Buf,
+    (rows, vocab): (usize, usize),
+) -> Result<()> {
+    check_dtype(op, "logits", logits, FLOATS)?;
+    check_dtype(op, "targets", targets, &[DType::I32])?;
+    check_dtype(op, "losses", losses, &[DType::F32])?;
+    check_dtype(op, "dlogits", dlogits, FLOATS)?;
+    check_len(op, "logits", logits, rows * vocab)?;
+    check_len(op, "dlogits", dlogits, rows * vocab)?;
+    check_len(op, "targets", targets, rows)?;
+    check_len(op, "losses", losses, rows)?;
+    if overlaps(logits, dlogits) && (logits.ptr != dlogits.ptr || logits.dtype != dlogits.dtype) {
+        return Err(shape_err(
+            op,
+            "dlogits overlaps logits without being the same buffer".into(),
+        ));
+    }
+    Ok(())
+}
+
 pub(super) fn cross_entropy_op(a: &CrossEntropy) -> Result<()> {
     const OP: &str = "cross_entropy";
     let CrossEntropy {
@@ -84,20 +111,7 @@ pub(super) fn cross_entropy_op(a: &CrossEntropy) -> Result<()> {
         ignore_index,
         grad_scale,
     } = *a;
-    check_dtype(OP, "logits", logits, FLOATS)?;
-    check_dtype(OP, "targets", targets, &[DType::I32])?;
-    check_dtype(OP, "losses", losses, &[DType::F32])?;
-    check_dtype(OP, "dlogits", dlogits, FLOATS)?;
-    check_len(OP, "logits", logits, rows * vocab)?;
-    check_len(OP, "dlogits", dlogits, rows * vocab)?;
-    check_len(OP, "targets", targets, rows)?;
-    check_len(OP, "losses", losses, rows)?;
-    if overlaps(logits, dlogits) && (logits.ptr != dlogits.ptr || logits.dtype != dlogits.dtype) {
-        return Err(shape_err(
-            OP,
-            "dlogits overlaps logits without being the same buffer".into(),
-        ));
-    }
+    check_loss_buffers(OP, a.logits, a.targets, a.losses, a.dlogits, (rows, vocab))?;
     for (what, b) in [
         ("logits", logits),
         ("targets", targets),
@@ -253,21 +267,9 @@ pub(super) fn cross_entropy_shard_op(a: &CrossEntropyShard) -> Result<()> {
         ignore_index,
         grad_scale,
     } = *a;
-    check_dtype(OP, "targets", targets, &[DType::I32])?;
+    check_loss_buffers(OP, logits, targets, losses, dlogits, (rows, vocab))?;
     check_dtype(OP, "stats", stats, &[DType::F32])?;
-    check_dtype(OP, "losses", losses, &[DType::F32])?;
-    check_dtype(OP, "dlogits", dlogits, FLOATS)?;
-    check_len(OP, "logits", logits, rows * vocab)?;
-    check_len(OP, "dlogits", dlogits, rows * vocab)?;
-    check_len(OP, "targets", targets, rows)?;
-    check_len(OP, "losses", losses, rows)?;
     check_len(OP, "stats", stats, shards * rows * 3)?;
-    if overlaps(logits, dlogits) && (logits.ptr != dlogits.ptr || logits.dtype != dlogits.dtype) {
-        return Err(shape_err(
-            OP,
-            "dlogits overlaps logits without being the same buffer".into(),
-        ));
-    }
     for (what, b) in [("logits", logits), ("targets", targets), ("stats", stats)] {
         if overlaps(losses, b) || (what != "logits" && overlaps(dlogits, b)) {
             return Err(shape_err(OP, format!("an output overlaps {what}")));
