@@ -91,6 +91,9 @@ impl Trainer {
             if let Some(f) = self.store.fsdp() {
                 f.comm().set_timeout(t);
             }
+            if let Some(p) = &self.pipeline {
+                p.set_timeout(t);
+            }
         }
     }
 
@@ -149,17 +152,12 @@ pub(super) fn parallel_dims(cfg: &JobConfig, world: usize) -> Result<ParallelDim
         // that divides) come first: they hold whenever pipelines run.
         Schedule::check_config(&cfg.parallelism, cfg.training.local_batch_size)?;
     }
-    for (name, d) in [
-        ("tensor", g.tp),
-        ("pipeline", g.pp),
-        ("context", g.cp),
-        ("expert", g.ep),
-    ] {
+    for (name, d) in [("tensor", g.tp), ("context", g.cp), ("expert", g.ep)] {
         if d > 1 {
             return Err(Error::Config(format!(
-                "parallelism: {name} parallel degree {d}: this release builds data parallelism \
-                 only (FSDP, HSDP, DDP); tensor, pipeline, context and expert parallelism are \
-                 not built yet (`titan plan` shows what such a layout would hold)"
+                "parallelism: {name} parallel degree {d}: this release builds data and \
+                 pipeline parallelism (FSDP, HSDP, DDP, pp); tensor, context and expert \
+                 parallelism are not built yet (`titan plan` shows what such a layout would hold)"
             )));
         }
     }
@@ -187,7 +185,7 @@ mod tests {
     }
 
     #[test]
-    fn pipeline_layouts_meet_the_schedule_rules_before_the_refusal() {
+    fn pipeline_layouts_meet_the_schedule_rules() {
         let e = parallel_dims(
             &cfg(&[
                 "--parallelism.pipeline_parallel_degree=4",
@@ -209,19 +207,14 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("not a multiple of the 4 pipeline ranks"), "{e}");
-        // A layout the schedules accept is still refused: pipelines do not run yet.
-        let e = parallel_dims(
+        // A layout the schedules accept is one pipelines run.
+        let ok = parallel_dims(
             &cfg(&[
                 "--parallelism.pipeline_parallel_degree=4",
                 "--training.local_batch_size=8",
             ]),
             4,
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            e.contains("pipeline parallel degree 4") && e.contains("not built yet"),
-            "{e}"
         );
+        assert_eq!(ok.unwrap().degrees.pp, 4);
     }
 }

@@ -65,7 +65,10 @@ impl Trainer {
                 bufs.push((format!("optim.exp_avg_sq.{name}"), self.store.moment2(id)));
             }
             let (row0, rows) = self.store.shard_rows(id);
-            if rows == 0 || !self.writes_model_state() {
+            // A pipeline stage's copy of another stage's parameter (a tied embedding) is
+            // saved by that stage.
+            let copy = self.pipeline.as_ref().is_some_and(|p| p.is_copy(id));
+            if rows == 0 || !self.writes_model_state() || copy {
                 continue;
             }
             for (key, buf) in bufs {
@@ -98,7 +101,7 @@ impl Trainer {
                 "world_size": self.world_size(),
                 "dp_shard": degree(|g| g.dp_shard),
                 "dp_replicate": degree(|g| g.dp_replicate),
-                "tp": 1, "pp": 1, "cp": 1
+                "tp": 1, "pp": self.pipeline.as_ref().map_or(1, |p| p.degree()), "cp": 1
             }),
             dataloader: self.loader.state(),
             rng: serde_json::json!({}),
