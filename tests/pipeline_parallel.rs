@@ -19,6 +19,15 @@ const DEADLINE: Duration = Duration::from_secs(240);
 /// For the Qwen3 debug model, whose steps cost 6x the Llama 3 one's.
 const LOCAL_BATCH_2: &str = "--training.local_batch_size=2";
 
+/// Validation after steps 1 and 5, two batches of 2 x 32 (run through the stages under pp).
+const VALIDATE: &[&str] = &[
+    "--validation.enable",
+    "--validation.freq=5",
+    "--validation.steps=2",
+    "--validation.local_batch_size=2",
+    "--validation.seq_len=32",
+];
+
 /// Runs `f` on a helper thread; the test fails if it is not done within DEADLINE (a panic in
 /// `f` is raised again here).
 fn within_deadline<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -69,17 +78,29 @@ fn losses(
     dir: PathBuf,
     overrides: Vec<String>,
 ) -> titan::Result<Vec<f64>> {
+    Ok(losses_and_validation(model, world, dir, overrides)?.0)
+}
+
+/// Training and validation losses of a run on `world` rank threads (every rank's the same).
+fn losses_and_validation(
+    model: Model,
+    world: usize,
+    dir: PathBuf,
+    overrides: Vec<String>,
+) -> titan::Result<(Vec<f64>, Vec<f64>)> {
     let o: Vec<&str> = overrides.iter().map(|s| s.as_str()).collect();
     // Loaded once: ranks each writing and reading the config file would race.
     let cfg = match model {
         Model::Llama3 => debug_config(&dir, &o)?,
         Model::Qwen3 => qwen3_debug_config(&dir, &o)?,
     };
-    let run = |c: Box<dyn Communicator>| -> titan::Result<Vec<f64>> {
+    let run = |c: Box<dyn Communicator>| -> titan::Result<(Vec<f64>, Vec<f64>)> {
         let world = (world > 1).then_some(c);
         let mut tr = Trainer::distributed(cfg.clone(), &titan::registry(), false, world)?;
         tr.maybe_resume()?;
-        Ok(tr.fit(true)?.iter().map(|m| m.loss).collect())
+        let train = tr.fit(true)?.iter().map(|m| m.loss).collect();
+        let val = tr.validation_history.iter().map(|v| v.validation_loss);
+        Ok((train, val.collect()))
     };
     let mut results = run_rank_threads(HostComm::local_comms(world), &run);
     let first = results.remove(0)?;
@@ -96,12 +117,16 @@ fn losses(
 
 fn rel(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
+    if b.is_empty() {
+        return 0.0;
+    }
     let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
     let den: f64 = b.iter().map(|y| y * y).sum();
     (num / den).sqrt()
 }
 
-/// One rank, then each (world, overrides) layout; all must log the reference's losses.
+/// One rank, then each (world, overrides) layout; all must log the reference's losses (and
+/// validation losses, when `extra` enables validation).
 fn parity(
     model: Model,
     tag: &'static str,
@@ -110,14 +135,22 @@ fn parity(
 ) {
     within_deadline(move || {
         let d = tmp(&format!("pp-{tag}-ref"));
-        let reference = losses(model, 1, d.clone(), base(&d, extra)).unwrap();
+        let (reference, val_ref) =
+            losses_and_validation(model, 1, d.clone(), base(&d, extra)).unwrap();
         assert_eq!(reference.len(), 5);
+        let validates = extra.contains(&"--validation.enable");
+        assert_eq!(val_ref.len(), if validates { 2 } else { 0 }, "{val_ref:?}");
         assert!(reference.iter().all(|l| l.is_finite()), "{reference:?}");
         for (i, (world, layout)) in layouts.into_iter().enumerate() {
             let d = tmp(&format!("pp-{tag}-{i}"));
             let mut o = extra.to_vec();
             o.extend(layout.iter().copied());
-            let got = losses(model, world, d.clone(), base(&d, &o)).unwrap();
+            let (got, val) = losses_and_validation(model, world, d.clone(), base(&d, &o)).unwrap();
+            let ev = rel(&val, &val_ref);
+            assert!(
+                ev < 1e-5,
+                "{layout:?}: validation rel {ev:.2e}\n{val:?}\n{val_ref:?}"
+            );
             let e = rel(&got, &reference);
             println!("{tag} world {world} {layout:?}: rel {e:.2e}\n  {got:?}\n  {reference:?}");
             assert!(e < 1e-5, "{layout:?}: rel {e:.2e}\n{got:?}\n{reference:?}");
@@ -168,7 +201,7 @@ fn every_schedule(gpipe_rows: &'static str) -> Vec<(usize, Vec<&'static str>)> {
 #[test]
 fn llama3_pp2_every_schedule_matches_one_rank() {
     let rows = "--parallelism.pipeline_parallel_microbatch_size=2";
-    parity(Model::Llama3, "llama3", every_schedule(rows), &[]);
+    parity(Model::Llama3, "llama3", every_schedule(rows), VALIDATE);
 }
 
 #[test]
@@ -213,7 +246,14 @@ fn pp_with_accumulation_checkpointing_and_ddp_matches_one_rank() {
         Model::Llama3,
         "accum",
         vec![(2, ac), (2, zb_ac), (4, ddp)],
-        &["--training.global_batch_size=8"],
+        &[
+            "--training.global_batch_size=8",
+            "--validation.enable",
+            "--validation.freq=5",
+            "--validation.steps=2",
+            "--validation.local_batch_size=2",
+            "--validation.seq_len=32",
+        ],
     );
 }
 

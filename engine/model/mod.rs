@@ -123,6 +123,9 @@ impl<'a> Parallelize<'a> {
     }
 }
 
+/// `ModelSpec::build_stage`: declares one pipeline stage's parameters, returns that part.
+pub type BuildStage = fn(&dyn ModelArgs, &Stage, &mut ParamStoreBuilder) -> Result<Box<dyn Model>>;
+
 /// Hugging Face `transformers` interop of one model.
 pub struct HfInterop {
     /// The `model_type` values of `config.json` this model reads ("llama", "qwen3").
@@ -152,7 +155,7 @@ pub struct ModelSpec {
     /// the embedding on the first stage, norm + output on the last) and returns that part of
     /// the model: its `forward` maps tokens (first stage) or the hidden state [b, s, dim] to
     /// the hidden state, or to logits (last stage).
-    pub build_stage: fn(&dyn ModelArgs, &Stage, &mut ParamStoreBuilder) -> Result<Box<dyn Model>>,
+    pub build_stage: BuildStage,
     /// Builds the loss from logits (torchtitan's `build_loss_fn`).
     pub loss: LossFn,
     /// titan <-> Hugging Face parameter names for an architecture.

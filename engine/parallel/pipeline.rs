@@ -121,7 +121,7 @@ fn balanced(n_layers: usize, s: &SplitSpec) -> Result<Vec<Range<usize>>> {
         )));
     }
     if n == 1 {
-        return Ok(vec![0..n_layers]);
+        return Ok(std::iter::once(0..n_layers).collect());
     }
     let total = n_layers + first + last;
     let (per, extra) = (total / n, total % n);

@@ -6,9 +6,11 @@
 //!
 //! Memory: a microbatch's stage tape lives from its forward to its last backward pass, and
 //! several are alive at once under 1F1B and the interleaved schedules, so each tape owns its
-//! buffers (`Placement::Owned`). The memory plan counts `peak_in_flight` of them: one stage
-//! microbatch's planned peak plus the activations each other pair in flight keeps between its
-//! forward and backward. The step records the bytes it really held (`peak_activations`).
+//! buffers (`Placement::Owned`), all of them until it is dropped (no reuse inside a tape, as
+//! the arena plan would give: the price of simple correctness, for now). The memory plan
+//! counts `peak_in_flight` such tapes: one through its backward plus what each other pair in
+//! flight holds after its forward, traced on the meta backend with the same owned tapes. The
+//! step records the bytes it really held (`peak_activations`).
 //!
 //! A tied embedding (first stage) and output (last stage) is one parameter held by both ranks:
 //! the same initial weights, their gradients summed before the optimizer (Megatron's embedding
@@ -18,6 +20,7 @@
 use super::config::JobConfig;
 use super::memory::MemoryPlan;
 use super::trainer::{StepResult, Trainer};
+use super::validate::{ValMetrics, Validator};
 use crate::backend::meta::MetaBackend;
 use crate::backend::{AdamW, AdamWBufs, Backend, Buf, DeviceMem};
 use crate::data::Batch;
@@ -62,9 +65,6 @@ impl Layout {
         };
         if g.dp_shard > 1 {
             return refuse("data_parallel_shard_degree > 1 (FSDP within each stage)");
-        }
-        if cfg.validation.enable {
-            return refuse("validation.enable (held-out loss through the stages)");
         }
         if cfg.checkpoint.last_save_in_hf {
             return refuse(
@@ -119,18 +119,18 @@ impl Layout {
         let shape = self.micro_shape(cfg);
         let hidden = hidden_dim(spec, args, dtype)?;
         let (mut peak, mut held, mut unplanned, mut buffers, mut ops) = (0, 0, 0, 0, 0);
-        let mut state = crate::params::StateBytes::default();
+        let (_, builder) = self.build(spec, args, cfg)?;
+        let state = ParamStore::materialize(builder, &MetaBackend::new(), dtype)?.state_bytes();
         let mut num_params = 0;
         for s in self.local() {
             let st = &self.stages[s];
             let t = trace_stage(spec, cfg, args, st, dtype, shape, hidden)?;
-            peak = peak.max(t.plan.peak);
+            peak = peak.max(t.total);
             held = held.max(t.held);
             unplanned = unplanned.max(t.plan.unplanned);
             buffers += t.plan.requests.len();
             ops += t.ops;
             num_params += t.num_params;
-            state.constants = state.constants.max(t.constants);
         }
         let in_flight = self.schedule.peak_in_flight(self.pp_rank).max(1);
         let mp = MemoryPlan {
@@ -142,7 +142,9 @@ impl Layout {
             ops,
             num_params,
         };
-        Ok((Plan::new(Vec::new()), None, mp))
+        // Validation runs through the stages too, on tapes of their own (`validate_pipelined`).
+        let validation = cfg.validation.enable.then(|| Plan::new(Vec::new()));
+        Ok((Plan::new(Vec::new()), validation, mp))
     }
 
     /// (batch, seq) of one microbatch.
@@ -209,6 +211,28 @@ impl Layout {
             peak_activations: Cell::new(0),
         })
     }
+}
+
+/// `titan plan` of a pp > 1 layout: the schedule, and each pp rank's memory (its stages'
+/// state and in-flight activations, traced on the meta backend).
+pub fn plan_pp_ranks(
+    spec: &ModelSpec,
+    cfg: &JobConfig,
+    args: &dyn ModelArgs,
+    dims: &ParallelDims,
+    dtype: DType,
+) -> Result<(Schedule, Vec<MemoryPlan>)> {
+    let pp = dims.degrees.pp;
+    let mut out = Vec::with_capacity(pp);
+    let mut schedule = None;
+    for r in 0..pp {
+        // pp is the outermost mesh dimension: world rank r * (world / pp) has coordinate r.
+        let l = Layout::new(spec, cfg, args, dims, r * (dims.world / pp))?;
+        out.push(l.trace_plan(spec, cfg, args, dtype)?.2);
+        schedule = Some(l.schedule);
+    }
+    let s = schedule.ok_or_else(|| Error::Config("pipeline: no pp ranks".into()))?;
+    Ok((s, out))
 }
 
 /// Parameters several pp ranks hold (a tied embedding): their gradients are summed over `comm`.
@@ -365,6 +389,55 @@ impl Trainer {
             .ok_or_else(|| Error::Config("not a pipeline-parallel trainer".into()))
     }
 
+    fn stage_models(&self) -> Result<&StageModels> {
+        self.model
+            .as_any()
+            .downcast_ref::<StageModels>()
+            .ok_or_else(|| Error::Config("pipeline: the model is not a stage list".into()))
+    }
+
+    /// A validation run through the stages: each batch forward only, stage after stage (every
+    /// rank walks (batch, stage) in order, so a pair's messages arrive in the order they are
+    /// read); the last stages' loss sums and token counts are reduced over the world.
+    pub(super) fn validate_pipelined(&self, v: &mut Validator, step: u64) -> Result<ValMetrics> {
+        let reduce = |vals: &mut [f32]| self.all_reduce_host(vals, ReduceOp::Sum);
+        let mut loss_of = |b: &Batch, _: &Plan| self.forward_stages(b);
+        v.run_with(step, true, &reduce, &mut loss_of)
+    }
+
+    /// This rank's stages' forward passes over `b`; the summed loss on the last stage.
+    fn forward_stages(&self, b: &Batch) -> Result<Option<f64>> {
+        let (p, models, be) = (self.pipeline()?, self.stage_models()?, self.be.as_ref());
+        let (s, comm, dtype) = (&p.schedule, p.comm.as_ref(), self.store.compute_dtype);
+        let hidden = [b.batch, b.seq, p.hidden];
+        let len = b.batch * b.seq * p.hidden;
+        let mut loss = None;
+        for (k, &stage) in p.local.iter().enumerate() {
+            let mut held = None; // outlives the tape that reads it
+            let mut tape = Tape::new(be, &self.store, Placement::Owned);
+            let x = if stage == 0 {
+                tape.input_i32(&b.inputs, [b.batch, b.seq])?
+            } else {
+                let m = be.alloc(len * dtype.size())?;
+                let buf = Buf::new(m.ptr(), len, dtype);
+                comm.recv(buf, s.rank_of(stage - 1))?;
+                held = Some(m);
+                tape.external_activation(buf, hidden, false)?
+            };
+            let out = models.models[k].forward(&mut tape, x)?;
+            if stage == p.last_stage() {
+                let labels = tape.input_i32(&b.labels, [b.batch * b.seq])?;
+                let l = (self.spec.loss)(&mut tape, out, labels, 1.0)?;
+                loss = Some(tape.to_vec_f32(l)?[0] as f64);
+            } else {
+                comm.send(tape.device_buf(out)?, s.rank_of(stage + 1))?;
+            }
+            drop(tape);
+            drop(held);
+        }
+        Ok(loss)
+    }
+
     /// One optimizer step of a pp > 1 run: `accum` local batches through the schedule, the
     /// shared parameters' gradients summed, the norm over every stage, AdamW on this rank's.
     pub(super) fn pipeline_step(&mut self) -> Result<StepResult> {
@@ -464,14 +537,10 @@ impl Trainer {
     /// loss of the microbatches (0 unless this rank holds the last stage).
     fn run_schedule(&self, p: &Pipeline, batch: &Batch, grad_scale: f32) -> Result<f64> {
         let be = self.be.as_ref();
-        let models = self
-            .model
-            .as_any()
-            .downcast_ref::<StageModels>()
-            .ok_or_else(|| Error::Config("pipeline: the model is not a stage list".into()))?;
+        let models = self.stage_models()?;
         let s = &p.schedule;
         let m = s.microbatches;
-        if batch.batch % m != 0 {
+        if !batch.batch.is_multiple_of(m) {
             return Err(Error::Config(format!(
                 "pipeline: a batch of {} rows does not split into {m} microbatches",
                 batch.batch
@@ -600,14 +669,17 @@ fn hidden_dim(spec: &ModelSpec, args: &dyn ModelArgs, dtype: DType) -> Result<us
     })
 }
 
-/// One stage microbatch traced on the meta backend.
+/// One stage microbatch traced on the meta backend, on a tape that owns its buffers as the
+/// pipeline's do (they are freed when the tape is dropped after its last backward pass; only
+/// activation checkpointing releases some earlier).
 struct StageTrace {
     plan: Plan,
-    /// Bytes alive between its forward and its backward (what a pair in flight holds).
+    /// Bytes its tape holds between its forward and its backward (a pair in flight).
     held: usize,
+    /// Bytes its tape holds at the end of its backward.
+    total: usize,
     ops: usize,
     num_params: usize,
-    constants: usize,
 }
 
 fn trace_stage(
@@ -637,19 +709,13 @@ fn trace_stage(
     } else {
         (out, Some(tape.external_activation(fake, shape, false)?))
     };
-    let boundary = tape.now();
+    let held = tape.owned_bytes_live();
     tape.backward_from(root, seed, &[x], false)?;
-    let requests = tape.requests();
-    let held = requests
-        .iter()
-        .filter(|r| r.first <= boundary && r.last > boundary)
-        .map(|r| r.bytes)
-        .sum();
     Ok(StageTrace {
-        plan: Plan::new(requests),
+        plan: tape.plan(),
         held,
+        total: tape.owned_bytes_live(),
         ops: tape.num_nodes(),
         num_params: store.num_params(),
-        constants: store.state_bytes().constants,
     })
 }

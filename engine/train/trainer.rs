@@ -491,7 +491,10 @@ impl Trainer {
                     train_arena: self.arena.ptr(),
                     all_reduce: &reduce,
                 };
-                let m = v.run(done, &on);
+                let m = match &self.pipeline {
+                    Some(_) => self.validate_pipelined(&mut v, done),
+                    None => v.run(done, &on),
+                };
                 self.validator = Some(v);
                 let m = m?;
                 if !quiet {
