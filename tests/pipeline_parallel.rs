@@ -340,3 +340,46 @@ fn bad_pipeline_layouts_are_clear_errors() {
         }
     });
 }
+
+/// `titan plan` of a pp layout: every pp rank's memory, its activations counting the stage
+/// microbatches its schedule holds at once (1F1B: 2 on rank 0, 1 on rank 1; GPipe: all 4).
+#[test]
+fn plan_counts_each_pp_ranks_microbatches_in_flight() {
+    let plan = |schedule: &str| -> serde_json::Value {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_titan"))
+            .args([
+                "plan",
+                "--config",
+                concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/configs/llama3_debugmodel.toml"
+                ),
+                "--world-size",
+                "2",
+                "--json",
+                "--parallelism.pipeline_parallel_degree=2",
+                &format!("--parallelism.pipeline_parallel_schedule={schedule}"),
+                "--training.local_batch_size=4",
+                "--training.seq_len=32",
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(v["estimate"].is_null(), "{v}");
+        v["pipeline"].clone()
+    };
+    let (one, all) = (plan("1F1B"), plan("GPipe"));
+    assert_eq!(one["peak_in_flight"], serde_json::json!([2, 1]), "{one}");
+    assert_eq!(all["peak_in_flight"], serde_json::json!([4, 4]), "{all}");
+    let act = |p: &serde_json::Value, r: usize| p["ranks"][r]["activations_peak"].as_u64().unwrap();
+    let state =
+        |p: &serde_json::Value, r: usize| p["ranks"][r]["state"]["params"].as_u64().unwrap();
+    for r in 0..2 {
+        // The same stage: the same state, more activations for more microbatches in flight.
+        assert_eq!(state(&one, r), state(&all, r));
+        assert!(state(&one, r) > 0 && act(&one, r) > 0);
+        assert!(act(&all, r) > act(&one, r), "rank {r}: {all} vs {one}");
+    }
+}

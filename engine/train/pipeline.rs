@@ -83,6 +83,20 @@ impl Layout {
         })
     }
 
+    /// Checks that the pipeline runs on backend `name`: the host communicators only so far.
+    /// NCCL's send waits on the GPU for its recv, so the crossing send / recv pairs of 1F1B's
+    /// steady state would need NCCL groups, which are not built (nor tested: no GPU here).
+    pub fn on(self, backend: &str) -> Result<Layout> {
+        if backend != "cpu" {
+            return Err(Error::Config(format!(
+                "pipeline_parallel_degree {} on the {backend} backend is not built yet (NCCL \
+                 send / recv grouping); pipelines run on CPU ranks (--training.device cpu)",
+                self.schedule.pp
+            )));
+        }
+        Ok(self)
+    }
+
     /// The stages this rank holds, ascending.
     fn local(&self) -> Vec<usize> {
         (0..self.stages.len())

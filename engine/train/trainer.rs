@@ -183,7 +183,7 @@ impl Trainer {
         let args = resolve::run_args(spec, &cfg, vocab)?;
         let layout = match g.pp {
             1 => None,
-            _ => Some(Layout::new(spec, &cfg, args.as_ref(), &dims, rank)?),
+            _ => Some(Layout::new(spec, &cfg, args.as_ref(), &dims, rank)?.on(be.name())?),
         };
         let (plan, validation_plan, mut memory) = match &layout {
             Some(l) => l.trace_plan(spec, &cfg, args.as_ref(), dtype)?,
