@@ -21,6 +21,9 @@ pub struct ConstId(pub usize);
 pub struct ParamSpec {
     pub name: String,
     pub shape: Shape,
+    /// Which initial-weight stream the parameter draws (`model::init`): its index in the whole
+    /// model, so a pipeline stage holding only some parameters draws the same weights.
+    pub init_key: usize,
 }
 
 /// Collects parameter and constant declarations while a model is built (no memory yet).
@@ -48,6 +51,7 @@ impl ParamStoreBuilder {
         self.params.push(ParamSpec {
             name: name.into(),
             shape: shape.into(),
+            init_key: self.params.len(),
         });
         ParamId(self.params.len() - 1)
     }
@@ -356,6 +360,10 @@ impl ParamStore {
     }
     pub fn shape(&self, id: ParamId) -> &Shape {
         &self.specs[id.0].shape
+    }
+    /// The initial-weight stream of `id` (`ParamSpec::init_key`).
+    pub fn init_key(&self, id: ParamId) -> usize {
+        self.specs[id.0].init_key
     }
     pub fn name(&self, id: ParamId) -> &str {
         &self.specs[id.0].name

@@ -217,7 +217,9 @@ fn tied_embedding_gradient_is_the_sum_of_both_uses() {
     let (untied, su) = build(false);
     untied.init_weights(&su, &be, 5).unwrap();
     let (tied, st) = build(true);
-    let emb = su.read_f32(&be, su.master(untied.tok_embeddings)).unwrap();
+    let emb = su
+        .read_f32(&be, su.master(untied.tok_embeddings.unwrap()))
+        .unwrap();
     let out = untied.output.unwrap();
     su.set(&be, out, &emb).unwrap();
     for id in st.ids() {

@@ -13,6 +13,7 @@ use crate::params::StateBytes;
 use crate::planner::cost::{Assumptions, Estimate};
 use crate::tensor::DType;
 use crate::train::config::JobConfig;
+use crate::train::pipeline::plan_pp_ranks;
 use crate::train::trainer::{trace_plan, MemoryPlan, Trainer};
 use std::path::Path;
 use std::time::Instant;
@@ -35,8 +36,18 @@ pub(super) fn layout_summary(tr: &Trainer) -> String {
     } else {
         String::new()
     };
+    let pp = match &tr.pipeline {
+        Some(p) => format!(
+            "pp {} ({}, {} stages, {} microbatches) x ",
+            g.pp,
+            p.schedule.kind.name(),
+            p.schedule.stages(),
+            p.schedule.microbatches
+        ),
+        None => String::new(),
+    };
     format!(
-        " | world {}: dp_replicate {} x dp_shard {}{tp} ({kind})",
+        " | world {}: {pp}dp_replicate {} x dp_shard {}{tp} ({kind})",
         m.dims.world, g.dp_replicate, g.dp_shard
     )
 }
@@ -127,6 +138,9 @@ pub fn plan(
     }
     let dims = ParallelDims::new(&cfg.parallelism, world_size)?;
     let g = dims.degrees;
+    if g.pp > 1 {
+        return plan_pipeline(spec, &cfg, args.as_ref(), &dims, dtype, json);
+    }
     let accum = cfg.gradient_accumulation_steps(dims.dp())?;
     let machine = opts.machine.assumptions(world_size)?;
     let (mp, est) = plan_layout(spec, &cfg, args.as_ref(), dtype, &dims, &machine)?;
@@ -231,6 +245,78 @@ pub fn plan(
         traced_s
     )?;
     print_estimate(&est)
+}
+
+/// `titan plan` of a pp > 1 layout: every pp rank's memory (its stages' state, and the
+/// activations of the stage microbatches its schedule holds at once), the largest first in
+/// the text. The step-time model does not cover pipeline schedules yet.
+fn plan_pipeline(
+    spec: &crate::model::ModelSpec,
+    cfg: &JobConfig,
+    args: &dyn crate::model::ModelArgs,
+    dims: &ParallelDims,
+    dtype: DType,
+    json: bool,
+) -> Result<()> {
+    let (s, ranks) = plan_pp_ranks(spec, cfg, args, dims, dtype)?;
+    let busiest = (0..ranks.len())
+        .max_by_key(|&r| ranks[r].total())
+        .unwrap_or(0);
+    if json {
+        let v = serde_json::json!({
+            "pipeline": {
+                "schedule": s.kind.name(),
+                "stages": s.stages(),
+                "microbatches": s.microbatches,
+                "peak_in_flight": (0..s.pp).map(|r| s.peak_in_flight(r)).collect::<Vec<_>>(),
+                "ranks": ranks,
+            },
+            "estimate": null,
+        });
+        outln!("{v}")?;
+        return Ok(());
+    }
+    let g = dims.degrees;
+    outln!(
+        "memory plan: {} {} | pp {} x dp_replicate {} | {} schedule, {} stages, {} microbatches \
+         of {} x seq {} | compute {} | AC {}",
+        spec.name,
+        cfg.model.flavor,
+        g.pp,
+        g.dp_replicate,
+        s.kind.name(),
+        s.stages(),
+        s.microbatches,
+        cfg.parallelism.pipeline_parallel_microbatch_size,
+        cfg.training.seq_len,
+        dtype,
+        cfg.activation_checkpoint.mode
+    )?;
+    for (r, mp) in ranks.iter().enumerate() {
+        let st = &mp.state;
+        outln!(
+            "  pp rank {r}: {:.3}B params | state {} | activations {} ({} stage microbatches in \
+             flight) | peak {}{}",
+            mp.num_params as f64 / 1e9,
+            gib(st.total()).trim(),
+            gib(mp.activations_peak).trim(),
+            s.peak_in_flight(r),
+            gib(mp.total()).trim(),
+            if r == busiest {
+                "  <- per-rank peak"
+            } else {
+                ""
+            }
+        )?;
+    }
+    outln!(
+        "  (activations: the stage microbatch tapes a rank holds at once, each owning its \
+         buffers until its last backward; traced on the meta backend, nothing allocated)"
+    )?;
+    outln!(
+        "  step time: the cost model does not cover pipeline schedules yet (the bubble of a \
+         schedule: docs/PARALLELISM.md)"
+    )
 }
 
 /// Every registered model and flavor with its parameter count (at the flavor's own vocabulary).

@@ -115,6 +115,9 @@ pub struct Mesh {
     /// The ranks of one data-parallel replica (pp x dp_shard x cp x tp): together they hold one
     /// copy of the model, so their gradient squares sum to the global norm's.
     pub replica: Box<dyn Communicator>,
+    /// pp x dp: the ranks that hold different parts of the global batch's loss (its last
+    /// pipeline stages, one per tp group).
+    pub batch: Box<dyn Communicator>,
 }
 
 impl Mesh {
@@ -132,6 +135,10 @@ impl Mesh {
         let dp_replicate = world.split(&dims.group(r, &[Dim::DpReplicate]))?;
         let dp = world.split(&dims.group(r, &[Dim::DpReplicate, Dim::DpShard]))?;
         let replica = world.split(&dims.group(r, &[Dim::Pp, Dim::DpShard, Dim::Cp, Dim::Tp]))?;
+        let batch = world.split(&dims.group(
+            r,
+            &[Dim::Pp, Dim::DpReplicate, Dim::DpShard],
+        ))?;
         Ok(Mesh {
             dims,
             world,
@@ -139,6 +146,7 @@ impl Mesh {
             dp_replicate,
             dp,
             replica,
+            batch,
         })
     }
 }

@@ -20,12 +20,11 @@ impl Init<'_> {
         use rayon::prelude::*;
         const CHUNK: usize = 1 << 16;
         let n = self.store.numel(id);
-        let seed = self.seed;
+        let (seed, key) = (self.seed, self.store.init_key(id) as u64);
         let mut out = vec![0f32; n];
         out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, dst)| {
-            let mut rng = Rng::new(
-                seed ^ ((id.0 as u64) << 40) ^ ((c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
-            );
+            let mut rng =
+                Rng::new(seed ^ (key << 40) ^ ((c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
             for x in dst {
                 *x = f(&mut rng) as f32;
             }

@@ -20,7 +20,7 @@ pub use state_dict::StateDictAdapter;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::parallel::pipeline::Stage;
+use crate::parallel::pipeline::{SplitSpec, Stage};
 use crate::params::{ParamId, ParamSpec, ParamStore, ParamStoreBuilder};
 use crate::tape::{Tape, Tensor};
 use crate::train::config::JobConfig;
@@ -122,12 +122,13 @@ impl<'a> Parallelize<'a> {
     /// the q/k/v and gate/up projections column-parallel and the attention output and down
     /// projections row-parallel, the output projection column-parallel (its logits stay split
     /// on the vocabulary for loss parallel; a tied one (`None`) is the embedding's split).
-    /// Heads must divide by the degree (each rank attends with whole heads).
+    /// Heads must divide by the degree (each rank attends with whole heads). A pipeline stage
+    /// passes the edges it holds.
     pub fn tensor_parallel_decoder(
         &self,
         model: &str,
         (n_heads, n_kv_heads): (usize, usize),
-        embedding: ParamId,
+        embedding: Option<ParamId>,
         blocks: impl IntoIterator<Item = BlockTp>,
         output: Option<ParamId>,
     ) -> Result<()> {
@@ -143,7 +144,9 @@ impl<'a> Parallelize<'a> {
                 )));
             }
         }
-        self.vocab_parallel(embedding);
+        if let Some(e) = embedding {
+            self.vocab_parallel(e);
+        }
         for b in blocks {
             self.colwise_parallel(&b.colwise);
             self.rowwise_parallel(&b.rowwise);
@@ -170,19 +173,22 @@ impl<'a> Parallelize<'a> {
     /// torchtitan's `apply_fsdp` for a decoder: the embedding, each block, then the final norm
     /// with the output projection, as units in forward order. A tied output (`None`) leaves the
     /// embedding, used first and last, in the root unit.
+    /// A pipeline stage passes only the edges it holds (None for the others); a stage's tied
+    /// output (the embedding with a norm, no output) stays in the root unit the same way.
     pub fn fully_shard_decoder(
         &self,
-        embedding: ParamId,
+        embedding: Option<ParamId>,
         blocks: impl IntoIterator<Item = Vec<ParamId>>,
-        norm: ParamId,
+        norm: Option<ParamId>,
         output: Option<ParamId>,
     ) {
+        // Own unit unless the embedding is also the output (tied: used first and last).
+        if let Some(e) = embedding.filter(|_| output.is_some() || norm.is_none()) {
+            self.fully_shard(vec![e]);
+        }
+        blocks.into_iter().for_each(|b| self.fully_shard(b));
         if let Some(out) = output {
-            self.fully_shard(vec![embedding]);
-            blocks.into_iter().for_each(|b| self.fully_shard(b));
-            self.fully_shard(vec![norm, out]);
-        } else {
-            blocks.into_iter().for_each(|b| self.fully_shard(b));
+            self.fully_shard(norm.into_iter().chain([out]).collect());
         }
     }
 
@@ -199,6 +205,9 @@ pub struct BlockTp {
     /// Split on their input features: wo, w2.
     pub rowwise: Vec<ParamId>,
 }
+
+/// `ModelSpec::build_stage`: declares one pipeline stage's parameters, returns that part.
+pub type BuildStage = fn(&dyn ModelArgs, &Stage, &mut ParamStoreBuilder) -> Result<Box<dyn Model>>;
 
 /// Hugging Face `transformers` interop of one model.
 pub struct HfInterop {
@@ -223,8 +232,13 @@ pub struct ModelSpec {
     /// Applies parallelism and training techniques from outside the model code, in torchtitan's
     /// order: tensor parallel, activation checkpointing, fusion, FSDP.
     pub parallelize: fn(&mut dyn Model, &Parallelize) -> Result<()>,
-    /// Which layers (and edge modules) each of `stages` pipeline stages owns.
-    pub pipeline_split: fn(&dyn ModelArgs, stages: usize) -> Result<Vec<Stage>>,
+    /// Which layers (and edge modules) each pipeline stage owns.
+    pub pipeline_split: fn(&dyn ModelArgs, &SplitSpec) -> Result<Vec<Stage>>,
+    /// Declares the parameters of one pipeline stage (its blocks under their global layer ids,
+    /// the embedding on the first stage, norm + output on the last) and returns that part of
+    /// the model: its `forward` maps tokens (first stage) or the hidden state [b, s, dim] to
+    /// the hidden state, or to logits (last stage).
+    pub build_stage: BuildStage,
     /// Builds the loss from logits (torchtitan's `build_loss_fn`).
     pub loss: LossFn,
     /// titan <-> Hugging Face parameter names for an architecture.
@@ -257,6 +271,40 @@ impl ModelSpec {
         (self.parallelize)(model.as_mut(), &p)?;
         (b.fsdp_units, b.tp_plan) = p.into_parts();
         Ok((model, b))
+    }
+
+    /// The models of a pipeline rank's `stages` with the job's parallelism applied, their
+    /// parameters declared into one store. Each parameter draws the initial weights it draws in
+    /// the whole model (`ParamSpec::init_key` by name), so any split starts from the same
+    /// weights.
+    pub fn build_stages_for(
+        &self,
+        args: &dyn ModelArgs,
+        job: &JobConfig,
+        stages: &[Stage],
+    ) -> Result<(Vec<Box<dyn Model>>, ParamStoreBuilder)> {
+        let mut b = ParamStoreBuilder::default();
+        let p = Parallelize::new(job);
+        let mut models = Vec::with_capacity(stages.len());
+        for st in stages {
+            let mut m = (self.build_stage)(args, st, &mut b)?;
+            (self.parallelize)(m.as_mut(), &p)?;
+            models.push(m);
+        }
+        (b.fsdp_units, b.tp_plan) = p.into_parts();
+        let whole = self.param_specs(args)?;
+        for spec in &mut b.params {
+            spec.init_key = whole
+                .iter()
+                .position(|w| w.name == spec.name)
+                .ok_or_else(|| {
+                    Error::Config(format!(
+                        "{}: stage parameter {} is not in the whole model",
+                        self.name, spec.name
+                    ))
+                })?;
+        }
+        Ok((models, b))
     }
 
     /// The parameters (names, shapes) of an architecture, without allocating them.

@@ -334,6 +334,7 @@ mod tests {
         ParamSpec {
             name: name.into(),
             shape: Shape::new(dims),
+            init_key: 0,
         }
     }
 

@@ -44,8 +44,8 @@ pub fn local_specs(
         .iter()
         .zip(dims)
         .map(|(s, &d)| ParamSpec {
-            name: s.name.clone(),
             shape: local_shape(&s.shape, d, degree, rank),
+            ..s.clone()
         })
         .collect()
 }

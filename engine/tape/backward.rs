@@ -111,23 +111,90 @@ impl FsdpWalk {
     }
 }
 
+/// Weight-gradient work of one node that a split backward deferred: the node and the gradients
+/// its backward read (of its output, and for `AddRmsNorm` of its residual sum `h`).
+pub(crate) struct Deferred {
+    ni: usize,
+    g: Tensor,
+    gh: Option<Tensor>,
+}
+
 impl<'a> Tape<'a> {
     /// Differentiates the tape from `loss`, which must be the output of `cross_entropy` (its
     /// gradient scale was fixed there). Parameter gradients are accumulated (+=) into the
     /// parameter store, so calling this once per micro-batch accumulates over the global batch.
     pub fn backward(&mut self, loss: Tensor) -> Result<()> {
-        let is_loss = self.nodes.iter().any(|n| match n.op {
-            Op::CrossEntropy { loss: l, .. } | Op::CrossEntropyShard { loss: l, .. } => l == loss,
-            _ => false,
-        });
-        if !is_loss {
-            return Err(Error::Shape {
-                op: "backward",
-                msg: "the root must be a cross_entropy loss".into(),
-            });
-        }
+        self.backward_from(loss, None, &[], false).map(|_| ())
+    }
+
+    /// A pipeline stage's backward: from `out` with gradient `dout` (None: `out` is the
+    /// `cross_entropy` loss, the last stage); returns the gradients of `inputs` (None where no
+    /// gradient reached one). With `defer_weights` (zero-bubble's input-gradient pass) each
+    /// op's parameter-gradient work is recorded instead of run; `backward_weights` runs it
+    /// later, in the same order, so the gradients are bitwise those of a full backward.
+    pub fn backward_from(
+        &mut self,
+        out: Tensor,
+        dout: Option<Tensor>,
+        inputs: &[Tensor],
+        defer_weights: bool,
+    ) -> Result<Vec<Option<Tensor>>> {
         let mut grads = Grads::default();
-        grads.set(loss, loss, false);
+        match dout {
+            None => {
+                let is_loss = self
+                    .nodes
+                    .iter()
+                    .any(|n| match n.op {
+                        Op::CrossEntropy { loss: l, .. } | Op::CrossEntropyShard { loss: l, .. } => {
+                            l == out
+                        }
+                        _ => false,
+                    });
+                if !is_loss {
+                    return Err(Error::Shape {
+                        op: "backward",
+                        msg: "the root must be a cross_entropy loss".into(),
+                    });
+                }
+                grads.set(out, out, false);
+            }
+            Some(g) => {
+                if self.shape(g) != self.shape(out) || self.dtype(g) != self.dtype(out) {
+                    return Err(Error::Shape {
+                        op: "backward",
+                        msg: format!(
+                            "output gradient {} {} for an output {} {}",
+                            self.shape(g),
+                            self.dtype(g),
+                            self.shape(out),
+                            self.dtype(out)
+                        ),
+                    });
+                }
+                grads.set(out, g, false);
+            }
+        }
+        if defer_weights && self.store.fsdp().is_some() {
+            return Err(Error::Config(
+                "a split backward (zero-bubble) with FSDP-sharded parameters is not built".into(),
+            ));
+        }
+        self.walk(grads, defer_weights)
+            .map(|g| inputs.iter().map(|&x| g.get(x).map(|p| p.0)).collect())
+    }
+
+    /// Runs the parameter-gradient work a `backward_from(.., defer_weights)` left (zero-bubble's
+    /// weight pass): the same kernels on the same buffers, which the tape still holds.
+    pub fn backward_weights(&mut self) -> Result<()> {
+        for d in std::mem::take(&mut self.deferred) {
+            let op = self.nodes[d.ni].op.clone();
+            self.weight_grads(&op, d.g, d.gh)?;
+        }
+        Ok(())
+    }
+
+    fn walk(&mut self, mut grads: Grads, defer: bool) -> Result<Grads> {
         let mut fsdp = FsdpWalk::new(self);
         for ni in (0..self.nodes.len()).rev() {
             if let Some(r) = self.nodes[ni].region {
@@ -149,12 +216,109 @@ impl<'a> Tape<'a> {
                 super::profile::timed(
                     self.be,
                     || name.unwrap_or_default(),
-                    || self.backward_node(&op, &mut grads),
+                    || self.backward_node(ni, &op, &mut grads, defer),
                 )?;
             }
             fsdp.after(self, ni)?;
         }
-        fsdp.finish(self)
+        fsdp.finish(self)?;
+        Ok(grads)
+    }
+
+    /// The parameter-gradient half of node `op`'s backward, given the gradient `g` of its
+    /// output (and `gh` of an `AddRmsNorm`'s residual sum, as the full backward read it). The
+    /// norms' kernel computes the input gradient too; here it goes to a scratch buffer.
+    fn weight_grads(&mut self, op: &Op, g: Tensor, gh: Option<Tensor>) -> Result<()> {
+        let be = self.be;
+        match *op {
+            Op::Embedding {
+                table, ids, shard, ..
+            } => {
+                let dim = self.shape(table).0[1];
+                let dt = self.weight_grad(table, "embedding")?;
+                let (gb, ib, db) = (self.touch(g)?, self.touch(ids)?, self.touch(dt)?);
+                match shard {
+                    None => be.embedding_bwd(gb, ib, db, dim)?,
+                    Some((row0, vocab)) => be.embedding_shard_bwd(&EmbeddingShard {
+                        table: db,
+                        ids: ib,
+                        out: gb,
+                        dim,
+                        row0,
+                        vocab,
+                    })?,
+                }
+            }
+            Op::Linear { x, w, .. } => {
+                let (n, k) = (self.shape(x).rows(), self.shape(x).last());
+                let m_out = self.shape(w).0[0];
+                let dw = self.weight_grad(w, "linear")?;
+                let (gb, xb, dwb) = (self.touch(g)?, self.touch(x)?, self.touch(dw)?);
+                be.gemm(&Gemm::new(m_out, k, n, true, false, 1.0), gb, xb, dwb)?;
+            }
+            Op::RmsNorm { x, w, rstd, .. } => {
+                let dw = self.weight_grad(w, "rmsnorm")?;
+                self.norm_bwd(g, x, w, rstd, None, dw)?;
+            }
+            Op::AddRmsNorm { w, h, rstd, .. } => {
+                let dw = self.weight_grad(w, "add_rmsnorm")?;
+                self.norm_bwd(g, h, w, rstd, gh, dw)?;
+            }
+            _ => return Ok(()),
+        }
+        self.tick();
+        Ok(())
+    }
+
+    /// An RMSNorm backward whose input gradient is discarded (a fresh scratch), `dres` added
+    /// to it as the full backward did.
+    fn norm_bwd(
+        &mut self,
+        g: Tensor,
+        x: Tensor,
+        w: Tensor,
+        rstd: Tensor,
+        dres: Option<Tensor>,
+        dw: Tensor,
+    ) -> Result<()> {
+        let (rows, dim) = (self.shape(x).rows(), self.shape(x).last());
+        let dx = self.grad_buf_like(x)?;
+        let [gb, xb, wb, rb, dxb, dwb] = self.touch_all([g, x, w, rstd, dx, dw])?;
+        let a = RmsNormBwd {
+            dout: gb,
+            x: xb,
+            w: wb,
+            rstd: rb,
+            dx: dxb,
+            dw: dwb,
+            rows,
+            dim,
+        };
+        match dres {
+            Some(r) => {
+                let rb = self.touch(r)?;
+                self.be.rmsnorm_bwd_add(&a, rb)
+            }
+            None => self.be.rmsnorm_bwd(&a),
+        }
+    }
+
+    /// A zeroed f32 gradient of `w`'s shape that nothing reads (the weight half of a norm's
+    /// kernel, while a split backward defers the real one).
+    fn scratch_weight_grad(&mut self, w: Tensor) -> Result<Tensor> {
+        let t = self.alloc(self.shape(w).clone(), DType::F32, false)?;
+        let b = self.touch(t)?;
+        self.be.fill(b, 0.0)?;
+        Ok(t)
+    }
+
+    /// Records node `ni`'s weight-gradient work for `backward_weights` when deferring; true
+    /// when it did (the caller then skips it).
+    fn defer(&mut self, defer: bool, ni: usize, g: Tensor, gh: Option<Tensor>) -> bool {
+        if defer {
+            self.deferred.push(Deferred { ni, g, gh });
+        }
+        defer
     }
 
     /// Rematerialises the released buffers of a checkpoint region by replaying its nodes.
@@ -225,7 +389,7 @@ impl<'a> Tape<'a> {
         }
     }
 
-    fn backward_node(&mut self, op: &Op, grads: &mut Grads) -> Result<()> {
+    fn backward_node(&mut self, ni: usize, op: &Op, grads: &mut Grads, defer: bool) -> Result<()> {
         let be = self.be;
         match *op {
             Op::View { x, out } => {
@@ -235,29 +399,10 @@ impl<'a> Tape<'a> {
                     self.accumulate(grads, x, gv, false)?;
                 }
             }
-            Op::Embedding {
-                table,
-                ids,
-                out,
-                shard,
-            } => {
+            Op::Embedding { table, out, .. } => {
                 let (g, _) = grads.get(out).unwrap();
-                if self.requires_grad(table) {
-                    let dim = self.shape(table).0[1];
-                    let dt = self.weight_grad(table, "embedding")?;
-                    let (gb, ib, db) = (self.touch(g)?, self.touch(ids)?, self.touch(dt)?);
-                    match shard {
-                        None => be.embedding_bwd(gb, ib, db, dim)?,
-                        Some((row0, vocab)) => be.embedding_shard_bwd(&EmbeddingShard {
-                            table: db,
-                            ids: ib,
-                            out: gb,
-                            dim,
-                            row0,
-                            vocab,
-                        })?,
-                    }
-                    self.tick();
+                if self.requires_grad(table) && !self.defer(defer, ni, g, None) {
+                    self.weight_grads(op, g, None)?;
                 }
             }
             Op::Linear { x, w, out } => {
@@ -281,7 +426,7 @@ impl<'a> Tape<'a> {
                     }
                     _ => {}
                 }
-                if self.requires_grad(w) {
+                if self.requires_grad(w) && !self.defer(defer, ni, g, None) {
                     let dw = self.weight_grad(w, "linear")?;
                     let (gb, xb, dwb) = (self.touch(g)?, self.touch(x)?, self.touch(dw)?);
                     be.gemm(&Gemm::new(m_out, k, n, true, false, 1.0), gb, xb, dwb)?;
@@ -294,7 +439,10 @@ impl<'a> Tape<'a> {
                 let (g, _) = grads.get(out).unwrap();
                 let (rows, dim) = (self.shape(x).rows(), self.shape(x).last());
                 let dx = self.grad_buf_like(x)?;
-                let dw = self.weight_grad(w, "rmsnorm")?;
+                let dw = match self.defer(defer, ni, g, None) {
+                    true => self.scratch_weight_grad(w)?,
+                    false => self.weight_grad(w, "rmsnorm")?,
+                };
                 let [gb, xb, wb, rb, dxb, dwb] = self.touch_all([g, x, w, rstd, dx, dw])?;
                 be.rmsnorm_bwd(&RmsNormBwd {
                     dout: gb,
@@ -322,7 +470,10 @@ impl<'a> Tape<'a> {
                 let mut total = grads.get(h).map(|p| p.0);
                 if let Some((g, _)) = grads.get(out) {
                     let dh = self.grad_buf_like(h)?;
-                    let dw = self.weight_grad(w, "add_rmsnorm")?;
+                    let dw = match self.defer(defer, ni, g, total) {
+                        true => self.scratch_weight_grad(w)?,
+                        false => self.weight_grad(w, "add_rmsnorm")?,
+                    };
                     let [gb, hb, wb, rb, dhb, dwb] = self.touch_all([g, h, w, rstd, dh, dw])?;
                     let a = RmsNormBwd {
                         dout: gb,

@@ -115,6 +115,9 @@ pub struct Tape<'a> {
     seq: usize,
     /// Dtype of activations and activation gradients (the compute dtype).
     pub act_dtype: DType,
+    /// Weight-gradient work a split backward (`backward_from` with `defer_weights`) left for
+    /// `backward_weights`, in the order a full backward would have run it.
+    deferred: Vec<backward::Deferred>,
 }
 
 impl<'a> Tape<'a> {
@@ -132,7 +135,14 @@ impl<'a> Tape<'a> {
             clock: 0,
             seq: 0,
             act_dtype: store.compute_dtype,
+            deferred: Vec::new(),
         }
+    }
+
+    /// The op clock (one tick per kernel launch): with `requests`, which buffers a point of the
+    /// tape keeps alive (a pipeline stage's activations held between forward and backward).
+    pub fn now(&self) -> u32 {
+        self.clock
     }
 
     pub fn backend(&self) -> &'a dyn Backend {
@@ -361,6 +371,33 @@ impl<'a> Tape<'a> {
             });
         }
         Ok(self.external(b, shape, false, None))
+    }
+
+    /// An activation-dtype tensor over memory the caller holds and keeps alive as long as the
+    /// tape (a pipeline stage's received hidden state, or the gradient of its output). With
+    /// `requires_grad` it is a leaf whose gradient `backward_from` returns.
+    pub fn external_activation(
+        &mut self,
+        b: Buf,
+        shape: impl Into<Shape>,
+        requires_grad: bool,
+    ) -> Result<Tensor> {
+        let shape = shape.into();
+        if b.dtype != self.act_dtype || b.len != shape.numel() {
+            return Err(Error::Shape {
+                op: "external_activation",
+                msg: format!(
+                    "{shape} {} given {} {} elements",
+                    self.act_dtype, b.len, b.dtype
+                ),
+            });
+        }
+        Ok(self.external(b, shape, requires_grad, None))
+    }
+
+    /// The device buffer of `t` (to send it to another rank).
+    pub fn device_buf(&mut self, t: Tensor) -> Result<Buf> {
+        self.touch(t)
     }
 
     /// Uploads host i32 data (token ids, targets) into a planned buffer.

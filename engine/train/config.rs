@@ -217,6 +217,8 @@ pub struct Parallelism {
     pub pipeline_parallel_layers_per_stage: Option<i64>,
     pub pipeline_parallel_first_stage_less_layers: i64,
     pub pipeline_parallel_last_stage_less_layers: i64,
+    /// "layers.N" block names each starting a new pipeline stage (empty: an even split).
+    pub pipeline_parallel_split_points: Vec<String>,
     pub context_parallel_degree: i64,
     pub expert_parallel_degree: i64,
     pub expert_tensor_parallel_degree: i64,
@@ -236,6 +238,7 @@ impl Default for Parallelism {
             pipeline_parallel_layers_per_stage: None,
             pipeline_parallel_first_stage_less_layers: 1,
             pipeline_parallel_last_stage_less_layers: 1,
+            pipeline_parallel_split_points: Vec::new(),
             context_parallel_degree: 1,
             expert_parallel_degree: 1,
             expert_tensor_parallel_degree: 1,

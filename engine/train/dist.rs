@@ -36,6 +36,15 @@ impl Trainer {
         }
     }
 
+    /// As `all_reduce_host`, over the ranks that hold different parts of the global batch's
+    /// loss (pp x dp): the last pipeline stages' losses, counted once per tp group.
+    pub(super) fn all_reduce_batch(&self, vals: &mut [f32], op: ReduceOp) -> Result<()> {
+        match &self.mesh {
+            Some(m) => self.all_reduce_host_on(m.batch.as_ref(), vals, op),
+            None => Ok(()),
+        }
+    }
+
     fn all_reduce_host_on(
         &self,
         comm: &dyn Communicator,
@@ -64,11 +73,13 @@ impl Trainer {
 
     /// The squared global gradient norm into `out` (device), as the sum over one replica's
     /// ranks of their gradients' squares: FSDP shards tile the gradient, tensor-parallel slices
-    /// too, and a replicated weight counts on the first tp rank only.
+    /// and pipeline stages too; a replicated weight counts on the first tp rank only, a
+    /// parameter two stages hold (a tied embedding) on its owner's.
     pub(super) fn grad_norm_sq(&self, out: Buf) -> Result<()> {
         let be = self.be.as_ref();
+        let pp = self.pipeline.as_ref();
         match self.store.tp() {
-            None => {
+            None if pp.is_none() => {
                 be.sum_squares(&[self.store.flat_grad()], out)?;
                 if let Some(f) = self.store.fsdp() {
                     f.comm().all_reduce(out, ReduceOp::Sum)?;
@@ -76,16 +87,17 @@ impl Trainer {
                 }
                 Ok(())
             }
-            Some(tp) => {
+            tp => {
                 let bufs: Vec<Buf> = self
                     .store
                     .ids()
-                    .filter(|&id| tp.rank == 0 || tp.dim(id).is_some())
+                    .filter(|&id| tp.is_none_or(|t| t.rank == 0 || t.dim(id).is_some()))
+                    .filter(|&id| pp.is_none_or(|p| !p.is_copy(id)))
                     .map(|id| self.store.local_grad(id))
                     .filter(|b| b.len > 0)
                     .collect();
                 be.sum_squares(&bufs, out)?;
-                let m = self.mesh.as_ref().expect("tensor parallel has a mesh");
+                let m = self.mesh.as_ref().expect("tensor / pipeline parallel has a mesh");
                 m.replica.all_reduce(out, ReduceOp::Sum)?;
                 m.replica.wait()
             }
@@ -151,11 +163,15 @@ impl Trainer {
             m.dp_replicate.set_timeout(t);
             m.dp.set_timeout(t);
             m.replica.set_timeout(t);
+            m.batch.set_timeout(t);
             if let Some(tp) = self.store.tp() {
                 tp.comm.set_timeout(t);
             }
             if let Some(f) = self.store.fsdp() {
                 f.comm().set_timeout(t);
+            }
+            if let Some(p) = &self.pipeline {
+                p.set_timeout(t);
             }
         }
     }
@@ -215,12 +231,12 @@ pub(super) fn parallel_dims(cfg: &JobConfig, world: usize) -> Result<ParallelDim
         // that divides) come first: they hold whenever pipelines run.
         Schedule::check_config(&cfg.parallelism, cfg.training.local_batch_size)?;
     }
-    for (name, d) in [("pipeline", g.pp), ("context", g.cp), ("expert", g.ep)] {
+    for (name, d) in [("context", g.cp), ("expert", g.ep)] {
         if d > 1 {
             return Err(Error::Config(format!(
-                "parallelism: {name} parallel degree {d}: this release builds data \
-                 parallelism (FSDP, HSDP, DDP) and tensor parallelism; {name} parallelism is \
-                 not built yet"
+                "parallelism: {name} parallel degree {d}: this release builds data, tensor and \
+                 pipeline parallelism (FSDP, HSDP, DDP, TP, PP); {name} parallelism is not built \
+                 yet"
             )));
         }
     }
@@ -248,7 +264,7 @@ mod tests {
     }
 
     #[test]
-    fn pipeline_layouts_meet_the_schedule_rules_before_the_refusal() {
+    fn pipeline_layouts_meet_the_schedule_rules() {
         let e = parallel_dims(
             &cfg(&[
                 "--parallelism.pipeline_parallel_degree=4",
@@ -270,19 +286,14 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("not a multiple of the 4 pipeline ranks"), "{e}");
-        // A layout the schedules accept is still refused: pipelines do not run yet.
-        let e = parallel_dims(
+        // A layout the schedules accept is one pipelines run.
+        let ok = parallel_dims(
             &cfg(&[
                 "--parallelism.pipeline_parallel_degree=4",
                 "--training.local_batch_size=8",
             ]),
             4,
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            e.contains("pipeline parallel degree 4") && e.contains("not built yet"),
-            "{e}"
         );
+        assert_eq!(ok.unwrap().degrees.pp, 4);
     }
 }

@@ -7,6 +7,7 @@ pub mod initial_load;
 pub mod lock;
 pub mod lr;
 pub mod memory;
+pub mod pipeline;
 pub mod preempt;
 pub mod state;
 pub mod step_trace;

@@ -65,11 +65,14 @@ impl Trainer {
                 bufs.push((format!("optim.exp_avg_sq.{name}"), self.store.moment2(id)));
             }
             let (offset, shape) = self.store.local_box(id);
-            // Tensor-parallel ranks but the first hold copies of a replicated parameter.
+            // Tensor-parallel ranks but the first hold copies of a replicated parameter; a
+            // pipeline stage's copy of another stage's parameter (a tied embedding) is saved by
+            // that stage.
             let copy = self
                 .store
                 .tp()
-                .is_some_and(|t| t.rank > 0 && t.dim(id).is_none());
+                .is_some_and(|t| t.rank > 0 && t.dim(id).is_none())
+                || self.pipeline.as_ref().is_some_and(|p| p.is_copy(id));
             if shape.first() == Some(&0) || copy || !self.writes_model_state() {
                 continue;
             }
@@ -95,7 +98,9 @@ impl Trainer {
                 "world_size": self.world_size(),
                 "dp_shard": degree(|g| g.dp_shard),
                 "dp_replicate": degree(|g| g.dp_replicate),
-                "tp": degree(|g| g.tp), "pp": 1, "cp": 1
+                "tp": degree(|g| g.tp),
+                "pp": self.pipeline.as_ref().map_or(1, |p| p.degree()),
+                "cp": 1
             }),
             dataloader: self.loader.state(),
             rng: serde_json::json!({}),

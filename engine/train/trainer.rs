@@ -11,6 +11,7 @@ use super::device::{device_name, select_rank_backend};
 use super::dist::{parallel_dims, reduce_dtype};
 use super::lr::LrSchedule;
 pub use super::memory::{compute_dtype, trace_plan, MemoryPlan};
+use super::pipeline::{Layout, Pipeline};
 use super::preempt::{StopFlag, Stopped};
 use super::state::SaveKind;
 use super::validate::{ValMetrics, ValRun, Validator};
@@ -42,7 +43,7 @@ pub struct Trainer {
     pub plan: Plan,
     pub memory: MemoryPlan,
     arena: Box<dyn DeviceMem>,
-    scalars: Buf,
+    pub(super) scalars: Buf,
     _scalar_mem: Box<dyn DeviceMem>,
     pub loader: DataLoader,
     pub lr: LrSchedule,
@@ -76,6 +77,8 @@ pub struct Trainer {
     pub(super) save_tag: u64,
     /// Seconds spent in collectives by the last step (all-gathers, reduce-scatters, all-reduces).
     pub last_comm_s: f64,
+    /// pp > 1: this rank's stages, schedule and pp group (train/pipeline.rs).
+    pub pipeline: Option<Pipeline>,
 }
 
 /// Results of one optimizer step.
@@ -181,9 +184,18 @@ impl Trainer {
         // One architecture for the traced plan and the real model.
         let args = resolve::run_args(spec, &cfg, vocab)?;
         let tp_rank = dims.coords(rank)[4];
-        let (plan, validation_plan, mut memory) =
-            trace_plan(spec, &cfg, args.as_ref(), dtype, tp_rank)?;
-        let (model, builder) = spec.build_for(args.as_ref(), &cfg)?;
+        let layout = match g.pp {
+            1 => None,
+            _ => Some(Layout::new(spec, &cfg, args.as_ref(), &dims, rank)?.on(be.name())?),
+        };
+        let (plan, validation_plan, mut memory) = match &layout {
+            Some(l) => l.trace_plan(spec, &cfg, args.as_ref(), dtype)?,
+            None => trace_plan(spec, &cfg, args.as_ref(), dtype, tp_rank)?,
+        };
+        let (model, builder) = match &layout {
+            Some(l) => l.build(spec, args.as_ref(), &cfg)?,
+            None => spec.build_for(args.as_ref(), &cfg)?,
+        };
         let tp = match &mesh {
             Some(m) if g.tp > 1 => Some(TensorParallel::new(
                 m.world.split(&dims.group(rank, &[Dim::Tp]))?,
@@ -213,6 +225,10 @@ impl Trainer {
         memory.state = store.state_bytes();
         // Every rank draws the same initial weights and keeps its shard of them.
         model.init_weights(&store, be.as_ref(), seed)?;
+        let pipeline = match (layout, &mesh) {
+            (Some(l), Some(m)) => Some(l.connect(spec, args.as_ref(), m, &store, dtype)?),
+            _ => None,
+        };
         let arena = be.alloc(plan.peak.max(256))?;
         let validator = match validation_plan {
             Some(vp) => Some(Validator::new(
@@ -278,6 +294,7 @@ impl Trainer {
             comm_scalars,
             save_tag: 0,
             last_comm_s: 0.0,
+            pipeline,
         })
         .and_then(Trainer::agree_at_start)
     }
@@ -288,6 +305,9 @@ impl Trainer {
 
     /// One optimizer step over `accum` micro-batches.
     pub fn train_step(&mut self) -> Result<StepResult> {
+        if self.pipeline.is_some() {
+            return self.pipeline_step();
+        }
         let step = self.step + 1;
         let be = self.be.as_ref();
         let mut batches = Vec::with_capacity(self.accum);
@@ -480,7 +500,10 @@ impl Trainer {
                     train_arena: self.arena.ptr(),
                     all_reduce: &reduce,
                 };
-                let m = v.run(done, &on);
+                let m = match &self.pipeline {
+                    Some(_) => self.validate_pipelined(&mut v, done),
+                    None => v.run(done, &on),
+                };
                 self.validator = Some(v);
                 let m = m?;
                 if !quiet {
@@ -523,7 +546,11 @@ impl Trainer {
     /// Bytes this trainer holds on its backend: the flat state, constants and the arena.
     pub fn actual_memory(&self) -> usize {
         let validation = self.validator.as_ref().map_or(0, Validator::own_bytes);
-        self.store.state_bytes().total() + self.arena.bytes() + validation + 256
+        let pipeline = self
+            .pipeline
+            .as_ref()
+            .map_or(0, |p| p.peak_activations.get());
+        self.store.state_bytes().total() + self.arena.bytes() + validation + pipeline + 256
     }
 }
 

@@ -18,7 +18,7 @@
 
 use super::config::JobConfig;
 use crate::backend::{Backend, DeviceMem};
-use crate::data::{build_loader, needs_download, DataConfig, DataLoader};
+use crate::data::{build_loader, needs_download, Batch, DataConfig, DataLoader};
 use crate::error::{Error, Result};
 use crate::model::{Model, ModelArgs, ModelSpec};
 use crate::params::ParamStore;
@@ -206,28 +206,41 @@ impl Validator {
             train_arena,
             all_reduce,
         } = *on;
+        let base = self.own_arena.as_ref().map_or(train_arena, |m| m.ptr());
+        let mut loss_of = |b: &Batch, plan: &Plan| -> Result<Option<f64>> {
+            let mut tape = Tape::new(be, store, Placement::Planned { base, plan });
+            let inputs = tape.input_i32(&b.inputs, [b.batch, b.seq])?;
+            let labels = tape.input_i32(&b.labels, [b.batch * b.seq])?;
+            let loss = spec.loss_of(model, &mut tape, inputs, labels, 1.0)?;
+            Ok(Some(tape.to_vec_f32(loss)?[0] as f64))
+        };
+        let reduce = self.dp.1 > 1;
+        self.run_with(step, reduce, all_reduce, &mut loss_of)
+    }
+
+    /// As `run`, each batch's summed loss from `loss_of` (given the forward pass's plan); None
+    /// from a pipeline rank without the last stage, which counts no tokens. `reduce`: sum the
+    /// numbers over the world (`all_reduce`).
+    pub(super) fn run_with(
+        &mut self,
+        step: u64,
+        reduce: bool,
+        all_reduce: &dyn Fn(&mut [f32]) -> Result<()>,
+        loss_of: &mut dyn FnMut(&Batch, &Plan) -> Result<Option<f64>>,
+    ) -> Result<ValMetrics> {
         let t0 = Instant::now();
         self.loader.restore(&self.start)?;
-        let base = self.own_arena.as_ref().map_or(train_arena, |m| m.ptr());
         let (mut total, mut tokens) = (0f64, 0usize);
         let (rank, ranks) = self.dp;
         for k in 0..self.batches.div_ceil(ranks) {
             let b = self.loader.next_batch()?;
-            let placement = Placement::Planned {
-                base,
-                plan: &self.plan,
-            };
-            let mut tape = Tape::new(be, store, placement);
-            let inputs = tape.input_i32(&b.inputs, [b.batch, b.seq])?;
-            let labels = tape.input_i32(&b.labels, [b.batch * b.seq])?;
-            let loss = spec.loss_of(model, &mut tape, inputs, labels, 1.0)?;
-            let sum = tape.to_vec_f32(loss)?[0] as f64;
-            if k * ranks + rank < self.batches {
+            let sum = loss_of(&b, &self.plan)?;
+            if let (Some(sum), true) = (sum, k * ranks + rank < self.batches) {
                 total += sum;
                 tokens += b.labels.iter().filter(|&&l| l >= 0).count();
             }
         }
-        if ranks > 1 {
+        if reduce {
             // Token counts as 16-bit halves: exact in f32 for any real world size.
             let mut v = [
                 total as f32,

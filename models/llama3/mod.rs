@@ -120,6 +120,7 @@ static SPEC: ModelSpec = ModelSpec {
     flavor: flavor_args,
     args_from_json,
     build: model::model::build_llama3,
+    build_stage: model::model::build_llama3_stage,
     parallelize: infra::parallelize::parallelize_llama3,
     pipeline_split: infra::pipeline::pipeline_llama3,
     loss: cross_entropy_loss,

@@ -60,6 +60,7 @@ static SPEC: ModelSpec = ModelSpec {
     flavor: flavor_args,
     args_from_json,
     build: model::model::build_qwen3,
+    build_stage: model::model::build_qwen3_stage,
     parallelize: infra::parallelize::parallelize_qwen3,
     pipeline_split: infra::pipeline::pipeline_qwen3,
     loss: cross_entropy_loss,

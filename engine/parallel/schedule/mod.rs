@@ -168,6 +168,21 @@ impl Schedule {
         Self::of(kind, pp, v, m)
     }
 
+    /// As `for_config`, for a split into `stages` stages (`pipeline::SplitSpec`, which reads
+    /// `pipeline_parallel_layers_per_stage` and the split points): `stages / pp` per rank, which
+    /// must divide evenly and be 1 for GPipe / 1F1B, at least 2 for the interleaved schedules.
+    pub fn for_stages(p: &Parallelism, local_batch_size: i64, stages: usize) -> Result<Self> {
+        let (kind, pp, _, m) = Self::config_layout(p, local_batch_size)?;
+        if !stages.is_multiple_of(pp) {
+            return Err(Error::Config(format!(
+                "{} schedule: {stages} pipeline stages do not divide evenly over \
+                 pipeline_parallel_degree {pp}",
+                kind.name()
+            )));
+        }
+        Self::of(kind, pp, stages / pp, m)
+    }
+
     /// The checks `for_config` makes, without building the schedule (config validation).
     pub fn check_config(p: &Parallelism, local_batch_size: i64) -> Result<()> {
         Self::config_layout(p, local_batch_size).map(|_| ())

@@ -215,7 +215,7 @@ pub(crate) fn section_keys(section: &str) -> &'static [(&'static str, Kind, Use)
             ("expert_tensor_parallel_degree", Int, Yes),
             ("enable_async_tensor_parallel", Bool, No("false")),
             ("enable_compiled_autograd", Bool, No("false")),
-            ("pipeline_parallel_split_points", StrList, No("[]")),
+            ("pipeline_parallel_split_points", StrList, Yes),
             ("module_fqns_per_model_part", Any, No("")),
             ("pipeline_parallel_schedule_csv", OptStr, No("\"\"")),
             (

@@ -7,6 +7,7 @@ use titan_engine::backend::Backend;
 use titan_engine::error::Result;
 use titan_engine::model::init::Init;
 use titan_engine::model::{args_as, Model, ModelArgs};
+use titan_engine::parallel::pipeline::{check_stage, Stage};
 use titan_engine::params::{ConstId, ParamId, ParamStore, ParamStoreBuilder};
 use titan_engine::tape::{AcPolicy, Tape, Tensor};
 
@@ -38,10 +39,14 @@ pub struct TransformerBlock {
 
 pub struct Llama3 {
     pub config: Llama3Config,
-    pub tok_embeddings: ParamId,
+    /// The part of the model this holds: all of it, or one pipeline stage.
+    pub stage: Stage,
+    /// On the first stage; on the last too when tied (there it is the output projection).
+    pub tok_embeddings: Option<ParamId>,
     pub layers: Vec<TransformerBlock>,
-    pub norm: ParamId,
-    /// None when the output projection is tied to the embedding.
+    /// On the last stage.
+    pub norm: Option<ParamId>,
+    /// On the last stage; None when the output projection is tied to the embedding.
     pub output: Option<ParamId>,
     rope_cos: ConstId,
     rope_sin: ConstId,
@@ -163,20 +168,37 @@ impl TransformerBlock {
 impl Llama3 {
     /// Declares every parameter (names follow torchtitan's state dict) and the rotary tables.
     pub fn new(config: Llama3Config, p: &mut ParamStoreBuilder) -> Result<Self> {
+        let whole = Stage::whole(config.n_layers);
+        Self::new_stage(config, whole, p)
+    }
+
+    /// The part of the model pipeline stage `stage` holds, its blocks under their global layer
+    /// ids (so parameter names, and checkpoints, do not depend on the split).
+    pub fn new_stage(
+        config: Llama3Config,
+        stage: Stage,
+        p: &mut ParamStoreBuilder,
+    ) -> Result<Self> {
         config.validate()?;
+        check_stage(&stage, config.n_layers, "llama3")?;
         let c = &config;
-        let tok_embeddings = p.param("tok_embeddings.weight", [c.vocab_size, c.dim]);
-        let layers = (0..c.n_layers)
+        let (tied, last) = (c.tie_embeddings, stage.output);
+        let tok_embeddings = (stage.embedding || (last && tied))
+            .then(|| p.param("tok_embeddings.weight", [c.vocab_size, c.dim]));
+        let layers = stage
+            .layers
+            .clone()
             .map(|i| TransformerBlock::new(p, c, i))
             .collect();
-        let norm = p.param("norm.weight", [c.dim]);
-        let output = (!c.tie_embeddings).then(|| p.param("output.weight", [c.vocab_size, c.dim]));
+        let norm = last.then(|| p.param("norm.weight", [c.dim]));
+        let output = (last && !tied).then(|| p.param("output.weight", [c.vocab_size, c.dim]));
         let (cos, sin) = c.rope_tables();
         let half = c.head_dim() / 2;
         let rope_cos = p.constant("rope.cos", [c.max_seq_len, half], cos);
         let rope_sin = p.constant("rope.sin", [c.max_seq_len, half], sin);
         Ok(Llama3 {
             config,
+            stage,
             tok_embeddings,
             layers,
             norm,
@@ -190,11 +212,15 @@ impl Llama3 {
     /// depth-scaled std; norms ones; output trunc-normal dim^-0.5 cut at 3 std.
     pub fn init_weights(&self, store: &ParamStore, be: &dyn Backend, seed: u64) -> Result<()> {
         let s = Init { store, be, seed };
-        s.normal(self.tok_embeddings, 1.0)?;
+        if let Some(e) = self.tok_embeddings {
+            s.normal(e, 1.0)?;
+        }
         for layer in &self.layers {
             layer.init_weights(&s, &self.config)?;
         }
-        s.ones(self.norm)?;
+        if let Some(n) = self.norm {
+            s.ones(n)?;
+        }
         if let Some(out) = self.output {
             let std = (self.config.dim as f64).powf(-0.5);
             s.trunc_normal_ab(out, std, -3.0 * std, 3.0 * std)?;
@@ -202,7 +228,9 @@ impl Llama3 {
         Ok(())
     }
 
-    /// tokens [batch, seq] (i32) -> logits [batch, seq, vocab].
+    /// tokens [batch, seq] (i32) -> logits [batch, seq, vocab]; a pipeline stage maps tokens
+    /// (first stage) or the hidden state [batch, seq, dim] to the hidden state, or to logits
+    /// (last stage).
     pub fn forward(&self, t: &mut Tape, tokens: Tensor) -> Result<Tensor> {
         let seq = t.dims(tokens)[1];
         let half = self.config.head_dim() / 2;
@@ -211,17 +239,25 @@ impl Llama3 {
             sin: t.constant(self.rope_sin, [seq.max(1), half])?,
         };
         let eps = self.config.norm_eps as f32;
-        let emb = t.param(self.tok_embeddings)?;
-        let mut h = t.embedding(emb, tokens)?;
+        let mut h = match self.tok_embeddings.filter(|_| self.stage.embedding) {
+            Some(e) => {
+                let emb = t.param(e)?;
+                t.embedding(emb, tokens)?
+            }
+            None => tokens,
+        };
         for layer in &self.layers {
             h = match layer.ac {
                 Some(policy) => t.checkpoint(policy, |t| layer.forward(t, h, &rope, eps))?,
                 None => layer.forward(t, h, &rope, eps)?,
             };
         }
-        let norm = t.param(self.norm)?;
+        let (Some(norm), Some(out)) = (self.norm, self.output.or(self.tok_embeddings)) else {
+            return Ok(h); // not the last stage
+        };
+        let norm = t.param(norm)?;
         let h = t.rmsnorm(h, norm, eps)?;
-        let out = t.param(self.output.unwrap_or(self.tok_embeddings))?;
+        let out = t.param(out)?;
         t.linear(h, out)
     }
 }
@@ -230,6 +266,16 @@ impl Llama3 {
 pub fn build_llama3(args: &dyn ModelArgs, p: &mut ParamStoreBuilder) -> Result<Box<dyn Model>> {
     let c = args_as::<Llama3Config>(args, "llama3")?;
     Ok(Box::new(Llama3::new(c.clone(), p)?))
+}
+
+/// `ModelSpec::build_stage` of Llama 3.
+pub fn build_llama3_stage(
+    args: &dyn ModelArgs,
+    stage: &Stage,
+    p: &mut ParamStoreBuilder,
+) -> Result<Box<dyn Model>> {
+    let c = args_as::<Llama3Config>(args, "llama3")?;
+    Ok(Box::new(Llama3::new_stage(c.clone(), stage.clone(), p)?))
 }
 
 impl Model for Llama3 {
