@@ -20,14 +20,14 @@ pub fn cross_entropy_row<T: Float>(x: &mut [T], target: usize, grad_scale: T) ->
     sum.ln() - xt
 }
 
-fn check_targets(targets: &[i32], vocab: usize, ignore_index: i32) -> Result<()> {
+fn check_targets(op: &'static str, targets: &[i32], vocab: usize, ignore_index: i32) -> Result<()> {
     let bad = targets
         .iter()
         .enumerate()
         .find(|(_, &t)| t != ignore_index && (t < 0 || t as usize >= vocab));
     if let Some((r, t)) = bad {
         return Err(shape_err(
-            "cross_entropy",
+            op,
             format!(
                 "targets[{r}] = {t} is outside [0, {vocab}) and is not ignore_index {ignore_index}"
             ),
@@ -58,7 +58,7 @@ pub fn cross_entropy<T: Float>(
             ),
         ));
     }
-    check_targets(targets, vocab, ignore_index)?;
+    check_targets("cross_entropy", targets, vocab, ignore_index)?;
     for (r, &t) in targets.iter().enumerate() {
         let d = &mut dlogits[r * vocab..(r + 1) * vocab];
         if t == ignore_index {
@@ -112,7 +112,7 @@ pub(super) fn cross_entropy_op(a: &CrossEntropy) -> Result<()> {
     }
     // SAFETY: targets and losses are disjoint from everything else (checked).
     let (tg, ls) = unsafe { (view::<i32>(targets), view_mut::<f32>(losses)) };
-    check_targets(tg, vocab, ignore_index)?;
+    check_targets(OP, tg, vocab, ignore_index)?;
     let (src, dst) = (
         SendPtr(logits.ptr as *mut u8),
         SendPtr(dlogits.ptr as *mut u8),
@@ -262,6 +262,15 @@ pub(super) fn cross_entropy_shard_op(a: &CrossEntropyShard) -> Result<()> {
     check_len(OP, "targets", targets, rows)?;
     check_len(OP, "losses", losses, rows)?;
     check_len(OP, "stats", stats, shards * rows * 3)?;
+    if shards == 0 || col0 + vocab > vocab_total {
+        return Err(shape_err(
+            OP,
+            format!(
+                "columns {col0}..{} of {shards} shard(s) do not fit a vocabulary of {vocab_total}",
+                col0 + vocab
+            ),
+        ));
+    }
     if overlaps(logits, dlogits) && (logits.ptr != dlogits.ptr || logits.dtype != dlogits.dtype) {
         return Err(shape_err(
             OP,
@@ -277,7 +286,7 @@ pub(super) fn cross_entropy_shard_op(a: &CrossEntropyShard) -> Result<()> {
     // logits itself, which is read in full (into `x`) before dlogits is written.
     unsafe {
         let tg = view::<i32>(targets);
-        check_targets(tg, vocab_total, ignore_index)?;
+        check_targets(OP, tg, vocab_total, ignore_index)?;
         let st = view::<f32>(stats);
         let x = super::load(OP, "logits", logits)?.into_owned();
         let ls = view_mut::<f32>(losses);
