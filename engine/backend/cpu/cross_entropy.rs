@@ -187,7 +187,11 @@ pub(super) fn cross_entropy_op(a: &CrossEntropy) -> Result<()> {
 /// The stats row of one logits row: (max, sum of exp(x - max), x[target - col0] or 0).
 fn stats_row(x: &[f32], target: i32, col0: usize, ignore_index: i32) -> [f32; 3] {
     let mx = f32::max_slice(x);
-    let s: f32 = x.iter().map(|&v| (v - mx).exp()).sum();
+    // The vectorised exp-and-sum of the whole-vocabulary op, on a scratch copy of the row.
+    let s = with_scratch::<f32, _>(x.len(), |row| {
+        row.copy_from_slice(x);
+        f32::exp_sub_sum(row, mx)
+    });
     let t = target as i64 - col0 as i64;
     let xt = if target != ignore_index && (0..x.len() as i64).contains(&t) {
         x[t as usize]
@@ -309,13 +313,11 @@ pub(super) fn cross_entropy_shard_op(a: &CrossEntropyShard) -> Result<()> {
                     let s: f32 = (0..shards).map(|k| row(k)[1] * (row(k)[0] - m).exp()).sum();
                     let xt: f32 = (0..shards).map(|k| row(k)[2]).sum();
                     *loss = s.ln() + m - xt;
-                    let k = grad_scale / s;
-                    let xr = &x[r * vocab..(r + 1) * vocab];
-                    for (j, (o, &v)) in d.iter_mut().zip(xr).enumerate() {
-                        *o = (v - m).exp() * k;
-                        if j + col0 == t as usize {
-                            *o -= grad_scale;
-                        }
+                    d.copy_from_slice(&x[r * vocab..(r + 1) * vocab]);
+                    f32::exp_sub_sum(d, m);
+                    f32::scale_slice(d, grad_scale / s);
+                    if let Some(o) = (t as usize).checked_sub(col0).and_then(|j| d.get_mut(j)) {
+                        *o -= grad_scale;
                     }
                 })
         })
