@@ -5,12 +5,14 @@
 //! reports as errors) and the host-side argument checks.
 //!
 //! Run on a GPU machine: `cargo test --release --features cuda --test cuda_ops_tp -- --ignored
-//! --test-threads=1`. Without a device every test fails (`pair()` panics), never passes silently.
+//! --test-threads=1`. Without a device every device test fails (`pair()` panics), never passes
+//! silently; only `tensor_parallel_kernels_are_embedded` runs everywhere.
 #![cfg(feature = "cuda")]
 
 mod cuda_common;
 
 use cuda_common::*;
+use titan::backend::cuda::embeds_kernel;
 use titan::backend::{
     Backend, Buf, Copy2d, CrossEntropy, CrossEntropyShard, CrossEntropyStats, EmbeddingShard,
 };
@@ -35,6 +37,40 @@ fn bits(v: &[f32]) -> Vec<u32> {
 /// Columns `a..z` of a row-major `[rows, cols]` matrix.
 fn columns(m: &[f32], cols: usize, a: usize, z: usize) -> Vec<f32> {
     m.chunks(cols).flat_map(|r| r[a..z].to_vec()).collect()
+}
+
+// ---- the binary carries the kernels ------------------------------------------------------------
+
+/// Runs on any machine: every kernel the tensor-parallel wrappers can launch (each dtype and
+/// vector width) is in the fatbins build.rs embedded.
+#[test]
+fn tensor_parallel_kernels_are_embedded() {
+    let mut names = vec![
+        "copy_2d_2b".to_string(),
+        "copy_2d_4b".into(),
+        "copy_2d_16b".into(),
+    ];
+    for (dt, w) in [("f32", 4), ("bf16", 8)] {
+        for width in [1, w] {
+            for op in [
+                "embedding_fwd",
+                "cross_entropy_stats",
+                "cross_entropy_shard",
+            ] {
+                names.push(format!("{op}_{dt}_w{width}"));
+            }
+        }
+        names.push(format!("embedding_bwd_{dt}"));
+    }
+    let missing: Vec<&String> = names.iter().filter(|n| !embeds_kernel(n)).collect();
+    assert!(
+        missing.is_empty(),
+        "not in the embedded fatbins: {missing:?}"
+    );
+    assert!(
+        !embeds_kernel("copy_2d_8b"),
+        "the symbol search finds anything"
+    );
 }
 
 // ---- embedding --------------------------------------------------------------------------------

@@ -38,6 +38,15 @@ pub fn embedded_modules() -> Vec<&'static str> {
     fatbins::FATBINS.iter().map(|(n, _)| *n).collect()
 }
 
+/// Whether an embedded fatbin defines kernel `name` (its NUL-terminated symbol is in a cubin's
+/// string table), so a machine without a GPU can check what the binary carries.
+pub fn embeds_kernel(name: &str) -> bool {
+    let sym: Vec<u8> = name.bytes().chain([0]).collect();
+    fatbins::FATBINS
+        .iter()
+        .any(|(_, bin)| bin.windows(sym.len()).any(|w| w == sym.as_slice()))
+}
+
 /// The CUDA backend for one device.
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
