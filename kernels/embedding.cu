@@ -1,12 +1,14 @@
-// Token embedding. Forward: out[n, :] = table[ids[n], :] (a row gather; an id outside
-// [0, vocab) yields a NaN row so a bad batch is loud, since a kernel cannot return an error).
-// Memory traffic fwd: reads rows * dim table elements + ids, writes rows * dim.
+// Token embedding, whole or vocabulary-parallel: the table holds vocabulary rows
+// [row0, row0 + rows) of `vocab` (the plain embedding is row0 = 0, rows = vocab).
+// Forward: out[n, :] = table[ids[n] - row0, :] for the ids held, a zero row for ids another rank
+// holds, and a NaN row for an id outside [0, vocab) so a bad batch is loud (a kernel cannot return
+// an error). Memory traffic fwd: reads the held rows' table elements + ids, writes n * dim.
 //
-// Backward: dtable[ids[n], :] += dout[n, :] (dtable f32), deterministic and without atomics.
-// Block (r, c) owns vocabulary rows [r * rows_per_range, ...) and 256 columns; it scans all ids
-// in token order, compacts (order-preserving, per 256-token tile) the tokens whose id falls in its
-// range into shared memory, then each thread walks that list for its own column. A run of equal
-// consecutive ids in the list is summed in a register before one read-modify-write of dtable.
+// Backward: dtable[ids[n] - row0, :] += dout[n, :] (dtable f32) for the ids held, deterministic
+// and without atomics. Block (r, c) owns table rows [r * rows_per_range, ...) and 256 columns;
+// it scans all ids in token order, compacts (order-preserving, per 256-token tile) the tokens
+// whose id falls in its range into shared memory, then each thread walks that list for its own
+// column. A run of equal consecutive ids in the list is summed in a register before one read-modify-write of dtable.
 // Every (id, column) cell is owned by exactly one thread and summed in token order, so results are
 // bitwise reproducible. Memory traffic bwd: dout once, dtable rows touched once per run, ids once
 // per block (L2-resident).
@@ -18,17 +20,22 @@ namespace {
 
 template <typename T, int W>
 __device__ __forceinline__ void embedding_fwd_impl(const T* __restrict__ table, const int* __restrict__ ids,
-                                                   T* __restrict__ out, int dim, int vocab) {
+                                                   T* __restrict__ out, int dim, int row0, int rows,
+                                                   int vocab) {
     const int id = ids[blockIdx.x];
     const bool ok = id >= 0 && id < vocab;
-    const T* src = table + (long long)(ok ? id : 0) * dim;
+    // row0 + rows <= vocab (checked on the host), so neither bound overflows.
+    const bool held = id >= row0 && id < row0 + rows;
+    const T* src = table + (long long)(held ? id - row0 : 0) * dim;
     T* dst = out + (long long)blockIdx.x * dim;
+    const float fill = ok ? 0.f : __int_as_float(0x7fc00000);
     for (int col = threadIdx.x * W; col < dim; col += blockDim.x * W) {
         float v[W];
-        load_w<T, W>(src + col, v);
-        if (!ok) {
+        if (held) {
+            load_w<T, W>(src + col, v);
+        } else {
 #pragma unroll
-            for (int i = 0; i < W; i++) v[i] = __int_as_float(0x7fc00000);
+            for (int i = 0; i < W; i++) v[i] = fill;
         }
         store_w<T, W>(dst + col, v);
     }
@@ -38,14 +45,16 @@ constexpr int BWD_THREADS = 256;
 
 template <typename T>
 __device__ __forceinline__ void embedding_bwd_impl(const T* __restrict__ dout, const int* __restrict__ ids,
-                                                   float* __restrict__ dtable, int n, int dim, int vocab,
-                                                   int rows_per_range) {
+                                                   float* __restrict__ dtable, int n, int dim, int row0,
+                                                   int rows, int rows_per_range) {
     __shared__ int list_tok[BWD_THREADS];
     __shared__ int list_id[BWD_THREADS];
     __shared__ int warp_count[BWD_THREADS / 32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int v0 = blockIdx.x * rows_per_range;
-    const int v1 = min(vocab, v0 + rows_per_range);
+    // The ids this block owns, in vocabulary coordinates [v0, v1) (row0 + rows <= vocab).
+    const int first = blockIdx.x * rows_per_range;
+    const int v0 = row0 + first;
+    const int v1 = v0 + min(rows - first, rows_per_range);
     const int col = blockIdx.y * BWD_THREADS + threadIdx.x;
     int cur = -1;
     float acc = 0.f;
@@ -66,7 +75,7 @@ __device__ __forceinline__ void embedding_bwd_impl(const T* __restrict__ dout, c
         if (mine) {
             const int slot = offset + __popc(mask & ((1u << lane) - 1u));
             list_tok[slot] = t;
-            list_id[slot] = id;
+            list_id[slot] = id - row0;
         }
         __syncthreads();
         if (col < dim) {
@@ -89,24 +98,22 @@ __device__ __forceinline__ void embedding_bwd_impl(const T* __restrict__ dout, c
 
 }  // namespace
 
-extern "C" __global__ void embedding_fwd_f32_w1(const float* table, const int* ids, float* out, int dim, int vocab) {
-    embedding_fwd_impl<float, 1>(table, ids, out, dim, vocab);
-}
-extern "C" __global__ void embedding_fwd_f32_w4(const float* table, const int* ids, float* out, int dim, int vocab) {
-    embedding_fwd_impl<float, 4>(table, ids, out, dim, vocab);
-}
-extern "C" __global__ void embedding_fwd_bf16_w1(const bf16* table, const int* ids, bf16* out, int dim, int vocab) {
-    embedding_fwd_impl<bf16, 1>(table, ids, out, dim, vocab);
-}
-extern "C" __global__ void embedding_fwd_bf16_w8(const bf16* table, const int* ids, bf16* out, int dim, int vocab) {
-    embedding_fwd_impl<bf16, 8>(table, ids, out, dim, vocab);
-}
+#define EMB_FWD(T, TN, W)                                                                                      \
+    extern "C" __global__ void embedding_fwd_##TN##_w##W(const T* table, const int* ids, T* out, int dim,     \
+                                                          int row0, int rows, int vocab) {                     \
+        embedding_fwd_impl<T, W>(table, ids, out, dim, row0, rows, vocab);                                     \
+    }
 
-extern "C" __global__ void __launch_bounds__(BWD_THREADS)
-    embedding_bwd_f32(const float* dout, const int* ids, float* dtable, int n, int dim, int vocab, int rows_per_range) {
-    embedding_bwd_impl<float>(dout, ids, dtable, n, dim, vocab, rows_per_range);
-}
-extern "C" __global__ void __launch_bounds__(BWD_THREADS)
-    embedding_bwd_bf16(const bf16* dout, const int* ids, float* dtable, int n, int dim, int vocab, int rows_per_range) {
-    embedding_bwd_impl<bf16>(dout, ids, dtable, n, dim, vocab, rows_per_range);
-}
+EMB_FWD(float, f32, 1)
+EMB_FWD(float, f32, 4)
+EMB_FWD(bf16, bf16, 1)
+EMB_FWD(bf16, bf16, 8)
+
+#define EMB_BWD(T, TN)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(BWD_THREADS) embedding_bwd_##TN(                              \
+        const T* dout, const int* ids, float* dtable, int n, int dim, int row0, int rows, int rows_per_range) { \
+        embedding_bwd_impl<T>(dout, ids, dtable, n, dim, row0, rows, rows_per_range);                          \
+    }
+
+EMB_BWD(float, f32)
+EMB_BWD(bf16, bf16)

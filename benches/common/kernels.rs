@@ -3,8 +3,8 @@
 //! once, outputs written once), so both benches report GB/s against a copy baseline.
 
 use titan::backend::{
-    AdamW, AdamWBufs, Backend, Buf, CrossEntropy, DeviceMem, RmsNorm, RmsNormBwd, RmsNormResidual,
-    RopeShape,
+    AdamW, AdamWBufs, Backend, Buf, Copy2d, CrossEntropy, CrossEntropyShard, CrossEntropyStats,
+    DeviceMem, EmbeddingShard, RmsNorm, RmsNormBwd, RmsNormResidual, RopeShape,
 };
 use titan::DType;
 
@@ -86,7 +86,8 @@ pub struct Sizes {
 }
 
 /// Elementwise, rmsnorm, rope, embedding, cross-entropy, AdamW and sum-of-squares benches with
-/// activations in `dt`; the buffers `a`, `b`, `o`, `o2` (n elements of dt) and `f` (n f32) are
+/// activations in `dt`, plus the vocabulary-parallel embedding / loss and copy_2d as rank 1 of 2
+/// sees them; the buffers `a`, `b`, `o`, `o2` (n elements of dt) and `f` (n f32) are
 /// returned too for callers that add their own (GEMMs).
 pub fn memory_bound(mem: &mut Mem, z: &Sizes, dt: DType) -> (Vec<Bench<'static>>, [Buf; 5]) {
     let mut v = Vec::new();
@@ -232,6 +233,33 @@ pub fn memory_bound(mem: &mut Mem, z: &Sizes, dt: DType) -> (Vec<Bench<'static>>
         Box::new(move |b| ok(b.embedding_bwd(out, ids, dtable, dim), "embedding_bwd")),
     ));
 
+    // Rank 1 of a 2-way vocabulary split holds rows hi.. : about half the ids hit its table.
+    let hi = vocab / 2;
+    let shard = EmbeddingShard {
+        table: table.slice(hi * dim, (vocab - hi) * dim),
+        ids,
+        out,
+        dim,
+        row0: hi,
+        vocab,
+    };
+    v.push(Bench::new(
+        &format!("embedding_shard_fwd {dt} {rows}x{dim} (1 of 2)"),
+        3 * e * rd / 2 + 4 * rows as u64,
+        0.0,
+        Box::new(move |b| ok(b.embedding_shard_fwd(&shard), "embedding_shard_fwd")),
+    ));
+    let dshard = EmbeddingShard {
+        table: dtable.slice(hi * dim, (vocab - hi) * dim),
+        ..shard
+    };
+    v.push(Bench::new(
+        &format!("embedding_shard_bwd {dt} {rows}x{dim} (1 of 2)"),
+        e * rd + 4 * rd,
+        0.0,
+        Box::new(move |b| ok(b.embedding_shard_bwd(&dshard), "embedding_shard_bwd")),
+    ));
+
     // Cross-entropy with dlogits written in place of the logits.
     let ce_rows = z.ce_rows;
     let logits = if ce_rows * vocab <= n {
@@ -257,6 +285,63 @@ pub fn memory_bound(mem: &mut Mem, z: &Sizes, dt: DType) -> (Vec<Bench<'static>>
         2 * e * cb,
         0.0,
         Box::new(move |b| ok(b.cross_entropy(&ce), "cross_entropy")),
+    ));
+    // The vocabulary-parallel loss on rank 1's vocab - hi columns (its own logits block), the
+    // other rank's stats already gathered beside its own; then the block copied into the
+    // gathered [ce_rows, vocab] logits.
+    let cols = vocab - hi;
+    let part = mem.buf(ce_rows * cols, dt, 0.5);
+    let stats = mem.buf(2 * ce_rows * 3, DType::F32, 1.0);
+    let st = CrossEntropyStats {
+        logits: part,
+        targets,
+        stats: stats.slice(ce_rows * 3, ce_rows * 3),
+        rows: ce_rows,
+        vocab: cols,
+        col0: hi,
+        ignore_index: -100,
+    };
+    let pb = (ce_rows * cols) as u64;
+    v.push(Bench::new(
+        &format!("cross_entropy_stats {dt} {ce_rows}x{cols} (1 of 2)"),
+        e * pb + 12 * ce_rows as u64,
+        0.0,
+        Box::new(move |b| ok(b.cross_entropy_stats(&st), "cross_entropy_stats")),
+    ));
+    let sh = CrossEntropyShard {
+        logits: part,
+        targets,
+        stats,
+        losses,
+        dlogits: part,
+        rows: ce_rows,
+        vocab: cols,
+        col0: hi,
+        shards: 2,
+        vocab_total: vocab,
+        ignore_index: -100,
+        grad_scale: 1.0,
+    };
+    v.push(Bench::new(
+        &format!("cross_entropy_shard {dt} {ce_rows}x{cols} (in place, 1 of 2)"),
+        2 * e * pb,
+        0.0,
+        Box::new(move |b| ok(b.cross_entropy_shard(&sh), "cross_entropy_shard")),
+    ));
+    let gathered = mem.buf(ce_rows * vocab, dt, 0.0);
+    let cp = Copy2d {
+        src: part,
+        dst: gathered.slice(hi, ce_rows * vocab - hi),
+        rows: ce_rows,
+        cols,
+        src_stride: cols,
+        dst_stride: vocab,
+    };
+    v.push(Bench::new(
+        &format!("copy_2d {dt} {ce_rows}x{cols} into {ce_rows}x{vocab}"),
+        2 * e * pb,
+        0.0,
+        Box::new(move |b| ok(b.copy_2d(&cp), "copy_2d")),
     ));
 
     // AdamW on f32 params, with a compute copy when activations are not f32.

@@ -135,10 +135,7 @@ impl Mesh {
         let dp_replicate = world.split(&dims.group(r, &[Dim::DpReplicate]))?;
         let dp = world.split(&dims.group(r, &[Dim::DpReplicate, Dim::DpShard]))?;
         let replica = world.split(&dims.group(r, &[Dim::Pp, Dim::DpShard, Dim::Cp, Dim::Tp]))?;
-        let batch = world.split(&dims.group(
-            r,
-            &[Dim::Pp, Dim::DpReplicate, Dim::DpShard],
-        ))?;
+        let batch = world.split(&dims.group(r, &[Dim::Pp, Dim::DpReplicate, Dim::DpShard]))?;
         Ok(Mesh {
             dims,
             world,

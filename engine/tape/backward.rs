@@ -142,15 +142,12 @@ impl<'a> Tape<'a> {
         let mut grads = Grads::default();
         match dout {
             None => {
-                let is_loss = self
-                    .nodes
-                    .iter()
-                    .any(|n| match n.op {
-                        Op::CrossEntropy { loss: l, .. } | Op::CrossEntropyShard { loss: l, .. } => {
-                            l == out
-                        }
-                        _ => false,
-                    });
+                let is_loss = self.nodes.iter().any(|n| match n.op {
+                    Op::CrossEntropy { loss: l, .. } | Op::CrossEntropyShard { loss: l, .. } => {
+                        l == out
+                    }
+                    _ => false,
+                });
                 if !is_loss {
                     return Err(Error::Shape {
                         op: "backward",

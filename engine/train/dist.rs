@@ -97,7 +97,10 @@ impl Trainer {
                     .filter(|b| b.len > 0)
                     .collect();
                 be.sum_squares(&bufs, out)?;
-                let m = self.mesh.as_ref().expect("tensor / pipeline parallel has a mesh");
+                let m = self
+                    .mesh
+                    .as_ref()
+                    .expect("tensor / pipeline parallel has a mesh");
                 m.replica.all_reduce(out, ReduceOp::Sum)?;
                 m.replica.wait()
             }

@@ -474,7 +474,8 @@ impl Trainer {
         }
         for s in &p.shared {
             for &id in &s.params {
-                s.comm.all_reduce(self.store.local_grad(id), ReduceOp::Sum)?;
+                s.comm
+                    .all_reduce(self.store.local_grad(id), ReduceOp::Sum)?;
             }
             s.comm.wait()?;
         }

@@ -5,7 +5,7 @@
 use half::bf16;
 use titan::backend::cpu::CpuBackend;
 use titan::backend::{Backend, Buf, DeviceMem};
-use titan::DType;
+use titan::{DType, Error};
 
 /// xorshift64*: tiny, seeded, good enough for test inputs.
 pub struct Rng(u64);
@@ -138,4 +138,28 @@ pub fn check(what: &str, dt: DType, got: &[f64], want: &[f64]) {
             "{what} (bf16): error {e:e} suspiciously small, was bf16 storage used?"
         );
     }
+}
+
+/// `n` split into `k` contiguous ranges of sizes differing by at most one (the first ones larger).
+pub fn split(n: usize, k: usize) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for i in 0..k {
+        let len = n / k + usize::from(i < n % k);
+        out.push((start, start + len));
+        start += len;
+    }
+    out
+}
+
+pub fn is_shape(r: titan::Result<()>, op: &str) -> bool {
+    matches!(r, Err(Error::Shape { op: o, .. }) if o == op)
+}
+
+pub fn is_dtype(r: titan::Result<()>, op: &str) -> bool {
+    matches!(r, Err(Error::DType { op: o, .. }) if o == op)
+}
+
+pub fn bits(v: &[f64]) -> Vec<u64> {
+    v.iter().map(|x| x.to_bits()).collect()
 }

@@ -20,14 +20,14 @@ pub fn cross_entropy_row<T: Float>(x: &mut [T], target: usize, grad_scale: T) ->
     sum.ln() - xt
 }
 
-fn check_targets(targets: &[i32], vocab: usize, ignore_index: i32) -> Result<()> {
+fn check_targets(op: &'static str, targets: &[i32], vocab: usize, ignore_index: i32) -> Result<()> {
     let bad = targets
         .iter()
         .enumerate()
         .find(|(_, &t)| t != ignore_index && (t < 0 || t as usize >= vocab));
     if let Some((r, t)) = bad {
         return Err(shape_err(
-            "cross_entropy",
+            op,
             format!(
                 "targets[{r}] = {t} is outside [0, {vocab}) and is not ignore_index {ignore_index}"
             ),
@@ -58,7 +58,7 @@ pub fn cross_entropy<T: Float>(
             ),
         ));
     }
-    check_targets(targets, vocab, ignore_index)?;
+    check_targets("cross_entropy", targets, vocab, ignore_index)?;
     for (r, &t) in targets.iter().enumerate() {
         let d = &mut dlogits[r * vocab..(r + 1) * vocab];
         if t == ignore_index {
@@ -126,7 +126,7 @@ pub(super) fn cross_entropy_op(a: &CrossEntropy) -> Result<()> {
     }
     // SAFETY: targets and losses are disjoint from everything else (checked).
     let (tg, ls) = unsafe { (view::<i32>(targets), view_mut::<f32>(losses)) };
-    check_targets(tg, vocab, ignore_index)?;
+    check_targets(OP, tg, vocab, ignore_index)?;
     let (src, dst) = (
         SendPtr(logits.ptr as *mut u8),
         SendPtr(dlogits.ptr as *mut u8),
@@ -201,7 +201,11 @@ pub(super) fn cross_entropy_op(a: &CrossEntropy) -> Result<()> {
 /// The stats row of one logits row: (max, sum of exp(x - max), x[target - col0] or 0).
 fn stats_row(x: &[f32], target: i32, col0: usize, ignore_index: i32) -> [f32; 3] {
     let mx = f32::max_slice(x);
-    let s: f32 = x.iter().map(|&v| (v - mx).exp()).sum();
+    // The vectorised exp-and-sum of the whole-vocabulary op, on a scratch copy of the row.
+    let s = with_scratch::<f32, _>(x.len(), |row| {
+        row.copy_from_slice(x);
+        f32::exp_sub_sum(row, mx)
+    });
     let t = target as i64 - col0 as i64;
     let xt = if target != ignore_index && (0..x.len() as i64).contains(&t) {
         x[t as usize]
@@ -270,6 +274,15 @@ pub(super) fn cross_entropy_shard_op(a: &CrossEntropyShard) -> Result<()> {
     check_loss_buffers(OP, logits, targets, losses, dlogits, (rows, vocab))?;
     check_dtype(OP, "stats", stats, &[DType::F32])?;
     check_len(OP, "stats", stats, shards * rows * 3)?;
+    if shards == 0 || col0 + vocab > vocab_total {
+        return Err(shape_err(
+            OP,
+            format!(
+                "columns {col0}..{} of {shards} shard(s) do not fit a vocabulary of {vocab_total}",
+                col0 + vocab
+            ),
+        ));
+    }
     for (what, b) in [("logits", logits), ("targets", targets), ("stats", stats)] {
         if overlaps(losses, b) || (what != "logits" && overlaps(dlogits, b)) {
             return Err(shape_err(OP, format!("an output overlaps {what}")));
@@ -279,7 +292,7 @@ pub(super) fn cross_entropy_shard_op(a: &CrossEntropyShard) -> Result<()> {
     // logits itself, which is read in full (into `x`) before dlogits is written.
     unsafe {
         let tg = view::<i32>(targets);
-        check_targets(tg, vocab_total, ignore_index)?;
+        check_targets(OP, tg, vocab_total, ignore_index)?;
         let st = view::<f32>(stats);
         let x = super::load(OP, "logits", logits)?.into_owned();
         let ls = view_mut::<f32>(losses);
@@ -302,13 +315,11 @@ pub(super) fn cross_entropy_shard_op(a: &CrossEntropyShard) -> Result<()> {
                     let s: f32 = (0..shards).map(|k| row(k)[1] * (row(k)[0] - m).exp()).sum();
                     let xt: f32 = (0..shards).map(|k| row(k)[2]).sum();
                     *loss = s.ln() + m - xt;
-                    let k = grad_scale / s;
-                    let xr = &x[r * vocab..(r + 1) * vocab];
-                    for (j, (o, &v)) in d.iter_mut().zip(xr).enumerate() {
-                        *o = (v - m).exp() * k;
-                        if j + col0 == t as usize {
-                            *o -= grad_scale;
-                        }
+                    d.copy_from_slice(&x[r * vocab..(r + 1) * vocab]);
+                    f32::exp_sub_sum(d, m);
+                    f32::scale_slice(d, grad_scale / s);
+                    if let Some(o) = (t as usize).checked_sub(col0).and_then(|j| d.get_mut(j)) {
+                        *o -= grad_scale;
                     }
                 })
         })

@@ -1,7 +1,8 @@
-//! fill / copy / cast / add / scale (kernels/elementwise.cu, kernels/cast.cu).
+//! fill / copy / copy_2d / cast / add / scale (kernels/elementwise.cu, kernels/copy.cu,
+//! kernels/cast.cu).
 
-use super::{check_dtype, check_len, check_same, sfx, Arg, CudaBackend, FLOATS};
-use crate::backend::Buf;
+use super::{check_dtype, check_len, check_same, overlaps, sfx, Arg, CudaBackend, FLOATS};
+use crate::backend::{Buf, Copy2d};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 
@@ -38,6 +39,78 @@ impl CudaBackend {
         check_dtype("copy", "src", src, &[DType::F32, DType::BF16, DType::I32])?;
         check_same("copy", ("src", "dst"), src, dst)?;
         self.memcpy_dtod(src.ptr, dst.ptr, src.bytes())
+    }
+
+    pub(crate) fn copy_2d_impl(&self, a: &Copy2d) -> Result<()> {
+        const OP: &str = "copy_2d";
+        let Copy2d {
+            src,
+            dst,
+            rows,
+            cols,
+            src_stride,
+            dst_stride,
+        } = *a;
+        let dtypes = [DType::F32, DType::BF16, DType::I32];
+        check_dtype(OP, "src", src, &dtypes)?;
+        check_dtype(OP, "dst", dst, &dtypes)?;
+        if src.dtype != dst.dtype {
+            return Err(Error::Shape {
+                op: OP,
+                msg: format!("src {} vs dst {}", src.dtype, dst.dtype),
+            });
+        }
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        let need = |stride: usize| (rows - 1) * stride + cols;
+        if src.len < need(src_stride)
+            || dst.len < need(dst_stride)
+            || src_stride < cols
+            || dst_stride < cols
+        {
+            return Err(Error::Shape {
+                op: OP,
+                msg: format!(
+                    "{rows} x {cols} block with strides {src_stride} / {dst_stride} does not fit \
+                     src {} / dst {} elements",
+                    src.len, dst.len
+                ),
+            });
+        }
+        if overlaps(src, dst) {
+            return Err(Error::Shape {
+                op: OP,
+                msg: "dst overlaps src".into(),
+            });
+        }
+        // Counted in units: 16-byte vectors when every row start is 16-byte aligned, else elements.
+        let es = src.dtype.size();
+        let wide = [src.ptr as usize, dst.ptr as usize, cols * es]
+            .into_iter()
+            .chain([src_stride * es, dst_stride * es])
+            .all(|b| b.is_multiple_of(16));
+        let (unit, name) = match (wide, es) {
+            (true, _) => (16, "copy_2d_16b"),
+            (false, 2) => (2, "copy_2d_2b"),
+            (false, _) => (4, "copy_2d_4b"),
+        };
+        let k = unit / es; // elements per unit
+        let (ucols, ss, ds) = (cols / k, src_stride / k, dst_stride / k);
+        // y strides over rows (at most 65535 blocks); x covers a row, fewer blocks per row when
+        // there are many rows so the grid stays a few blocks per SM.
+        let gy = rows.min(65535);
+        let budget = (self.sm_count as usize * 128 / gy).max(1);
+        let gx = ucols.div_ceil(BLOCK as usize).min(budget).max(1);
+        let args = [
+            Arg::P(src.ptr),
+            Arg::P(dst.ptr),
+            Arg::I64(rows as i64),
+            Arg::I64(ucols as i64),
+            Arg::I64(ss as i64),
+            Arg::I64(ds as i64),
+        ];
+        self.launch(name, (gx as u32, gy as u32, 1), BLOCK, 0, &args)
     }
 
     pub(crate) fn cast_impl(&self, src: Buf, dst: Buf) -> Result<()> {

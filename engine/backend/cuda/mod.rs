@@ -15,7 +15,6 @@ mod gemm;
 mod loss;
 mod norm;
 mod optim;
-mod tensor_parallel;
 
 use super::{
     AdamW, AdamWBufs, AttnBwd, AttnFwd, Backend, Buf, Copy2d, CrossEntropy, CrossEntropyShard,
@@ -37,6 +36,15 @@ mod fatbins {
 /// Names of the embedded fatbins (one per kernels/*.cu), for diagnostics.
 pub fn embedded_modules() -> Vec<&'static str> {
     fatbins::FATBINS.iter().map(|(n, _)| *n).collect()
+}
+
+/// Whether an embedded fatbin defines kernel `name` (its NUL-terminated symbol is in a cubin's
+/// string table), so a machine without a GPU can check what the binary carries.
+pub fn embeds_kernel(name: &str) -> bool {
+    let sym: Vec<u8> = name.bytes().chain([0]).collect();
+    fatbins::FATBINS
+        .iter()
+        .any(|(_, bin)| bin.windows(sym.len()).any(|w| w == sym.as_slice()))
 }
 
 /// The CUDA backend for one device.
@@ -427,6 +435,29 @@ pub(crate) fn check_same(op: &'static str, names: (&str, &str), a: Buf, b: Buf) 
         });
     }
     check_len(op, names.1, b, a.len)
+}
+
+/// Whether two buffers share a byte.
+pub(crate) fn overlaps(a: Buf, b: Buf) -> bool {
+    let (a0, a1) = (a.ptr, a.ptr + a.bytes() as u64);
+    let (b0, b1) = (b.ptr, b.ptr + b.bytes() as u64);
+    a.bytes() > 0 && b.bytes() > 0 && a0 < b1 && b0 < a1
+}
+
+/// An output shares no byte with any of the inputs.
+pub(crate) fn check_disjoint(
+    op: &'static str,
+    out_name: &str,
+    out: Buf,
+    ins: &[(&str, Buf)],
+) -> Result<()> {
+    match ins.iter().find(|(_, b)| overlaps(out, *b)) {
+        Some((name, _)) => Err(Error::Shape {
+            op,
+            msg: format!("output {out_name} overlaps input {name}"),
+        }),
+        None => Ok(()),
+    }
 }
 
 pub(crate) const FLOATS: &[DType] = &[DType::F32, DType::BF16];

@@ -4,8 +4,8 @@
 //! multiple of W and every pointer is 16-byte aligned; otherwise the scalar (W = 1) variant runs.
 //! Mixed dtypes are not supported here: x, w, out (and dout, dx) share one dtype.
 
-use super::{check_dtype, check_len, check_same, sfx, Arg, CudaBackend, FLOATS};
-use crate::backend::{Buf, RmsNorm, RmsNormBwd, RopeShape};
+use super::{check_disjoint, check_dtype, check_len, check_same, sfx, Arg, CudaBackend, FLOATS};
+use crate::backend::{Buf, EmbeddingShard, RmsNorm, RmsNormBwd, RopeShape};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 
@@ -54,22 +54,44 @@ impl CudaBackend {
         out: Buf,
         dim: usize,
     ) -> Result<()> {
-        const OP: &str = "embedding_fwd";
-        check_dtype(OP, "table", table, FLOATS)?;
-        check_dtype(OP, "ids", ids, &[DType::I32])?;
-        check_dtype(OP, "out", out, &[table.dtype])?;
-        if dim == 0 || !table.len.is_multiple_of(dim) {
-            return Err(Error::Shape {
-                op: OP,
-                msg: format!("table of {} elements is not [vocab, {dim}]", table.len),
-            });
-        }
-        check_len(OP, "out", out, ids.len * dim)?;
-        let vocab = table.len / dim;
+        let vocab = table_rows("embedding_fwd", "table", table, dim)?;
+        let a = EmbeddingShard {
+            table,
+            ids,
+            out,
+            dim,
+            row0: 0,
+            vocab,
+        };
+        self.embedding_fwd_rows("embedding_fwd", &a)
+    }
+
+    pub(crate) fn embedding_shard_fwd_impl(&self, a: &EmbeddingShard) -> Result<()> {
+        self.embedding_fwd_rows("embedding_shard_fwd", a)
+    }
+
+    /// The lookup over table rows `row0 ..` of `vocab` (the whole table when row0 = 0 and the
+    /// table has `vocab` rows): one kernel family for both ops.
+    fn embedding_fwd_rows(&self, op: &'static str, a: &EmbeddingShard) -> Result<()> {
+        let EmbeddingShard {
+            table,
+            ids,
+            out,
+            dim,
+            row0,
+            vocab,
+        } = *a;
+        check_dtype(op, "table", table, FLOATS)?;
+        check_dtype(op, "ids", ids, &[DType::I32])?;
+        check_dtype(op, "out", out, &[table.dtype])?;
+        let rows = table_rows(op, "table", table, dim)?;
+        check_len(op, "out", out, ids.len * dim)?;
+        check_shard_rows(op, row0, rows, vocab)?;
+        check_disjoint(op, "out", out, &[("table", table), ("ids", ids)])?;
         if ids.len == 0 {
             return Ok(());
         }
-        check_i32(OP, &[("dim", dim), ("vocab", vocab), ("rows", ids.len)])?;
+        check_i32(op, &[("dim", dim), ("vocab", vocab), ("rows", ids.len)])?;
         let w = width_for(dim, table.dtype, &[table, out]);
         let name = format!("embedding_fwd_{}_w{w}", sfx(table.dtype));
         let threads = (dim / w).clamp(32, 256).div_ceil(32) as u32 * 32;
@@ -78,6 +100,8 @@ impl CudaBackend {
             Arg::P(ids.ptr),
             Arg::P(out.ptr),
             Arg::I32(dim as i32),
+            Arg::I32(row0 as i32),
+            Arg::I32(rows as i32),
             Arg::I32(vocab as i32),
         ];
         self.launch(&name, (ids.len as u32, 1, 1), threads, 0, &args)
@@ -90,30 +114,51 @@ impl CudaBackend {
         dtable: Buf,
         dim: usize,
     ) -> Result<()> {
-        const OP: &str = "embedding_bwd";
-        check_dtype(OP, "dout", dout, FLOATS)?;
-        check_dtype(OP, "ids", ids, &[DType::I32])?;
-        check_dtype(OP, "dtable", dtable, &[DType::F32])?;
-        if dim == 0 || !dtable.len.is_multiple_of(dim) {
-            return Err(Error::Shape {
-                op: OP,
-                msg: format!("dtable of {} elements is not [vocab, {dim}]", dtable.len),
-            });
-        }
-        check_len(OP, "dout", dout, ids.len * dim)?;
-        let vocab = dtable.len / dim;
-        if ids.len == 0 {
+        let vocab = table_rows("embedding_bwd", "dtable", dtable, dim)?;
+        let a = EmbeddingShard {
+            table: dtable,
+            ids,
+            out: dout,
+            dim,
+            row0: 0,
+            vocab,
+        };
+        self.embedding_bwd_rows("embedding_bwd", &a)
+    }
+
+    pub(crate) fn embedding_shard_bwd_impl(&self, a: &EmbeddingShard) -> Result<()> {
+        self.embedding_bwd_rows("embedding_shard_bwd", a)
+    }
+
+    /// dtable[id - row0] += dout for the ids in `row0 .. row0 + dtable rows`.
+    fn embedding_bwd_rows(&self, op: &'static str, a: &EmbeddingShard) -> Result<()> {
+        let EmbeddingShard {
+            table: dtable,
+            ids,
+            out: dout,
+            dim,
+            row0,
+            vocab,
+        } = *a;
+        check_dtype(op, "dout", dout, FLOATS)?;
+        check_dtype(op, "ids", ids, &[DType::I32])?;
+        check_dtype(op, "dtable", dtable, &[DType::F32])?;
+        let rows = table_rows(op, "dtable", dtable, dim)?;
+        check_len(op, "dout", dout, ids.len * dim)?;
+        check_shard_rows(op, row0, rows, vocab)?;
+        check_disjoint(op, "dtable", dtable, &[("dout", dout), ("ids", ids)])?;
+        if ids.len == 0 || rows == 0 {
             return Ok(());
         }
-        check_i32(OP, &[("dim", dim), ("vocab", vocab), ("rows", ids.len)])?;
-        // Aim for ~1024 blocks in all; the partition depends on (vocab, dim) only.
+        check_i32(op, &[("dim", dim), ("vocab", vocab), ("rows", ids.len)])?;
+        // Aim for ~1024 blocks in all; the partition depends on (rows, dim) only.
         let col_blocks = dim.div_ceil(256);
-        let ranges = 1024usize.div_ceil(col_blocks).clamp(1, vocab);
-        let rows_per_range = vocab.div_ceil(ranges);
-        let ranges = vocab.div_ceil(rows_per_range);
+        let ranges = 1024usize.div_ceil(col_blocks).clamp(1, rows);
+        let rows_per_range = rows.div_ceil(ranges);
+        let ranges = rows.div_ceil(rows_per_range);
         if col_blocks > 65535 {
             return Err(Error::Shape {
-                op: OP,
+                op,
                 msg: format!("dim {dim} too large"),
             });
         }
@@ -124,7 +169,8 @@ impl CudaBackend {
             Arg::P(dtable.ptr),
             Arg::I32(ids.len as i32),
             Arg::I32(dim as i32),
-            Arg::I32(vocab as i32),
+            Arg::I32(row0 as i32),
+            Arg::I32(rows as i32),
             Arg::I32(rows_per_range as i32),
         ];
         self.launch(&name, (ranges as u32, col_blocks as u32, 1), 256, 0, &args)
@@ -357,6 +403,31 @@ impl CudaBackend {
         ];
         self.launch(&name, (grid, 1, 1), 256, 0, &args)
     }
+}
+
+/// Rows of a `[rows, dim]` table of `b.len` elements.
+fn table_rows(op: &'static str, what: &str, b: Buf, dim: usize) -> Result<usize> {
+    if dim == 0 || !b.len.is_multiple_of(dim) {
+        return Err(Error::Shape {
+            op,
+            msg: format!("{what} of {} elements is not [rows, {dim}]", b.len),
+        });
+    }
+    Ok(b.len / dim)
+}
+
+/// A shard's rows `row0 .. row0 + rows` lie inside the vocabulary.
+fn check_shard_rows(op: &'static str, row0: usize, rows: usize, vocab: usize) -> Result<()> {
+    if row0 + rows > vocab {
+        return Err(Error::Shape {
+            op,
+            msg: format!(
+                "rows {row0}..{} exceed the vocabulary of {vocab}",
+                row0 + rows
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Kernel parameters that are C `int`s must fit.
