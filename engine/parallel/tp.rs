@@ -123,6 +123,15 @@ impl TensorParallel {
         })
     }
 
+    /// Elements of a `rows x width` activation this rank holds between pipeline stages: its
+    /// token shard under sequence parallel, else all of it (`Tape::stage_activation`).
+    pub fn stage_numel(tp: Option<&TensorParallel>, rows: usize, width: usize) -> usize {
+        match tp.filter(|t| t.sequence_parallel) {
+            Some(t) => rows / t.degree * width,
+            None => rows * width,
+        }
+    }
+
     pub fn dim(&self, id: ParamId) -> Option<usize> {
         self.dims[id.0]
     }

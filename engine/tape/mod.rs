@@ -395,6 +395,35 @@ impl<'a> Tape<'a> {
         Ok(self.external(b, shape, requires_grad, None))
     }
 
+    /// The hidden state `shape` ([batch, seq, dim]) a pipeline stage receives from another, in
+    /// `b`: all of it, or under sequence parallel this rank's token shard of it (which is how
+    /// the sending stage's output lies, so each tp rank exchanges its shard with its peer).
+    pub fn stage_activation(
+        &mut self,
+        b: Buf,
+        shape: impl Into<Shape>,
+        requires_grad: bool,
+    ) -> Result<Tensor> {
+        let shape = shape.into();
+        match self.tp_state().filter(|t| t.sequence_parallel) {
+            Some(tp) => {
+                let rows = shape.rows();
+                if !rows.is_multiple_of(tp.degree) {
+                    return Err(Error::Config(format!(
+                        "sequence parallel: {rows} tokens per pipeline microbatch do not split \
+                         over tensor_parallel_degree {}",
+                        tp.degree
+                    )));
+                }
+                let local = Shape(vec![rows / tp.degree, shape.last()]);
+                let t = self.external_activation(b, local, requires_grad)?;
+                self.set_tp(t, Tp::Tokens, shape);
+                Ok(t)
+            }
+            None => self.external_activation(b, shape, requires_grad),
+        }
+    }
+
     /// The device buffer of `t` (to send it to another rank).
     pub fn device_buf(&mut self, t: Tensor) -> Result<Buf> {
         self.touch(t)

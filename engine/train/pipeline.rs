@@ -30,6 +30,7 @@ use crate::error::{Error, Result};
 use crate::model::{Model, ModelArgs, ModelSpec};
 use crate::parallel::pipeline::{SplitSpec, Stage};
 use crate::parallel::schedule::{Action, Schedule, Transfer};
+use crate::parallel::tp::TensorParallel;
 use crate::params::{ParamId, ParamStore, ParamStoreBuilder};
 use crate::planner::Plan;
 use crate::tape::{Placement, Tape, Tensor};
@@ -44,6 +45,8 @@ pub(super) struct Layout {
     stages: Vec<Stage>,
     /// This rank's coordinate along pp.
     pp_rank: usize,
+    /// Along tp (which slices its stages' weights hold).
+    tp_rank: usize,
 }
 
 impl Layout {
@@ -80,6 +83,7 @@ impl Layout {
             schedule,
             stages,
             pp_rank: dims.coords(rank)[0],
+            tp_rank: dims.coords(rank)[4],
         })
     }
 
@@ -134,11 +138,13 @@ impl Layout {
         let hidden = hidden_dim(spec, args, dtype)?;
         let (mut peak, mut held, mut unplanned, mut buffers, mut ops) = (0, 0, 0, 0, 0);
         let (_, builder) = self.build(spec, args, cfg)?;
-        let state = ParamStore::materialize(builder, &MetaBackend::new(), dtype)?.state_bytes();
+        let meta = MetaBackend::new();
+        let tp = TensorParallel::meta(&cfg.parallelism, builder.tp_dims(), meta.log(), self.tp_rank);
+        let state = ParamStore::materialize_sharded(builder, &meta, dtype, None, tp)?.state_bytes();
         let mut num_params = 0;
         for s in self.local() {
             let st = &self.stages[s];
-            let t = trace_stage(spec, cfg, args, st, dtype, shape, hidden)?;
+            let t = trace_stage(spec, cfg, args, st, dtype, shape, (hidden, self.tp_rank))?;
             peak = peak.max(t.total);
             held = held.max(t.held);
             unplanned = unplanned.max(t.plan.unplanned);
@@ -408,7 +414,7 @@ impl Trainer {
 
     /// A validation run through the stages: each batch forward only, stage after stage (every
     /// rank walks (batch, stage) in order, so a pair's messages arrive in the order they are
-    /// read); the last stages' loss sums and token counts are reduced over the world.
+    /// read); the last stages' loss sums and token counts are reduced over pp x dp.
     pub(super) fn validate_pipelined(&self, v: &mut Validator, step: u64) -> Result<ValMetrics> {
         let reduce = |vals: &mut [f32]| self.all_reduce_batch(vals, ReduceOp::Sum);
         let mut loss_of = |b: &Batch, _: &Plan| self.forward_stages(b);
@@ -420,7 +426,7 @@ impl Trainer {
         let (p, models, be) = (self.pipeline()?, self.stage_models()?, self.be.as_ref());
         let (s, comm, dtype) = (&p.schedule, p.comm.as_ref(), self.store.compute_dtype);
         let hidden = [b.batch, b.seq, p.hidden];
-        let len = b.batch * b.seq * p.hidden;
+        let len = TensorParallel::stage_numel(self.store.tp(), b.batch * b.seq, p.hidden);
         let mut loss = None;
         for (k, &stage) in p.local.iter().enumerate() {
             let mut held = None; // outlives the tape that reads it
@@ -432,7 +438,7 @@ impl Trainer {
                 let buf = Buf::new(m.ptr(), len, dtype);
                 comm.recv(buf, s.rank_of(stage - 1))?;
                 held = Some(m);
-                tape.external_activation(buf, hidden, false)?
+                tape.stage_activation(buf, hidden, false)?
             };
             let out = models.models[k].forward(&mut tape, x)?;
             if stage == p.last_stage() {
@@ -550,7 +556,7 @@ impl Trainer {
         }
         let (mbs, seq) = (batch.batch / m, batch.seq);
         let hidden = [mbs, seq, p.hidden];
-        let hidden_len = mbs * seq * p.hidden;
+        let hidden_len = TensorParallel::stage_numel(self.store.tp(), mbs * seq, p.hidden);
         let dtype = self.store.compute_dtype;
         let comm = p.comm.as_ref();
         let mut inbox = Inbox::new(s, p.pp_rank);
@@ -577,7 +583,7 @@ impl Trainer {
                             let mem = inbox.take(t, hidden_len, dtype, comm, be)?;
                             let buf = Buf::new(mem.ptr(), hidden_len, dtype);
                             held.push(mem);
-                            let x = tape.external_activation(buf, hidden, true)?;
+                            let x = tape.stage_activation(buf, hidden, true)?;
                             (x, Some(x))
                         }
                     };
@@ -608,7 +614,7 @@ impl Trainer {
                             let mem = inbox.take(t, hidden_len, dtype, comm, be)?;
                             let buf = Buf::new(mem.ptr(), hidden_len, dtype);
                             l.held.push(mem);
-                            Some(l.tape.external_activation(buf, hidden, false)?)
+                            Some(l.tape.stage_activation(buf, hidden, false)?)
                         }
                         None => None,
                     };
@@ -691,25 +697,26 @@ fn trace_stage(
     st: &Stage,
     dtype: DType,
     (b, s): (usize, usize),
-    hidden: usize,
+    (hidden, tp_rank): (usize, usize),
 ) -> Result<StageTrace> {
     let (models, builder) = spec.build_stages_for(args, cfg, std::slice::from_ref(st))?;
     let meta = MetaBackend::new();
-    let store = ParamStore::materialize(builder, &meta, dtype)?;
+    let tp = TensorParallel::meta(&cfg.parallelism, builder.tp_dims(), meta.log(), tp_rank);
+    let store = ParamStore::materialize_sharded(builder, &meta, dtype, None, tp)?;
     let mut tape = Tape::new(&meta, &store, Placement::Owned);
     let shape = [b, s, hidden];
-    let fake = Buf::new(0, b * s * hidden, dtype);
+    let fake = Buf::new(0, TensorParallel::stage_numel(store.tp(), b * s, hidden), dtype);
     let x = if st.embedding {
         tape.input_i32(&vec![0; b * s], [b, s])?
     } else {
-        tape.external_activation(fake, shape, true)?
+        tape.stage_activation(fake, shape, true)?
     };
     let out = models[0].forward(&mut tape, x)?;
     let (root, seed) = if st.output {
         let labels = tape.input_i32(&vec![0; b * s], [b * s])?;
         ((spec.loss)(&mut tape, out, labels, 1.0)?, None)
     } else {
-        (out, Some(tape.external_activation(fake, shape, false)?))
+        (out, Some(tape.stage_activation(fake, shape, false)?))
     };
     let held = tape.owned_bytes_live();
     tape.backward_from(root, seed, &[x], false)?;

@@ -1,0 +1,88 @@
+//! Composed layouts on CPU ranks as threads: tensor parallel inside pipeline stages, with data
+//! parallel replicas around them, train the debugmodel with the losses and gradient norms of one
+//! rank (DESIGN §2's mesh order pp, dp_replicate, dp_shard, cp, tp); a checkpoint saved under one
+//! composed layout resumes under another. Every test runs under a deadline.
+
+mod parallel_common;
+mod train_common;
+
+use parallel_common::{leg, parity, rel, within_deadline};
+use train_common::tmp;
+
+const TP2: &str = "--parallelism.tensor_parallel_degree=2";
+const PP2: &str = "--parallelism.pipeline_parallel_degree=2";
+
+#[test]
+fn tp2_inside_pp2_matches_one_rank() {
+    for model in ["llama3", "qwen3"] {
+        let m: &'static str = if model == "llama3" {
+            "--model.name=llama3"
+        } else {
+            "--model.name=qwen3"
+        };
+        parity(
+            if model == "llama3" { "3d-llama" } else { "3d-qwen3" },
+            vec![
+                (4, vec![TP2, PP2, "--training.local_batch_size=4"]),
+                (
+                    4,
+                    vec![
+                        TP2,
+                        PP2,
+                        "--training.local_batch_size=4",
+                        "--parallelism.pipeline_parallel_schedule=InterleavedZeroBubble",
+                        "--parallelism.enable_sequence_parallel=false",
+                    ],
+                ),
+            ],
+            vec![m, "--training.steps=3"],
+        );
+    }
+}
+
+#[test]
+fn tp2_pp2_dp2_at_world_8_matches_one_rank() {
+    parity(
+        "3d-world8",
+        vec![(
+            8,
+            vec![
+                TP2,
+                PP2,
+                "--parallelism.data_parallel_replicate_degree=2",
+                "--parallelism.data_parallel_shard_degree=1",
+                "--training.local_batch_size=2",
+            ],
+        )],
+        vec!["--training.steps=3"],
+    );
+}
+
+#[test]
+fn composed_layouts_resume_each_other() {
+    within_deadline(|| {
+        let one = ["--training.local_batch_size=4"];
+        let tp_pp = [TP2, PP2, "--training.local_batch_size=4"];
+        let pp = [PP2, "--training.local_batch_size=4"];
+        let tp_fsdp = [
+            TP2,
+            "--parallelism.data_parallel_shard_degree=2",
+            "--training.local_batch_size=2",
+        ];
+        let d = tmp("3d-resume-ref");
+        let reference = leg(&d, 1, &one, 5, 100);
+        let cases: [(usize, &[&str], usize, &[&str]); 2] =
+            [(4, &tp_pp, 4, &tp_fsdp), (4, &tp_fsdp, 2, &pp)];
+        for (k, (w0, a, w1, b)) in cases.into_iter().enumerate() {
+            let d = tmp(&format!("3d-resume-{k}"));
+            let first = leg(&d, w0, a, 3, 3);
+            let rest = leg(&d, w1, b, 5, 100);
+            let got: Vec<f64> = first.iter().chain(&rest).copied().collect();
+            let e = rel(&got, &reference);
+            println!("saved {a:?}, resumed {b:?}: rel {e:.2e}");
+            assert_eq!(got.len(), 5, "{got:?}");
+            assert!(e < 1e-5, "{a:?} -> {b:?}: {got:?} vs {reference:?}");
+            let _ = std::fs::remove_dir_all(&d);
+        }
+    });
+}
