@@ -10,7 +10,10 @@ use crate::outln;
 use crate::planner::cost::{step_cost, Assumptions, CommTotals, Estimate};
 use crate::tensor::DType;
 use crate::train::config::JobConfig;
+use crate::train::pipeline_trace::trace_pipeline;
 use crate::train::step_trace::trace_step;
+use crate::backend::meta::CollKind;
+use crate::parallel::schedule::Action;
 
 /// `titan plan`'s machine flags; unset ones keep the device's defaults.
 #[derive(Clone, Debug, Default)]
@@ -128,6 +131,82 @@ pub fn estimate(
         flops_per_token,
         memory,
     ))
+}
+
+/// As `estimate` for a pipeline layout (pp > 1): each stage's passes timed, the schedule
+/// simulated with those times and the stage-to-stage transfers (pp ranks are world / pp apart,
+/// so usually on other nodes), the step tail of pp rank 0 added; the totals are pp rank 0's.
+pub fn estimate_pipeline(
+    spec: &ModelSpec,
+    cfg: &JobConfig,
+    args: &dyn ModelArgs,
+    dtype: DType,
+    dims: &ParallelDims,
+    a: &Assumptions,
+    memory: usize,
+) -> Result<Estimate> {
+    let t = trace_pipeline(spec, cfg, args, dtype, dims)?;
+    let secs: Vec<[f64; 3]> = t
+        .passes
+        .iter()
+        .map(|p| p.each_ref().map(|e| step_cost(e, a).step_s))
+        .collect();
+    let cost = |x: &Action| {
+        let c = secs[x.stage()];
+        match x {
+            Action::Forward { .. } => c[0],
+            Action::Backward { .. } => c[1] + c[2],
+            Action::BackwardInput { .. } => c[1],
+            Action::BackwardWeight { .. } => c[2],
+        }
+    };
+    let span = dims.world / dims.degrees.pp + 1;
+    let p2p = a.collective_time(CollKind::Broadcast, t.hidden_bytes as f64, 2, span);
+    let tl = t.schedule.simulate(&cost, p2p)?;
+    // Pp rank 0's kernels and collectives over the step, for the totals.
+    let mut events = Vec::new();
+    for _ in 0..t.accum {
+        for x in &t.schedule.per_rank[0] {
+            let p = &t.passes[x.stage()];
+            match x {
+                Action::Forward { .. } => events.extend_from_slice(&p[0]),
+                Action::Backward { .. } => {
+                    events.extend_from_slice(&p[1]);
+                    events.extend_from_slice(&p[2]);
+                }
+                Action::BackwardInput { .. } => events.extend_from_slice(&p[1]),
+                Action::BackwardWeight { .. } => events.extend_from_slice(&p[2]),
+            }
+        }
+    }
+    events.extend_from_slice(&t.tail);
+    let mut c = step_cost(&events, a);
+    c.step_s = t.accum as f64 * tl.makespan + step_cost(&t.tail, a).step_s;
+    c.exposed_comm_s = (c.step_s - c.compute_s).max(0.0);
+    let (_, flops_per_token) = args.nparams_and_flops(cfg.training.seq_len as usize);
+    let mut e = Estimate::new(
+        a,
+        c,
+        (t.tokens, dims.dp(), dims.world),
+        flops_per_token,
+        memory,
+    );
+    e.notes.retain(|n| !n.starts_with("pipeline parallelism is not in the model"));
+    e.notes.insert(
+        0,
+        format!(
+            "pipeline: {} over {} stages, {} microbatches per schedule x {} accumulation: bubble \
+             {:.1} % of the schedule (simulated with each stage's traced pass times, {:.3} ms per \
+             stage-to-stage transfer); the idle time counts in exposed comm",
+            t.schedule.kind.name(),
+            t.schedule.stages(),
+            t.schedule.microbatches,
+            t.accum,
+            100.0 * tl.bubble,
+            p2p * 1e3
+        ),
+    );
+    Ok(e)
 }
 
 fn ms(s: f64) -> String {

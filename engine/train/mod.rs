@@ -8,6 +8,7 @@ pub mod lock;
 pub mod lr;
 pub mod memory;
 pub mod pipeline;
+pub mod pipeline_trace;
 pub mod preempt;
 pub mod state;
 pub mod step_trace;

@@ -42,7 +42,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 /// The split and schedule of a pp > 1 run, before the communicators exist.
 pub(super) struct Layout {
     pub schedule: Schedule,
-    stages: Vec<Stage>,
+    pub(super) stages: Vec<Stage>,
     /// This rank's coordinate along pp.
     pp_rank: usize,
     /// Along tp (which slices its stages' weights hold).
@@ -168,7 +168,7 @@ impl Layout {
     }
 
     /// (batch, seq) of one microbatch.
-    fn micro_shape(&self, cfg: &JobConfig) -> (usize, usize) {
+    pub(super) fn micro_shape(&self, cfg: &JobConfig) -> (usize, usize) {
         let mbs = cfg.parallelism.pipeline_parallel_microbatch_size.max(1) as usize;
         (mbs, cfg.training.seq_len as usize)
     }
@@ -656,7 +656,7 @@ impl Trainer {
 
 /// The width of the hidden state between stages: the first stage's output on a 1 x 1 input,
 /// traced on the meta backend.
-fn hidden_dim(spec: &ModelSpec, args: &dyn ModelArgs, dtype: DType) -> Result<usize> {
+pub(super) fn hidden_dim(spec: &ModelSpec, args: &dyn ModelArgs, dtype: DType) -> Result<usize> {
     let mut b = ParamStoreBuilder::default();
     let st = Stage {
         layers: 0..0,
