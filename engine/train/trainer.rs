@@ -76,7 +76,7 @@ pub struct Trainer {
     pub(super) save_tag: u64,
     /// Seconds spent in collectives by the last step (all-gathers, reduce-scatters, all-reduces).
     pub last_comm_s: f64,
-    /// pp > 1: this rank's stages, schedule and pp group (train/pipeline.rs).
+    /// pp > 1: this rank's stages, schedule and pp group (train/pipeline/).
     pub pipeline: Option<Pipeline>,
 }
 
