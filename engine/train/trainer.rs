@@ -201,7 +201,8 @@ impl Trainer {
                     g.dp_shard,
                     m.dp_shard.rank(),
                     reshard,
-                    accum > 1,
+                    // Pipeline microbatches accumulate too (train/pipeline/step.rs).
+                    accum > 1 || layout.is_some(),
                 )?,
                 comm: m.world.split(&dims.group(rank, &[Dim::DpShard]))?,
                 reduce_dtype,

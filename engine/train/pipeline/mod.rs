@@ -64,16 +64,17 @@ impl Layout {
                 g.pp
             )))
         };
-        if g.dp_shard > 1 {
-            return refuse("data_parallel_shard_degree > 1 (FSDP within each stage)");
+        let p = &cfg.parallelism;
+        let kind = crate::parallel::schedule::Kind::parse(&p.pipeline_parallel_schedule)?;
+        if g.dp_shard > 1 && kind == crate::parallel::schedule::Kind::InterleavedZeroBubble {
+            // Its weight pass reads norm weights whose FSDP slot a later forward may reuse.
+            return refuse("InterleavedZeroBubble and data_parallel_shard_degree > 1");
         }
         if cfg.checkpoint.last_save_in_hf {
             return refuse(
                 "checkpoint.last_save_in_hf (export the last checkpoint with `titan convert`)",
             );
         }
-        let p = &cfg.parallelism;
-        let kind = crate::parallel::schedule::Kind::parse(&p.pipeline_parallel_schedule)?;
         let split = SplitSpec::from_config(p, args.n_layers(), kind.interleaved())?;
         let stages = (spec.pipeline_split)(args, &split)?;
         let schedule = Schedule::for_stages(p, cfg.training.local_batch_size, stages.len())?;
@@ -238,6 +239,13 @@ pub fn plan_pp_ranks(
     dtype: DType,
 ) -> Result<(Schedule, Vec<MemoryPlan>)> {
     let pp = dims.degrees.pp;
+    if dims.degrees.dp_shard > 1 {
+        return Err(Error::Config(
+            "plan: pipeline_parallel_degree with data_parallel_shard_degree > 1: the pipeline \
+             memory plan does not shard its stages yet"
+                .into(),
+        ));
+    }
     let mut out = Vec::with_capacity(pp);
     let mut schedule = None;
     for r in 0..pp {

@@ -166,15 +166,29 @@ impl Trainer {
         let valid = self.global_count(local_valid)?;
         let grad_scale = 1.0 / valid.max(1) as f32;
         self.store.zero_grads(be)?;
+        if let Some(f) = self.store.fsdp() {
+            // FSDP within each stage: the unit gradient slots accumulate every microbatch of
+            // the step (several stage tapes are in flight); each unit reduces once, below.
+            f.set_sync(false);
+        }
         let mut loss_sum = 0f64;
         let mut tokens = 0;
         for batch in &batches {
             loss_sum += self.run_schedule(p, batch, grad_scale)?;
             tokens += batch.batch * batch.seq;
         }
+        if let Some(f) = self.store.fsdp() {
+            f.set_sync(true);
+            for u in 0..f.layout.units.len() {
+                self.store.reduce_unit(be, u)?;
+            }
+            f.comm().wait()?;
+        }
         for s in &p.shared {
+            // FSDP: the two stages' copies are sharded alike, so their local shards add up.
             for &id in &s.params {
-                s.comm.all_reduce(self.store.grad(id), ReduceOp::Sum)?;
+                s.comm
+                    .all_reduce(self.store.local_grad(id), ReduceOp::Sum)?;
             }
             s.comm.wait()?;
         }
@@ -188,11 +202,16 @@ impl Trainer {
         let grads: Vec<Buf> = self
             .store
             .ids()
-            .filter(|&id| !p.is_copy(id))
-            .map(|id| self.store.grad(id))
+            .filter(|&id| !p.is_copy(id) && self.store.local_numel(id) > 0)
+            .map(|id| self.store.local_grad(id))
             .collect();
         be.sum_squares(&grads, norm_sq)?;
-        // Each stage holds its own parameters: their squares sum to the global norm's.
+        // Each stage holds its own parameters, each FSDP rank its shards of them: their
+        // squares sum to the global norm's.
+        if let Some(f) = self.store.fsdp() {
+            f.comm().all_reduce(norm_sq, ReduceOp::Sum)?;
+            f.comm().wait()?;
+        }
         p.comm.all_reduce(norm_sq, ReduceOp::Sum)?;
         p.comm.wait()?;
         let max_norm = if self.cfg.training.max_norm > 0.0 {
@@ -219,6 +238,9 @@ impl Trainer {
             weight_decay: o.weight_decay as f32,
             step,
         };
+        if let Some(f) = self.store.fsdp() {
+            f.drain()?; // no gather may still read the shards AdamW rewrites
+        }
         let (m, v) = self.store.flat_moments();
         be.adamw(
             &AdamWBufs {
