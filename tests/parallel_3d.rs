@@ -21,7 +21,11 @@ fn tp2_inside_pp2_matches_one_rank() {
             "--model.name=qwen3"
         };
         parity(
-            if model == "llama3" { "3d-llama" } else { "3d-qwen3" },
+            if model == "llama3" {
+                "3d-llama"
+            } else {
+                "3d-qwen3"
+            },
             vec![
                 (4, vec![TP2, PP2, "--training.local_batch_size=4"]),
                 (

@@ -217,7 +217,8 @@ fn qwen3_tied_pp2_every_schedule_matches_one_rank() {
 }
 
 /// Gradient accumulation (global batch 8 = 2 local batches), activation checkpointing and
-/// split points under pp, and pp 2 x DDP 2 at world 4, against one rank at the same global batch.
+/// split points under pp, and pp 2 x DDP 2 and pp 2 x FSDP 2 at world 4, against one rank at
+/// the same global batch.
 #[test]
 fn pp_with_accumulation_checkpointing_and_ddp_matches_one_rank() {
     let zb = pp2(
@@ -241,11 +242,18 @@ fn pp_with_accumulation_checkpointing_and_ddp_matches_one_rank() {
         "--parallelism.pipeline_parallel_microbatch_size=1",
         "--training.local_batch_size=4",
     ];
-    // The DDP layout's two replicas read 4 rows each of the global 8.
+    // FSDP within each stage, 2 stages per rank.
+    let fsdp = vec![
+        "--parallelism.pipeline_parallel_degree=2",
+        "--parallelism.data_parallel_shard_degree=2",
+        "--parallelism.pipeline_parallel_schedule=Interleaved1F1B",
+        "--parallelism.pipeline_parallel_microbatch_size=1",
+    ];
+    // The DDP and FSDP layouts' two data-parallel ranks read 4 rows each of the global 8.
     parity(
         Model::Llama3,
         "accum",
-        vec![(2, ac), (2, zb_ac), (4, ddp)],
+        vec![(2, ac), (2, zb_ac), (4, ddp), (4, fsdp)],
         &[
             "--training.global_batch_size=8",
             "--validation.enable",
@@ -329,11 +337,23 @@ fn bad_pipeline_layouts_are_clear_errors() {
                 ],
                 "at least 2",
             ),
+            (
+                vec![
+                    "--parallelism.pipeline_parallel_schedule=InterleavedZeroBubble",
+                    "--parallelism.data_parallel_shard_degree=2",
+                ],
+                "InterleavedZeroBubble and data_parallel_shard_degree > 1",
+            ),
         ] {
             let d = tmp("pp-bad");
             let mut o = vec!["--parallelism.pipeline_parallel_degree=2"];
             o.extend(extra.iter().copied());
-            let e = losses(Model::Llama3, 2, d.clone(), base(&d, &o))
+            let world = if o.iter().any(|x| x.contains("shard_degree=2")) {
+                4
+            } else {
+                2
+            };
+            let e = losses(Model::Llama3, world, d.clone(), base(&d, &o))
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(want), "{extra:?}: {e}");

@@ -2,18 +2,18 @@
 //! change its numbers), the traced step replayed on it (`planner::cost`), the printout.
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::meta::CollKind;
 use crate::dist::ParallelDims;
 use crate::error::{Error, Result};
 use crate::metrics::{measure_copy_bandwidth, measure_gemm_peak};
 use crate::model::{ModelArgs, ModelSpec};
 use crate::outln;
+use crate::parallel::schedule::Action;
 use crate::planner::cost::{step_cost, Assumptions, CommTotals, Estimate};
 use crate::tensor::DType;
 use crate::train::config::JobConfig;
 use crate::train::pipeline_trace::trace_pipeline;
 use crate::train::step_trace::trace_step;
-use crate::backend::meta::CollKind;
-use crate::parallel::schedule::Action;
 
 /// `titan plan`'s machine flags; unset ones keep the device's defaults.
 #[derive(Clone, Debug, Default)]
@@ -191,7 +191,8 @@ pub fn estimate_pipeline(
         flops_per_token,
         memory,
     );
-    e.notes.retain(|n| !n.starts_with("pipeline parallelism is not in the model"));
+    e.notes
+        .retain(|n| !n.starts_with("pipeline parallelism is not in the model"));
     e.notes.insert(
         0,
         format!(

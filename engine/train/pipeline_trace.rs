@@ -65,7 +65,10 @@ pub fn trace_pipeline(
             let labels = tape.input_i32(&vec![0; b * s], [b * s])?;
             ((spec.loss)(&mut tape, out, labels, 1.0)?, None)
         } else {
-            (out, Some(tape.stage_activation(fake, [b, s, hidden], false)?))
+            (
+                out,
+                Some(tape.stage_activation(fake, [b, s, hidden], false)?),
+            )
         };
         let forward = meta.take_events();
         tape.backward_from(root, seed, &[x], true)?;

@@ -77,7 +77,7 @@ pub struct Trainer {
     pub(super) save_tag: u64,
     /// Seconds spent in collectives by the last step (all-gathers, reduce-scatters, all-reduces).
     pub last_comm_s: f64,
-    /// pp > 1: this rank's stages, schedule and pp group (train/pipeline.rs).
+    /// pp > 1: this rank's stages, schedule and pp group (train/pipeline/).
     pub pipeline: Option<Pipeline>,
 }
 
@@ -214,7 +214,8 @@ impl Trainer {
                     g.dp_shard,
                     m.dp_shard.rank(),
                     reshard,
-                    accum > 1,
+                    // Pipeline microbatches accumulate too (train/pipeline/step.rs).
+                    accum > 1 || layout.is_some(),
                 )?,
                 comm: m.world.split(&dims.group(rank, &[Dim::DpShard]))?,
                 reduce_dtype,

@@ -1,0 +1,366 @@
+//! One pipeline step on a pp rank: its action list of the schedule over the microbatches
+//! (forward, backward, or zero-bubble's input and weight halves, with the send / recv between
+//! stages), then the cross-stage reductions and AdamW; and validation through the stages.
+
+use super::{Pipeline, StageModels};
+use crate::backend::{AdamW, AdamWBufs, Backend, Buf, DeviceMem};
+use crate::data::Batch;
+use crate::dist::{Communicator, ReduceOp};
+use crate::error::{Error, Result};
+use crate::parallel::schedule::{Action, Schedule, Transfer};
+use crate::parallel::tp::TensorParallel;
+use crate::planner::Plan;
+use crate::tape::{Placement, Tape, Tensor};
+use crate::tensor::DType;
+use crate::train::trainer::{StepResult, Trainer};
+use crate::train::validate::{ValMetrics, Validator};
+use std::collections::{HashMap, VecDeque};
+
+/// One stage microbatch in flight: its tape and the received buffers the tape reads.
+struct Live<'t> {
+    tape: Tape<'t>,
+    input: Option<Tensor>,
+    /// The loss (last stage) or the output hidden state.
+    root: Tensor,
+    held: Vec<Box<dyn DeviceMem>>,
+}
+
+/// Messages from the other pp ranks. The host transport delivers a pair's messages in order
+/// without labels, and activations and gradients share a pair under interleaving, so each
+/// message is named by the sender's schedule (the order of its sends to this rank) and kept
+/// until the action that needs it.
+struct Inbox {
+    expect: Vec<VecDeque<Transfer>>,
+    stash: HashMap<Transfer, Box<dyn DeviceMem>>,
+}
+
+impl Inbox {
+    fn new(s: &Schedule, me: usize) -> Inbox {
+        let expect = (0..s.pp)
+            .map(|q| {
+                let row = if q == me { &[][..] } else { &s.per_rank[q][..] };
+                row.iter()
+                    .filter_map(|a| s.send_after(a))
+                    .filter(|t| t.to_rank == me)
+                    .collect()
+            })
+            .collect();
+        Inbox {
+            expect,
+            stash: HashMap::new(),
+        }
+    }
+
+    fn take(
+        &mut self,
+        t: Transfer,
+        len: usize,
+        dtype: DType,
+        comm: &dyn Communicator,
+        be: &dyn Backend,
+    ) -> Result<Box<dyn DeviceMem>> {
+        loop {
+            if let Some(m) = self.stash.remove(&t) {
+                return Ok(m);
+            }
+            let next = self.expect[t.from_rank].pop_front().ok_or_else(|| {
+                Error::Comm(format!(
+                    "pipeline: rank {} never sends {} of stage {} microbatch {}",
+                    t.from_rank,
+                    if t.gradient {
+                        "the gradient"
+                    } else {
+                        "the output"
+                    },
+                    t.stage,
+                    t.microbatch
+                ))
+            })?;
+            let m = be.alloc(len * dtype.size())?;
+            comm.recv(Buf::new(m.ptr(), len, dtype), t.from_rank)?;
+            self.stash.insert(next, m);
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.stash.values().map(|m| m.bytes()).sum()
+    }
+}
+
+impl Trainer {
+    fn pipeline(&self) -> Result<&Pipeline> {
+        self.pipeline
+            .as_ref()
+            .ok_or_else(|| Error::Config("not a pipeline-parallel trainer".into()))
+    }
+
+    fn stage_models(&self) -> Result<&StageModels> {
+        self.model
+            .as_any()
+            .downcast_ref::<StageModels>()
+            .ok_or_else(|| Error::Config("pipeline: the model is not a stage list".into()))
+    }
+
+    /// A validation run through the stages: each batch forward only, stage after stage (every
+    /// rank walks (batch, stage) in order, so a pair's messages arrive in the order they are
+    /// read); the last stages' loss sums and token counts are reduced over the world.
+    pub(in crate::train) fn validate_pipelined(
+        &self,
+        v: &mut Validator,
+        step: u64,
+    ) -> Result<ValMetrics> {
+        let reduce = |vals: &mut [f32]| self.all_reduce_batch(vals, ReduceOp::Sum);
+        let mut loss_of = |b: &Batch, _: &Plan| self.forward_stages(b);
+        v.run_with(step, true, &reduce, &mut loss_of)
+    }
+
+    /// This rank's stages' forward passes over `b`; the summed loss on the last stage.
+    fn forward_stages(&self, b: &Batch) -> Result<Option<f64>> {
+        let (p, models, be) = (self.pipeline()?, self.stage_models()?, self.be.as_ref());
+        let (s, comm, dtype) = (&p.schedule, p.comm.as_ref(), self.store.compute_dtype);
+        let hidden = [b.batch, b.seq, p.hidden];
+        let len = TensorParallel::stage_numel(self.store.tp(), b.batch * b.seq, p.hidden);
+        let mut loss = None;
+        for (k, &stage) in p.local.iter().enumerate() {
+            let mut held = None; // outlives the tape that reads it
+            let mut tape = Tape::new(be, &self.store, Placement::Owned);
+            let x = if stage == 0 {
+                tape.input_i32(&b.inputs, [b.batch, b.seq])?
+            } else {
+                let m = be.alloc(len * dtype.size())?;
+                let buf = Buf::new(m.ptr(), len, dtype);
+                comm.recv(buf, s.rank_of(stage - 1))?;
+                held = Some(m);
+                tape.stage_activation(buf, hidden, false)?
+            };
+            let out = models.models[k].forward(&mut tape, x)?;
+            if stage == p.last_stage() {
+                let labels = tape.input_i32(&b.labels, [b.batch * b.seq])?;
+                let l = (self.spec.loss)(&mut tape, out, labels, 1.0)?;
+                loss = Some(tape.to_vec_f32(l)?[0] as f64);
+            } else {
+                comm.send(tape.device_buf(out)?, s.rank_of(stage + 1))?;
+            }
+            drop(tape);
+            drop(held);
+        }
+        Ok(loss)
+    }
+
+    /// One optimizer step of a pp > 1 run: `accum` local batches through the schedule, the
+    /// shared parameters' gradients summed, the norm over every stage, AdamW on this rank's.
+    pub(in crate::train) fn pipeline_step(&mut self) -> Result<StepResult> {
+        let step = self.step + 1;
+        let be = self.be.as_ref();
+        let mut batches = Vec::with_capacity(self.accum);
+        for _ in 0..self.accum {
+            batches.push(self.loader.next_batch()?);
+        }
+        let p = self.pipeline()?;
+        // Every stage of a data-parallel rank reads the same batch: the count is over dp.
+        let local_valid: usize = batches
+            .iter()
+            .map(|b| b.labels.iter().filter(|&&l| l >= 0).count())
+            .sum::<usize>();
+        let valid = self.global_count(local_valid)?;
+        let grad_scale = 1.0 / valid.max(1) as f32;
+        self.store.zero_grads(be)?;
+        if let Some(f) = self.store.fsdp() {
+            // FSDP within each stage: the unit gradient slots accumulate every microbatch of
+            // the step (several stage tapes are in flight); each unit reduces once, below.
+            f.set_sync(false);
+        }
+        let mut loss_sum = 0f64;
+        let mut tokens = 0;
+        for batch in &batches {
+            loss_sum += self.run_schedule(p, batch, grad_scale)?;
+            tokens += batch.batch * batch.seq;
+        }
+        if let Some(f) = self.store.fsdp() {
+            f.set_sync(true);
+            for u in 0..f.layout.units.len() {
+                self.store.reduce_unit(be, u)?;
+            }
+            f.comm().wait()?;
+        }
+        for s in &p.shared {
+            // FSDP: the two stages' copies are sharded alike, so their local shards add up.
+            for &id in &s.params {
+                s.comm
+                    .all_reduce(self.store.local_grad(id), ReduceOp::Sum)?;
+            }
+            s.comm.wait()?;
+        }
+        self.reduce_tp_partials()?;
+        self.replicate_grads()?;
+        // Only the last stages hold losses: summed over pp and dp (not tp, whose ranks agree).
+        let mut sums = [loss_sum as f32];
+        self.all_reduce_batch(&mut sums, ReduceOp::Sum)?;
+        let loss = sums[0] as f64 / valid.max(1) as f64;
+        let tokens = tokens * self.mesh.as_ref().map_or(1, |m| m.dims.dp());
+        let norm_sq = self.scalars.slice(0, 1);
+        let coef = self.scalars.slice(1, 1);
+        // Each stage holds its own parameters, each FSDP rank its shards of them, each tp rank
+        // its slices: their squares sum over the replica to the global norm's.
+        self.grad_norm_sq(norm_sq)?;
+        let max_norm = if self.cfg.training.max_norm > 0.0 {
+            self.cfg.training.max_norm as f32
+        } else {
+            f32::INFINITY
+        };
+        be.clip_coef(norm_sq, max_norm, coef)?;
+        let mut host = [0f32; 1];
+        be.download(norm_sq, bytemuck::cast_slice_mut(&mut host))?;
+        let grad_norm = (host[0] as f64).sqrt();
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            return Err(Error::NonFinite(format!(
+                "step {step}: loss {loss}, grad_norm {grad_norm}; the weights were not updated (last good checkpoint kept)"
+            )));
+        }
+        let lr = self.lr.lr_at(self.schedule_step(step));
+        let o = &self.cfg.optimizer;
+        let hp = AdamW {
+            lr,
+            beta1: o.beta1 as f32,
+            beta2: o.beta2 as f32,
+            eps: o.eps as f32,
+            weight_decay: o.weight_decay as f32,
+            step,
+        };
+        if let Some(f) = self.store.fsdp() {
+            f.drain()?; // no gather may still read the shards AdamW rewrites
+        }
+        let (m, v) = self.store.flat_moments();
+        be.adamw(
+            &AdamWBufs {
+                param: self.store.flat_master(),
+                grad: self.store.flat_grad(),
+                m,
+                v,
+                compute: self.store.flat_compute(),
+                grad_scale: coef,
+            },
+            &hp,
+        )?;
+        self.store.shards_updated();
+        self.step = step;
+        Ok(StepResult {
+            loss,
+            grad_norm,
+            lr: lr as f64,
+            tokens,
+        })
+    }
+
+    /// This rank's actions of the schedule over the microbatches of `batch`; returns the summed
+    /// loss of the microbatches (0 unless this rank holds the last stage).
+    fn run_schedule(&self, p: &Pipeline, batch: &Batch, grad_scale: f32) -> Result<f64> {
+        let be = self.be.as_ref();
+        let models = self.stage_models()?;
+        let s = &p.schedule;
+        let m = s.microbatches;
+        if !batch.batch.is_multiple_of(m) {
+            return Err(Error::Config(format!(
+                "pipeline: a batch of {} rows does not split into {m} microbatches",
+                batch.batch
+            )));
+        }
+        let (mbs, seq) = (batch.batch / m, batch.seq);
+        let hidden = [mbs, seq, p.hidden];
+        let hidden_len = TensorParallel::stage_numel(self.store.tp(), mbs * seq, p.hidden);
+        let dtype = self.store.compute_dtype;
+        let comm = p.comm.as_ref();
+        let mut inbox = Inbox::new(s, p.pp_rank);
+        let mut live: HashMap<(usize, usize), Live> = HashMap::new();
+        let mut loss_sum = 0f64;
+        let missing = |a: &Action| Error::Config(format!("pipeline schedule: {a} before its F"));
+        for a in &s.per_rank[p.pp_rank] {
+            let (stage, mb) = (a.stage(), a.microbatch());
+            let rows = mb * mbs * seq..(mb + 1) * mbs * seq;
+            match a {
+                Action::Forward { .. } => {
+                    let k = p.local.iter().position(|&x| x == stage).ok_or_else(|| {
+                        Error::Config(format!("pipeline schedule: {a} is not on this rank"))
+                    })?;
+                    let mut tape = Tape::new(be, &self.store, Placement::Owned);
+                    let mut held = Vec::new();
+                    let (x, input) = match s.recv_before(a) {
+                        None if stage == 0 => (
+                            tape.input_i32(&batch.inputs[rows.clone()], [mbs, seq])?,
+                            None,
+                        ),
+                        None => return Err(missing(a)),
+                        Some(t) => {
+                            let mem = inbox.take(t, hidden_len, dtype, comm, be)?;
+                            let buf = Buf::new(mem.ptr(), hidden_len, dtype);
+                            held.push(mem);
+                            let x = tape.stage_activation(buf, hidden, true)?;
+                            (x, Some(x))
+                        }
+                    };
+                    let out = models.models[k].forward(&mut tape, x)?;
+                    let root = if stage == p.last_stage() {
+                        let labels = tape.input_i32(&batch.labels[rows], [mbs * seq])?;
+                        let loss = (self.spec.loss)(&mut tape, out, labels, grad_scale)?;
+                        loss_sum += tape.to_vec_f32(loss)?[0] as f64;
+                        loss
+                    } else {
+                        if let Some(t) = s.send_after(a) {
+                            comm.send(tape.device_buf(out)?, t.to_rank)?;
+                        }
+                        out
+                    };
+                    let l = Live {
+                        tape,
+                        input,
+                        root,
+                        held,
+                    };
+                    live.insert((stage, mb), l);
+                }
+                Action::Backward { .. } | Action::BackwardInput { .. } => {
+                    let l = live.get_mut(&(stage, mb)).ok_or_else(|| missing(a))?;
+                    let seed = match s.recv_before(a) {
+                        Some(t) => {
+                            let mem = inbox.take(t, hidden_len, dtype, comm, be)?;
+                            let buf = Buf::new(mem.ptr(), hidden_len, dtype);
+                            l.held.push(mem);
+                            Some(l.tape.stage_activation(buf, hidden, false)?)
+                        }
+                        None => None,
+                    };
+                    let split = matches!(a, Action::BackwardInput { .. });
+                    let inputs: Vec<Tensor> = l.input.into_iter().collect();
+                    let g = l.tape.backward_from(l.root, seed, &inputs, split)?;
+                    if let Some(t) = s.send_after(a) {
+                        let dx = g.first().copied().flatten().ok_or_else(|| {
+                            Error::Config(format!("pipeline: no gradient reached the input of {a}"))
+                        })?;
+                        comm.send(l.tape.device_buf(dx)?, t.to_rank)?;
+                    }
+                }
+                Action::BackwardWeight { .. } => {
+                    let l = live.get_mut(&(stage, mb)).ok_or_else(|| missing(a))?;
+                    l.tape.backward_weights()?;
+                }
+            }
+            let held: usize = live
+                .values()
+                .map(|l| {
+                    l.tape.owned_bytes_live() + l.held.iter().map(|m| m.bytes()).sum::<usize>()
+                })
+                .sum::<usize>()
+                + inbox.bytes();
+            p.peak_activations.set(p.peak_activations.get().max(held));
+            if matches!(a, Action::Backward { .. } | Action::BackwardWeight { .. }) {
+                live.remove(&(stage, mb)); // frees the tape's buffers
+            }
+        }
+        if let Some(((stage, mb), _)) = live.iter().next() {
+            return Err(Error::Config(format!(
+                "pipeline schedule: stage {stage} microbatch {mb} has no backward"
+            )));
+        }
+        Ok(loss_sum)
+    }
+}
