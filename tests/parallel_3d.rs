@@ -46,18 +46,30 @@ fn tp2_inside_pp2_matches_one_rank() {
 
 #[test]
 fn tp2_pp2_dp2_at_world_8_matches_one_rank() {
+    // FSDP and DDP around tensor-parallel pipeline stages.
     parity(
         "3d-world8",
-        vec![(
-            8,
-            vec![
-                TP2,
-                PP2,
-                "--parallelism.data_parallel_replicate_degree=2",
-                "--parallelism.data_parallel_shard_degree=1",
-                "--training.local_batch_size=2",
-            ],
-        )],
+        vec![
+            (
+                8,
+                vec![
+                    TP2,
+                    PP2,
+                    "--parallelism.data_parallel_shard_degree=2",
+                    "--training.local_batch_size=2",
+                ],
+            ),
+            (
+                8,
+                vec![
+                    TP2,
+                    PP2,
+                    "--parallelism.data_parallel_replicate_degree=2",
+                    "--parallelism.data_parallel_shard_degree=1",
+                    "--training.local_batch_size=2",
+                ],
+            ),
+        ],
         vec!["--training.steps=3"],
     );
 }
@@ -73,10 +85,19 @@ fn composed_layouts_resume_each_other() {
             "--parallelism.data_parallel_shard_degree=2",
             "--training.local_batch_size=2",
         ];
+        let tp_pp_fsdp = [
+            TP2,
+            PP2,
+            "--parallelism.data_parallel_shard_degree=2",
+            "--training.local_batch_size=2",
+        ];
         let d = tmp("3d-resume-ref");
         let reference = leg(&d, 1, &one, 5, 100);
-        let cases: [(usize, &[&str], usize, &[&str]); 2] =
-            [(4, &tp_pp, 4, &tp_fsdp), (4, &tp_fsdp, 2, &pp)];
+        let cases: [(usize, &[&str], usize, &[&str]); 3] = [
+            (4, &tp_pp, 4, &tp_fsdp),
+            (4, &tp_fsdp, 2, &pp),
+            (8, &tp_pp_fsdp, 1, &one),
+        ];
         for (k, (w0, a, w1, b)) in cases.into_iter().enumerate() {
             let d = tmp(&format!("3d-resume-{k}"));
             let first = leg(&d, w0, a, 3, 3);
