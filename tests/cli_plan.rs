@@ -113,7 +113,7 @@ fn plan_estimates_step_time_and_takes_the_machine_from_flags() {
         "MFU",
         "tokens/s",
         "does not fit in 80 GB",
-        "pipeline parallelism is not in the model",
+        "no pipeline stages",
     ] {
         assert!(out.contains(want), "{want}: {out}");
     }
@@ -143,10 +143,12 @@ fn plan_search_ranks_the_layouts_of_a_world_size() {
     assert!(o.status.success(), "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let rows = v["layouts"].as_array().unwrap();
-    // tp 1, 2, 4, 8 times the dp splits of 8, 4, 2, 1 ranks: 4 + 3 + 2 + 1 layouts.
+    // Without pp: tp 1, 2, 4, 8 times the dp splits of 8, 4, 2, 1 ranks (4 + 3 + 2 + 1
+    // layouts); with pp 2, 4, 8 (the 8B has 32 layers), DDP or FSDP of what is left (tp 1:
+    // 2 + 2 + 1, tp 2: 2 + 1, tp 4: 1): 19, those pipelines refuse included.
     assert_eq!(
         rows.len() + v["refused"].as_array().unwrap().len(),
-        10,
+        19,
         "{v}"
     );
     let key = |r: &serde_json::Value| {
@@ -164,7 +166,7 @@ fn plan_search_ranks_the_layouts_of_a_world_size() {
         );
     }
     for r in rows {
-        let n: u64 = ["dp_replicate", "dp_shard", "tp"]
+        let n: u64 = ["pp", "dp_replicate", "dp_shard", "tp"]
             .iter()
             .map(|k| r[k].as_u64().unwrap())
             .product();
@@ -200,5 +202,57 @@ fn plan_search_ranks_the_layouts_of_a_world_size() {
     assert_clean_error(
         &titan(&["plan", "--config", "configs/llama3_8b.toml", "--search"]),
         "--world-size",
+    );
+}
+
+#[test]
+fn plan_estimates_pipeline_schedules_with_their_bubbles() {
+    // Llama 3 8B on 4 pipeline ranks, 8 microbatches: the simulated schedules order as the
+    // papers do (interleaving shrinks the bubble, zero-bubble more), and the step is the
+    // schedule's makespan, longer than rank 0's compute.
+    let est = |schedule: &str| -> (f64, f64, f64) {
+        let o = titan(&[
+            "plan",
+            "--config",
+            "configs/llama3_8b.toml",
+            "--world-size",
+            "4",
+            "--json",
+            "--parallelism.pipeline_parallel_degree",
+            "4",
+            "--parallelism.data_parallel_shard_degree",
+            "1",
+            "--training.local_batch_size",
+            "8",
+            "--parallelism.pipeline_parallel_schedule",
+            schedule,
+        ]);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let e = &v["estimate"];
+        let note = e["notes"][0].as_str().unwrap();
+        let bubble: f64 = note
+            .split("bubble ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|x| x.parse().ok())
+            .unwrap_or_else(|| panic!("{note}"));
+        let c = &e["cost"];
+        (
+            bubble,
+            c["step_s"].as_f64().unwrap(),
+            c["compute_s"].as_f64().unwrap(),
+        )
+    };
+    let (b1, s1, c1) = est("1F1B");
+    let (bi, si, _) = est("Interleaved1F1B");
+    let (bz, sz, _) = est("InterleavedZeroBubble");
+    // 1F1B's bubble is at least (p - 1) / (m + p - 1) = 3 / 11 (more with unequal stages).
+    assert!((27.0..40.0).contains(&b1), "1F1B bubble {b1} %");
+    assert!(bz < bi && bi < b1, "bubbles {b1} {bi} {bz}");
+    assert!(
+        sz < si && si < s1 && s1 > c1,
+        "steps {s1} {si} {sz}, compute {c1}"
     );
 }

@@ -387,7 +387,10 @@ fn plan_counts_each_pp_ranks_microbatches_in_flight() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{err}");
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert!(v["estimate"].is_null(), "{v}");
+        let e = &v["estimate"];
+        assert!(e["cost"]["step_s"].as_f64().unwrap() > 0.0, "{v}");
+        let note = e["notes"][0].as_str().unwrap();
+        assert!(note.contains(schedule) && note.contains("bubble"), "{note}");
         v["pipeline"].clone()
     };
     let (one, all) = (plan("1F1B"), plan("GPipe"));

@@ -1,6 +1,6 @@
 //! `titan plan`, `bench` and `list-models` (`train` is in train.rs).
 
-use super::estimate::{estimate, print as print_estimate, Machine};
+use super::estimate::{estimate, estimate_pipeline, print as print_estimate, Machine};
 use crate::dist::launch::run_rank_threads;
 use crate::dist::{Communicator, HostComm, ParallelDims};
 use crate::error::{Error, Result};
@@ -88,13 +88,21 @@ pub(super) fn plan_layout(
     machine: &Assumptions,
 ) -> Result<(MemoryPlan, Estimate)> {
     let g = dims.degrees;
-    if g.pp > 1 || g.cp > 1 || g.ep > 1 {
+    if g.cp > 1 || g.ep > 1 {
         return Err(Error::Config(format!(
-            "plan: pp {} x cp {} x ep {}: this release plans data-parallel and tensor-parallel \
-             layouts (FSDP, HSDP, DDP, TP); pipeline, context and expert parallel planning comes \
-             with them",
-            g.pp, g.cp, g.ep
+            "plan: cp {} x ep {}: context and expert parallel planning is not built yet",
+            g.cp, g.ep
         )));
+    }
+    if g.pp > 1 {
+        // The busiest pp rank's memory.
+        let (_, ranks) = plan_pp_ranks(spec, cfg, args, dims, dtype)?;
+        let mp = ranks
+            .into_iter()
+            .max_by_key(|m| m.total())
+            .ok_or_else(|| Error::Config("plan: no pp ranks".into()))?;
+        let est = estimate_pipeline(spec, cfg, args, dtype, dims, machine, mp.total())?;
+        return Ok((mp, est));
     }
     let (_, _, mut mp) = trace_plan(spec, cfg, args, dtype, 0)?;
     let accum = cfg.gradient_accumulation_steps(dims.dp())?;
@@ -139,7 +147,13 @@ pub fn plan(
     let dims = ParallelDims::new(&cfg.parallelism, world_size)?;
     let g = dims.degrees;
     if g.pp > 1 {
-        return plan_pipeline(spec, &cfg, args.as_ref(), &dims, dtype, json);
+        let machine = opts.machine.assumptions(world_size)?;
+        let l = PlanLayout {
+            dims: &dims,
+            dtype,
+            machine: &machine,
+        };
+        return plan_pipeline(spec, &cfg, args.as_ref(), &l, json);
     }
     let accum = cfg.gradient_accumulation_steps(dims.dp())?;
     let machine = opts.machine.assumptions(world_size)?;
@@ -250,18 +264,34 @@ pub fn plan(
 /// `titan plan` of a pp > 1 layout: every pp rank's memory (its stages' state, and the
 /// activations of the stage microbatches its schedule holds at once), the largest first in
 /// the text. The step-time model does not cover pipeline schedules yet.
+/// What a pipeline layout is planned for.
+struct PlanLayout<'a> {
+    dims: &'a ParallelDims,
+    dtype: DType,
+    machine: &'a Assumptions,
+}
+
 fn plan_pipeline(
     spec: &crate::model::ModelSpec,
     cfg: &JobConfig,
     args: &dyn crate::model::ModelArgs,
-    dims: &ParallelDims,
-    dtype: DType,
+    l: &PlanLayout,
     json: bool,
 ) -> Result<()> {
+    let (dims, dtype) = (l.dims, l.dtype);
     let (s, ranks) = plan_pp_ranks(spec, cfg, args, dims, dtype)?;
     let busiest = (0..ranks.len())
         .max_by_key(|&r| ranks[r].total())
         .unwrap_or(0);
+    let est = estimate_pipeline(
+        spec,
+        cfg,
+        args,
+        dtype,
+        dims,
+        l.machine,
+        ranks[busiest].total(),
+    )?;
     if json {
         let v = serde_json::json!({
             "pipeline": {
@@ -271,7 +301,7 @@ fn plan_pipeline(
                 "peak_in_flight": (0..s.pp).map(|r| s.peak_in_flight(r)).collect::<Vec<_>>(),
                 "ranks": ranks,
             },
-            "estimate": null,
+            "estimate": est,
         });
         outln!("{v}")?;
         return Ok(());
@@ -313,10 +343,7 @@ fn plan_pipeline(
         "  (activations: the stage microbatch tapes a rank holds at once, each owning its \
          buffers until its last backward; traced on the meta backend, nothing allocated)"
     )?;
-    outln!(
-        "  step time: the cost model does not cover pipeline schedules yet (the bubble of a \
-         schedule: docs/PARALLELISM.md)"
-    )
+    print_estimate(&est)
 }
 
 /// Every registered model and flavor with its parameter count (at the flavor's own vocabulary).

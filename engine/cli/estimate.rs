@@ -191,8 +191,15 @@ pub fn estimate_pipeline(
         flops_per_token,
         memory,
     );
-    e.notes
-        .retain(|n| !n.starts_with("pipeline parallelism is not in the model"));
+    e.notes.retain(|n| !n.starts_with("no pipeline stages"));
+    if dims.degrees.dp_shard > 1 {
+        e.notes.push(
+            "FSDP within stages: each stage pass (forward, backward) gathers its stage's \
+             parameters, prefetched over the pass's compute; gradients reduce-scatter once per \
+             step"
+                .into(),
+        );
+    }
     e.notes.insert(
         0,
         format!(

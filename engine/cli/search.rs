@@ -1,6 +1,7 @@
-//! `titan plan --search`: every layout of a world size (dp_replicate x dp_shard x tp; tp inside
-//! a node), each planned and estimated as `titan plan` would, listed by estimated tokens/s per
-//! GPU, best first, among those that fit the device's memory.
+//! `titan plan --search`: every layout of a world size (pp x dp_replicate x dp_shard x tp; tp
+//! inside a node), each planned and estimated as `titan plan` would, listed by estimated tokens/s
+//! per GPU, best first, among those that fit the device's memory. Pipeline layouts use the
+//! config's schedule and microbatch size; those its rules refuse are counted as refused.
 
 use super::commands::{plan_layout, PlanOpts};
 use crate::dist::ParallelDims;
@@ -17,7 +18,8 @@ use std::time::Instant;
 
 /// One candidate layout and what planning it gave.
 struct Candidate {
-    degrees: (usize, usize, usize),
+    /// (pp, dp_replicate, dp_shard, tp).
+    degrees: (usize, usize, usize, usize),
     outcome: Result<(MemoryPlan, Estimate)>,
 }
 
@@ -25,14 +27,23 @@ fn divisors(n: usize) -> Vec<usize> {
     (1..=n).filter(|d| n.is_multiple_of(*d)).collect()
 }
 
-/// The layouts searched: tp a divisor of the world within a node, the rest split every way
-/// between dp_replicate and dp_shard (DDP, FSDP, HSDP).
-fn layouts(world: usize, gpus_per_node: usize) -> Vec<(usize, usize, usize)> {
+/// The layouts searched: tp a divisor of the world within a node, pp a divisor of what is
+/// left up to the number of layers and 16, the rest split every way between dp_replicate and
+/// dp_shard (DDP, FSDP, HSDP) without pipelines, as DDP or FSDP with them (each pipeline layout
+/// traces every stage, so HSDP splits of them are left out to answer in seconds).
+fn layouts(world: usize, gpus_per_node: usize, layers: usize) -> Vec<(usize, usize, usize, usize)> {
     let mut out = Vec::new();
     for tp in divisors(world).into_iter().filter(|&t| t <= gpus_per_node) {
-        let rest = world / tp;
-        for shard in divisors(rest) {
-            out.push((rest / shard, shard, tp));
+        for pp in divisors(world / tp)
+            .into_iter()
+            .filter(|&p| p <= layers.min(16))
+        {
+            let rest = world / tp / pp;
+            for shard in divisors(rest) {
+                if pp == 1 || shard == 1 || shard == rest {
+                    out.push((pp, rest / shard, shard, tp));
+                }
+            }
         }
     }
     out
@@ -53,11 +64,12 @@ pub fn search(
     }
     let t0 = Instant::now();
     let machine = opts.machine.assumptions(world)?;
-    let candidates: Vec<Candidate> = layouts(world, machine.gpus_per_node)
+    let candidates: Vec<Candidate> = layouts(world, machine.gpus_per_node, args.n_layers())
         .into_par_iter()
-        .map(|(rep, shard, tp)| {
+        .map(|(pp, rep, shard, tp)| {
             let mut c = cfg.clone();
             c.parallelism = Parallelism {
+                pipeline_parallel_degree: pp as i64,
                 data_parallel_replicate_degree: rep as i64,
                 data_parallel_shard_degree: shard as i64,
                 tensor_parallel_degree: tp as i64,
@@ -66,7 +78,7 @@ pub fn search(
             let outcome = ParallelDims::new(&c.parallelism, world)
                 .and_then(|dims| plan_layout(spec, &c, args, dtype, &dims, &machine));
             Candidate {
-                degrees: (rep, shard, tp),
+                degrees: (pp, rep, shard, tp),
                 outcome,
             }
         })
@@ -86,11 +98,11 @@ pub fn search(
     let refused: Vec<String> = candidates
         .iter()
         .filter_map(|c| {
-            let (r, s, t) = c.degrees;
+            let (p, r, s, t) = c.degrees;
             c.outcome
                 .as_ref()
                 .err()
-                .map(|e| format!("dp_replicate {r} x dp_shard {s} x tp {t}: {e}"))
+                .map(|e| format!("pp {p} x dp_replicate {r} x dp_shard {s} x tp {t}: {e}"))
         })
         .collect();
     if opts.json {
@@ -98,7 +110,8 @@ pub fn search(
             .iter()
             .map(|(c, m, e)| {
                 serde_json::json!({
-                    "dp_replicate": c.degrees.0, "dp_shard": c.degrees.1, "tp": c.degrees.2,
+                    "pp": c.degrees.0, "dp_replicate": c.degrees.1, "dp_shard": c.degrees.2,
+                    "tp": c.degrees.3,
                     "memory_per_rank": m.total(), "estimate": e,
                 })
             })
@@ -136,8 +149,9 @@ pub fn search(
         refused.len()
     )?;
     outln!(
-        "  {:<4} {:>12} {:>8} {:>4} {:>13} {:>10} {:>14} {:>7}",
+        "  {:<4} {:>4} {:>12} {:>8} {:>4} {:>13} {:>10} {:>14} {:>7}",
         "#",
+        "pp",
         "dp_replicate",
         "dp_shard",
         "tp",
@@ -147,10 +161,11 @@ pub fn search(
         "MFU %"
     )?;
     for (i, (c, m, e)) in ok.iter().take(opts.top.max(1)).enumerate() {
-        let (r, s, t) = c.degrees;
+        let (p, r, s, t) = c.degrees;
         outln!(
-            "  {:<4} {:>12} {:>8} {:>4} {:>9.1} GiB {:>10.1} {:>14.0} {:>7.1}{}",
+            "  {:<4} {:>4} {:>12} {:>8} {:>4} {:>9.1} GiB {:>10.1} {:>14.0} {:>7.1}{}",
             i + 1,
+            p,
             r,
             s,
             t,
@@ -170,8 +185,10 @@ pub fn search(
     }
     outln!(
         "  assumptions as `titan plan` prints them (change with --device, --peak-tflops, \
-         --hbm-gbps, --nvlink-gbps, --net-gbps, --gpus-per-node); pipeline layouts are not \
-         searched yet"
+         --hbm-gbps, --nvlink-gbps, --net-gbps, --gpus-per-node); pipeline layouts use the \
+         config's schedule ({}) and microbatch size ({})",
+        cfg.parallelism.pipeline_parallel_schedule,
+        cfg.parallelism.pipeline_parallel_microbatch_size
     )?;
     Ok(())
 }
@@ -182,10 +199,17 @@ mod tests {
 
     #[test]
     fn layouts_cover_every_split_with_tp_inside_a_node() {
-        let l = layouts(16, 8);
-        // tp 1, 2, 4, 8 (not 16: beyond a node), times the dp splits of what is left.
-        assert_eq!(l.len(), 5 + 4 + 3 + 2);
-        assert!(l.iter().all(|&(r, s, t)| r * s * t == 16 && t <= 8));
-        assert!(l.contains(&(1, 2, 8)) && l.contains(&(16, 1, 1)) && l.contains(&(2, 8, 1)));
+        let l = layouts(16, 8, 4);
+        // tp 1, 2, 4, 8 (not 16: beyond a node); pp up to the 4 layers; every dp split of the
+        // rest without pp, DDP or FSDP with it. tp 1: pp 1, 2, 4 leave 16, 8, 4 ranks (5 + 2 +
+        // 2 splits); tp 2: 8, 4, 2 (4 + 2 + 2); tp 4: 4, 2, 1 (3 + 2 + 1); tp 8: 2, 1 (2 + 1).
+        assert_eq!(l.len(), 9 + 8 + 6 + 3);
+        assert!(l
+            .iter()
+            .all(|&(p, r, s, t)| p * r * s * t == 16 && t <= 8 && p <= 4));
+        assert!(
+            l.contains(&(1, 1, 2, 8)) && l.contains(&(4, 1, 4, 1)) && l.contains(&(2, 1, 8, 1))
+        );
+        assert!(!l.contains(&(2, 2, 4, 1)), "no HSDP split with pipelines");
     }
 }

@@ -296,11 +296,8 @@ impl Estimate {
         let per_rank = tokens_per_rank as f64 / cost.step_s.max(1e-12);
         let mfu_pct = 100.0 * per_rank * flops_per_token / a.rank_peak();
         let fits = a.mem_capacity.map(|cap| memory as f64 <= cap);
-        let mut notes = vec![
-            "pipeline parallelism is not in the model yet (no pipeline bubble): this release \
-             plans data-parallel and tensor-parallel layouts"
-                .to_string(),
-        ];
+        let mut notes =
+            vec!["no pipeline stages: one pass over the whole model per micro-batch".to_string()];
         if !a.overlap {
             notes.push(
                 "host communicators: collectives finish before the next kernel (no overlap), \

@@ -6,7 +6,7 @@
 
 use super::config::JobConfig;
 use super::pipeline::{hidden_dim, Layout};
-use crate::backend::meta::{MetaBackend, MetaEvent};
+use crate::backend::meta::{CollKind, MetaBackend, MetaEvent};
 use crate::backend::{AdamW, AdamWBufs, Backend, Buf};
 use crate::dist::meta::MetaComm;
 use crate::dist::{Communicator, ParallelDims, ReduceOp};
@@ -70,9 +70,14 @@ pub fn trace_pipeline(
                 Some(tape.stage_activation(fake, [b, s, hidden], false)?),
             )
         };
-        let forward = meta.take_events();
+        let mut forward = fsdp_gather(dims, &store, dtype);
+        forward.extend(meta.take_events());
+        forward.push(MetaEvent::OrderCompute); // the pass ends after its gathers
         tape.backward_from(root, seed, &[x], true)?;
-        let input = meta.take_events();
+        // The stage's units are gathered again for its backward (resharded after forward).
+        let mut input = fsdp_gather(dims, &store, dtype);
+        input.extend(meta.take_events());
+        input.push(MetaEvent::OrderCompute);
         tape.backward_weights()?;
         passes.push([forward, input, meta.take_events()]);
     }
@@ -108,6 +113,19 @@ fn trace_tail(
     let scalars = meta.alloc(256)?;
     let scalar = |i: usize| Buf::new(scalars.ptr() + 4 * i as u64, 1, DType::F32);
     meta.take_events();
+    let mut tail = Vec::new();
+    if g.dp_shard > 1 {
+        // Each unit's gradients reduce-scatter once per step, after the schedule.
+        let bytes = 4 * store.num_params() / g.tp;
+        tail.push(MetaEvent::Collective {
+            kind: CollKind::ReduceScatter,
+            group: g.dp_shard,
+            span: (g.dp_shard - 1) * g.cp * g.tp + 1,
+            comm: "dp_shard",
+            bytes: bytes as f64,
+            started: false,
+        });
+    }
     if g.dp_replicate > 1 {
         let stride = g.dp_shard * g.cp * g.tp;
         let rep = MetaComm::new((0, g.dp_replicate, stride), "dp_replicate", log.clone());
@@ -135,5 +153,28 @@ fn trace_tail(
         step: 1,
     };
     meta.adamw(&bufs, &hp)?;
-    Ok(meta.take_events())
+    tail.extend(meta.take_events());
+    Ok(tail)
+}
+
+/// FSDP within a stage (dp_shard > 1): the all-gather of the stage's parameters (this tp
+/// rank's slices, in the compute dtype) that precedes a pass, issued ahead on the
+/// communication stream (prefetched unit by unit, so it overlaps the pass's compute).
+fn fsdp_gather(dims: &ParallelDims, store: &ParamStore, dtype: DType) -> Vec<MetaEvent> {
+    let g = dims.degrees;
+    if g.dp_shard <= 1 {
+        return Vec::new();
+    }
+    let bytes: usize = store
+        .ids()
+        .map(|id| store.local_shape(id).numel() * dtype.size())
+        .sum();
+    vec![MetaEvent::Collective {
+        kind: CollKind::AllGather,
+        group: g.dp_shard,
+        span: (g.dp_shard - 1) * g.cp * g.tp + 1,
+        comm: "dp_shard",
+        bytes: bytes as f64,
+        started: true,
+    }]
 }

@@ -29,10 +29,11 @@ use crate::dist::mesh::Dim;
 use crate::dist::{Communicator, Mesh, ParallelDims};
 use crate::error::{Error, Result};
 use crate::model::{Model, ModelArgs, ModelSpec};
+use crate::parallel::fsdp::{FsdpLayout, Reshard};
 use crate::parallel::pipeline::{SplitSpec, Stage};
 use crate::parallel::schedule::Schedule;
-use crate::parallel::tp::TensorParallel;
-use crate::params::{ParamId, ParamStore, ParamStoreBuilder};
+use crate::parallel::tp::{local_specs, TensorParallel};
+use crate::params::{ParamId, ParamStore, ParamStoreBuilder, StateBytes};
 use crate::planner::Plan;
 use crate::tape::{Placement, Tape, Tensor};
 use crate::tensor::DType;
@@ -147,7 +148,30 @@ impl Layout {
             meta.log(),
             self.tp_rank,
         );
-        let state = ParamStore::materialize_sharded(builder, &meta, dtype, None, tp)?.state_bytes();
+        let g = &cfg.parallelism;
+        let dp_shard = g.data_parallel_shard_degree.max(1) as usize;
+        let fsdp = if dp_shard > 1 {
+            // Rank 0 of each stage's FSDP group holds the largest shards.
+            let degree = g.tensor_parallel_degree.max(1) as usize;
+            let local = local_specs(&builder.params, &builder.tp_dims(), degree, self.tp_rank);
+            let reshard = Reshard::parse(&g.fsdp_reshard_after_forward)?;
+            Some(FsdpLayout::new(
+                &local,
+                &builder.fsdp_units,
+                dp_shard,
+                0,
+                reshard,
+                true, // pipeline microbatches accumulate (as the trainer's layout)
+            )?)
+        } else {
+            None
+        };
+        let mut state =
+            ParamStore::materialize_sharded(builder, &meta, dtype, None, tp)?.state_bytes();
+        if let Some(l) = &fsdp {
+            let reduce = DType::parse(&cfg.training.mixed_precision_reduce)?;
+            state = StateBytes::sharded(l, dtype, reduce, state.constants);
+        }
         let mut num_params = 0;
         for s in self.local() {
             let st = &self.stages[s];
@@ -250,13 +274,6 @@ pub fn plan_pp_ranks(
     dtype: DType,
 ) -> Result<(Schedule, Vec<MemoryPlan>)> {
     let pp = dims.degrees.pp;
-    if dims.degrees.dp_shard > 1 {
-        return Err(Error::Config(
-            "plan: pipeline_parallel_degree with data_parallel_shard_degree > 1: the pipeline \
-             memory plan does not shard its stages yet"
-                .into(),
-        ));
-    }
     let mut out = Vec::with_capacity(pp);
     let mut schedule = None;
     for r in 0..pp {
