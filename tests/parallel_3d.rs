@@ -75,6 +75,36 @@ fn tp2_pp2_dp2_at_world_8_matches_one_rank() {
 }
 
 #[test]
+fn zero_bubble_with_fsdp_within_the_stages_matches_one_rank() {
+    // The weight pass gathers a unit again when a later forward reused its slot.
+    parity(
+        "3d-zb-fsdp",
+        vec![
+            (
+                4,
+                vec![
+                    PP2,
+                    "--parallelism.data_parallel_shard_degree=2",
+                    "--parallelism.pipeline_parallel_schedule=InterleavedZeroBubble",
+                    "--training.local_batch_size=2",
+                ],
+            ),
+            (
+                4,
+                vec![
+                    PP2,
+                    "--parallelism.data_parallel_shard_degree=2",
+                    "--parallelism.pipeline_parallel_schedule=InterleavedZeroBubble",
+                    "--parallelism.fsdp_reshard_after_forward=always",
+                    "--training.local_batch_size=2",
+                ],
+            ),
+        ],
+        vec!["--training.steps=3"],
+    );
+}
+
+#[test]
 fn composed_layouts_resume_each_other() {
     within_deadline(|| {
         let one = ["--training.local_batch_size=4"];

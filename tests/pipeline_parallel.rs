@@ -337,13 +337,6 @@ fn bad_pipeline_layouts_are_clear_errors() {
                 ],
                 "at least 2",
             ),
-            (
-                vec![
-                    "--parallelism.pipeline_parallel_schedule=InterleavedZeroBubble",
-                    "--parallelism.data_parallel_shard_degree=2",
-                ],
-                "InterleavedZeroBubble and data_parallel_shard_degree > 1",
-            ),
         ] {
             let d = tmp("pp-bad");
             let mut o = vec!["--parallelism.pipeline_parallel_degree=2"];

@@ -172,11 +172,6 @@ impl<'a> Tape<'a> {
                 grads.set(out, g, false);
             }
         }
-        if defer_weights && self.store.fsdp().is_some() {
-            return Err(Error::Config(
-                "a split backward (zero-bubble) with FSDP-sharded parameters is not built".into(),
-            ));
-        }
         self.walk(grads, defer_weights)
             .map(|g| inputs.iter().map(|&x| g.get(x).map(|p| p.0)).collect())
     }
@@ -185,6 +180,12 @@ impl<'a> Tape<'a> {
     /// weight pass): the same kernels on the same buffers, which the tape still holds.
     pub fn backward_weights(&mut self) -> Result<()> {
         for d in std::mem::take(&mut self.deferred) {
+            // FSDP: a later forward may have reused the unit's slot; gather it again (a no-op
+            // when the slot still holds it). Its gradient slot stays open: the pipeline reduces
+            // every unit once, after the schedule.
+            for u in self.node_units(d.ni) {
+                self.store.gather_unit(self.be, u)?;
+            }
             let op = self.nodes[d.ni].op.clone();
             self.weight_grads(&op, d.g, d.gh)?;
         }

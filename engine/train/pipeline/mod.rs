@@ -70,10 +70,6 @@ impl Layout {
         };
         let p = &cfg.parallelism;
         let kind = crate::parallel::schedule::Kind::parse(&p.pipeline_parallel_schedule)?;
-        if g.dp_shard > 1 && kind == crate::parallel::schedule::Kind::InterleavedZeroBubble {
-            // Its weight pass reads norm weights whose FSDP slot a later forward may reuse.
-            return refuse("InterleavedZeroBubble and data_parallel_shard_degree > 1");
-        }
         if cfg.checkpoint.last_save_in_hf {
             return refuse(
                 "checkpoint.last_save_in_hf (export the last checkpoint with `titan convert`)",
