@@ -180,12 +180,10 @@ impl<'a> Tape<'a> {
     /// weight pass): the same kernels on the same buffers, which the tape still holds.
     pub fn backward_weights(&mut self) -> Result<()> {
         for d in std::mem::take(&mut self.deferred) {
-            // FSDP: a later forward may have reused the unit's slot; gather it again (a no-op
-            // when the slot still holds it). Its gradient slot stays open: the pipeline reduces
-            // every unit once, after the schedule.
-            for u in self.node_units(d.ni) {
-                self.store.gather_unit(self.be, u)?;
-            }
+            // FSDP: no gather is needed even if a later forward reused the unit's parameter
+            // slot: a weight gradient reads no weight values (dW = doutᵀ x; the norms' kernel
+            // reads w only for its input gradient, which goes to a scratch here). The gradient
+            // slot stays open: the pipeline reduces every unit once, after the schedule.
             let op = self.nodes[d.ni].op.clone();
             self.weight_grads(&op, d.g, d.gh)?;
         }
