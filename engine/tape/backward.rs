@@ -1,7 +1,8 @@
 //! Reverse pass: each op's backward kernels, gradient accumulation, and the replay of
 //! activation-checkpoint regions.
 
-use super::ops::{attn_shape, rope_shape, Op};
+use super::forward::{attn_shape, rope_shape};
+use super::ops::Op;
 use super::{Tape, Tensor};
 use crate::backend::{AttnBwd, EmbeddingShard, Gemm, RmsNormBwd};
 use crate::error::{Error, Result};

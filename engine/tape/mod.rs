@@ -17,6 +17,7 @@
 //! Replay needs no closure: the nodes themselves are the program.
 
 mod backward;
+mod forward;
 mod ops;
 pub mod profile;
 mod tp;

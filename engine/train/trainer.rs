@@ -361,6 +361,26 @@ impl Trainer {
         let loss = sums[0] as f64 / valid.max(1) as f64;
         let tokens = tokens * self.mesh.as_ref().map_or(1, |m| m.dims.dp());
         comm_s += t.elapsed().as_secs_f64();
+        let (r, norm_s) = self.clip_and_update(step, loss, tokens)?;
+        self.last_comm_s = comm_s
+            + norm_s
+            + self
+                .store
+                .fsdp()
+                .map_or(0.0, |f| f.stats().time.as_secs_f64());
+        Ok(r)
+    }
+
+    /// The end of every step (plain or pipelined): the global gradient norm and the clip
+    /// coefficient, the NaN check before any weight changes, one fused AdamW; `step` becomes
+    /// the trainer's. Returns the result and the seconds the norm's all-reduce took.
+    pub(super) fn clip_and_update(
+        &mut self,
+        step: u64,
+        loss: f64,
+        tokens: usize,
+    ) -> Result<(StepResult, f64)> {
+        let be = self.be.as_ref();
         let norm_sq = self.scalars.slice(0, 1);
         let coef = self.scalars.slice(1, 1);
         let t = Instant::now();
@@ -369,7 +389,7 @@ impl Trainer {
             || "optimizer grad_norm".into(),
             || self.grad_norm_sq(norm_sq),
         )?;
-        comm_s += t.elapsed().as_secs_f64();
+        let norm_s = t.elapsed().as_secs_f64();
         let max_norm = if self.cfg.training.max_norm > 0.0 {
             self.cfg.training.max_norm as f32
         } else {
@@ -414,18 +434,14 @@ impl Trainer {
             },
         )?;
         self.store.shards_updated();
-        self.last_comm_s = comm_s
-            + self
-                .store
-                .fsdp()
-                .map_or(0.0, |f| f.stats().time.as_secs_f64());
         self.step = step;
-        Ok(StepResult {
+        let r = StepResult {
             loss,
             grad_norm,
             lr: lr as f64,
             tokens,
-        })
+        };
+        Ok((r, norm_s))
     }
 
     /// Trains to `training.steps`, logging every `metrics.log_freq` steps and checkpointing

@@ -3,7 +3,7 @@
 //! stages), then the cross-stage reductions and AdamW; and validation through the stages.
 
 use super::{Pipeline, StageModels};
-use crate::backend::{AdamW, AdamWBufs, Backend, Buf, DeviceMem};
+use crate::backend::{Backend, Buf, DeviceMem};
 use crate::data::Batch;
 use crate::dist::{Communicator, ReduceOp};
 use crate::error::{Error, Result};
@@ -198,58 +198,9 @@ impl Trainer {
         self.all_reduce_batch(&mut sums, ReduceOp::Sum)?;
         let loss = sums[0] as f64 / valid.max(1) as f64;
         let tokens = tokens * self.mesh.as_ref().map_or(1, |m| m.dims.dp());
-        let norm_sq = self.scalars.slice(0, 1);
-        let coef = self.scalars.slice(1, 1);
         // Each stage holds its own parameters, each FSDP rank its shards of them, each tp rank
         // its slices: their squares sum over the replica to the global norm's.
-        self.grad_norm_sq(norm_sq)?;
-        let max_norm = if self.cfg.training.max_norm > 0.0 {
-            self.cfg.training.max_norm as f32
-        } else {
-            f32::INFINITY
-        };
-        be.clip_coef(norm_sq, max_norm, coef)?;
-        let mut host = [0f32; 1];
-        be.download(norm_sq, bytemuck::cast_slice_mut(&mut host))?;
-        let grad_norm = (host[0] as f64).sqrt();
-        if !loss.is_finite() || !grad_norm.is_finite() {
-            return Err(Error::NonFinite(format!(
-                "step {step}: loss {loss}, grad_norm {grad_norm}; the weights were not updated (last good checkpoint kept)"
-            )));
-        }
-        let lr = self.lr.lr_at(self.schedule_step(step));
-        let o = &self.cfg.optimizer;
-        let hp = AdamW {
-            lr,
-            beta1: o.beta1 as f32,
-            beta2: o.beta2 as f32,
-            eps: o.eps as f32,
-            weight_decay: o.weight_decay as f32,
-            step,
-        };
-        if let Some(f) = self.store.fsdp() {
-            f.drain()?; // no gather may still read the shards AdamW rewrites
-        }
-        let (m, v) = self.store.flat_moments();
-        be.adamw(
-            &AdamWBufs {
-                param: self.store.flat_master(),
-                grad: self.store.flat_grad(),
-                m,
-                v,
-                compute: self.store.flat_compute(),
-                grad_scale: coef,
-            },
-            &hp,
-        )?;
-        self.store.shards_updated();
-        self.step = step;
-        Ok(StepResult {
-            loss,
-            grad_norm,
-            lr: lr as f64,
-            tokens,
-        })
+        Ok(self.clip_and_update(step, loss, tokens)?.0)
     }
 
     /// This rank's actions of the schedule over the microbatches of `batch`; returns the summed
