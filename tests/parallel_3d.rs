@@ -75,6 +75,25 @@ fn tp2_pp2_dp2_at_world_8_matches_one_rank() {
 }
 
 #[test]
+fn qwen3_tp2_pp2_fsdp2_at_world_8_matches_one_rank() {
+    // The tied embedding's two stage copies are split alike over tp and sharded alike over
+    // dp_shard, so their local gradient shards add up between the first and last stage.
+    parity(
+        "3d-world8-qwen3",
+        vec![(
+            8,
+            vec![
+                TP2,
+                PP2,
+                "--parallelism.data_parallel_shard_degree=2",
+                "--training.local_batch_size=2",
+            ],
+        )],
+        vec!["--model.name=qwen3", "--training.steps=3"],
+    );
+}
+
+#[test]
 fn zero_bubble_with_fsdp_within_the_stages_matches_one_rank() {
     // The weight pass reads no weight values, so a parameter slot another unit reused in
     // between (reshard "always" rotates two slots) does not change its gradients.
