@@ -6,7 +6,9 @@
 mod parallel_common;
 mod train_common;
 
-use parallel_common::{base, leg, losses, parity, rel, with_validation, within_deadline};
+use parallel_common::{
+    assert_resumes, base, leg, losses, parity, rel, with_validation, within_deadline,
+};
 use titan::dist::launch::run_rank_threads;
 use titan::dist::HostComm;
 use titan::train::trainer::Trainer;
@@ -182,17 +184,7 @@ fn resharded_resumes_continue_the_uninterrupted_run() {
             (2, &ddp2, 4, &hsdp),
             (4, &hsdp, 2, &ddp2),
         ];
-        for (k, (w0, a, w1, b)) in cases.into_iter().enumerate() {
-            let d = tmp(&format!("reshard-{k}"));
-            let first = leg(&d, w0, a, 3, 3);
-            let rest = leg(&d, w1, b, 5, 100);
-            let got: Vec<f64> = first.iter().chain(&rest).copied().collect();
-            let e = rel(&got, &reference);
-            println!("saved at world {w0}, resumed at world {w1}: rel {e:.2e}");
-            assert_eq!(got.len(), 5, "{got:?}");
-            assert!(e < 1e-5, "world {w0} -> {w1}: {got:?} vs {reference:?}");
-            let _ = std::fs::remove_dir_all(&d); // checkpoints: tens of MB each
-        }
+        assert_resumes("reshard", &reference, &cases);
     });
 }
 

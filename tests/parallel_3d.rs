@@ -6,7 +6,7 @@
 mod parallel_common;
 mod train_common;
 
-use parallel_common::{leg, parity, rel, within_deadline};
+use parallel_common::{assert_resumes, leg, parity, within_deadline};
 use train_common::tmp;
 
 const TP2: &str = "--parallelism.tensor_parallel_degree=2";
@@ -148,16 +148,6 @@ fn composed_layouts_resume_each_other() {
             (4, &tp_fsdp, 2, &pp),
             (8, &tp_pp_fsdp, 1, &one),
         ];
-        for (k, (w0, a, w1, b)) in cases.into_iter().enumerate() {
-            let d = tmp(&format!("3d-resume-{k}"));
-            let first = leg(&d, w0, a, 3, 3);
-            let rest = leg(&d, w1, b, 5, 100);
-            let got: Vec<f64> = first.iter().chain(&rest).copied().collect();
-            let e = rel(&got, &reference);
-            println!("saved {a:?}, resumed {b:?}: rel {e:.2e}");
-            assert_eq!(got.len(), 5, "{got:?}");
-            assert!(e < 1e-5, "{a:?} -> {b:?}: {got:?} vs {reference:?}");
-            let _ = std::fs::remove_dir_all(&d);
-        }
+        assert_resumes("3d-resume", &reference, &cases);
     });
 }

@@ -4,17 +4,15 @@
 //! checkpoints resume across pp 2 and pp 1 continuing the same losses; bad layouts are one
 //! clear error. Every run has a deadline.
 
+mod parallel_common;
 mod train_common;
 
+use parallel_common::within_deadline;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::time::Duration;
 use titan::dist::launch::run_rank_threads;
 use titan::dist::{Communicator, HostComm};
 use titan::train::trainer::Trainer;
 use train_common::{debug_config, qwen3_debug_config, tmp};
-
-const DEADLINE: Duration = Duration::from_secs(240);
 
 /// For the Qwen3 debug model, whose steps cost 6x the Llama 3 one's.
 const LOCAL_BATCH_2: &str = "--training.local_batch_size=2";
@@ -27,25 +25,6 @@ const VALIDATE: &[&str] = &[
     "--validation.local_batch_size=2",
     "--validation.seq_len=32",
 ];
-
-/// Runs `f` on a helper thread; the test fails if it is not done within DEADLINE (a panic in
-/// `f` is raised again here).
-fn within_deadline<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    let h = std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(DEADLINE) {
-        Ok(v) => v,
-        Err(mpsc::RecvTimeoutError::Disconnected) => match h.join() {
-            Err(p) => std::panic::resume_unwind(p),
-            Ok(()) => unreachable!("the sender sent or panicked"),
-        },
-        Err(mpsc::RecvTimeoutError::Timeout) => {
-            panic!("the pipeline run did not finish within {DEADLINE:?}")
-        }
-    }
-}
 
 #[derive(Clone, Copy)]
 enum Model {

@@ -7,7 +7,9 @@
 mod parallel_common;
 mod train_common;
 
-use parallel_common::{base, leg, losses, parity, rel, with_validation, within_deadline};
+use parallel_common::{
+    assert_resumes, base, leg, losses, parity, rel, with_validation, within_deadline,
+};
 use train_common::tmp;
 
 const TP2: &str = "--parallelism.tensor_parallel_degree=2";
@@ -131,17 +133,7 @@ fn resumes_across_tp_layouts_continue_the_uninterrupted_run() {
             (1, &one, 4, &tp2_fsdp2),
             (4, &tp2_fsdp2, 2, &fsdp2),
         ];
-        for (k, (w0, a, w1, b)) in cases.into_iter().enumerate() {
-            let d = tmp(&format!("tp-resume-{k}"));
-            let first = leg(&d, w0, a, 3, 3);
-            let rest = leg(&d, w1, b, 5, 100);
-            let got: Vec<f64> = first.iter().chain(&rest).copied().collect();
-            let e = rel(&got, &reference);
-            println!("saved {a:?}, resumed {b:?}: rel {e:.2e}");
-            assert_eq!(got.len(), 5, "{got:?}");
-            assert!(e < 1e-5, "{a:?} -> {b:?}: {got:?} vs {reference:?}");
-            let _ = std::fs::remove_dir_all(&d);
-        }
+        assert_resumes("tp-resume", &reference, &cases);
     });
 }
 

@@ -200,3 +200,19 @@ pub fn with_validation(
     v.extend(o.iter().map(|s| s.to_string()));
     curves(world, d.clone(), base(&d, &v)).unwrap()
 }
+
+/// Each case saves a checkpoint after 3 steps under one layout (world, degrees) and resumes to
+/// step 5 under another: the 5 losses must be the uninterrupted `reference` run's.
+pub fn assert_resumes(tag: &str, reference: &[f64], cases: &[(usize, &[&str], usize, &[&str])]) {
+    for (k, &(w0, a, w1, b)) in cases.iter().enumerate() {
+        let d = tmp(&format!("{tag}-{k}"));
+        let first = leg(&d, w0, a, 3, 3);
+        let rest = leg(&d, w1, b, 5, 100);
+        let got: Vec<f64> = first.iter().chain(&rest).copied().collect();
+        let e = rel(&got, reference);
+        println!("saved {a:?} at world {w0}, resumed {b:?} at world {w1}: rel {e:.2e}");
+        assert_eq!(got.len(), 5, "{got:?}");
+        assert!(e < 1e-5, "{a:?} -> {b:?}: {got:?} vs {reference:?}");
+        let _ = std::fs::remove_dir_all(&d); // checkpoints: tens of MB each
+    }
+}
