@@ -6,8 +6,9 @@
 
 use super::config::JobConfig;
 use super::pipeline::{hidden_dim, Layout};
+use super::step_trace::trace_adamw;
 use crate::backend::meta::{CollKind, MetaBackend, MetaEvent};
-use crate::backend::{AdamW, AdamWBufs, Backend, Buf};
+use crate::backend::{Backend, Buf};
 use crate::dist::meta::MetaComm;
 use crate::dist::{Communicator, ParallelDims, ReduceOp};
 use crate::error::Result;
@@ -135,24 +136,7 @@ fn trace_tail(
     let replica = MetaComm::new((0, dims.world / g.dp_replicate, 1), "replica", log);
     replica.all_reduce(scalar(0), ReduceOp::Sum)?;
     meta.clip_coef(scalar(0), 1.0, scalar(1))?;
-    let (m, v) = store.flat_moments();
-    let bufs = AdamWBufs {
-        param: store.flat_master(),
-        grad: store.flat_grad(),
-        m,
-        v,
-        compute: store.flat_compute(),
-        grad_scale: scalar(1),
-    };
-    let hp = AdamW {
-        lr: 0.0,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.0,
-        step: 1,
-    };
-    meta.adamw(&bufs, &hp)?;
+    trace_adamw(&meta, &store, scalar(1))?;
     tail.extend(meta.take_events());
     Ok(tail)
 }

@@ -8,7 +8,7 @@
 use super::config::JobConfig;
 use super::dist::reduce_dtype;
 use crate::backend::meta::{MetaBackend, MetaEvent};
-use crate::backend::{AdamW, AdamWBufs, Backend};
+use crate::backend::{AdamW, AdamWBufs, Backend, Buf};
 use crate::dist::meta::MetaComm;
 use crate::dist::{Communicator, ParallelDims, ReduceOp};
 use crate::error::Result;
@@ -143,6 +143,19 @@ pub fn trace_step(
     if let Some(f) = store.fsdp() {
         f.drain()?;
     }
+    trace_adamw(&meta, &store, scalar(1))?;
+    store.shards_updated();
+    Ok(StepTrace {
+        events: meta.take_events(),
+        tokens: b * s * accum,
+        accum,
+        layout,
+    })
+}
+
+/// The optimizer's launch over `store`'s flat state (`coef`: the clip coefficient), on the meta
+/// backend: its bytes are what the cost model times.
+pub(super) fn trace_adamw(meta: &MetaBackend, store: &ParamStore, coef: Buf) -> Result<()> {
     let (m, v) = store.flat_moments();
     let bufs = AdamWBufs {
         param: store.flat_master(),
@@ -150,7 +163,7 @@ pub fn trace_step(
         m,
         v,
         compute: store.flat_compute(),
-        grad_scale: scalar(1),
+        grad_scale: coef,
     };
     let hp = AdamW {
         lr: 0.0,
@@ -160,12 +173,5 @@ pub fn trace_step(
         weight_decay: 0.0,
         step: 1,
     };
-    meta.adamw(&bufs, &hp)?;
-    store.shards_updated();
-    Ok(StepTrace {
-        events: meta.take_events(),
-        tokens: b * s * accum,
-        accum,
-        layout,
-    })
+    meta.adamw(&bufs, &hp)
 }
