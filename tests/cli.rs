@@ -1,48 +1,17 @@
 //! The `titan` binary end to end on the CPU: training, exact resume, plan, list-models, eval, and
 //! every bad input a user can reach (one clear line, non-zero exit, no panic).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod cli_common;
 
-fn titan(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_titan"))
-        .args(args)
-        .output()
-        .expect("run titan")
-}
+use cli_common::{assert_clean_error, text, titan};
+use std::path::{Path, PathBuf};
+use std::process::Output;
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("titan-cli-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn text(o: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
-/// A failed command: non-zero exit, one "error:" line naming `needle`, no panic.
-fn assert_clean_error(o: &Output, needle: &str) {
-    let (out, err) = text(o);
-    assert!(
-        !o.status.success(),
-        "expected failure; stdout {out} stderr {err}"
-    );
-    assert!(
-        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
-        "panic: {err}"
-    );
-    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(lines.len(), 1, "want exactly one error line, got: {err}");
-    assert!(
-        lines[0].contains(needle),
-        "error should mention '{needle}': {}",
-        lines[0]
-    );
 }
 
 const CFG: &str = "configs/llama3_debugmodel.toml";

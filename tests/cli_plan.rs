@@ -1,38 +1,9 @@
 //! `titan plan`'s step-time estimate through the real binary: the machine flags change it, the
 //! table prints the assumptions and the model's limits, bad flags are one clear error.
 
-use std::process::{Command, Output};
+mod cli_common;
 
-fn titan(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_titan"))
-        .args(args)
-        .output()
-        .expect("run titan")
-}
-
-fn text(o: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
-/// A failed command: non-zero exit, one "error:" line naming `needle`, no panic.
-fn assert_clean_error(o: &Output, needle: &str) {
-    let (out, err) = text(o);
-    assert!(
-        !o.status.success(),
-        "expected failure; stdout {out} stderr {err}"
-    );
-    assert!(!err.contains("panicked"), "panic: {err}");
-    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(lines.len(), 1, "want exactly one error line, got: {err}");
-    assert!(
-        lines[0].contains(needle),
-        "error should mention '{needle}': {}",
-        lines[0]
-    );
-}
+use cli_common::{assert_clean_error, text, titan};
 
 #[test]
 fn plan_estimates_step_time_and_takes_the_machine_from_flags() {

@@ -7,7 +7,7 @@ mod parallel_common;
 mod train_common;
 
 use parallel_common::{
-    assert_resumes, base, leg, losses, parity, rel, with_validation, within_deadline,
+    assert_resumes, base, layout_error, leg, losses, parity, rel, with_validation, within_deadline,
 };
 use titan::dist::launch::run_rank_threads;
 use titan::dist::HostComm;
@@ -191,16 +191,7 @@ fn resharded_resumes_continue_the_uninterrupted_run() {
 #[test]
 fn bad_layouts_are_clear_errors_before_any_work() {
     within_deadline(|| {
-        let err = |tag: &str, world: usize, o: &[&str]| {
-            let d = tmp(tag);
-            let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
-            let e = losses(world, d.clone(), base(&d, &o))
-                .unwrap_err()
-                .to_string();
-            assert!(!d.join("metrics.jsonl").exists(), "{tag}: no step may run");
-            e
-        };
-        let e = err(
+        let e = layout_error(
             "bad-product",
             3,
             &["--parallelism.data_parallel_shard_degree=2"],
@@ -209,18 +200,18 @@ fn bad_layouts_are_clear_errors_before_any_work() {
             e.contains("world size is 3") && e.contains("dp_shard 2"),
             "{e}"
         );
-        let e = err(
+        let e = layout_error(
             "bad-one",
             1,
             &["--parallelism.data_parallel_shard_degree=2"],
         );
         assert!(e.contains("--nproc-per-node"), "{e}");
-        let e = err("bad-cp", 2, &["--parallelism.context_parallel_degree=2"]);
+        let e = layout_error("bad-cp", 2, &["--parallelism.context_parallel_degree=2"]);
         assert!(
             e.contains("context parallel degree 2") && e.contains("not built yet"),
             "{e}"
         );
-        let e = err(
+        let e = layout_error(
             "bad-batch",
             2,
             &[

@@ -8,7 +8,7 @@ mod parallel_common;
 mod train_common;
 
 use parallel_common::{
-    assert_resumes, base, leg, losses, parity, rel, with_validation, within_deadline,
+    assert_resumes, layout_error, leg, parity, rel, with_validation, within_deadline,
 };
 use train_common::tmp;
 
@@ -140,21 +140,12 @@ fn resumes_across_tp_layouts_continue_the_uninterrupted_run() {
 #[test]
 fn bad_tp_layouts_are_clear_errors_before_any_work() {
     within_deadline(|| {
-        let err = |tag: &str, world: usize, o: &[&str]| {
-            let d = tmp(tag);
-            let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
-            let e = losses(world, d.clone(), base(&d, &o))
-                .unwrap_err()
-                .to_string();
-            assert!(!d.join("metrics.jsonl").exists(), "{tag}: no step may run");
-            e
-        };
-        let e = err("tp-heads", 3, &["--parallelism.tensor_parallel_degree=3"]);
+        let e = layout_error("tp-heads", 3, &["--parallelism.tensor_parallel_degree=3"]);
         assert!(
             e.contains("n_heads 16 is not divisible by tensor_parallel_degree 3"),
             "{e}"
         );
-        let e = err(
+        let e = layout_error(
             "tp-qwen3-heads",
             3,
             &[
@@ -164,7 +155,7 @@ fn bad_tp_layouts_are_clear_errors_before_any_work() {
         );
         assert!(e.contains("qwen3: n_heads"), "{e}");
         // 1 x 63 tokens cannot lie on two token shards.
-        let e = err(
+        let e = layout_error(
             "tp-tokens",
             2,
             &[
@@ -177,7 +168,7 @@ fn bad_tp_layouts_are_clear_errors_before_any_work() {
             e.contains("63 tokens") && e.contains("enable_sequence_parallel"),
             "{e}"
         );
-        let e = err("tp-world", 2, &["--parallelism.tensor_parallel_degree=4"]);
+        let e = layout_error("tp-world", 2, &["--parallelism.tensor_parallel_degree=4"]);
         assert!(e.contains("world size 2 is not divisible"), "{e}");
     });
 }

@@ -216,3 +216,15 @@ pub fn assert_resumes(tag: &str, reference: &[f64], cases: &[(usize, &[&str], us
         let _ = std::fs::remove_dir_all(&d); // checkpoints: tens of MB each
     }
 }
+
+/// The error of a run on `world` rank threads that must fail before any step (no metrics
+/// written).
+pub fn layout_error(tag: &str, world: usize, o: &[&str]) -> String {
+    let d = tmp(tag);
+    let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
+    let e = losses(world, d.clone(), base(&d, &o))
+        .unwrap_err()
+        .to_string();
+    assert!(!d.join("metrics.jsonl").exists(), "{tag}: no step may run");
+    e
+}
