@@ -47,10 +47,22 @@ impl ParamStoreBuilder {
         d
     }
 
+    /// Declares a parameter; one already declared under the same name and shape is returned
+    /// instead (a tied embedding whose two pipeline stages sit on one rank: one weight, whose
+    /// gradient both stages add to). A name declared again with another shape is an error at
+    /// `materialize`.
     pub fn param(&mut self, name: impl Into<String>, shape: impl Into<Shape>) -> ParamId {
+        let (name, shape) = (name.into(), shape.into());
+        if let Some(i) = self
+            .params
+            .iter()
+            .position(|p| p.name == name && p.shape == shape)
+        {
+            return ParamId(i);
+        }
         self.params.push(ParamSpec {
-            name: name.into(),
-            shape: shape.into(),
+            name,
+            shape,
             init_key: self.params.len(),
         });
         ParamId(self.params.len() - 1)
@@ -175,6 +187,13 @@ impl ParamStore {
             return Err(Error::Config(
                 "compute dtype must be float32 or bfloat16".into(),
             ));
+        }
+        let mut names = std::collections::HashSet::new();
+        if let Some(p) = b.params.iter().find(|p| !names.insert(p.name.as_str())) {
+            return Err(Error::Config(format!(
+                "parameter {} is declared twice with different shapes",
+                p.name
+            )));
         }
         let local: Vec<Shape> = match &tp {
             Some(t) => {

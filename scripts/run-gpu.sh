@@ -3,7 +3,8 @@
 # benches/, configs/) on a GPU machine without Rust, most important first, under one deadline:
 #   1. the CUDA tests (--ignored): a whole training step and trainer steps against the CPU,
 #      every kernel against its CPU twin, flash attention against an f64 reference, the NCCL
-#      communicator against host computations (every GPU present);
+#      communicator against host computations (every GPU present), the tensor- and
+#      pipeline-parallel paths at world 1 over NCCL against the CPU;
 #   2. the end-to-end benchmark (`titan bench`, Llama 3 1B, seq 4096) and, right after it on the
 #      same GPU, the PyTorch reference (torch_llama_ref.py) when python3 has torch;
 #   3. the CUDA kernel benches (criterion, short times), then the reference with torch.compile;
@@ -60,7 +61,9 @@ run() {  # name, most seconds, command...: cut to the time left, skipped when un
 }
 
 # ---- 1. device tests --------------------------------------------------------------------------
-for n in cuda_train cuda_ops cuda_attention cuda_nccl; do
+# The whole step first, then every other tests/cuda_*.rs (kernels, attention, NCCL, the TP and
+# pipeline paths at world 1).
+for n in cuda_train $(cd "$here/tests" && ls cuda_* 2>/dev/null | grep -vx cuda_train); do
   [ -x "$here/tests/$n" ] && run "test $n" 180 "$here/tests/$n" --ignored --test-threads=1 --nocapture
 done
 

@@ -117,6 +117,28 @@ fn exercise(comms: Vec<Box<dyn Communicator>>) {
                     c.recv(buf(&mut got), prev).unwrap();
                     assert_eq!(got, input(prev, 17), "ring send/recv");
                 }
+                // Sends to oneself (a pipeline with every stage on one rank), as under NCCL:
+                // only inside a group, received in the order sent, of the size sent.
+                let (mut a, mut b) = (input(r, 9), input(r + size, 9));
+                let e = c.send(buf(&mut a), r).unwrap_err().to_string();
+                assert!(e.contains("only send to itself inside group_start"), "{e}");
+                c.group_start().unwrap();
+                c.send(buf(&mut a), r).unwrap();
+                c.send(buf(&mut b), r).unwrap();
+                let (mut x, mut y) = (vec![f32::NAN; 9], vec![f32::NAN; 9]);
+                c.recv(buf(&mut x), r).unwrap();
+                c.recv(buf(&mut y), r).unwrap();
+                c.send(buf(&mut a), r).unwrap();
+                let mut short = vec![f32::NAN; 8];
+                let e = c.recv(buf(&mut short), r).unwrap_err().to_string();
+                assert!(
+                    e.contains("recv of 32 bytes from itself, which sent 36"),
+                    "{e}"
+                );
+                c.group_end().unwrap();
+                assert_eq!((x, y), (a.clone(), b.clone()), "send / recv to oneself");
+                let e = c.group_end().unwrap_err().to_string();
+                assert!(e.contains("group_end without group_start"), "{e}");
                 c.barrier().unwrap();
                 // A sub-group of the even ranks reduces among itself only.
                 let evens: Vec<usize> = (0..size).filter(|q| q % 2 == 0).collect();

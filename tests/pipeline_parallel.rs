@@ -7,44 +7,19 @@
 mod parallel_common;
 mod train_common;
 
-use parallel_common::within_deadline;
+use parallel_common::{within_deadline, Model, SEQ32_RUN, VALIDATE};
 use std::path::{Path, PathBuf};
 use titan::dist::launch::run_rank_threads;
 use titan::dist::{Communicator, HostComm};
 use titan::train::trainer::Trainer;
-use train_common::{debug_config, qwen3_debug_config, tmp};
+use train_common::tmp;
 
 /// For the Qwen3 debug model, whose steps cost 6x the Llama 3 one's.
 const LOCAL_BATCH_2: &str = "--training.local_batch_size=2";
 
-/// Validation after steps 1 and 5, two batches of 2 x 32 (run through the stages under pp).
-const VALIDATE: &[&str] = &[
-    "--validation.enable",
-    "--validation.freq=5",
-    "--validation.steps=2",
-    "--validation.local_batch_size=2",
-    "--validation.seq_len=32",
-];
-
-#[derive(Clone, Copy)]
-enum Model {
-    Llama3,
-    Qwen3,
-}
-
 /// Overrides every run shares: the debug model at batch 4 x seq 32, 5 steps.
 fn base(dir: &Path, extra: &[&str]) -> Vec<String> {
-    let mut o: Vec<String> = [
-        "--training.seq_len=32",
-        "--training.local_batch_size=4",
-        "--training.steps=5",
-        "--metrics.log_freq=1",
-        "--comm.init_timeout_seconds=60",
-        "--comm.train_timeout_seconds=60",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut o: Vec<String> = SEQ32_RUN.iter().map(|s| s.to_string()).collect();
     o.push(format!("--job.dump_folder={}", dir.display()));
     o.extend(extra.iter().map(|s| s.to_string()));
     o
@@ -69,10 +44,7 @@ fn losses_and_validation(
 ) -> titan::Result<(Vec<f64>, Vec<f64>)> {
     let o: Vec<&str> = overrides.iter().map(|s| s.as_str()).collect();
     // Loaded once: ranks each writing and reading the config file would race.
-    let cfg = match model {
-        Model::Llama3 => debug_config(&dir, &o)?,
-        Model::Qwen3 => qwen3_debug_config(&dir, &o)?,
-    };
+    let cfg = model.config(&dir, &o)?;
     let run = |c: Box<dyn Communicator>| -> titan::Result<(Vec<f64>, Vec<f64>)> {
         let world = (world > 1).then_some(c);
         let mut tr = Trainer::distributed(cfg.clone(), &titan::registry(), false, world)?;

@@ -10,6 +10,8 @@ use crate::backend::Buf;
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 use half::bf16;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +24,10 @@ pub struct HostComm {
     /// Separates this group's messages from other groups' between the same two ranks.
     tag: u64,
     timeout: Mutex<Duration>,
+    /// What this rank sent to itself, in order (pp = 1 pipelines).
+    own: Mutex<VecDeque<Vec<u8>>>,
+    /// Open `group_start`s: as under NCCL, a rank sends to itself only inside a group.
+    depth: AtomicUsize,
 }
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -37,6 +43,8 @@ impl HostComm {
             me,
             tag: group_tag(&(0..n).collect::<Vec<_>>()),
             timeout: Mutex::new(DEFAULT_TIMEOUT),
+            own: Mutex::new(VecDeque::new()),
+            depth: AtomicUsize::new(0),
         }
     }
 
@@ -300,15 +308,51 @@ impl Communicator for HostComm {
     fn send(&self, buf: Buf, peer: usize) -> Result<()> {
         check_dtype("send", buf)?;
         self.check_peer("send", peer)?;
+        if peer == self.me {
+            self.own_queue().push_back(bytes_of(buf).to_vec());
+            return Ok(());
+        }
         self.send_to(peer, bytes_of(buf).to_vec())
     }
 
     fn recv(&self, buf: Buf, peer: usize) -> Result<()> {
         check_dtype("recv", buf)?;
         self.check_peer("recv", peer)?;
-        let m = self.recv_from(peer, buf.bytes(), "recv")?;
+        let m = if peer == self.me {
+            let m = self.own_queue().pop_front();
+            match m {
+                Some(m) if m.len() == buf.bytes() => m,
+                _ => {
+                    return Err(Error::Comm(format!(
+                        "{}: recv of {} bytes from itself, which sent {}",
+                        self.describe(),
+                        buf.bytes(),
+                        m.map_or("nothing".into(), |m| format!("{} bytes", m.len()))
+                    )))
+                }
+            }
+        } else {
+            self.recv_from(peer, buf.bytes(), "recv")?
+        };
         bytes_mut(buf).copy_from_slice(&m);
         Ok(())
+    }
+
+    fn group_start(&self) -> Result<()> {
+        self.depth.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn group_end(&self) -> Result<()> {
+        self.depth
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| d.checked_sub(1))
+            .map(|_| ())
+            .map_err(|_| {
+                Error::Comm(format!(
+                    "{}: group_end without group_start",
+                    self.describe()
+                ))
+            })
     }
 
     fn barrier(&self) -> Result<()> {
@@ -335,6 +379,8 @@ impl Communicator for HostComm {
                     members,
                     me,
                     timeout: Mutex::new(*self.timeout.lock().unwrap_or_else(|e| e.into_inner())),
+                    own: Mutex::new(VecDeque::new()),
+                    depth: AtomicUsize::new(0),
                 }))
             }
             _ => Err(Error::Comm(format!(
@@ -360,13 +406,20 @@ impl Communicator for HostComm {
 }
 
 impl HostComm {
+    /// As NCCL's: a peer in the group, itself only inside `group_start` .. `group_end`.
     fn check_peer(&self, op: &str, peer: usize) -> Result<()> {
-        if peer >= self.members.len() || peer == self.me {
+        let grouped = self.depth.load(Ordering::Relaxed) > 0;
+        if peer >= self.members.len() || (peer == self.me && !grouped) {
             return Err(Error::Comm(format!(
-                "{op}: peer {peer} is not another member of a group of {}",
+                "{op}: peer {peer} is not another member of a group of {} (a rank may only \
+                 send to itself inside group_start/group_end)",
                 self.members.len()
             )));
         }
         Ok(())
+    }
+
+    fn own_queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Vec<u8>>> {
+        self.own.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

@@ -89,7 +89,8 @@ pub trait Communicator: Send + Sync {
         Ok(())
     }
     /// Batches the point-to-point calls up to `group_end` (NCCL's grouping); the host
-    /// communicators never block in `send`, so for them these only mark the region.
+    /// communicators never block in `send`, so for them these only mark the region. Inside
+    /// one a rank may send to itself (NCCL's rule; a pipeline with every stage on one rank).
     fn group_start(&self) -> Result<()> {
         Ok(())
     }

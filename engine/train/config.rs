@@ -222,6 +222,12 @@ pub struct Parallelism {
     pub context_parallel_degree: i64,
     pub expert_parallel_degree: i64,
     pub expert_tensor_parallel_degree: i64,
+    /// With pipeline_parallel_degree 1: run the pipeline schedule anyway, every stage on this
+    /// rank, the stage boundaries crossed by sends to itself through the communicator. This is
+    /// how one GPU exercises the pipeline's code (NCCL groups included) and how the tests check
+    /// it against the plain path. Not a config key: torchtitan's pp 1 means no pipeline.
+    #[serde(skip)]
+    pub pipeline_on_one_rank: bool,
 }
 impl Default for Parallelism {
     fn default() -> Self {
@@ -242,6 +248,7 @@ impl Default for Parallelism {
             context_parallel_degree: 1,
             expert_parallel_degree: 1,
             expert_tensor_parallel_degree: 1,
+            pipeline_on_one_rank: false,
         }
     }
 }

@@ -229,7 +229,7 @@ pub(super) fn parallel_dims(cfg: &JobConfig, world: usize) -> Result<ParallelDim
         ))
     })?;
     let g = dims.degrees;
-    if g.pp > 1 {
+    if g.pp > 1 || cfg.parallelism.pipeline_on_one_rank {
         // The schedule's layout rules (enough microbatches for the stages, an interleaved count
         // that divides) come first: they hold whenever pipelines run.
         Schedule::check_config(&cfg.parallelism, cfg.training.local_batch_size)?;

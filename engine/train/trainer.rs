@@ -18,7 +18,7 @@ use super::validate::{ValMetrics, ValRun, Validator};
 use crate::backend::{AdamW, AdamWBufs, Backend, Buf, DeviceMem};
 use crate::data::{build_loader, DataConfig, DataLoader};
 use crate::dist::mesh::Dim;
-use crate::dist::{Communicator, Mesh, ReduceOp};
+use crate::dist::{Communicator, HostComm, Mesh, ReduceOp};
 use crate::error::{Error, Result};
 use crate::metrics::{self, MetricsWriter, Peak, StepMetrics, GIB};
 use crate::model::{resolve, Model, ModelSpec, Registry};
@@ -77,7 +77,8 @@ pub struct Trainer {
     pub(super) save_tag: u64,
     /// Seconds spent in collectives by the last step (all-gathers, reduce-scatters, all-reduces).
     pub last_comm_s: f64,
-    /// pp > 1: this rank's stages, schedule and pp group (train/pipeline/).
+    /// pp > 1 (or `pipeline_on_one_rank`): this rank's stages, schedule and pp group
+    /// (train/pipeline/).
     pub pipeline: Option<Pipeline>,
 }
 
@@ -132,6 +133,11 @@ impl Trainer {
         }
         let init_timeout =
             std::time::Duration::from_secs(cfg.comm.init_timeout_seconds.max(1) as u64);
+        // The pipeline's transfers go through a communicator even with every stage here.
+        let world = match world {
+            None if cfg.parallelism.pipeline_on_one_rank => HostComm::local_comms(1).pop(),
+            w => w,
+        };
         if let Some(w) = &world {
             w.set_timeout(init_timeout);
         }
@@ -184,9 +190,9 @@ impl Trainer {
         // One architecture for the traced plan and the real model.
         let args = resolve::run_args(spec, &cfg, vocab)?;
         let tp_rank = dims.coords(rank)[4];
-        let layout = match g.pp {
-            1 => None,
-            _ => Some(Layout::new(spec, &cfg, args.as_ref(), &dims, rank)?.on(be.name())?),
+        let layout = match g.pp > 1 || cfg.parallelism.pipeline_on_one_rank {
+            true => Some(Layout::new(spec, &cfg, args.as_ref(), &dims, rank)?),
+            false => None,
         };
         let (plan, validation_plan, mut memory) = match &layout {
             Some(l) => l.trace_plan(spec, &cfg, args.as_ref(), dtype)?,

@@ -8,9 +8,46 @@ use std::sync::mpsc;
 use std::time::Duration;
 use titan::dist::launch::run_rank_threads;
 use titan::dist::{Communicator, HostComm};
+use titan::train::config::JobConfig;
 use titan::train::trainer::Trainer;
 
 pub const DEADLINE: Duration = Duration::from_secs(240);
+
+/// The pipeline tests' runs: the debug model at batch 4 x seq 32, 5 steps, every loss logged.
+pub const SEQ32_RUN: &[&str] = &[
+    "--training.seq_len=32",
+    "--training.local_batch_size=4",
+    "--training.steps=5",
+    "--metrics.log_freq=1",
+    "--comm.init_timeout_seconds=60",
+    "--comm.train_timeout_seconds=60",
+];
+
+/// Validation after steps 1 and 5, two batches of 2 x 32 (run through the stages under pp).
+pub const VALIDATE: &[&str] = &[
+    "--validation.enable",
+    "--validation.freq=5",
+    "--validation.steps=2",
+    "--validation.local_batch_size=2",
+    "--validation.seq_len=32",
+];
+
+/// The debug model a run trains.
+#[derive(Clone, Copy, Debug)]
+pub enum Model {
+    Llama3,
+    Qwen3,
+}
+
+impl Model {
+    /// Its debugmodel config (embedded) with `overrides`, dumping to `dir`.
+    pub fn config(self, dir: &std::path::Path, overrides: &[&str]) -> titan::Result<JobConfig> {
+        match self {
+            Model::Llama3 => debug_config(dir, overrides),
+            Model::Qwen3 => crate::train_common::qwen3_debug_config(dir, overrides),
+        }
+    }
+}
 
 /// Runs `f` on a helper thread and fails the test if it does not finish within DEADLINE (a
 /// panic inside `f` is re-raised here).

@@ -129,8 +129,10 @@ impl fmt::Display for Action {
     }
 }
 
-/// What crosses between two ranks: a stage's output activation forward, or the gradient of a
+/// What crosses a stage boundary: a stage's output activation forward, or the gradient of a
 /// stage's input backward. Derived from the actions (`Schedule::recv_before`, `send_after`).
+/// With pp > 1 it always crosses between two ranks; with every stage on one rank (pp = 1,
+/// `parallelism.pipeline_on_one_rank`) it goes from the rank to itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Transfer {
     pub gradient: bool,
@@ -302,7 +304,7 @@ impl Schedule {
         Ok(())
     }
 
-    /// What `a` must receive from another rank before it runs, if anything.
+    /// What `a` must receive from the previous or next stage before it runs, if anything.
     pub fn recv_before(&self, a: &Action) -> Option<Transfer> {
         let here = self.rank_of(a.stage());
         let (s, m) = (a.stage(), a.microbatch());
@@ -311,37 +313,39 @@ impl Schedule {
             _ if a.is_input_grad() && s + 1 < self.stages() => (true, s + 1),
             _ => return None,
         };
-        self.crossing(t.0, self.rank_of(t.1), here, t.1, m)
+        Some(self.transfer(t.0, self.rank_of(t.1), here, t.1, m))
     }
 
-    /// What `a` sends to another rank when it is done, if anything.
+    /// What `a` sends to the next or previous stage when it is done, if anything.
     pub fn send_after(&self, a: &Action) -> Option<Transfer> {
         let here = self.rank_of(a.stage());
         let (s, m) = (a.stage(), a.microbatch());
         match a {
             Action::Forward { .. } if s + 1 < self.stages() => {
-                self.crossing(false, here, self.rank_of(s + 1), s, m)
+                Some(self.transfer(false, here, self.rank_of(s + 1), s, m))
             }
-            _ if a.is_input_grad() && s > 0 => self.crossing(true, here, self.rank_of(s - 1), s, m),
+            _ if a.is_input_grad() && s > 0 => {
+                Some(self.transfer(true, here, self.rank_of(s - 1), s, m))
+            }
             _ => None,
         }
     }
 
-    fn crossing(
+    fn transfer(
         &self,
         gradient: bool,
         from: usize,
         to: usize,
         stage: usize,
         microbatch: usize,
-    ) -> Option<Transfer> {
-        (from != to).then_some(Transfer {
+    ) -> Transfer {
+        Transfer {
             gradient,
             from_rank: from,
             to_rank: to,
             stage,
             microbatch,
-        })
+        }
     }
 
     /// The most (stage, microbatch) pairs a rank holds at once between a forward and its last

@@ -231,15 +231,13 @@ fn sends_and_recvs_pair_up() {
         sends.sort_by_key(key);
         recvs.sort_by_key(key);
         assert_eq!(sends, recvs);
-        // Every stage boundary crosses ranks when pp > 1: one activation and one gradient per
-        // microbatch; with pp = 1 nothing leaves the rank.
+        // One activation and one gradient per stage boundary and microbatch; they cross ranks
+        // when pp > 1, and stay on the rank when pp = 1.
         let boundaries = s.pp * s.stages_per_rank - 1;
-        let want = if s.pp > 1 {
-            2 * boundaries * s.microbatches
-        } else {
-            0
-        };
-        assert_eq!(sends.len(), want);
+        assert_eq!(sends.len(), 2 * boundaries * s.microbatches);
+        assert!(sends
+            .iter()
+            .all(|t| (t.from_rank != t.to_rank) == (s.pp > 1)));
     }
 }
 

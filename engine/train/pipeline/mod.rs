@@ -3,8 +3,9 @@
 //! schedule (engine/parallel/schedule/) over the microbatches of each local batch (step.rs): a
 //! forward receives the previous stage's hidden state (or reads the tokens), a backward the
 //! gradient of its output (or starts from the loss on the last stage), both over the pp group's
-//! send/recv. This file: the layout (split, schedule, stage models), its memory plan, and the
-//! communicators.
+//! send/recv, grouped for NCCL (wire.rs). With `parallelism.pipeline_on_one_rank` (pp = 1)
+//! every stage is on this rank and crosses its boundaries by sends to itself. This file: the
+//! layout (split, schedule, stage models), its memory plan, and the communicators.
 //!
 //! Memory: a microbatch's stage tape lives from its forward to its last backward pass, and
 //! several are alive at once under 1F1B and the interleaved schedules, so each tape owns its
@@ -20,6 +21,7 @@
 //! in the gradient norm.
 
 mod step;
+mod wire;
 
 use super::config::JobConfig;
 use super::memory::MemoryPlan;
@@ -41,7 +43,7 @@ use std::any::Any;
 use std::cell::Cell;
 use std::collections::BTreeMap;
 
-/// The split and schedule of a pp > 1 run, before the communicators exist.
+/// The split and schedule of a pipelined run, before the communicators exist.
 pub(super) struct Layout {
     pub schedule: Schedule,
     pub(in crate::train) stages: Vec<Stage>,
@@ -84,20 +86,6 @@ impl Layout {
             pp_rank: dims.coords(rank)[0],
             tp_rank: dims.coords(rank)[4],
         })
-    }
-
-    /// Checks that the pipeline runs on backend `name`: the host communicators only so far.
-    /// NCCL's send waits on the GPU for its recv, so the crossing send / recv pairs of 1F1B's
-    /// steady state would need NCCL groups, which are not built (nor tested: no GPU here).
-    pub fn on(self, backend: &str) -> Result<Layout> {
-        if backend != "cpu" {
-            return Err(Error::Config(format!(
-                "pipeline_parallel_degree {} on the {backend} backend is not built yet (NCCL \
-                 send / recv grouping); pipelines run on CPU ranks (--training.device cpu)",
-                self.schedule.pp
-            )));
-        }
-        Ok(self)
     }
 
     /// The stages this rank holds, ascending.
@@ -290,7 +278,7 @@ struct Shared {
     owner: bool,
 }
 
-/// A pp > 1 run's execution state on one rank.
+/// A pipelined run's execution state on one rank.
 pub struct Pipeline {
     pub schedule: Schedule,
     stages: Vec<Stage>,

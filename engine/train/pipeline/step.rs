@@ -2,19 +2,19 @@
 //! (forward, backward, or zero-bubble's input and weight halves, with the send / recv between
 //! stages), then the cross-stage reductions and AdamW; and validation through the stages.
 
+use super::wire::Wire;
 use super::{Pipeline, StageModels};
-use crate::backend::{Backend, Buf, DeviceMem};
+use crate::backend::{Buf, DeviceMem};
 use crate::data::Batch;
-use crate::dist::{Communicator, ReduceOp};
+use crate::dist::ReduceOp;
 use crate::error::{Error, Result};
-use crate::parallel::schedule::{Action, Schedule, Transfer};
+use crate::parallel::schedule::Action;
 use crate::parallel::tp::TensorParallel;
 use crate::planner::Plan;
 use crate::tape::{Placement, Tape, Tensor};
-use crate::tensor::DType;
 use crate::train::trainer::{StepResult, Trainer};
 use crate::train::validate::{ValMetrics, Validator};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 
 /// One stage microbatch in flight: its tape and the received buffers the tape reads.
 struct Live<'t> {
@@ -23,68 +23,6 @@ struct Live<'t> {
     /// The loss (last stage) or the output hidden state.
     root: Tensor,
     held: Vec<Box<dyn DeviceMem>>,
-}
-
-/// Messages from the other pp ranks. The host transport delivers a pair's messages in order
-/// without labels, and activations and gradients share a pair under interleaving, so each
-/// message is named by the sender's schedule (the order of its sends to this rank) and kept
-/// until the action that needs it.
-struct Inbox {
-    expect: Vec<VecDeque<Transfer>>,
-    stash: HashMap<Transfer, Box<dyn DeviceMem>>,
-}
-
-impl Inbox {
-    fn new(s: &Schedule, me: usize) -> Inbox {
-        let expect = (0..s.pp)
-            .map(|q| {
-                let row = if q == me { &[][..] } else { &s.per_rank[q][..] };
-                row.iter()
-                    .filter_map(|a| s.send_after(a))
-                    .filter(|t| t.to_rank == me)
-                    .collect()
-            })
-            .collect();
-        Inbox {
-            expect,
-            stash: HashMap::new(),
-        }
-    }
-
-    fn take(
-        &mut self,
-        t: Transfer,
-        len: usize,
-        dtype: DType,
-        comm: &dyn Communicator,
-        be: &dyn Backend,
-    ) -> Result<Box<dyn DeviceMem>> {
-        loop {
-            if let Some(m) = self.stash.remove(&t) {
-                return Ok(m);
-            }
-            let next = self.expect[t.from_rank].pop_front().ok_or_else(|| {
-                Error::Comm(format!(
-                    "pipeline: rank {} never sends {} of stage {} microbatch {}",
-                    t.from_rank,
-                    if t.gradient {
-                        "the gradient"
-                    } else {
-                        "the output"
-                    },
-                    t.stage,
-                    t.microbatch
-                ))
-            })?;
-            let m = be.alloc(len * dtype.size())?;
-            comm.recv(Buf::new(m.ptr(), len, dtype), t.from_rank)?;
-            self.stash.insert(next, m);
-        }
-    }
-
-    fn bytes(&self) -> usize {
-        self.stash.values().map(|m| m.bytes()).sum()
-    }
 }
 
 impl Trainer {
@@ -120,30 +58,54 @@ impl Trainer {
         let (s, comm, dtype) = (&p.schedule, p.comm.as_ref(), self.store.compute_dtype);
         let hidden = [b.batch, b.seq, p.hidden];
         let len = TensorParallel::stage_numel(self.store.tp(), b.batch * b.seq, p.hidden);
+        let forward = |stage| Action::Forward {
+            stage,
+            microbatch: 0,
+        };
+        // Every rank's stages in order: each reads its predecessor's output.
+        let rows: Vec<Vec<Action>> = (0..s.pp)
+            .map(|q| {
+                (0..s.stages())
+                    .filter(|&st| s.rank_of(st) == q)
+                    .map(forward)
+                    .collect()
+            })
+            .collect();
+        let mut wire = Wire::new(comm, s, &rows, p.pp_rank);
         let mut loss = None;
         for (k, &stage) in p.local.iter().enumerate() {
+            let a = forward(stage);
             let mut held = None; // outlives the tape that reads it
             let mut tape = Tape::new(be, &self.store, Placement::Owned);
-            let x = if stage == 0 {
-                tape.input_i32(&b.inputs, [b.batch, b.seq])?
-            } else {
-                let m = be.alloc(len * dtype.size())?;
-                let buf = Buf::new(m.ptr(), len, dtype);
-                comm.recv(buf, s.rank_of(stage - 1))?;
-                held = Some(m);
-                tape.stage_activation(buf, hidden, false)?
+            let x = match s.recv_before(&a) {
+                None => tape.input_i32(&b.inputs, [b.batch, b.seq])?,
+                Some(t) => {
+                    let m = wire.take(t, len, dtype, be)?;
+                    let buf = Buf::new(m.ptr(), len, dtype);
+                    held = Some(m);
+                    tape.stage_activation(buf, hidden, false)?
+                }
             };
             let out = models.models[k].forward(&mut tape, x)?;
-            if stage == p.last_stage() {
-                let labels = tape.input_i32(&b.labels, [b.batch * b.seq])?;
-                let l = (self.spec.loss)(&mut tape, out, labels, 1.0)?;
-                loss = Some(tape.to_vec_f32(l)?[0] as f64);
-            } else {
-                comm.send(tape.device_buf(out)?, s.rank_of(stage + 1))?;
+            match s.send_after(&a) {
+                None => {
+                    let labels = tape.input_i32(&b.labels, [b.batch * b.seq])?;
+                    let l = (self.spec.loss)(&mut tape, out, labels, 1.0)?;
+                    comm.wait()?; // NCCL: the host blocks on the download below
+                    loss = Some(tape.to_vec_f32(l)?[0] as f64);
+                }
+                Some(t) => {
+                    // The tape goes before the send is posted: the buffer goes with the send (a
+                    // stage without layers passes on the received buffer itself).
+                    let buf = tape.device_buf(out)?;
+                    let keep = tape.take_owned(out).or(held.take());
+                    wire.send(buf, t.to_rank, keep);
+                }
             }
             drop(tape);
             drop(held);
         }
+        wire.flush()?;
         Ok(loss)
     }
 
@@ -221,7 +183,7 @@ impl Trainer {
         let hidden_len = TensorParallel::stage_numel(self.store.tp(), mbs * seq, p.hidden);
         let dtype = self.store.compute_dtype;
         let comm = p.comm.as_ref();
-        let mut inbox = Inbox::new(s, p.pp_rank);
+        let mut wire = Wire::new(comm, s, &s.per_rank, p.pp_rank);
         let mut live: HashMap<(usize, usize), Live> = HashMap::new();
         let mut loss_sum = 0f64;
         let missing = |a: &Action| Error::Config(format!("pipeline schedule: {a} before its F"));
@@ -242,7 +204,7 @@ impl Trainer {
                         ),
                         None => return Err(missing(a)),
                         Some(t) => {
-                            let mem = inbox.take(t, hidden_len, dtype, comm, be)?;
+                            let mem = wire.take(t, hidden_len, dtype, be)?;
                             let buf = Buf::new(mem.ptr(), hidden_len, dtype);
                             held.push(mem);
                             let x = tape.stage_activation(buf, hidden, true)?;
@@ -253,11 +215,14 @@ impl Trainer {
                     let root = if stage == p.last_stage() {
                         let labels = tape.input_i32(&batch.labels[rows], [mbs * seq])?;
                         let loss = (self.spec.loss)(&mut tape, out, labels, grad_scale)?;
+                        comm.wait()?; // NCCL: the host blocks on the download below
                         loss_sum += tape.to_vec_f32(loss)?[0] as f64;
                         loss
                     } else {
                         if let Some(t) = s.send_after(a) {
-                            comm.send(tape.device_buf(out)?, t.to_rank)?;
+                            // The tape outlives the send: the gradient that its backward
+                            // waits for can only come after the send was posted.
+                            wire.send(tape.device_buf(out)?, t.to_rank, None);
                         }
                         out
                     };
@@ -273,7 +238,7 @@ impl Trainer {
                     let l = live.get_mut(&(stage, mb)).ok_or_else(|| missing(a))?;
                     let seed = match s.recv_before(a) {
                         Some(t) => {
-                            let mem = inbox.take(t, hidden_len, dtype, comm, be)?;
+                            let mem = wire.take(t, hidden_len, dtype, be)?;
                             let buf = Buf::new(mem.ptr(), hidden_len, dtype);
                             l.held.push(mem);
                             Some(l.tape.stage_activation(buf, hidden, false)?)
@@ -287,7 +252,15 @@ impl Trainer {
                         let dx = g.first().copied().flatten().ok_or_else(|| {
                             Error::Config(format!("pipeline: no gradient reached the input of {a}"))
                         })?;
-                        comm.send(l.tape.device_buf(dx)?, t.to_rank)?;
+                        // The tape may go (B) before the send is posted: the buffer goes with
+                        // the send.
+                        let buf = l.tape.device_buf(dx)?;
+                        let keep = l.tape.take_owned(dx).ok_or_else(|| {
+                            Error::Config(format!(
+                                "pipeline: the input gradient of {a} is not the tape's own"
+                            ))
+                        })?;
+                        wire.send(buf, t.to_rank, Some(keep));
                     }
                 }
                 Action::BackwardWeight { .. } => {
@@ -301,12 +274,13 @@ impl Trainer {
                     l.tape.owned_bytes_live() + l.held.iter().map(|m| m.bytes()).sum::<usize>()
                 })
                 .sum::<usize>()
-                + inbox.bytes();
+                + wire.bytes();
             p.peak_activations.set(p.peak_activations.get().max(held));
             if matches!(a, Action::Backward { .. } | Action::BackwardWeight { .. }) {
                 live.remove(&(stage, mb)); // frees the tape's buffers
             }
         }
+        wire.flush()?;
         if let Some(((stage, mb), _)) = live.iter().next() {
             return Err(Error::Config(format!(
                 "pipeline schedule: stage {stage} microbatch {mb} has no backward"
