@@ -262,7 +262,7 @@ impl ParamStore {
             )?),
             None => None,
         };
-        Ok(ParamStore {
+        let mut store = ParamStore {
             specs: b.params,
             compute_dtype,
             offsets,
@@ -277,7 +277,20 @@ impl ParamStore {
             tp,
             local,
             _mem: vec![mem, cmem],
-        })
+        };
+        if let Some(t) = &store.tp {
+            // Room for every replicated gradient: the partial ones reduce packed.
+            let n: usize = store
+                .ids()
+                .filter(|&id| t.dim(id).is_none())
+                .map(|id| store.local_grad(id).len)
+                .sum();
+            let staging = be.alloc(n.max(1) * 4)?;
+            if let Some(t) = store.tp.as_mut() {
+                t.set_staging(staging);
+            }
+        }
+        Ok(store)
     }
 
     /// The FSDP runtime of a sharded store.
@@ -507,10 +520,14 @@ impl ParamStore {
 
     pub fn state_bytes(&self) -> StateBytes {
         let constants = self.consts.iter().map(|c| c.1.bytes()).sum();
+        let tp_staging = self.tp.as_ref().map_or(0, |t| t.staging_bytes());
         if let Some(f) = &self.fsdp {
-            return StateBytes::sharded(&f.layout, self.compute_dtype, f.reduce_dtype(), constants);
+            let mut s =
+                StateBytes::sharded(&f.layout, self.compute_dtype, f.reduce_dtype(), constants);
+            s.comm_buffers += tp_staging;
+            return s;
         }
-        let (gathered, comm_buffers) = (0, 0);
+        let (gathered, comm_buffers) = (0, tp_staging);
         StateBytes {
             params: self.total * 4,
             compute_copy: self.compute.map(|c| c.bytes()).unwrap_or(0),

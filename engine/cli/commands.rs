@@ -113,7 +113,10 @@ pub(super) fn plan_layout(
         let local = local_specs(&b.params, &b.tp_dims(), g.tp, 0);
         let layout = FsdpLayout::new(&local, &b.fsdp_units, g.dp_shard, 0, reshard, accum > 1)?;
         let reduce = DType::parse(&cfg.training.mixed_precision_reduce)?;
+        // Its comm buffers so far: the tensor-parallel staging (a bound under FSDP).
+        let tp_staging = mp.state.comm_buffers;
         mp.state = StateBytes::sharded(&layout, dtype, reduce, mp.state.constants);
+        mp.state.comm_buffers += tp_staging;
     }
     let est = estimate(spec, cfg, args, dtype, dims, machine, mp.total())?;
     Ok((mp, est))

@@ -11,10 +11,11 @@
 //! vocabulary of 259 byte-level ids splits 130 + 129), so no model needs padding; heads always
 //! divide (the model folders check it).
 
-use crate::dist::Communicator;
+use crate::backend::{Backend, Buf, DeviceMem};
+use crate::dist::{Communicator, ReduceOp};
 use crate::error::{Error, Result};
 use crate::params::{ParamId, ParamSpec};
-use crate::tensor::Shape;
+use crate::tensor::{DType, Shape};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Rank `rank`'s part of a dim of `n` split `degree` ways: (start, len).
@@ -82,6 +83,9 @@ pub struct TensorParallel {
     /// parallel, Qwen3's per-head q/k norm), so each rank's gradient is a partial sum that the
     /// trainer all-reduces over the group. Set by the tape's ops as they are recorded.
     partial: Vec<AtomicBool>,
+    /// f32 room for every replicated parameter's gradient: the partial ones are packed here
+    /// and reduced in one all-reduce (`reduce_partials`). Given by the store (`set_staging`).
+    staging: Option<Box<dyn DeviceMem>>,
 }
 
 impl TensorParallel {
@@ -100,7 +104,59 @@ impl TensorParallel {
             loss_parallel,
             dims,
             partial,
+            staging: None,
         }
+    }
+
+    /// The buffer `reduce_partials` packs into (the store allocates it with its regions).
+    pub fn set_staging(&mut self, mem: Box<dyn DeviceMem>) {
+        self.staging = Some(mem);
+    }
+
+    pub fn staging_bytes(&self) -> usize {
+        self.staging.as_ref().map_or(0, |m| m.bytes())
+    }
+
+    /// Sums the partial gradients (`grad` of each parameter `mark_partial` named) over the
+    /// group: packed into the staging buffer, one all-reduce, unpacked; one launch per step
+    /// instead of one per norm weight (two per layer).
+    pub fn reduce_partials(&self, be: &dyn Backend, grad: impl Fn(ParamId) -> Buf) -> Result<()> {
+        let grads: Vec<Buf> = self
+            .partial_params()
+            .into_iter()
+            .map(grad)
+            .filter(|b| b.len > 0)
+            .collect();
+        let total: usize = grads.iter().map(|b| b.len).sum();
+        let room = self.staging_bytes() / 4;
+        let packed = match &self.staging {
+            Some(m) if grads.len() > 1 && total <= room => Buf::new(m.ptr(), total, DType::F32),
+            _ if total > room && grads.len() > 1 => {
+                return Err(Error::Config(format!(
+                    "tensor parallel: {total} partial gradient values exceed the {room} of the \
+                     staging buffer"
+                )))
+            }
+            // One gradient (or none): reduced in place.
+            _ => {
+                for &g in &grads {
+                    self.comm.all_reduce(g, ReduceOp::Sum)?;
+                }
+                return self.comm.wait();
+            }
+        };
+        let mut off = 0;
+        for &g in &grads {
+            be.copy(g, packed.slice(off, g.len))?;
+            off += g.len;
+        }
+        self.comm.all_reduce(packed, ReduceOp::Sum)?;
+        off = 0;
+        for &g in &grads {
+            be.copy(packed.slice(off, g.len), g)?;
+            off += g.len;
+        }
+        self.comm.wait()
     }
 
     /// The tensor-parallel state of rank `rank` of a `degree`-way group on the meta backend

@@ -61,14 +61,10 @@ impl Trainer {
     /// Tensor parallel: sums the partial gradients of the replicated weights that met sharded
     /// activations (norms under sequence parallel) over the tp group, once per step.
     pub(super) fn reduce_tp_partials(&self) -> Result<()> {
-        let Some(tp) = self.store.tp() else {
-            return Ok(());
-        };
-        for id in tp.partial_params() {
-            tp.comm
-                .all_reduce(self.store.local_grad(id), ReduceOp::Sum)?;
+        match self.store.tp() {
+            Some(tp) => tp.reduce_partials(self.be.as_ref(), |id| self.store.local_grad(id)),
+            None => Ok(()),
         }
-        tp.comm.wait()
     }
 
     /// The squared global gradient norm into `out` (device), as the sum over one replica's

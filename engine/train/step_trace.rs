@@ -129,9 +129,7 @@ pub fn trace_step(
     meta.sum_squares(&[store.flat_grad()], scalar(0))?;
     if let Some(tp) = store.tp() {
         // The replicated weights' partial gradients, then the norm over the whole replica.
-        for id in tp.partial_params() {
-            tp.comm.all_reduce(store.local_grad(id), ReduceOp::Sum)?;
-        }
+        tp.reduce_partials(&meta, |id| store.local_grad(id))?;
         let replica = MetaComm::new((0, dims.world / g.dp_replicate, 1), "replica", log.clone());
         replica.all_reduce(scalar(0), ReduceOp::Sum)?;
         replica.wait()?;

@@ -154,7 +154,10 @@ impl Layout {
             ParamStore::materialize_sharded(builder, &meta, dtype, None, tp)?.state_bytes();
         if let Some(l) = &fsdp {
             let reduce = DType::parse(&cfg.training.mixed_precision_reduce)?;
+            // Its comm buffers so far: the tensor-parallel staging (a bound under FSDP).
+            let tp_staging = state.comm_buffers;
             state = StateBytes::sharded(l, dtype, reduce, state.constants);
+            state.comm_buffers += tp_staging;
         }
         let mut num_params = 0;
         for s in self.local() {
