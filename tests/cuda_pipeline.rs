@@ -37,6 +37,7 @@ fn run(model: Model, device: &str, layout: &[&str], one_rank: bool) -> (Vec<f64>
         assert!(device.ends_with("cpu") || world.contains("nccl"), "{world}");
     }
     let train = tr.fit(true).unwrap().iter().map(|m| m.loss).collect();
+    parallel_common::check_pipeline_memory(&tr).unwrap();
     let val = tr.validation_history.iter().map(|v| v.validation_loss);
     let _ = std::fs::remove_dir_all(&d);
     (train, val.collect())

@@ -7,7 +7,7 @@
 mod parallel_common;
 mod train_common;
 
-use parallel_common::{within_deadline, Model, SEQ32_RUN, VALIDATE};
+use parallel_common::{check_pipeline_memory, within_deadline, Model, SEQ32_RUN, VALIDATE};
 use std::path::{Path, PathBuf};
 use titan::dist::launch::run_rank_threads;
 use titan::dist::{Communicator, HostComm};
@@ -50,6 +50,7 @@ fn losses_and_validation(
         let mut tr = Trainer::distributed(cfg.clone(), &titan::registry(), false, world)?;
         tr.maybe_resume()?;
         let train = tr.fit(true)?.iter().map(|m| m.loss).collect();
+        check_pipeline_memory(&tr)?;
         let val = tr.validation_history.iter().map(|v| v.validation_loss);
         Ok((train, val.collect()))
     };

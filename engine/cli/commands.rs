@@ -343,8 +343,9 @@ fn plan_pipeline(
         )?;
     }
     outln!(
-        "  (activations: the stage microbatch tapes a rank holds at once, each owning its \
-         buffers until its last backward; traced on the meta backend, nothing allocated)"
+        "  (activations: the arenas of the stage microbatch tapes a rank holds at once (what \
+         each keeps between its passes), the scratch its passes share, and received hidden \
+         states; the schedule replayed on the meta backend's traces, nothing allocated)"
     )?;
     print_estimate(&est)
 }

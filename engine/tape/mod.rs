@@ -50,6 +50,9 @@ pub enum Placement<'p> {
     Owned,
     /// Every request is at its planned offset in one pre-allocated arena.
     Planned { base: u64, plan: &'p Plan },
+    /// As `Planned`, over the two arenas of `Plan::with_regions`: request k at
+    /// `bases[plan.region(k)]` plus its offset.
+    Regions { bases: [u64; 2], plan: &'p Plan },
 }
 
 pub(crate) struct TMeta {
@@ -218,6 +221,10 @@ impl<'a> Tape<'a> {
                 (m.ptr(), Mem::Owned(m))
             }
             Placement::Planned { base, plan } => {
+                (base + plan.offset(seq, bytes)? as u64, Mem::Arena)
+            }
+            Placement::Regions { bases, plan } => {
+                let base = bases[plan.region(seq)];
                 (base + plan.offset(seq, bytes)? as u64, Mem::Arena)
             }
         };
@@ -594,6 +601,16 @@ impl<'a> Tape<'a> {
     /// Plans this tape's requests (call after `backward`).
     pub fn plan(&self) -> Plan {
         Plan::new(self.requests())
+    }
+
+    /// The op clock: how many ops the tape has run (the lifetimes in `plan` count in it).
+    pub fn clock(&self) -> u32 {
+        self.clock
+    }
+
+    /// The request number of `t`'s buffer (its index in `plan`), if the tape allocated it.
+    pub fn request_of(&self, t: Tensor) -> Option<usize> {
+        self.bufs[self.buf_index(t)].seq
     }
 
     /// Bytes currently held by Owned buffers (what an unplanned step holds at this moment).

@@ -190,11 +190,11 @@ impl Trainer {
         // One architecture for the traced plan and the real model.
         let args = resolve::run_args(spec, &cfg, vocab)?;
         let tp_rank = dims.coords(rank)[4];
-        let layout = match g.pp > 1 || cfg.parallelism.pipeline_on_one_rank {
+        let mut layout = match g.pp > 1 || cfg.parallelism.pipeline_on_one_rank {
             true => Some(Layout::new(spec, &cfg, args.as_ref(), &dims, rank)?),
             false => None,
         };
-        let (plan, validation_plan, mut memory) = match &layout {
+        let (plan, validation_plan, mut memory) = match layout.as_mut() {
             Some(l) => l.trace_plan(spec, &cfg, args.as_ref(), dtype)?,
             None => trace_plan(spec, &cfg, args.as_ref(), dtype, tp_rank)?,
         };

@@ -111,6 +111,22 @@ pub fn losses_and_validation(
     Ok((c.loss, c.validation))
 }
 
+/// A pipeline rank's activation memory after its steps: the memory plan replays the schedule,
+/// so the arenas and messages the rank really held must be exactly the planned bytes.
+pub fn check_pipeline_memory(tr: &Trainer) -> titan::Result<()> {
+    let Some(p) = &tr.pipeline else {
+        return Ok(());
+    };
+    let (held, planned) = (p.peak_activations.get(), tr.memory.activations_peak);
+    if held != planned {
+        return Err(titan::Error::Config(format!(
+            "rank {}: {held} activation bytes held, {planned} planned",
+            tr.rank
+        )));
+    }
+    Ok(())
+}
+
 /// The curves of a run on `world` rank threads (rank 0's, which every rank must agree on).
 pub fn curves(
     world: usize,
@@ -126,6 +142,7 @@ pub fn curves(
         let mut tr = Trainer::distributed(cfg.clone(), &titan::registry(), false, world)?;
         tr.maybe_resume()?;
         let hist = tr.fit(true)?;
+        check_pipeline_memory(&tr)?;
         let val = tr.validation_history.iter().map(|v| v.validation_loss);
         Ok(Curves {
             loss: hist.iter().map(|m| m.loss).collect(),

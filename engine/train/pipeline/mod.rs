@@ -5,43 +5,43 @@
 //! gradient of its output (or starts from the loss on the last stage), both over the pp group's
 //! send/recv, grouped for NCCL (wire.rs). With `parallelism.pipeline_on_one_rank` (pp = 1)
 //! every stage is on this rank and crosses its boundaries by sends to itself. This file: the
-//! layout (split, schedule, stage models), its memory plan, and the communicators.
+//! layout (split, schedule, stage models) and the communicators.
 //!
 //! Memory: a microbatch's stage tape lives from its forward to its last backward pass, and
-//! several are alive at once under 1F1B and the interleaved schedules, so each tape owns its
-//! buffers (`Placement::Owned`), all of them until it is dropped (no reuse inside a tape, as
-//! the arena plan would give: the price of simple correctness, for now). The memory plan
-//! counts `peak_in_flight` such tapes: one through its backward plus what each other pair in
-//! flight holds after its forward, traced on the meta backend with the same owned tapes. The
-//! step records the bytes it really held (`peak_activations`).
+//! several are alive at once under 1F1B and the interleaved schedules. Each is planned from its
+//! stage's trace (plan.rs): what it keeps between its passes in an arena of its own, taken from
+//! a pool kept across microbatches and steps; what dies inside one pass in one scratch that the
+//! rank's tapes share. The memory plan replays the schedule on sizes to count the arenas,
+//! scratch and received messages the rank holds at most; the step records what it really held
+//! (`peak_activations`), the same bytes.
 //!
 //! A tied embedding (first stage) and output (last stage) is one parameter held by both ranks:
 //! the same initial weights, their gradients summed before the optimizer (Megatron's embedding
 //! group), so both copies take the same update; only the first stage's copy is saved and counted
 //! in the gradient norm.
 
+mod plan;
 mod step;
 mod wire;
 
 use super::config::JobConfig;
 use super::memory::MemoryPlan;
 use crate::backend::meta::MetaBackend;
-use crate::backend::{Backend, Buf};
+use crate::backend::{Backend, DeviceMem};
 use crate::dist::mesh::Dim;
 use crate::dist::{Communicator, Mesh, ParallelDims};
 use crate::error::{Error, Result};
 use crate::model::{Model, ModelArgs, ModelSpec};
-use crate::parallel::fsdp::{FsdpLayout, Reshard};
 use crate::parallel::pipeline::{SplitSpec, Stage};
 use crate::parallel::schedule::Schedule;
-use crate::parallel::tp::{local_specs, TensorParallel};
-use crate::params::{ParamId, ParamStore, ParamStoreBuilder, StateBytes};
+use crate::params::{ParamId, ParamStore, ParamStoreBuilder};
 use crate::planner::Plan;
 use crate::tape::{Placement, Tape, Tensor};
 use crate::tensor::DType;
 use std::any::Any;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
+use wire::Pool;
 
 /// The split and schedule of a pipelined run, before the communicators exist.
 pub(super) struct Layout {
@@ -51,6 +51,8 @@ pub(super) struct Layout {
     pp_rank: usize,
     /// Along tp (which slices its stages' weights hold).
     tp_rank: usize,
+    /// Per local stage (ascending): the plan of its tapes' arenas (`trace_plan`).
+    plans: Vec<Plan>,
 }
 
 impl Layout {
@@ -85,6 +87,7 @@ impl Layout {
             stages,
             pp_rank: dims.coords(rank)[0],
             tp_rank: dims.coords(rank)[4],
+            plans: Vec::new(),
         })
     }
 
@@ -109,80 +112,6 @@ impl Layout {
             .collect();
         let (models, b) = spec.build_stages_for(args, cfg, &stages)?;
         Ok((Box::new(StageModels { models }), b))
-    }
-
-    /// The memory of this rank's stages, traced on the meta backend: the state of its
-    /// parameters, and activations of `peak_in_flight` stage microbatches (see the module doc).
-    /// The plan is empty: pipeline tapes own their buffers.
-    pub fn trace_plan(
-        &self,
-        spec: &ModelSpec,
-        cfg: &JobConfig,
-        args: &dyn ModelArgs,
-        dtype: DType,
-    ) -> Result<(Plan, Option<Plan>, MemoryPlan)> {
-        let shape = self.micro_shape(cfg);
-        let hidden = hidden_dim(spec, args, dtype)?;
-        let (mut peak, mut held, mut unplanned, mut buffers, mut ops) = (0, 0, 0, 0, 0);
-        let (_, builder) = self.build(spec, args, cfg)?;
-        let meta = MetaBackend::new();
-        let tp = TensorParallel::meta(
-            &cfg.parallelism,
-            builder.tp_dims(),
-            meta.log(),
-            self.tp_rank,
-        );
-        let g = &cfg.parallelism;
-        let dp_shard = g.data_parallel_shard_degree.max(1) as usize;
-        let fsdp = if dp_shard > 1 {
-            // Rank 0 of each stage's FSDP group holds the largest shards.
-            let degree = g.tensor_parallel_degree.max(1) as usize;
-            let local = local_specs(&builder.params, &builder.tp_dims(), degree, self.tp_rank);
-            let reshard = Reshard::parse(&g.fsdp_reshard_after_forward)?;
-            Some(FsdpLayout::new(
-                &local,
-                &builder.fsdp_units,
-                dp_shard,
-                0,
-                reshard,
-                true, // pipeline microbatches accumulate (as the trainer's layout)
-            )?)
-        } else {
-            None
-        };
-        let mut state =
-            ParamStore::materialize_sharded(builder, &meta, dtype, None, tp)?.state_bytes();
-        if let Some(l) = &fsdp {
-            let reduce = DType::parse(&cfg.training.mixed_precision_reduce)?;
-            // Its comm buffers so far: the tensor-parallel staging (a bound under FSDP).
-            let tp_staging = state.comm_buffers;
-            state = StateBytes::sharded(l, dtype, reduce, state.constants);
-            state.comm_buffers += tp_staging;
-        }
-        let mut num_params = 0;
-        for s in self.local() {
-            let st = &self.stages[s];
-            let t = trace_stage(spec, cfg, args, st, dtype, shape, (hidden, self.tp_rank))?;
-            peak = peak.max(t.total);
-            held = held.max(t.held);
-            unplanned = unplanned.max(t.plan.unplanned);
-            buffers += t.plan.requests.len();
-            ops += t.ops;
-            num_params += t.num_params;
-        }
-        let in_flight = self.schedule.peak_in_flight(self.pp_rank).max(1);
-        let mp = MemoryPlan {
-            state,
-            activations_peak: peak + (in_flight - 1) * held,
-            activations_unplanned: unplanned * in_flight,
-            validation_activations: 0,
-            buffers,
-            ops,
-            num_params,
-        };
-        // Validation runs through the stages too, on tapes of their own (`validate_pipelined`).
-        let validation = cfg.validation.enable.then(|| Plan::new(Vec::new()));
-        Ok((Plan::new(Vec::new()), validation, mp))
     }
 
     /// (batch, seq) of one microbatch.
@@ -238,8 +167,16 @@ impl Layout {
             });
         }
         let hidden = hidden_dim(spec, args, dtype)?;
+        if self.plans.len() != self.local().len() {
+            return Err(Error::Config(
+                "pipeline: its stages were not traced before the run".into(),
+            ));
+        }
         Ok(Pipeline {
             local: self.local(),
+            plans: self.plans,
+            arenas: RefCell::new(Pool::default()),
+            scratch: RefCell::new(None),
             schedule: self.schedule,
             stages: self.stages,
             pp_rank: self.pp_rank,
@@ -265,7 +202,7 @@ pub fn plan_pp_ranks(
     let mut schedule = None;
     for r in 0..pp {
         // pp is the outermost mesh dimension: world rank r * (world / pp) has coordinate r.
-        let l = Layout::new(spec, cfg, args, dims, r * (dims.world / pp))?;
+        let mut l = Layout::new(spec, cfg, args, dims, r * (dims.world / pp))?;
         out.push(l.trace_plan(spec, cfg, args, dtype)?.2);
         schedule = Some(l.schedule);
     }
@@ -292,7 +229,12 @@ pub struct Pipeline {
     hidden: usize,
     comm: Box<dyn Communicator>,
     shared: Vec<Shared>,
-    /// The most activation bytes the steps so far held at once (tapes and received buffers).
+    /// Per local stage: the plan its tapes run in, each in an arena from `arenas`.
+    plans: Vec<Plan>,
+    arenas: RefCell<Pool<Box<dyn DeviceMem>>>,
+    /// The transient buffers of the pass running (`plan::scratch_bytes`), made at the first.
+    scratch: RefCell<Option<Box<dyn DeviceMem>>>,
+    /// The most activation bytes the steps so far held at once (arenas and received buffers).
     pub peak_activations: Cell<usize>,
 }
 
@@ -306,6 +248,15 @@ impl Pipeline {
         self.shared
             .iter()
             .any(|s| !s.owner && s.params.contains(&id))
+    }
+
+    /// The scratch arena's address (allocated on first use).
+    fn scratch(&self, be: &dyn Backend) -> Result<u64> {
+        let mut s = self.scratch.borrow_mut();
+        if s.is_none() {
+            *s = Some(be.alloc(plan::scratch_bytes(&self.plans))?);
+        }
+        Ok(s.as_ref().map_or(0, |m| m.ptr()))
     }
 
     pub fn degree(&self) -> usize {
@@ -369,61 +320,5 @@ pub(in crate::train) fn hidden_dim(
             "{}: the first pipeline stage returned a scalar",
             spec.name
         ))
-    })
-}
-
-/// One stage microbatch traced on the meta backend, on a tape that owns its buffers as the
-/// pipeline's do (they are freed when the tape is dropped after its last backward pass; only
-/// activation checkpointing releases some earlier).
-struct StageTrace {
-    plan: Plan,
-    /// Bytes its tape holds between its forward and its backward (a pair in flight).
-    held: usize,
-    /// Bytes its tape holds at the end of its backward.
-    total: usize,
-    ops: usize,
-    num_params: usize,
-}
-
-fn trace_stage(
-    spec: &ModelSpec,
-    cfg: &JobConfig,
-    args: &dyn ModelArgs,
-    st: &Stage,
-    dtype: DType,
-    (b, s): (usize, usize),
-    (hidden, tp_rank): (usize, usize),
-) -> Result<StageTrace> {
-    let (models, builder) = spec.build_stages_for(args, cfg, std::slice::from_ref(st))?;
-    let meta = MetaBackend::new();
-    let tp = TensorParallel::meta(&cfg.parallelism, builder.tp_dims(), meta.log(), tp_rank);
-    let store = ParamStore::materialize_sharded(builder, &meta, dtype, None, tp)?;
-    let mut tape = Tape::new(&meta, &store, Placement::Owned);
-    let shape = [b, s, hidden];
-    let fake = Buf::new(
-        0,
-        TensorParallel::stage_numel(store.tp(), b * s, hidden),
-        dtype,
-    );
-    let x = if st.embedding {
-        tape.input_i32(&vec![0; b * s], [b, s])?
-    } else {
-        tape.stage_activation(fake, shape, true)?
-    };
-    let out = models[0].forward(&mut tape, x)?;
-    let (root, seed) = if st.output {
-        let labels = tape.input_i32(&vec![0; b * s], [b * s])?;
-        ((spec.loss)(&mut tape, out, labels, 1.0)?, None)
-    } else {
-        (out, Some(tape.stage_activation(fake, shape, false)?))
-    };
-    let held = tape.owned_bytes_live();
-    tape.backward_from(root, seed, &[x], false)?;
-    Ok(StageTrace {
-        plan: tape.plan(),
-        held,
-        total: tape.owned_bytes_live(),
-        ops: tape.num_nodes(),
-        num_params: store.num_params(),
     })
 }

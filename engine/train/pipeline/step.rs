@@ -2,6 +2,7 @@
 //! (forward, backward, or zero-bubble's input and weight halves, with the send / recv between
 //! stages), then the cross-stage reductions and AdamW; and validation through the stages.
 
+use super::plan::{arena_bytes, scratch_bytes};
 use super::wire::Wire;
 use super::{Pipeline, StageModels};
 use crate::backend::{Buf, DeviceMem};
@@ -16,9 +17,11 @@ use crate::train::trainer::{StepResult, Trainer};
 use crate::train::validate::{ValMetrics, Validator};
 use std::collections::HashMap;
 
-/// One stage microbatch in flight: its tape and the received buffers the tape reads.
+/// One stage microbatch in flight: its tape, the arena it runs in and the received buffers it
+/// reads.
 struct Live<'t> {
     tape: Tape<'t>,
+    arena: Box<dyn DeviceMem>,
     input: Option<Tensor>,
     /// The loss (last stage) or the output hidden state.
     root: Tensor,
@@ -97,9 +100,10 @@ impl Trainer {
                 Some(t) => {
                     // The tape goes before the send is posted: the buffer goes with the send (a
                     // stage without layers passes on the received buffer itself).
-                    let buf = tape.device_buf(out)?;
-                    let keep = tape.take_owned(out).or(held.take());
-                    wire.send(buf, t.to_rank, keep);
+                    wire.send(tape.device_buf(out)?, t.to_rank);
+                    if let Some(m) = tape.take_owned(out).or(held.take()) {
+                        wire.retire(m);
+                    }
                 }
             }
             drop(tape);
@@ -195,16 +199,26 @@ impl Trainer {
                     let k = p.local.iter().position(|&x| x == stage).ok_or_else(|| {
                         Error::Config(format!("pipeline schedule: {a} is not on this rank"))
                     })?;
-                    let mut tape = Tape::new(be, &self.store, Placement::Owned);
                     let mut held = Vec::new();
-                    let (x, input) = match s.recv_before(a) {
-                        None if stage == 0 => (
+                    let input = match s.recv_before(a) {
+                        Some(t) => Some(wire.take(t, hidden_len, dtype, be)?),
+                        None if stage == 0 => None,
+                        None => return Err(missing(a)),
+                    };
+                    let plan = &p.plans[k];
+                    let arena = {
+                        let mut pool = p.arenas.borrow_mut();
+                        wire.released().into_iter().for_each(|m| pool.put(m));
+                        pool.take(arena_bytes(plan), |n| be.alloc(n))?
+                    };
+                    let bases = [arena.ptr(), p.scratch(be)?];
+                    let mut tape = Tape::new(be, &self.store, Placement::Regions { bases, plan });
+                    let (x, input) = match input {
+                        None => (
                             tape.input_i32(&batch.inputs[rows.clone()], [mbs, seq])?,
                             None,
                         ),
-                        None => return Err(missing(a)),
-                        Some(t) => {
-                            let mem = wire.take(t, hidden_len, dtype, be)?;
+                        Some(mem) => {
                             let buf = Buf::new(mem.ptr(), hidden_len, dtype);
                             held.push(mem);
                             let x = tape.stage_activation(buf, hidden, true)?;
@@ -222,12 +236,13 @@ impl Trainer {
                         if let Some(t) = s.send_after(a) {
                             // The tape outlives the send: the gradient that its backward
                             // waits for can only come after the send was posted.
-                            wire.send(tape.device_buf(out)?, t.to_rank, None);
+                            wire.send(tape.device_buf(out)?, t.to_rank);
                         }
                         out
                     };
                     let l = Live {
                         tape,
+                        arena,
                         input,
                         root,
                         held,
@@ -252,15 +267,9 @@ impl Trainer {
                         let dx = g.first().copied().flatten().ok_or_else(|| {
                             Error::Config(format!("pipeline: no gradient reached the input of {a}"))
                         })?;
-                        // The tape may go (B) before the send is posted: the buffer goes with
-                        // the send.
-                        let buf = l.tape.device_buf(dx)?;
-                        let keep = l.tape.take_owned(dx).ok_or_else(|| {
-                            Error::Config(format!(
-                                "pipeline: the input gradient of {a} is not the tape's own"
-                            ))
-                        })?;
-                        wire.send(buf, t.to_rank, Some(keep));
+                        // In the tape's arena, which is retired into the wire (below) until
+                        // the send is posted; the plan keeps dx alive through W.
+                        wire.send(l.tape.device_buf(dx)?, t.to_rank);
                     }
                 }
                 Action::BackwardWeight { .. } => {
@@ -268,19 +277,27 @@ impl Trainer {
                     l.tape.backward_weights()?;
                 }
             }
+            // What `plan::replay` counts: the arenas allocated and the received messages held.
             let held: usize = live
                 .values()
-                .map(|l| {
-                    l.tape.owned_bytes_live() + l.held.iter().map(|m| m.bytes()).sum::<usize>()
-                })
+                .flat_map(|l| &l.held)
+                .map(|m| m.bytes())
                 .sum::<usize>()
-                + wire.bytes();
+                + wire.bytes()
+                + p.arenas.borrow().allocated
+                + scratch_bytes(&p.plans);
             p.peak_activations.set(p.peak_activations.get().max(held));
             if matches!(a, Action::Backward { .. } | Action::BackwardWeight { .. }) {
-                live.remove(&(stage, mb)); // frees the tape's buffers
+                if let Some(l) = live.remove(&(stage, mb)) {
+                    drop(l.tape);
+                    wire.retire(l.arena);
+                }
             }
         }
         wire.flush()?;
+        let mut pool = p.arenas.borrow_mut();
+        wire.released().into_iter().for_each(|m| pool.put(m));
+        drop(pool);
         if let Some(((stage, mb), _)) = live.iter().next() {
             return Err(Error::Config(format!(
                 "pipeline schedule: stage {stage} microbatch {mb} has no backward"

@@ -17,32 +17,31 @@
 //! Messages between two ranks arrive in the order they were sent, without labels, and
 //! activations and gradients share a pair under interleaving, so each message is named by the
 //! sender's schedule (the order of its sends to this rank) and kept until the action that needs
-//! it. A rank's transfers to itself (pp = 1, every stage on one rank) go through the
-//! communicator too, so one GPU exercises the NCCL calls.
+//! it (`Book`: the same bookkeeping, without the data, is what the memory plan replays). A send
+//! reads its buffer when it is posted, so a stage tape's arena that a held-back send reads is
+//! retired here and freed for reuse only after the group that posts it. A rank's transfers to
+//! itself (pp = 1, every stage on one rank) go through the communicator too, so one GPU
+//! exercises the NCCL calls.
 
 use crate::backend::{Backend, Buf, DeviceMem};
 use crate::dist::Communicator;
 use crate::error::{Error, Result};
 use crate::parallel::schedule::{Action, Schedule, Transfer};
 use crate::tensor::DType;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
-pub(super) struct Wire<'c> {
-    comm: &'c dyn Communicator,
+/// Which messages rank `me` receives, in each sender's order, and which came ahead of the action
+/// that reads them.
+pub(super) struct Book {
     /// Per sending rank: what it sends this rank, in its order.
     expect: Vec<VecDeque<Transfer>>,
-    /// Received ahead of the action that reads it.
-    stash: HashMap<Transfer, Box<dyn DeviceMem>>,
-    /// Sends not yet posted: (buffer, peer).
-    pending: Vec<(Buf, usize)>,
-    /// The buffers of pending sends that no tape holds any more (a stage's input gradient).
-    kept: Vec<Box<dyn DeviceMem>>,
+    ahead: HashSet<Transfer>,
 }
 
-impl<'c> Wire<'c> {
+impl Book {
     /// The traffic of `rows` (every pp rank's actions, in order; `s` says where each stage
     /// lives) as seen by rank `me`.
-    pub fn new(comm: &'c dyn Communicator, s: &Schedule, rows: &[Vec<Action>], me: usize) -> Self {
+    pub fn new(s: &Schedule, rows: &[Vec<Action>], me: usize) -> Self {
         let expect = rows
             .iter()
             .map(|row| {
@@ -52,20 +51,134 @@ impl<'c> Wire<'c> {
                     .collect()
             })
             .collect();
-        Wire {
-            comm,
+        Book {
             expect,
-            stash: HashMap::new(),
-            pending: Vec::new(),
-            kept: Vec::new(),
+            ahead: HashSet::new(),
         }
     }
 
-    /// Queues `buf` for `peer`; `keep` holds its memory when the tape that owned it goes first.
-    /// The caller keeps any other buffer alive until the next `take` or `flush`.
-    pub fn send(&mut self, buf: Buf, peer: usize, keep: Option<Box<dyn DeviceMem>>) {
+    /// The messages to receive now to have `t`, in order, `t` last (the others come ahead);
+    /// none when `t` came ahead.
+    pub fn receive(&mut self, t: Transfer) -> Result<Vec<Transfer>> {
+        if self.ahead.remove(&t) {
+            return Ok(Vec::new());
+        }
+        let mut got = Vec::new();
+        loop {
+            let next = self.expect[t.from_rank].pop_front().ok_or_else(|| {
+                let what = if t.gradient {
+                    "the gradient"
+                } else {
+                    "the output"
+                };
+                Error::Comm(format!(
+                    "pipeline: rank {} never sends {what} of stage {} microbatch {}",
+                    t.from_rank, t.stage, t.microbatch
+                ))
+            })?;
+            got.push(next);
+            if next == t {
+                return Ok(got);
+            }
+            self.ahead.insert(next);
+        }
+    }
+}
+
+/// What a pool holds: device memory, or (replayed by the memory plan) its size.
+pub(super) trait Room {
+    fn room(&self) -> usize;
+}
+
+impl Room for Box<dyn DeviceMem> {
+    fn room(&self) -> usize {
+        self.bytes()
+    }
+}
+
+impl Room for usize {
+    fn room(&self) -> usize {
+        *self
+    }
+}
+
+/// Stage tapes' arenas, reused across microbatches and steps: a tape takes a free arena of
+/// exactly its plan's size, or a new one. Exact sizes keep every later step within what the
+/// first allocated (at each point as many of each size are in use as then).
+pub(super) struct Pool<T> {
+    free: Vec<T>,
+    /// Bytes allocated so far, free or in use.
+    pub allocated: usize,
+}
+
+impl<T> Default for Pool<T> {
+    fn default() -> Self {
+        Pool {
+            free: Vec::new(),
+            allocated: 0,
+        }
+    }
+}
+
+impl<T: Room> Pool<T> {
+    pub fn take(&mut self, bytes: usize, alloc: impl FnOnce(usize) -> Result<T>) -> Result<T> {
+        if let Some(i) = self.free.iter().position(|m| m.room() == bytes) {
+            return Ok(self.free.swap_remove(i));
+        }
+        let m = alloc(bytes)?;
+        self.allocated += bytes;
+        Ok(m)
+    }
+
+    pub fn put(&mut self, m: T) {
+        self.free.push(m);
+    }
+}
+
+pub(super) struct Wire<'c> {
+    comm: &'c dyn Communicator,
+    book: Book,
+    /// Received ahead of the action that reads it.
+    stash: HashMap<Transfer, Box<dyn DeviceMem>>,
+    /// Sends not yet posted: (buffer, peer).
+    pending: Vec<(Buf, usize)>,
+    /// Memory that pending sends read, held until they are posted.
+    kept: Vec<Box<dyn DeviceMem>>,
+    /// Memory no send reads any more, for the caller to reuse (`released`).
+    done: Vec<Box<dyn DeviceMem>>,
+}
+
+impl<'c> Wire<'c> {
+    /// As `Book::new`, over `comm`.
+    pub fn new(comm: &'c dyn Communicator, s: &Schedule, rows: &[Vec<Action>], me: usize) -> Self {
+        Wire {
+            comm,
+            book: Book::new(s, rows, me),
+            stash: HashMap::new(),
+            pending: Vec::new(),
+            kept: Vec::new(),
+            done: Vec::new(),
+        }
+    }
+
+    /// Queues `buf` for `peer`. Its memory must stay alive until it is posted: the caller holds
+    /// it, or hands it over with `retire`.
+    pub fn send(&mut self, buf: Buf, peer: usize) {
         self.pending.push((buf, peer));
-        self.kept.extend(keep);
+    }
+
+    /// Memory the caller is done with, which pending sends may still read: held until they are
+    /// posted, then returned by `released`.
+    pub fn retire(&mut self, m: Box<dyn DeviceMem>) {
+        match self.pending.is_empty() {
+            true => self.done.push(m),
+            false => self.kept.push(m),
+        }
+    }
+
+    /// The retired memory that no send reads any more.
+    pub fn released(&mut self) -> Vec<Box<dyn DeviceMem>> {
+        std::mem::take(&mut self.done)
     }
 
     /// Message `t` (`len` elements of `dtype`), received into a new buffer of `be`: the
@@ -78,26 +191,15 @@ impl<'c> Wire<'c> {
         dtype: DType,
         be: &dyn Backend,
     ) -> Result<Box<dyn DeviceMem>> {
-        loop {
-            if let Some(m) = self.stash.remove(&t) {
-                return Ok(m);
-            }
-            let next = self.expect[t.from_rank].pop_front().ok_or_else(|| {
-                let what = if t.gradient {
-                    "the gradient"
-                } else {
-                    "the output"
-                };
-                Error::Comm(format!(
-                    "pipeline: rank {} never sends {what} of stage {} microbatch {}",
-                    t.from_rank, t.stage, t.microbatch
-                ))
-            })?;
+        for next in self.book.receive(t)? {
             let m = be.alloc(len * dtype.size())?;
             let buf = Buf::new(m.ptr(), len, dtype);
             self.grouped(|c| c.recv(buf, t.from_rank))?;
             self.stash.insert(next, m);
         }
+        self.stash
+            .remove(&t)
+            .ok_or_else(|| Error::Comm(format!("pipeline: {t:?} was received twice")))
     }
 
     /// Posts the pending sends (the end of a schedule).
@@ -123,17 +225,13 @@ impl<'c> Wire<'c> {
         // compute stream, which is ordered after the group, and a host blocked there with
         // sends still held back could wait on a peer that waits on them. After it, the sent
         // buffers may go.
-        let done = r.and(end).and_then(|()| c.wait());
-        self.kept.clear();
-        done
+        let posted = r.and(end).and_then(|()| c.wait());
+        self.done.append(&mut self.kept);
+        posted
     }
 
-    /// Bytes held for messages: received ahead of their action, or waiting to be sent.
+    /// Bytes of the messages received ahead of their action.
     pub fn bytes(&self) -> usize {
-        self.stash
-            .values()
-            .chain(&self.kept)
-            .map(|m| m.bytes())
-            .sum()
+        self.stash.values().map(|m| m.bytes()).sum()
     }
 }
