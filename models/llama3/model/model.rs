@@ -21,6 +21,7 @@ pub struct Attention {
     head_dim: usize,
 }
 
+/// SwiGLU feed-forward, w2(silu(w1 x) * w3 x); Qwen3's is this one.
 pub struct FeedForward {
     pub w1: ParamId,
     pub w2: ParamId,
@@ -104,8 +105,8 @@ impl Attention {
 }
 
 impl FeedForward {
-    fn new(p: &mut ParamStoreBuilder, c: &Llama3Config, prefix: &str) -> Self {
-        let (d, f) = (c.dim, c.ffn_hidden());
+    /// `dim` -> `hidden` -> `dim`, its weights under `prefix`.
+    pub fn new(p: &mut ParamStoreBuilder, (d, f): (usize, usize), prefix: &str) -> Self {
         FeedForward {
             w1: p.param(format!("{prefix}.w1.weight"), [f, d]),
             w2: p.param(format!("{prefix}.w2.weight"), [d, f]),
@@ -113,13 +114,13 @@ impl FeedForward {
         }
     }
 
-    fn init_weights(&self, s: &Init, init_std: f64) -> Result<()> {
+    pub fn init_weights(&self, s: &Init, init_std: f64) -> Result<()> {
         s.trunc_normal(self.w1, 0.02)?;
         s.trunc_normal(self.w2, init_std)?;
         s.trunc_normal(self.w3, init_std)
     }
 
-    fn forward(&self, t: &mut Tape, x: Tensor) -> Result<Tensor> {
+    pub fn forward(&self, t: &mut Tape, x: Tensor) -> Result<Tensor> {
         let (w1, w2, w3) = (t.param(self.w1)?, t.param(self.w2)?, t.param(self.w3)?);
         let gate = t.linear(x, w1)?;
         let up = t.linear(x, w3)?;
@@ -128,12 +129,23 @@ impl FeedForward {
     }
 }
 
+/// The std of a block's output projections (wo, w2, w3): torchtitan's depth-scaled init,
+/// 0.02 / sqrt(2 (layer + 1)) with `depth_init`, else 0.02 / sqrt(2 n_layers).
+pub fn block_init_std(depth_init: bool, layer_id: usize, n_layers: usize) -> f64 {
+    let depth = if depth_init { layer_id + 1 } else { n_layers };
+    0.02 / (2.0 * depth as f64).sqrt()
+}
+
 impl TransformerBlock {
     fn new(p: &mut ParamStoreBuilder, c: &Llama3Config, layer_id: usize) -> Self {
         let prefix = format!("layers.{layer_id}");
         TransformerBlock {
             attention: Attention::new(p, c, &format!("{prefix}.attention")),
-            feed_forward: FeedForward::new(p, c, &format!("{prefix}.feed_forward")),
+            feed_forward: FeedForward::new(
+                p,
+                (c.dim, c.ffn_hidden()),
+                &format!("{prefix}.feed_forward"),
+            ),
             attention_norm: p.param(format!("{prefix}.attention_norm.weight"), [c.dim]),
             ffn_norm: p.param(format!("{prefix}.ffn_norm.weight"), [c.dim]),
             layer_id,
@@ -142,11 +154,7 @@ impl TransformerBlock {
     }
 
     fn init_weights(&self, s: &Init, c: &Llama3Config) -> Result<()> {
-        let init_std = if c.depth_init {
-            0.02 / (2.0 * (self.layer_id + 1) as f64).sqrt()
-        } else {
-            0.02 / (2.0 * c.n_layers as f64).sqrt()
-        };
+        let init_std = block_init_std(c.depth_init, self.layer_id, c.n_layers);
         self.attention.init_weights(s, init_std)?;
         self.feed_forward.init_weights(s, init_std)?;
         s.ones(self.attention_norm)?;

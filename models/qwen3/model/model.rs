@@ -6,6 +6,8 @@
 //! q_norm / k_norm of length head_dim) before the rotary embedding.
 
 use super::config::Qwen3Config;
+// The feed-forward and the block init are Llama 3's.
+pub use crate::llama3::model::model::{block_init_std, FeedForward};
 use std::any::Any;
 use titan_engine::backend::Backend;
 use titan_engine::error::Result;
@@ -25,12 +27,6 @@ pub struct Attention {
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
-}
-
-pub struct FeedForward {
-    pub w1: ParamId,
-    pub w2: ParamId,
-    pub w3: ParamId,
 }
 
 pub struct TransformerBlock {
@@ -119,37 +115,16 @@ impl Attention {
     }
 }
 
-impl FeedForward {
-    fn new(p: &mut ParamStoreBuilder, c: &Qwen3Config, prefix: &str) -> Self {
-        let (d, f) = (c.dim, c.hidden_dim);
-        FeedForward {
-            w1: p.param(format!("{prefix}.w1.weight"), [f, d]),
-            w2: p.param(format!("{prefix}.w2.weight"), [d, f]),
-            w3: p.param(format!("{prefix}.w3.weight"), [f, d]),
-        }
-    }
-
-    fn init_weights(&self, s: &Init, init_std: f64) -> Result<()> {
-        s.trunc_normal(self.w1, 0.02)?;
-        s.trunc_normal(self.w2, init_std)?;
-        s.trunc_normal(self.w3, init_std)
-    }
-
-    fn forward(&self, t: &mut Tape, x: Tensor) -> Result<Tensor> {
-        let (w1, w2, w3) = (t.param(self.w1)?, t.param(self.w2)?, t.param(self.w3)?);
-        let gate = t.linear(x, w1)?;
-        let up = t.linear(x, w3)?;
-        let a = t.swiglu(gate, up)?;
-        t.linear(a, w2)
-    }
-}
-
 impl TransformerBlock {
     fn new(p: &mut ParamStoreBuilder, c: &Qwen3Config, layer_id: usize) -> Self {
         let prefix = format!("layers.{layer_id}");
         TransformerBlock {
             attention: Attention::new(p, c, &format!("{prefix}.attention")),
-            feed_forward: FeedForward::new(p, c, &format!("{prefix}.feed_forward")),
+            feed_forward: FeedForward::new(
+                p,
+                (c.dim, c.hidden_dim),
+                &format!("{prefix}.feed_forward"),
+            ),
             attention_norm: p.param(format!("{prefix}.attention_norm.weight"), [c.dim]),
             ffn_norm: p.param(format!("{prefix}.ffn_norm.weight"), [c.dim]),
             layer_id,
@@ -158,11 +133,7 @@ impl TransformerBlock {
     }
 
     fn init_weights(&self, s: &Init, c: &Qwen3Config) -> Result<()> {
-        let init_std = if c.depth_init {
-            0.02 / (2.0 * (self.layer_id + 1) as f64).sqrt()
-        } else {
-            0.02 / (2.0 * c.n_layers as f64).sqrt()
-        };
+        let init_std = block_init_std(c.depth_init, self.layer_id, c.n_layers);
         self.attention.init_weights(s, init_std)?;
         self.feed_forward.init_weights(s, init_std)?;
         s.ones(self.attention_norm)?;
