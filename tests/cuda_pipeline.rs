@@ -4,7 +4,7 @@
 //! under GPipe, Interleaved1F1B and InterleavedZeroBubble must log the plain path's losses, for
 //! Llama 3 and for Qwen3 (tied embedding, both halves on the rank); on a GPU (`--ignored`, needs
 //! NCCL: `scripts/install-cuda-toolchain.sh --nccl`) the same runs on the CUDA backend over NCCL
-//! must match the CPU within bf16 tolerance.
+//! must match the CPU within bf16 tolerance. Steps after the first allocate no memory.
 
 mod parallel_common;
 mod train_common;
@@ -99,4 +99,30 @@ fn pipeline_on_one_gpu_with_nccl_matches_the_cpu() {
     // bf16 compute against the f32 CPU run: the tolerance of tests/cuda_train.rs.
     parity(Model::Llama3, "cuda", 2e-2);
     parity(Model::Qwen3, "cuda", 2e-2);
+}
+
+#[test]
+fn pipeline_steps_after_the_first_allocate_nothing() {
+    // Stage tapes run in pooled arenas and messages reuse pooled buffers: once the first step
+    // has filled the pool, a step makes no backend allocation (a cudaMalloc on a GPU).
+    within_deadline(|| {
+        let d = tmp("pp1-allocs");
+        let mut o = vec!["--training.device=cpu"];
+        o.extend(SEQ32_RUN);
+        o.extend([
+            "--parallelism.pipeline_parallel_schedule=InterleavedZeroBubble",
+            "--parallelism.pipeline_parallel_layers_per_stage=2",
+        ]);
+        let mut cfg = Model::Llama3.config(&d, &o).unwrap();
+        cfg.parallelism.pipeline_on_one_rank = true;
+        let mut tr = Trainer::new(cfg, &titan::registry()).unwrap();
+        tr.train_step().unwrap();
+        let after_first = tr.be.alloc_count();
+        for _ in 0..2 {
+            tr.train_step().unwrap();
+        }
+        assert_eq!(tr.be.alloc_count(), after_first, "later steps allocated");
+        parallel_common::check_pipeline_memory(&tr).unwrap();
+        let _ = std::fs::remove_dir_all(&d);
+    });
 }

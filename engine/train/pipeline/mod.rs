@@ -10,8 +10,8 @@
 //! Memory: a microbatch's stage tape lives from its forward to its last backward pass, and
 //! several are alive at once under 1F1B and the interleaved schedules. Each is planned from its
 //! stage's trace (plan.rs): what it keeps between its passes in an arena of its own, taken from
-//! a pool kept across microbatches and steps; what dies inside one pass in one scratch that the
-//! rank's tapes share. The memory plan replays the schedule on sizes to count the arenas,
+//! a pool kept across microbatches and steps (received messages too); what dies inside one pass
+//! in one scratch that the rank's tapes share. The memory plan replays the schedule on sizes to count the arenas,
 //! scratch and received messages the rank holds at most; the step records what it really held
 //! (`peak_activations`), the same bytes.
 //!

@@ -130,10 +130,10 @@ pub(super) fn scratch_bytes(plans: &[Plan]) -> usize {
         .max(256)
 }
 
-/// The most activation bytes `run_schedule` holds on rank `me` besides the shared scratch: the
-/// arenas its pool has allocated (`peaks`: each local stage's own arena) and the received
-/// messages of `msg` bytes, replaying on sizes the order in which it takes, sends, receives
-/// and retires.
+/// The most activation bytes `run_schedule` holds on rank `me` besides the shared scratch: what
+/// its pool has allocated, the tapes' own arenas (`peaks`, per local stage) and the received
+/// messages (`msg` bytes each), replaying on sizes the order in which it takes from the pool,
+/// sends, receives and returns to the pool.
 pub(super) fn replay(
     s: &Schedule,
     me: usize,
@@ -143,22 +143,23 @@ pub(super) fn replay(
 ) -> Result<usize> {
     let mut book = Book::new(s, &s.per_rank, me);
     let mut pool = Pool::<usize>::default();
-    let (mut pending, mut kept, mut ahead) = (0usize, Vec::new(), 0usize);
+    // Sends held back; memory they read (`kept`), and memory free to go back (`done`).
+    let (mut pending, mut kept, mut done) = (0usize, Vec::new(), Vec::new());
     // Per (stage, microbatch) in flight: its arena and the messages its tape holds.
     let mut live: HashMap<(usize, usize), (usize, usize)> = HashMap::new();
     let mut peak = 0;
     for a in &s.per_rank[me] {
         let key = (a.stage(), a.microbatch());
+        done.drain(..).for_each(|m| pool.put(m));
         let mut got = 0;
         if let Some(t) = s.recv_before(a) {
-            let received = book.receive(t)?;
-            if received.is_empty() {
-                ahead -= 1;
-            } else {
-                // The first group posted the pending sends: the arenas they read are free.
-                pending = 0;
-                kept.drain(..).for_each(|k| pool.put(k));
-                ahead += received.len() - 1;
+            for (i, _) in book.receive(t)?.iter().enumerate() {
+                pool.take(msg, Ok)?;
+                if i == 0 {
+                    // Its group posts the pending sends: what they read may go back.
+                    pending = 0;
+                    done.append(&mut kept);
+                }
             }
             got = 1;
         }
@@ -167,6 +168,7 @@ pub(super) fn replay(
                 let k = local.iter().position(|&x| x == a.stage()).ok_or_else(|| {
                     Error::Config(format!("pipeline schedule: {a} is not on this rank"))
                 })?;
+                done.drain(..).for_each(|m| pool.put(m));
                 let arena = pool.take(peaks[k], Ok)?;
                 live.insert(key, (arena, got));
             }
@@ -180,14 +182,12 @@ pub(super) fn replay(
         if s.send_after(a).is_some() {
             pending += 1;
         }
-        let held: usize = live.values().map(|l| l.1).sum::<usize>() + ahead;
-        peak = peak.max(pool.allocated + held * msg);
+        peak = peak.max(pool.allocated);
         if matches!(a, Action::Backward { .. } | Action::BackwardWeight { .. }) {
-            if let Some((arena, _)) = live.remove(&key) {
-                match pending {
-                    0 => pool.put(arena),
-                    _ => kept.push(arena),
-                }
+            if let Some((arena, msgs)) = live.remove(&key) {
+                let back = if pending == 0 { &mut done } else { &mut kept };
+                back.push(arena);
+                back.extend(std::iter::repeat_n(msg, msgs));
             }
         }
     }

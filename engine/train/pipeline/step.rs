@@ -83,7 +83,7 @@ impl Trainer {
             let x = match s.recv_before(&a) {
                 None => tape.input_i32(&b.inputs, [b.batch, b.seq])?,
                 Some(t) => {
-                    let m = wire.take(t, len, dtype, be)?;
+                    let m = wire.take(t, len, dtype, &mut |n| be.alloc(n))?;
                     let buf = Buf::new(m.ptr(), len, dtype);
                     held = Some(m);
                     tape.stage_activation(buf, hidden, false)?
@@ -191,8 +191,17 @@ impl Trainer {
         let mut live: HashMap<(usize, usize), Live> = HashMap::new();
         let mut loss_sum = 0f64;
         let missing = |a: &Action| Error::Config(format!("pipeline schedule: {a} before its F"));
+        // Arenas and message buffers come from one pool and go back to it once no send reads
+        // them; `plan::replay` follows the same order of takes and returns.
+        let pool = &p.arenas;
+        let drain = |wire: &mut Wire| {
+            let mut pool = pool.borrow_mut();
+            wire.released().into_iter().for_each(|m| pool.put(m));
+        };
+        let mut alloc = |n: usize| pool.borrow_mut().take(n, |n| be.alloc(n));
         for a in &s.per_rank[p.pp_rank] {
             let (stage, mb) = (a.stage(), a.microbatch());
+            drain(&mut wire);
             let rows = mb * mbs * seq..(mb + 1) * mbs * seq;
             match a {
                 Action::Forward { .. } => {
@@ -201,16 +210,13 @@ impl Trainer {
                     })?;
                     let mut held = Vec::new();
                     let input = match s.recv_before(a) {
-                        Some(t) => Some(wire.take(t, hidden_len, dtype, be)?),
+                        Some(t) => Some(wire.take(t, hidden_len, dtype, &mut alloc)?),
                         None if stage == 0 => None,
                         None => return Err(missing(a)),
                     };
                     let plan = &p.plans[k];
-                    let arena = {
-                        let mut pool = p.arenas.borrow_mut();
-                        wire.released().into_iter().for_each(|m| pool.put(m));
-                        pool.take(arena_bytes(plan), |n| be.alloc(n))?
-                    };
+                    drain(&mut wire);
+                    let arena = alloc(arena_bytes(plan))?;
                     let bases = [arena.ptr(), p.scratch(be)?];
                     let mut tape = Tape::new(be, &self.store, Placement::Regions { bases, plan });
                     let (x, input) = match input {
@@ -253,7 +259,7 @@ impl Trainer {
                     let l = live.get_mut(&(stage, mb)).ok_or_else(|| missing(a))?;
                     let seed = match s.recv_before(a) {
                         Some(t) => {
-                            let mem = wire.take(t, hidden_len, dtype, be)?;
+                            let mem = wire.take(t, hidden_len, dtype, &mut alloc)?;
                             let buf = Buf::new(mem.ptr(), hidden_len, dtype);
                             l.held.push(mem);
                             Some(l.tape.stage_activation(buf, hidden, false)?)
@@ -277,27 +283,21 @@ impl Trainer {
                     l.tape.backward_weights()?;
                 }
             }
-            // What `plan::replay` counts: the arenas allocated and the received messages held.
-            let held: usize = live
-                .values()
-                .flat_map(|l| &l.held)
-                .map(|m| m.bytes())
-                .sum::<usize>()
-                + wire.bytes()
-                + p.arenas.borrow().allocated
-                + scratch_bytes(&p.plans);
+            // What `plan::replay` counts: the pool (arenas, messages) and the scratch.
+            let held = pool.borrow().allocated + scratch_bytes(&p.plans);
             p.peak_activations.set(p.peak_activations.get().max(held));
             if matches!(a, Action::Backward { .. } | Action::BackwardWeight { .. }) {
                 if let Some(l) = live.remove(&(stage, mb)) {
                     drop(l.tape);
+                    // A send may still read them: the stage's output or input gradient (in
+                    // the arena), or a received buffer a stage without layers passes on.
                     wire.retire(l.arena);
+                    l.held.into_iter().for_each(|m| wire.retire(m));
                 }
             }
         }
         wire.flush()?;
-        let mut pool = p.arenas.borrow_mut();
-        wire.released().into_iter().for_each(|m| pool.put(m));
-        drop(pool);
+        drain(&mut wire);
         if let Some(((stage, mb), _)) = live.iter().next() {
             return Err(Error::Config(format!(
                 "pipeline schedule: stage {stage} microbatch {mb} has no backward"

@@ -23,7 +23,7 @@
 //! itself (pp = 1, every stage on one rank) go through the communicator too, so one GPU
 //! exercises the NCCL calls.
 
-use crate::backend::{Backend, Buf, DeviceMem};
+use crate::backend::{Buf, DeviceMem};
 use crate::dist::Communicator;
 use crate::error::{Error, Result};
 use crate::parallel::schedule::{Action, Schedule, Transfer};
@@ -181,18 +181,18 @@ impl<'c> Wire<'c> {
         std::mem::take(&mut self.done)
     }
 
-    /// Message `t` (`len` elements of `dtype`), received into a new buffer of `be`: the
-    /// messages its sender sent this rank before it are received (and kept) first, each in a
-    /// group with the sends pending here.
+    /// Message `t` (`len` elements of `dtype`), received into a buffer from `alloc` (bytes):
+    /// the messages its sender sent this rank before it are received (and kept) first, each in
+    /// a group with the sends pending here.
     pub fn take(
         &mut self,
         t: Transfer,
         len: usize,
         dtype: DType,
-        be: &dyn Backend,
+        alloc: &mut dyn FnMut(usize) -> Result<Box<dyn DeviceMem>>,
     ) -> Result<Box<dyn DeviceMem>> {
         for next in self.book.receive(t)? {
-            let m = be.alloc(len * dtype.size())?;
+            let m = alloc(len * dtype.size())?;
             let buf = Buf::new(m.ptr(), len, dtype);
             self.grouped(|c| c.recv(buf, t.from_rank))?;
             self.stash.insert(next, m);
@@ -228,10 +228,5 @@ impl<'c> Wire<'c> {
         let posted = r.and(end).and_then(|()| c.wait());
         self.done.append(&mut self.kept);
         posted
-    }
-
-    /// Bytes of the messages received ahead of their action.
-    pub fn bytes(&self) -> usize {
-        self.stash.values().map(|m| m.bytes()).sum()
     }
 }
