@@ -13,6 +13,7 @@
 //!   (i, i + head_dim/2) as in Hugging Face's `rotate_half`, so HF q/k weights need no permutation;
 //! * gradients of parameters are f32 and accumulate (`+=`) across micro-batches.
 
+mod check;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -116,59 +116,9 @@ pub(crate) unsafe fn view_mut<'a, T>(b: Buf) -> &'a mut [T] {
     std::slice::from_raw_parts_mut(b.ptr as *mut T, b.len)
 }
 
-pub(crate) fn shape_err(op: &'static str, msg: String) -> Error {
-    Error::Shape { op, msg }
-}
-
-pub(crate) fn check_len(op: &'static str, what: &str, b: Buf, want: usize) -> Result<()> {
-    if b.len != want {
-        return Err(shape_err(
-            op,
-            format!("{what} has {} elements, expected {want}", b.len),
-        ));
-    }
-    Ok(())
-}
-
-pub(crate) fn check_dtype(op: &'static str, what: &str, b: Buf, allowed: &[DType]) -> Result<()> {
-    if !allowed.contains(&b.dtype) {
-        let names: Vec<&str> = allowed.iter().map(|d| d.name()).collect();
-        return Err(Error::DType {
-            op,
-            msg: format!("{what} is {}, expected {}", b.dtype, names.join(" or ")),
-        });
-    }
-    if b.len > 0 && b.ptr == 0 {
-        return Err(Error::Backend(format!("{op}: {what} is a null buffer")));
-    }
-    Ok(())
-}
-
-pub(crate) const FLOATS: &[DType] = &[DType::F32, DType::BF16];
-
-/// Rejects an output that shares bytes with an input (the planner must never produce that).
-pub(crate) fn check_disjoint(
-    op: &'static str,
-    out_name: &str,
-    out: Buf,
-    ins: &[(&str, Buf)],
-) -> Result<()> {
-    for (name, b) in ins {
-        if overlaps(out, *b) {
-            return Err(shape_err(
-                op,
-                format!("output {out_name} overlaps input {name}"),
-            ));
-        }
-    }
-    Ok(())
-}
-
-pub(crate) fn overlaps(a: Buf, b: Buf) -> bool {
-    let (a0, a1) = (a.ptr, a.ptr + a.bytes() as u64);
-    let (b0, b1) = (b.ptr, b.ptr + b.bytes() as u64);
-    a.bytes() > 0 && b.bytes() > 0 && a0 < b1 && b0 < a1
-}
+pub(crate) use super::check::{
+    check_disjoint, check_dtype, check_len, overlaps, shape_err, FLOATS,
+};
 
 /// Work below this many elements stays on the calling thread (rayon overhead dominates).
 pub(crate) const PAR_MIN: usize = 1 << 15;
