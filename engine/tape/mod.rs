@@ -437,20 +437,6 @@ impl<'a> Tape<'a> {
         self.touch(t)
     }
 
-    /// `t`'s buffer, moved out of an Owned tape so that it outlives the tape (a gradient a
-    /// pipeline stage has yet to send when its tape is dropped); the tape may not read `t`
-    /// again. None when the tape does not own it (planned, external).
-    pub fn take_owned(&mut self, t: Tensor) -> Option<Box<dyn DeviceMem>> {
-        let bi = self.buf_index(t);
-        match std::mem::replace(&mut self.bufs[bi].mem, Mem::Released) {
-            Mem::Owned(m) => Some(m),
-            other => {
-                self.bufs[bi].mem = other;
-                None
-            }
-        }
-    }
-
     /// Uploads host i32 data (token ids, targets) into a planned buffer.
     pub fn input_i32(&mut self, data: &[i32], shape: impl Into<Shape>) -> Result<Tensor> {
         let shape = shape.into();

@@ -572,7 +572,7 @@ impl Trainer {
         let pipeline = self
             .pipeline
             .as_ref()
-            .map_or(0, |p| p.peak_activations.get());
+            .map_or(0, |p| p.peak_activations.get() + p.validation_arena_bytes());
         self.store.state_bytes().total() + self.arena.bytes() + validation + pipeline + 256
     }
 }

@@ -51,8 +51,10 @@ pub(super) struct Layout {
     pp_rank: usize,
     /// Along tp (which slices its stages' weights hold).
     tp_rank: usize,
-    /// Per local stage (ascending): the plan of its tapes' arenas (`trace_plan`).
+    /// Per local stage (ascending): the plan of its tapes' arenas (`trace_plan`), and of its
+    /// validation forward (empty without validation).
     plans: Vec<Plan>,
+    val_plans: Vec<Plan>,
 }
 
 impl Layout {
@@ -88,6 +90,7 @@ impl Layout {
             pp_rank: dims.coords(rank)[0],
             tp_rank: dims.coords(rank)[4],
             plans: Vec::new(),
+            val_plans: Vec::new(),
         })
     }
 
@@ -175,8 +178,10 @@ impl Layout {
         Ok(Pipeline {
             local: self.local(),
             plans: self.plans,
+            val_plans: self.val_plans,
             arenas: RefCell::new(Pool::default()),
             scratch: RefCell::new(None),
+            val_arena: RefCell::new(None),
             schedule: self.schedule,
             stages: self.stages,
             pp_rank: self.pp_rank,
@@ -234,6 +239,9 @@ pub struct Pipeline {
     arenas: RefCell<Pool<Box<dyn DeviceMem>>>,
     /// The transient buffers of the pass running (`plan::scratch_bytes`), made at the first.
     scratch: RefCell<Option<Box<dyn DeviceMem>>>,
+    /// Validation's stage plans, run in the idle scratch, or here when they need more.
+    val_plans: Vec<Plan>,
+    val_arena: RefCell<Option<Box<dyn DeviceMem>>>,
     /// The most activation bytes the steps so far held at once (arenas and received buffers).
     pub peak_activations: Cell<usize>,
 }
@@ -257,6 +265,25 @@ impl Pipeline {
             *s = Some(be.alloc(plan::scratch_bytes(&self.plans))?);
         }
         Ok(s.as_ref().map_or(0, |m| m.ptr()))
+    }
+
+    /// Where validation's stage tapes run: the scratch when it holds them (no training pass
+    /// runs meanwhile), else an arena of their own (allocated on first use).
+    fn validation_base(&self, be: &dyn Backend) -> Result<u64> {
+        let need = plan::validation_bytes(&self.val_plans);
+        if need <= plan::scratch_bytes(&self.plans) {
+            return self.scratch(be);
+        }
+        let mut a = self.val_arena.borrow_mut();
+        if a.is_none() {
+            *a = Some(be.alloc(need)?);
+        }
+        Ok(a.as_ref().map_or(0, |m| m.ptr()))
+    }
+
+    /// Validation's own arena, when it has one.
+    pub fn validation_arena_bytes(&self) -> usize {
+        self.val_arena.borrow().as_ref().map_or(0, |m| m.bytes())
     }
 
     pub fn degree(&self) -> usize {

@@ -22,11 +22,13 @@ use crate::tape::{Placement, Tape};
 use crate::tensor::DType;
 use crate::train::config::JobConfig;
 use crate::train::memory::MemoryPlan;
+use crate::train::validate::validation_arena_bytes;
 use std::collections::HashMap;
 
 impl Layout {
-    /// The memory of this rank's stages: the state of its parameters, and the activations of
-    /// its schedule (`replay`). Keeps each local stage's plan for `connect`. The returned step
+    /// The memory of this rank's stages: the state of its parameters, the activations of its
+    /// schedule (`replay`) and of a validation pass. Keeps each local stage's plans (training
+    /// and validation) for `connect`. The returned step
     /// plan is empty: stage tapes run in arenas of their own.
     pub fn trace_plan(
         &mut self,
@@ -80,6 +82,7 @@ impl Layout {
         let mut plans = Vec::new();
         for s in self.local() {
             let st = &self.stages[s];
+            let pass = Pass::Train { split };
             let t = trace_stage(
                 spec,
                 cfg,
@@ -88,7 +91,7 @@ impl Layout {
                 dtype,
                 shape,
                 (hidden, self.tp_rank),
-                split,
+                pass,
             )?;
             unplanned = unplanned.max(t.plan.unplanned);
             buffers += t.plan.requests.len();
@@ -99,17 +102,38 @@ impl Layout {
         let in_flight = self.schedule.peak_in_flight(self.pp_rank).max(1);
         let peaks: Vec<usize> = plans.iter().map(arena_bytes).collect();
         let replayed = replay(&self.schedule, self.pp_rank, &self.local(), &peaks, msg)?;
+        let v = &cfg.validation;
+        let mut validation_activations = 0;
+        self.val_plans.clear();
+        if v.enable {
+            let vshape = (
+                v.local_batch_size.max(1) as usize,
+                v.seq_len.max(1) as usize,
+            );
+            for s in self.local() {
+                let st = &self.stages[s];
+                let tp = (hidden, self.tp_rank);
+                let t = trace_stage(spec, cfg, args, st, dtype, vshape, tp, Pass::Validate)?;
+                self.val_plans.push(t.plan);
+            }
+            // Its arena (unless the idle scratch holds it) and at most two received hidden
+            // states (one a stage without layers passes on, until its send is posted).
+            let need = validation_bytes(&self.val_plans);
+            let vmsg = TensorParallel::stage_numel(store.tp(), vshape.0 * vshape.1, hidden);
+            validation_activations =
+                validation_arena_bytes(scratch_bytes(&plans), need) + 2 * vmsg * dtype.size();
+        }
         let mp = MemoryPlan {
             state,
             activations_peak: replayed + scratch_bytes(&plans),
             activations_unplanned: unplanned * in_flight,
-            validation_activations: 0,
+            validation_activations,
             buffers,
             ops,
             num_params,
         };
         self.plans = plans;
-        // Validation runs through the stages too, on tapes of their own (`validate_pipelined`).
+        // Validation runs through the stages (`validate_pipelined`) on the plans kept above.
         let validation = cfg.validation.enable.then(|| Plan::new(Vec::new()));
         Ok((Plan::new(Vec::new()), validation, mp))
     }
@@ -118,6 +142,11 @@ impl Layout {
 /// The bytes of a stage tape's own arena (what it holds across its passes).
 pub(super) fn arena_bytes(plan: &Plan) -> usize {
     plan.region_peak[0].max(256)
+}
+
+/// The arena a validation pass through this rank's stages needs (one stage at a time).
+pub(super) fn validation_bytes(plans: &[Plan]) -> usize {
+    plans.iter().map(|p| p.peak).max().unwrap_or(0).max(256)
 }
 
 /// The bytes of the scratch a rank's stage tapes share (the transient buffers of one pass).
@@ -194,7 +223,15 @@ pub(super) fn replay(
     Ok(peak)
 }
 
-/// One stage microbatch traced on the meta backend as `run_schedule` runs it.
+/// What a stage trace runs: a training microbatch as `run_schedule` does (`split`: I and W),
+/// or a validation batch as `forward_stages` does.
+#[derive(Clone, Copy)]
+enum Pass {
+    Train { split: bool },
+    Validate,
+}
+
+/// One stage microbatch traced on the meta backend.
 struct StageTrace {
     plan: Plan,
     ops: usize,
@@ -210,7 +247,7 @@ fn trace_stage(
     dtype: DType,
     (b, s): (usize, usize),
     (hidden, tp_rank): (usize, usize),
-    split: bool,
+    pass: Pass,
 ) -> Result<StageTrace> {
     let (models, builder) = spec.build_stages_for(args, cfg, std::slice::from_ref(st))?;
     let meta = MetaBackend::new();
@@ -223,12 +260,31 @@ fn trace_stage(
         TensorParallel::stage_numel(store.tp(), b * s, hidden),
         dtype,
     );
+    let split = match pass {
+        Pass::Train { split } => split,
+        Pass::Validate => false,
+    };
+    let train = matches!(pass, Pass::Train { .. });
     let x = if st.embedding {
         tape.input_i32(&vec![0; b * s], [b, s])?
     } else {
-        tape.stage_activation(fake, shape, true)?
+        tape.stage_activation(fake, shape, train)?
     };
     let out = models[0].forward(&mut tape, x)?;
+    if !train {
+        // `forward_stages`: the loss, or the output read by its send.
+        if st.output {
+            let labels = tape.input_i32(&vec![0; b * s], [b * s])?;
+            (spec.loss)(&mut tape, out, labels, 1.0)?;
+        } else {
+            tape.device_buf(out)?;
+        }
+        return Ok(StageTrace {
+            plan: tape.plan(),
+            ops: tape.num_nodes(),
+            num_params: store.num_params(),
+        });
+    }
     let (root, seed) = if st.output {
         let labels = tape.input_i32(&vec![0; b * s], [b * s])?;
         ((spec.loss)(&mut tape, out, labels, 1.0)?, None)

@@ -76,10 +76,14 @@ impl Trainer {
             .collect();
         let mut wire = Wire::new(comm, s, &rows, p.pp_rank);
         let mut loss = None;
+        let base = p.validation_base(be)?;
         for (k, &stage) in p.local.iter().enumerate() {
             let a = forward(stage);
             let mut held = None; // outlives the tape that reads it
-            let mut tape = Tape::new(be, &self.store, Placement::Owned);
+            let plan = p.val_plans.get(k).ok_or_else(|| {
+                Error::Config("pipeline: validation's stages were not traced".into())
+            })?;
+            let mut tape = Tape::new(be, &self.store, Placement::Planned { base, plan });
             let x = match s.recv_before(&a) {
                 None => tape.input_i32(&b.inputs, [b.batch, b.seq])?,
                 Some(t) => {
@@ -98,10 +102,11 @@ impl Trainer {
                     loss = Some(tape.to_vec_f32(l)?[0] as f64);
                 }
                 Some(t) => {
-                    // The tape goes before the send is posted: the buffer goes with the send (a
-                    // stage without layers passes on the received buffer itself).
+                    // Posted by the next stage's receive, before its forward reuses the arena
+                    // (every local stage after the first receives), or by the flush. A stage
+                    // without layers sends the received buffer itself: it goes with the send.
                     wire.send(tape.device_buf(out)?, t.to_rank);
-                    if let Some(m) = tape.take_owned(out).or(held.take()) {
+                    if let Some(m) = held.take() {
                         wire.retire(m);
                     }
                 }
