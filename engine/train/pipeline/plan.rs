@@ -4,7 +4,8 @@
 //! of its own, what dies inside a pass in one scratch the rank's tapes share (a rank runs one
 //! pass at a time). Then the schedule replayed on sizes: the own arenas its pool holds at most
 //! (one per stage microbatch in flight, and those a held-back send still reads) and the
-//! received hidden states.
+//! received hidden states. Validation's forward through the stages is traced and planned too;
+//! it runs in the idle scratch when that holds it.
 
 use super::wire::{Book, Pool};
 use super::Layout;
@@ -28,8 +29,8 @@ use std::collections::HashMap;
 impl Layout {
     /// The memory of this rank's stages: the state of its parameters, the activations of its
     /// schedule (`replay`) and of a validation pass. Keeps each local stage's plans (training
-    /// and validation) for `connect`. The returned step
-    /// plan is empty: stage tapes run in arenas of their own.
+    /// and validation) for `connect`. The returned step plan is empty: stage tapes run in
+    /// arenas of their own.
     pub fn trace_plan(
         &mut self,
         spec: &ModelSpec,
