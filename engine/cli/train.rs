@@ -168,7 +168,7 @@ fn train_rank(
             layout_summary(&tr)
         )?;
         outln!(
-            "titan: memory plan {:.3} GiB{} (state {:.3} + activations {:.3}; {:.3} without reuse), {} buffers over {} ops; data: {}; MFU peak: {:.3} TFLOP/s ({})",
+            "titan: memory plan {:.3} GiB{} (state {:.3} + activations {:.3}; {:.3} without reuse), {} buffers over {} ops; data: {}; MFU peak: {:.3} TFLOP/s{} ({})",
             tr.memory.total() as f64 / GIB,
             if tr.world_size() > 1 { " per rank" } else { "" },
             tr.memory.state.total() as f64 / GIB,
@@ -178,6 +178,10 @@ fn train_rank(
             tr.memory.ops,
             tr.loader.name(),
             tr.peak.flops / 1e12,
+            match tr.peak_devices {
+                1 => String::new(),
+                n => format!(" x {n} ranks"),
+            },
             tr.peak.source
         )?;
         if let Ok(h) = tr.loader.unigram_entropy() {

@@ -176,7 +176,7 @@ impl Trainer {
     }
 
     /// Rank 0's values on every rank: its pid (the name of each save's temp folder, the same
-    /// everywhere) and the MFU peak it measured (the CPU ranks share one machine).
+    /// everywhere) and the MFU peak it measured (one CPU rank's pool: every rank's is alike).
     pub(super) fn agree_at_start(mut self) -> Result<Trainer> {
         let pid = std::process::id();
         let mut v = [0f32; 3];

@@ -68,8 +68,8 @@ pub struct Trainer {
     pub rank: usize,
     /// Whether `fit` prints this rank's step lines (rank 0's by default; `--log-ranks`).
     pub logs: bool,
-    /// Devices the MFU peak covers: the ranks on GPUs; 1 on the CPU, whose measured peak is the
-    /// whole machine's that the CPU ranks share.
+    /// Devices the MFU peak covers: every rank (a GPU each; on the CPU, the measured peak is
+    /// one rank's pool of cores / ranks threads).
     pub peak_devices: usize,
     /// Scratch for host-value collectives (token counts, losses, stop requests).
     pub(super) comm_scalars: Buf,
@@ -258,14 +258,24 @@ impl Trainer {
                 flops: f,
                 source: format!("{device} bf16 dense peak (datasheet)"),
             },
-            // Only rank 0 reports MFU; CPU ranks share the machine, so one measures it.
-            None if rank == 0 => metrics::measure_gemm_peak(be.as_ref())?,
-            None => Peak {
-                flops: f64::NAN,
-                source: "measured on rank 0".into(),
-            },
+            // Only rank 0 reports MFU. CPU ranks share the machine, each computing in a pool of
+            // cores / ranks threads: rank 0 measures its pool while the others wait, and the
+            // run's peak is that once per rank (`peak_devices`).
+            None => {
+                let world = mesh.as_ref().map(|m| m.world.as_ref());
+                world.map_or(Ok(()), |w| w.barrier())?;
+                let p = match rank {
+                    0 => metrics::measure_gemm_peak(be.as_ref()),
+                    _ => Ok(Peak {
+                        flops: f64::NAN,
+                        source: "measured on rank 0".into(),
+                    }),
+                };
+                world.map_or(Ok(()), |w| w.barrier())?;
+                p?
+            }
         };
-        let peak_devices = if be.name() == "cpu" { 1 } else { world_size };
+        let peak_devices = world_size;
         let (_, flops_per_token) = model
             .args()
             .nparams_and_flops(cfg.training.seq_len as usize);
