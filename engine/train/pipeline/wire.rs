@@ -230,3 +230,58 @@ impl<'c> Wire<'c> {
         posted
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::backend::Backend;
+    use crate::dist::HostComm;
+    use crate::parallel::schedule::Kind;
+
+    #[test]
+    fn retired_memory_comes_back_only_after_the_sends_that_read_it() {
+        let be = CpuBackend::new();
+        let comm = HostComm::local_comms(1).pop().unwrap();
+        // Two stages on one rank: stage 0's outputs go to stage 1 through the rank itself.
+        let s = Schedule::of(Kind::Interleaved1F1B, 1, 2, 2).unwrap();
+        let mut wire = Wire::new(comm.as_ref(), &s, &s.per_rank, 0);
+        let out = be.alloc(16).unwrap();
+        be.fill(Buf::new(out.ptr(), 4, DType::F32), 2.5).unwrap();
+        wire.send(Buf::new(out.ptr(), 4, DType::F32), 0);
+        wire.retire(out);
+        assert!(wire.released().is_empty(), "a pending send still reads it");
+        // The first message the rank reads: stage 0's output of microbatch 0 (sent above).
+        let t = s.per_rank[0].iter().find_map(|a| s.recv_before(a)).unwrap();
+        assert_eq!((t.stage, t.microbatch, t.gradient), (0, 0, false));
+        let mut alloc = |n: usize| be.alloc(n);
+        let got = wire.take(t, 4, DType::F32, &mut alloc).unwrap();
+        let mut v = [0f32; 4];
+        be.download(
+            Buf::new(got.ptr(), 4, DType::F32),
+            bytemuck::cast_slice_mut(&mut v),
+        )
+        .unwrap();
+        assert_eq!(v, [2.5; 4]);
+        assert_eq!(wire.released().len(), 1, "the group posted the send");
+        // Nothing pending: retired memory is free at once.
+        wire.retire(got);
+        assert_eq!(wire.released().len(), 1);
+        // A message no rank sends is an error naming it, not a wait.
+        let never = Transfer {
+            gradient: true,
+            from_rank: 0,
+            to_rank: 0,
+            stage: 1,
+            microbatch: 7,
+        };
+        let Err(e) = wire.take(never, 4, DType::F32, &mut alloc) else {
+            panic!("a message nobody sends was received");
+        };
+        assert!(
+            e.to_string()
+                .contains("never sends the gradient of stage 1 microbatch 7"),
+            "{e}"
+        );
+    }
+}
