@@ -151,6 +151,15 @@ impl StateBytes {
             comm_buffers,
         }
     }
+
+    /// An unsharded store's bytes (`self`) once FSDP shards it over `layout`: its constants and
+    /// its tensor-parallel staging (its only comm buffer so far; a bound, as FSDP's gradient
+    /// shards are smaller) stay.
+    pub fn sharded_as(&self, layout: &FsdpLayout, compute: DType, reduce: DType) -> Self {
+        let mut s = Self::sharded(layout, compute, reduce, self.constants);
+        s.comm_buffers += self.comm_buffers;
+        s
+    }
 }
 
 /// How a store is sharded: the layout, the dp_shard group and the reduce dtype.

@@ -9,7 +9,6 @@ use crate::model::{resolve, ModelArgs, ModelSpec, Registry};
 use crate::outln;
 use crate::parallel::fsdp::{FsdpLayout, Reshard};
 use crate::parallel::tp::local_specs;
-use crate::params::StateBytes;
 use crate::planner::cost::{Assumptions, Estimate};
 use crate::tensor::DType;
 use crate::train::config::JobConfig;
@@ -113,10 +112,7 @@ pub(super) fn plan_layout(
         let local = local_specs(&b.params, &b.tp_dims(), g.tp, 0);
         let layout = FsdpLayout::new(&local, &b.fsdp_units, g.dp_shard, 0, reshard, accum > 1)?;
         let reduce = DType::parse(&cfg.training.mixed_precision_reduce)?;
-        // Its comm buffers so far: the tensor-parallel staging (a bound under FSDP).
-        let tp_staging = mp.state.comm_buffers;
-        mp.state = StateBytes::sharded(&layout, dtype, reduce, mp.state.constants);
-        mp.state.comm_buffers += tp_staging;
+        mp.state = mp.state.sharded_as(&layout, dtype, reduce);
     }
     let est = estimate(spec, cfg, args, dtype, dims, machine, mp.total())?;
     Ok((mp, est))

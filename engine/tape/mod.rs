@@ -598,13 +598,4 @@ impl<'a> Tape<'a> {
     pub fn request_of(&self, t: Tensor) -> Option<usize> {
         self.bufs[self.buf_index(t)].seq
     }
-
-    /// Bytes currently held by Owned buffers (what an unplanned step holds at this moment).
-    pub fn owned_bytes_live(&self) -> usize {
-        self.bufs
-            .iter()
-            .filter(|b| matches!(b.mem, Mem::Owned(_)))
-            .map(|b| b.bytes)
-            .sum()
-    }
 }

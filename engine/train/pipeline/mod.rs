@@ -11,9 +11,9 @@
 //! several are alive at once under 1F1B and the interleaved schedules. Each is planned from its
 //! stage's trace (plan.rs): what it keeps between its passes in an arena of its own, taken from
 //! a pool kept across microbatches and steps (received messages too); what dies inside one pass
-//! in one scratch that the rank's tapes share. The memory plan replays the schedule on sizes to count the arenas,
-//! scratch and received messages the rank holds at most; the step records what it really held
-//! (`peak_activations`), the same bytes.
+//! in one scratch that the rank's tapes share. The memory plan replays the schedule on sizes to
+//! count the arenas, scratch and received messages the rank holds at most; the step records
+//! what it really held (`peak_activations`), the same bytes.
 //!
 //! A tied embedding (first stage) and output (last stage) is one parameter held by both ranks:
 //! the same initial weights, their gradients summed before the optimizer (Megatron's embedding
@@ -260,11 +260,7 @@ impl Pipeline {
 
     /// The scratch arena's address (allocated on first use).
     fn scratch(&self, be: &dyn Backend) -> Result<u64> {
-        let mut s = self.scratch.borrow_mut();
-        if s.is_none() {
-            *s = Some(be.alloc(plan::scratch_bytes(&self.plans))?);
-        }
-        Ok(s.as_ref().map_or(0, |m| m.ptr()))
+        lazy_arena(&self.scratch, be, plan::scratch_bytes(&self.plans))
     }
 
     /// Where validation's stage tapes run: the scratch when it holds them (no training pass
@@ -274,11 +270,7 @@ impl Pipeline {
         if need <= plan::scratch_bytes(&self.plans) {
             return self.scratch(be);
         }
-        let mut a = self.val_arena.borrow_mut();
-        if a.is_none() {
-            *a = Some(be.alloc(need)?);
-        }
-        Ok(a.as_ref().map_or(0, |m| m.ptr()))
+        lazy_arena(&self.val_arena, be, need)
     }
 
     /// Validation's own arena, when it has one.
@@ -294,6 +286,19 @@ impl Pipeline {
         self.comm.set_timeout(t);
         self.shared.iter().for_each(|s| s.comm.set_timeout(t));
     }
+}
+
+/// The address of `cell`'s arena of `bytes`, allocated on first use.
+fn lazy_arena(
+    cell: &RefCell<Option<Box<dyn DeviceMem>>>,
+    be: &dyn Backend,
+    bytes: usize,
+) -> Result<u64> {
+    let mut a = cell.borrow_mut();
+    if a.is_none() {
+        *a = Some(be.alloc(bytes)?);
+    }
+    Ok(a.as_ref().map_or(0, |m| m.ptr()))
 }
 
 /// The models of one pp rank's stages (one `Model` to the trainer: weights init, arguments).

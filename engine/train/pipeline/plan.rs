@@ -17,7 +17,7 @@ use crate::parallel::fsdp::{FsdpLayout, Reshard};
 use crate::parallel::pipeline::Stage;
 use crate::parallel::schedule::{Action, Kind, Schedule};
 use crate::parallel::tp::{local_specs, TensorParallel};
-use crate::params::{ParamStore, StateBytes};
+use crate::params::ParamStore;
 use crate::planner::Plan;
 use crate::tape::{Placement, Tape};
 use crate::tensor::DType;
@@ -73,10 +73,7 @@ impl Layout {
         let mut state = store.state_bytes();
         if let Some(l) = &fsdp {
             let reduce = DType::parse(&cfg.training.mixed_precision_reduce)?;
-            // Its comm buffers so far: the tensor-parallel staging (a bound under FSDP).
-            let tp_staging = state.comm_buffers;
-            state = StateBytes::sharded(l, dtype, reduce, state.constants);
-            state.comm_buffers += tp_staging;
+            state = state.sharded_as(l, dtype, reduce);
         }
         let split = self.schedule.kind == Kind::InterleavedZeroBubble;
         let (mut unplanned, mut buffers, mut ops, mut num_params) = (0, 0, 0, 0);

@@ -102,9 +102,9 @@ impl Room for usize {
     }
 }
 
-/// Stage tapes' arenas, reused across microbatches and steps: a tape takes a free arena of
-/// exactly its plan's size, or a new one. Exact sizes keep every later step within what the
-/// first allocated (at each point as many of each size are in use as then).
+/// Stage tapes' arenas and received messages, reused across microbatches and steps: a take
+/// gets a free buffer of exactly the size asked, or a new one. Exact sizes keep every later step
+/// within what the first allocated (at each point as many of each size are in use as then).
 pub(super) struct Pool<T> {
     free: Vec<T>,
     /// Bytes allocated so far, free or in use.
